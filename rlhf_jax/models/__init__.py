@@ -1,0 +1,44 @@
+"""The decoder family (GPT-2, Llama 2/3, Qwen2/2.5, Qwen3), scalar heads and HF interop."""
+
+from rlhf_jax.models.config import ModelConfig, RopeScaling
+from rlhf_jax.models.heads import (
+    init_scalar_head,
+    last_token_index,
+    scalar_forward,
+    scalar_model_logical_axes,
+    value_at_last_token,
+)
+from rlhf_jax.models.hf import load_hf, load_tokenizer, save_hf
+from rlhf_jax.models.transformer import (
+    KVCache,
+    forward,
+    forward_cached,
+    hidden_states,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    param_shapes,
+    positions_from_mask,
+)
+
+__all__ = [
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "forward",
+    "forward_cached",
+    "hidden_states",
+    "init_cache",
+    "init_params",
+    "init_scalar_head",
+    "last_token_index",
+    "load_hf",
+    "load_tokenizer",
+    "param_logical_axes",
+    "param_shapes",
+    "positions_from_mask",
+    "save_hf",
+    "scalar_forward",
+    "scalar_model_logical_axes",
+    "value_at_last_token",
+]

@@ -1,0 +1,59 @@
+"""Scalar heads (reward, value) on the decoder trunk.
+
+Params of a scalar model are `{"trunk": decoder params, "head": {"kernel": [D], "bias": []}}`;
+the trunk's LM head, if present, is simply not used.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import hidden_states, param_logical_axes
+
+
+def init_scalar_head(config: ModelConfig, rng: jax.Array) -> dict:
+    """Head weights ~ N(0, 1/sqrt(d_model + 1)), bias 0 (Stiennon et al. 2020; N-details #12)."""
+    std = 1.0 / jnp.sqrt(config.d_model + 1.0)
+    kernel = std * jax.random.normal(rng, (config.d_model,), jnp.float32)
+    return {
+        "kernel": kernel.astype(config.weight_dtype),
+        "bias": jnp.zeros((), config.weight_dtype),
+    }
+
+
+def scalar_head_logical_axes() -> dict:
+    return {"kernel": PartitionSpec("embed"), "bias": PartitionSpec()}
+
+
+def scalar_model_logical_axes(config: ModelConfig) -> dict:
+    """Logical axis names of `{"trunk", "head"}` params, for the sharding rules."""
+    return {"trunk": param_logical_axes(config), "head": scalar_head_logical_axes()}
+
+
+def scalar_forward(
+    config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array
+) -> jax.Array:
+    """Per-token scalars [B, T] (float32) read from the final hidden state of each token."""
+    h_BTD = hidden_states(config, params["trunk"], input_ids, attention_mask)
+    head = params["head"]
+    out = jnp.einsum(
+        "btd,d->bt", h_BTD, head["kernel"].astype(h_BTD.dtype),
+        preferred_element_type=jnp.float32,
+    )
+    return out + head["bias"].astype(jnp.float32)
+
+
+def last_token_index(mask_BT: jax.Array) -> jax.Array:
+    """Index of each row's last real token ([B] int32); 0 for an all-padding row."""
+    t = mask_BT.shape[-1]
+    positions = jnp.arange(t)[None, :]
+    return jnp.max(jnp.where(mask_BT > 0, positions, 0), axis=-1).astype(jnp.int32)
+
+
+def value_at_last_token(values_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """values[b, last real token of b] -> [B]; works for left- and right-padded rows."""
+    idx = last_token_index(mask_BT)
+    return jnp.take_along_axis(values_BT, idx[:, None], axis=-1)[:, 0]

@@ -1,0 +1,14 @@
+"""Hugging Face checkpoint interop (safetensors, no PyTorch, no Flax models in transformers)."""
+
+from rlhf_jax.models.hf.config_map import SUPPORTED_MODEL_TYPES, from_hf_config, to_hf_config
+from rlhf_jax.models.hf.io import load_hf, load_tokenizer, read_hf_config, save_hf
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "from_hf_config",
+    "load_hf",
+    "load_tokenizer",
+    "read_hf_config",
+    "save_hf",
+    "to_hf_config",
+]

@@ -1,0 +1,199 @@
+"""Read and write Hugging Face checkpoint folders without PyTorch.
+
+Weights are read from safetensors as NumPy, one tensor (and for stacked layers, one layer) at a
+time, and placed straight onto their target devices: with `shardings`, each device's shard is
+built by `jax.make_array_from_callback` from only the layers and slices it holds, so a model
+larger than one host's memory loads shard by shard. Pickle files are never opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.models.config import DTYPES, ModelConfig
+from rlhf_jax.models.hf.config_map import from_hf_config, to_hf_config
+from rlhf_jax.models.hf.weights_map import Source, hf_sources, to_hf_tensors
+from rlhf_jax.models.transformer import param_shapes
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_hf_config(path: str | os.PathLike) -> ModelConfig:
+    """ModelConfig of a checkpoint folder (its config.json), with clear errors."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RlhfJaxError(f"{folder}: checkpoint folder not found")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise RlhfJaxError(f"{folder}: no config.json in the checkpoint folder")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RlhfJaxError(f"{config_file}: not valid JSON ({e})") from None
+    return from_hf_config(data, source=str(config_file))
+
+
+class _TensorIndex:
+    """Maps tensor names to the safetensors file holding them; opens files lazily."""
+
+    def __init__(self, folder: Path):
+        index_file = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            self.file_of = {name: folder / f for name, f in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="numpy") as f:
+                self.file_of = {name: single for name in f.keys()}
+        else:
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise RlhfJaxError(
+                    f"{folder}: only pickle weights found ({', '.join(pickles)}); rlhf_jax reads "
+                    "safetensors only, because loading pickle files can run arbitrary code. "
+                    "Convert the checkpoint to model.safetensors first."
+                )
+            raise RlhfJaxError(
+                f"{folder}: no model.safetensors or model.safetensors.index.json found"
+            )
+        self.folder = folder
+        self._handles: dict[Path, object] = {}
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.file_of:
+            raise RlhfJaxError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
+        file = self.file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="numpy")
+        return self._handles[file].get_tensor(name)
+
+
+def _reader(
+    index: _TensorIndex, src: Source, shape: tuple, np_dtype
+) -> Callable[[tuple], np.ndarray]:
+    """Callback for `make_array_from_callback`: builds only the requested slice.
+
+    For stacked layers the first index selects layers, and only those layers are read.
+    """
+
+    def read(idx: tuple) -> np.ndarray:
+        if not src.per_layer:
+            arr = src.convert(index.get(src.hf_name))
+            if arr.shape != shape:
+                raise RlhfJaxError(
+                    f"{index.folder}: tensor '{src.hf_name}' has shape {arr.shape} after "
+                    f"conversion, expected {shape} from config.json"
+                )
+            return np.asarray(arr[idx], dtype=np_dtype)
+        layer_idx = idx[0] if idx else slice(None)
+        layers = range(shape[0])[layer_idx]
+        parts = []
+        for i in layers:
+            arr = src.convert(index.get(src.hf_name.format(i=i)))
+            if arr.shape != shape[1:]:
+                raise RlhfJaxError(
+                    f"{index.folder}: tensor '{src.hf_name.format(i=i)}' has shape {arr.shape} "
+                    f"after conversion, expected {shape[1:]} from config.json"
+                )
+            parts.append(np.asarray(arr[idx[1:]] if idx else arr, dtype=np_dtype))
+        return np.stack(parts)
+
+    return read
+
+
+def load_hf(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    shardings=None,
+    compute_dtype: str | None = None,
+) -> tuple[ModelConfig, dict]:
+    """Load a local Hugging Face checkpoint folder as (ModelConfig, params).
+
+    Args:
+      path: folder with config.json and model.safetensors (or a sharded index).
+      dtype: parameter storage dtype, "float32" or "bfloat16".
+      shardings: optional pytree (same structure as params) of `jax.sharding.Sharding`; each
+        device then receives only its shard. Default: everything on the default device.
+      compute_dtype: computation dtype (default: same as `dtype`).
+    """
+    folder = Path(path)
+    config = read_hf_config(folder).replace(
+        param_dtype=dtype, dtype=compute_dtype or dtype
+    )
+    index = _TensorIndex(folder)
+    sources = hf_sources(config, set(index.file_of))
+    shapes = param_shapes(config)
+    np_dtype = np.dtype(DTYPES[dtype])
+    flat_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    flat_shardings = (
+        treedef.flatten_up_to(shardings) if shardings is not None else [None] * len(flat_shapes)
+    )
+    leaves = []
+    for (key_path, shape_dtype), sharding in zip(flat_shapes, flat_shardings):
+        our_path = tuple(k.key for k in key_path)
+        read = _reader(index, sources[our_path], tuple(shape_dtype.shape), np_dtype)
+        if sharding is None:
+            leaves.append(jnp.asarray(read(())))
+        else:
+            leaves.append(jax.make_array_from_callback(shape_dtype.shape, sharding, read))
+    unused = set(index.file_of) - {
+        s.hf_name.format(i=i) for s in sources.values() for i in range(config.n_layers)
+    }
+    # Buffers some exporters write (GPT-2's causal `attn.bias`, rotary caches) carry no weights.
+    unused = {n for n in unused if not n.endswith((".attn.bias", ".masked_bias", "inv_freq"))}
+    if unused:
+        raise RlhfJaxError(
+            f"{folder}: tensors not used by model_type '{config.model_type}': "
+            f"{', '.join(sorted(unused)[:5])}{' ...' if len(unused) > 5 else ''}"
+        )
+    return config, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_hf(
+    config: ModelConfig, params: dict, path: str | os.PathLike, tokenizer=None
+) -> Path:
+    """Write params as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Every process must call this with the same arguments when params are sharded across hosts;
+    only process 0 writes.
+    """
+    folder = Path(path)
+    host_params = jax.tree.map(
+        lambda x: np.asarray(
+            multihost_utils.process_allgather(x, tiled=True)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+        ),
+        params,
+    )
+    if jax.process_index() != 0:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_tensors(config, host_params)
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(to_hf_config(config), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved beside a checkpoint (never with trust_remote_code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise RlhfJaxError(f"{path}: could not load a tokenizer ({e})") from None

@@ -1,0 +1,254 @@
+"""Building blocks of the decoder: norms, rotary embeddings, attention with a KV cache, MLPs.
+
+Every weight is created through `_param`, which attaches logical axis names
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; `layers` is added by the layer scan).
+Nothing here knows about a device mesh: `rlhf_jax.sharding` maps these names to mesh axes.
+
+Shape letters: B batch, T query length, S key/cache length, D d_model, H heads, K kv heads,
+G query heads per kv head, E head_dim, F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models.config import ModelConfig, RopeScaling
+
+
+def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init, dtype) -> jax.Array:
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _normal(config: ModelConfig):
+    return nn.initializers.normal(stddev=config.initializer_range)
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer (stacked over layers by the scan): [B, S, K, E] each."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2) or RMSNorm (Llama, Qwen), computed in float32 as the references do."""
+
+    config: ModelConfig
+    kind: str
+    dim: int
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        scale = _param(
+            self, "scale", (self.dim,), (self.axis_name,), nn.initializers.ones, cfg.weight_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            bias = _param(
+                self, "bias", (self.dim,), (self.axis_name,), nn.initializers.zeros,
+                cfg.weight_dtype,
+            )
+            mean = x32.mean(-1, keepdims=True)
+            var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            return y.astype(cfg.compute_dtype)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + cfg.norm_eps)
+        # Llama casts back to the input dtype before the scale; keep that order for bf16 parity.
+        return scale.astype(cfg.compute_dtype) * y.astype(cfg.compute_dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies of rotary embeddings, with Llama 3's wavelength-dependent scaling.
+
+    Llama 3 (Meta's `apply_scaling`): wavelengths longer than `orig / low_freq_factor` are
+    divided by `factor`, shorter than `orig / high_freq_factor` are kept, and the band between
+    is interpolated smoothly.
+    """
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    inv_freq = inv_freq.astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    orig = scaling.original_max_position_embeddings
+    low_wavelen = orig / scaling.low_freq_factor
+    high_wavelen = orig / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (orig / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate pairs (i, i + E/2) by position * frequency (the "rotate half" layout of HF)."""
+    angles = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, E/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BTNE.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNE.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention, optionally reading and writing a KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        mask_B1TS: jax.Array,
+        cache: LayerCache | None,
+        cache_index: jax.Array | None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        cfg = self.config
+        q = Projection(cfg, cfg.n_heads, "heads", cfg.qkv_bias, name="q")(x_BTD)
+        k = Projection(cfg, cfg.n_kv_heads, "kv_heads", cfg.qkv_bias, name="k")(x_BTD)
+        v = Projection(cfg, cfg.n_kv_heads, "kv_heads", cfg.qkv_bias, name="v")(x_BTD)
+        if cfg.qk_norm:
+            q = Norm(cfg, "rmsnorm", cfg.head_dim, "head_dim", name="q_norm")(q)
+            k = Norm(cfg, "rmsnorm", cfg.head_dim, "head_dim", name="k_norm")(k)
+        if cfg.position == "rope":
+            inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            q = apply_rope(q, positions_BT, inv_freq)
+            k = apply_rope(k, positions_BT, inv_freq)
+        new_cache = None
+        if cache is not None:
+            # Write this chunk's keys/values at slots [cache_index, cache_index + T).
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            new_cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        out_BTHE = jax.nn.dot_product_attention(q, k, v, mask=mask_B1TS)
+        out = OutProjection(cfg, name="o")(out_BTHE)
+        return out, new_cache
+
+
+class Projection(nn.Module):
+    """x [B, T, D] -> [B, T, N, E] for the query, key or value heads."""
+
+    config: ModelConfig
+    heads: int
+    heads_axis: str
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.config
+        shape = (cfg.d_model, self.heads, cfg.head_dim)
+        w = _param(
+            self, "kernel", shape, ("embed", self.heads_axis, "head_dim"), _normal(cfg),
+            cfg.weight_dtype,
+        )
+        y = jnp.einsum("btd,dne->btne", x_BTD, w.astype(cfg.compute_dtype))
+        if self.use_bias:
+            b = _param(
+                self, "bias", shape[1:], (self.heads_axis, "head_dim"), nn.initializers.zeros,
+                cfg.weight_dtype,
+            )
+            y = y + b.astype(cfg.compute_dtype)
+        return y
+
+
+class OutProjection(nn.Module):
+    """Attention output [B, T, H, E] -> [B, T, D]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTHE: jax.Array) -> jax.Array:
+        cfg = self.config
+        w = _param(
+            self, "kernel", (cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
+            _normal(cfg), cfg.weight_dtype,
+        )
+        y = jnp.einsum("bthe,hed->btd", x_BTHE, w.astype(cfg.compute_dtype))
+        if cfg.out_bias:
+            b = _param(
+                self, "bias", (cfg.d_model,), ("embed",), nn.initializers.zeros, cfg.weight_dtype
+            )
+            y = y + b.astype(cfg.compute_dtype)
+        return y
+
+
+class Dense(nn.Module):
+    """A plain [in, out] matmul with optional bias and named logical axes."""
+
+    config: ModelConfig
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        w = _param(
+            self, "kernel", (x.shape[-1], self.features), self.axes, _normal(cfg), cfg.weight_dtype
+        )
+        y = jnp.einsum("...i,io->...o", x, w.astype(cfg.compute_dtype))
+        if self.use_bias:
+            b = _param(
+                self, "bias", (self.features,), self.axes[1:], nn.initializers.zeros,
+                cfg.weight_dtype,
+            )
+            y = y + b.astype(cfg.compute_dtype)
+        return y
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+class Mlp(nn.Module):
+    """GPT-2's up/act/down or the gated (SwiGLU) down(act(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        cfg = self.config
+        act = ACTIVATIONS[cfg.activation]
+        up = Dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, name="up")(x_BTD)
+        if cfg.gated_mlp:
+            gate = Dense(cfg, cfg.mlp_dim, ("embed", "mlp"), cfg.mlp_bias, name="gate")(x_BTD)
+            h = act(gate) * up
+        else:
+            h = act(up)
+        return Dense(cfg, cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, name="down")(h)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer; the scan carries the residual stream."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, mask_B1TS, cache, cache_index):
+        cfg = self.config
+        h = Norm(cfg, cfg.norm, cfg.d_model, name="attn_norm")(x_BTD)
+        attn_out, new_cache = Attention(cfg, name="attn")(
+            h, positions_BT, mask_B1TS, cache, cache_index
+        )
+        x_BTD = x_BTD + attn_out
+        h = Norm(cfg, cfg.norm, cfg.d_model, name="mlp_norm")(x_BTD)
+        x_BTD = x_BTD + Mlp(cfg, name="mlp")(h)
+        return x_BTD, new_cache

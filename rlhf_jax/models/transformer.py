@@ -1,0 +1,171 @@
+"""The decoder and its functional API: parameters are plain pytrees, every call is pure.
+
+`forward(config, params, input_ids, attention_mask)` is all most callers need. Generation uses
+`init_cache` + `forward_cached`, which read and write a preallocated KV cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.layers import Block, LayerCache, Norm, _normal, _param
+
+# Cache of all layers: LayerCache with k, v of shape [L, B, S, K, E].
+KVCache = LayerCache
+
+
+class Decoder(nn.Module):
+    """Token embedding, a scan over identical layers, final norm and (optionally) the LM head."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids_BT: jax.Array,
+        positions_BT: jax.Array,
+        mask_B1TS: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        cfg = self.config
+        embedding = _param(
+            self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), _normal(cfg),
+            cfg.weight_dtype,
+        )
+        x = jnp.take(embedding, input_ids_BT, axis=0).astype(cfg.compute_dtype)
+        if cfg.position == "learned":
+            pos_table = _param(
+                self, "pos_embed", (cfg.max_position_embeddings, cfg.d_model),
+                ("position", "embed"), _normal(cfg), cfg.weight_dtype,
+            )
+            x = x + jnp.take(pos_table, positions_BT, axis=0).astype(cfg.compute_dtype)
+
+        block = Block
+        if cfg.remat:
+            block = nn.remat(Block, prevent_cse=False)
+        # One compiled layer body for all layers: compile time does not grow with depth.
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        x, new_cache = layers(x, positions_BT, mask_B1TS, cache, cache_index)
+        x = Norm(cfg, cfg.norm, cfg.d_model, name="final_norm")(x)
+        if return_hidden:
+            return x, new_cache
+        if cfg.tie_embeddings:
+            head = embedding.T
+        else:
+            head = _param(
+                self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _normal(cfg),
+                cfg.weight_dtype,
+            )
+        # Logits in float32 whatever the compute dtype: log-probs and the loss need the range.
+        logits = jnp.einsum(
+            "btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
+        )
+        return logits, new_cache
+
+
+def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
+    """Position of each token counted over real tokens only (left padding gets position 0)."""
+    return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(attention_mask_BT: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean: query t sees key s <= t when s is a real token."""
+    t = attention_mask_BT.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    return causal[None, None] & (attention_mask_BT[:, None, None, :] > 0)
+
+
+def _apply(config, params, input_ids, attention_mask, return_hidden):
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask)
+    out, _ = Decoder(config).apply(
+        {"params": params},
+        input_ids,
+        positions_from_mask(attention_mask),
+        causal_mask(attention_mask),
+        return_hidden=return_hidden,
+    )
+    return out
+
+
+def forward(
+    config: ModelConfig, params, input_ids: jax.Array, attention_mask: jax.Array
+) -> jax.Array:
+    """Logits [B, T, V] (float32) of a padded batch; left- or right-padded rows both work."""
+    return _apply(config, params, input_ids, attention_mask, return_hidden=False)
+
+
+def hidden_states(
+    config: ModelConfig, params, input_ids: jax.Array, attention_mask: jax.Array
+) -> jax.Array:
+    """Final-normed hidden states [B, T, D]: the trunk output that scalar heads read."""
+    return _apply(config, params, input_ids, attention_mask, return_hidden=True)
+
+
+def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    """Zeroed KV cache for `length` slots: k, v of shape [L, B, S, K, E]."""
+    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def forward_cached(
+    config: ModelConfig,
+    params,
+    input_ids_BT: jax.Array,
+    positions_BT: jax.Array,
+    cache: KVCache,
+    kv_mask_BS: jax.Array,
+    cache_index: jax.Array,
+) -> tuple[jax.Array, KVCache]:
+    """Run T new tokens written at cache slots [cache_index, cache_index + T).
+
+    `kv_mask_BS` marks which cache slots hold real tokens, the new ones included. Query at slot
+    `cache_index + t` sees slots up to itself, so a prefill (T = prompt length) and a one-token
+    decode step share this function.
+    """
+    t = input_ids_BT.shape[1]
+    s = cache.k.shape[2]
+    q_slot = cache_index + jnp.arange(t)
+    visible = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
+    mask = visible[None, None] & (kv_mask_BS[:, None, None, :] > 0)
+    return Decoder(config).apply(
+        {"params": params}, input_ids_BT, positions_BT, mask, cache, cache_index
+    )
+
+
+def _init_boxed(config: ModelConfig, rng: jax.Array):
+    ids = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1), jnp.int32)
+    return Decoder(config).init(rng, ids, positions_from_mask(mask), causal_mask(mask))["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array):
+    """Random parameters (normal(initializer_range), zero biases, unit norm scales)."""
+    return nn.unbox(_init_boxed(config, rng))
+
+
+@functools.lru_cache(maxsize=64)
+def param_logical_axes(config: ModelConfig):
+    """Pytree (same structure as params) of PartitionSpecs of logical axis names."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def param_shapes(config: ModelConfig):
+    """Pytree of jax.ShapeDtypeStruct of the parameters, without allocating them."""
+    return nn.unbox(jax.eval_shape(functools.partial(_init_boxed, config), jax.random.key(0)))
