@@ -1,0 +1,164 @@
+"""Compiled generation: prefill the prompt into a preallocated KV cache, then decode inside one
+`lax.while_loop`. One compile per (shape, sampling settings); no Python per token.
+
+Cache layout: slots [0, P) hold the (padded) prompt, slot P + t the t-th generated token.
+`kv_mask` marks real slots, so left-, right- or un-padded prompts all work, and a token's
+position counts only real tokens before it (what the model saw in training).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.heads import last_token_index
+from rlhf_jax.models.transformer import (
+    KVCache,
+    forward_cached,
+    init_cache,
+    positions_from_mask,
+)
+from rlhf_jax.rollout.sampling import sample_token
+
+
+class GenerateOutput(NamedTuple):
+    """Generated continuation of each prompt; N = max_new_tokens.
+
+    tokens:   [B, N] int32, `pad_id` after a row's first EOS.
+    logprobs: [B, N] float32, log-prob of each token under the sampling distribution, 0 on padding.
+    mask:     [B, N] float32, 1 for generated tokens up to and including the first EOS.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+
+
+class _DecodeState(NamedTuple):
+    step: jax.Array  # scalar int32: index of the token being chosen
+    cache: KVCache
+    kv_mask_BS: jax.Array
+    logits_BV: jax.Array  # next-token logits
+    position_B: jax.Array  # position of the token being chosen
+    done_B: jax.Array
+    tokens_BN: jax.Array
+    logprobs_BN: jax.Array
+    mask_BN: jax.Array
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids",
+                     "pad_id"),
+)
+def _generate(config, params, prompt_ids_BP, prompt_mask_BP, rng, *, max_new_tokens,
+              temperature, top_k, top_p, eos_ids, pad_id) -> GenerateOutput:
+    b, p = prompt_ids_BP.shape
+    n = max_new_tokens
+    prompt_mask_BP = prompt_mask_BP.astype(jnp.int32)
+    cache = init_cache(config, b, p + n)
+    kv_mask_BS = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompt_mask_BP)
+    logits_BPV, cache = forward_cached(
+        config, params, prompt_ids_BP, positions_from_mask(prompt_mask_BP), cache, kv_mask_BS,
+        jnp.int32(0),
+    )
+    last = last_token_index(prompt_mask_BP)
+    first_logits_BV = jnp.take_along_axis(logits_BPV, last[:, None, None], axis=1)[:, 0]
+    eos_arr = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def cond(s: _DecodeState):
+        return (s.step < n) & ~jnp.all(s.done_B)
+
+    def body(s: _DecodeState) -> _DecodeState:
+        token_B, logp_B = sample_token(
+            s.logits_BV, jax.random.fold_in(rng, s.step), temperature, top_k, top_p
+        )
+        alive_B = ~s.done_B
+        token_B = jnp.where(alive_B, token_B, pad_id)
+        col = (0, s.step)
+        tokens_BN = jax.lax.dynamic_update_slice(s.tokens_BN, token_B[:, None], col)
+        logprobs_BN = jax.lax.dynamic_update_slice(
+            s.logprobs_BN, jnp.where(alive_B, logp_B, 0.0)[:, None], col
+        )
+        mask_BN = jax.lax.dynamic_update_slice(
+            s.mask_BN, alive_B.astype(jnp.float32)[:, None], col
+        )
+        done_B = s.done_B | (alive_B & jnp.isin(token_B, eos_arr))
+        slot = p + s.step
+        kv_mask_BS = jax.lax.dynamic_update_slice(
+            s.kv_mask_BS, jnp.ones((b, 1), jnp.int32), (0, slot)
+        )
+        logits_B1V, cache = forward_cached(
+            config, params, token_B[:, None], s.position_B[:, None], s.cache, kv_mask_BS, slot
+        )
+        return _DecodeState(
+            s.step + 1, cache, kv_mask_BS, logits_B1V[:, 0], s.position_B + 1, done_B,
+            tokens_BN, logprobs_BN, mask_BN,
+        )
+
+    init = _DecodeState(
+        step=jnp.int32(0),
+        cache=cache,
+        kv_mask_BS=kv_mask_BS,
+        logits_BV=first_logits_BV,
+        position_B=jnp.sum(prompt_mask_BP, axis=-1),
+        done_B=jnp.zeros((b,), bool),
+        tokens_BN=jnp.full((b, n), pad_id, jnp.int32),
+        logprobs_BN=jnp.zeros((b, n), jnp.float32),
+        mask_BN=jnp.zeros((b, n), jnp.float32),
+    )
+    final = jax.lax.while_loop(cond, body, init)
+    return GenerateOutput(final.tokens_BN, final.logprobs_BN, final.mask_BN)
+
+
+def generate(
+    config: ModelConfig,
+    params,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    rng: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    pad_id: int | None = None,
+) -> GenerateOutput:
+    """Sample up to `max_new_tokens` tokens after each prompt.
+
+    Args:
+      prompt_ids, prompt_mask: [B, P] padded prompts (left padding is usual; any works).
+      rng: a JAX PRNG key; each step uses `fold_in(rng, step)`.
+      temperature: 0 means greedy (argmax).
+      top_k, top_p: optional truncation of the sampling distribution.
+      eos_id: one id or several; a row stops after emitting one (it is kept, mask 1).
+        None: never stop early.
+      pad_id: token written after a row stops (default: the first EOS id, else 0).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if eos_id is None:
+        eos_ids: tuple[int, ...] = ()
+    elif isinstance(eos_id, int):
+        eos_ids = (eos_id,)
+    else:
+        eos_ids = tuple(int(e) for e in eos_id)
+    if pad_id is None:
+        pad_id = eos_ids[0] if eos_ids else 0
+    return _generate(
+        config, params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask), rng,
+        max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+        top_k=None if top_k is None else int(top_k),
+        top_p=None if top_p is None else float(top_p), eos_ids=eos_ids, pad_id=int(pad_id),
+    )

@@ -1,0 +1,60 @@
+"""Turning next-token logits into a token: temperature, top-k, top-p (nucleus), greedy.
+
+The log-prob returned with each token is under the distribution it was sampled from, so PPO's
+"old policy" log-probs come straight from the rollout (with temperature applied, as the
+N-implementation-details study of RLHF insists).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Set logits outside the top-k and the top-p nucleus to -inf (top-k applied first).
+
+    Top-p keeps the smallest set of most likely tokens whose probability sums to >= top_p
+    (always at least one). Tokens tied with the last kept logit are kept too.
+    """
+    neg_inf = jnp.finfo(logits_BV.dtype).min
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][..., -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg_inf, logits_BV)
+    if top_p is not None and top_p < 1.0:
+        sorted_desc = jnp.sort(logits_BV, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p  # a prefix of the sorted order, never empty
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV < threshold, neg_inf, logits_BV)
+    return logits_BV
+
+
+def sampling_log_probs(
+    logits_BV: jax.Array, temperature: float, top_k: int | None = None,
+    top_p: float | None = None,
+) -> jax.Array:
+    """Log-probabilities [B, V] of the distribution tokens are drawn from.
+
+    temperature == 0 (greedy) gives the plain log_softmax of the logits.
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    if temperature == 0:
+        return jax.nn.log_softmax(logits_BV, axis=-1)
+    return jax.nn.log_softmax(filter_logits(logits_BV / temperature, top_k, top_p), axis=-1)
+
+
+def sample_token(
+    logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int | None = None,
+    top_p: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its log-prob under the sampling distribution: ([B], [B])."""
+    logp_BV = sampling_log_probs(logits_BV, temperature, top_k, top_p)
+    if temperature == 0:
+        token_B = jnp.argmax(logits_BV, axis=-1)
+    else:
+        token_B = jax.random.categorical(rng, logp_BV, axis=-1)
+    token_B = token_B.astype(jnp.int32)
+    return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
