@@ -40,7 +40,9 @@ def scalar_forward(
     h_BTD = hidden_states(config, params["trunk"], input_ids, attention_mask)
     head = params["head"]
     out = jnp.einsum(
-        "btd,d->bt", h_BTD, head["kernel"].astype(h_BTD.dtype),
+        "btd,d->bt",
+        h_BTD,
+        head["kernel"].astype(h_BTD.dtype),
         preferred_element_type=jnp.float32,
     )
     return out + head["bias"].astype(jnp.float32)

@@ -52,7 +52,11 @@ class Norm(nn.Module):
         x32 = x.astype(jnp.float32)
         if self.kind == "layernorm":
             bias = _param(
-                self, "bias", (self.dim,), (self.axis_name,), nn.initializers.zeros,
+                self,
+                "bias",
+                (self.dim,),
+                (self.axis_name,),
+                nn.initializers.zeros,
                 cfg.weight_dtype,
             )
             mean = x32.mean(-1, keepdims=True)
@@ -65,7 +69,9 @@ class Norm(nn.Module):
         return scale.astype(cfg.compute_dtype) * y.astype(cfg.compute_dtype)
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+def rope_inverse_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling | None
+) -> np.ndarray:
     """Inverse frequencies of rotary embeddings, with Llama 3's wavelength-dependent scaling.
 
     Llama 3 (Meta's `apply_scaling`): wavelengths longer than `orig / low_freq_factor` are
@@ -152,13 +158,21 @@ class Projection(nn.Module):
         cfg = self.config
         shape = (cfg.d_model, self.heads, cfg.head_dim)
         w = _param(
-            self, "kernel", shape, ("embed", self.heads_axis, "head_dim"), _normal(cfg),
+            self,
+            "kernel",
+            shape,
+            ("embed", self.heads_axis, "head_dim"),
+            _normal(cfg),
             cfg.weight_dtype,
         )
         y = jnp.einsum("btd,dne->btne", x_BTD, w.astype(cfg.compute_dtype))
         if self.use_bias:
             b = _param(
-                self, "bias", shape[1:], (self.heads_axis, "head_dim"), nn.initializers.zeros,
+                self,
+                "bias",
+                shape[1:],
+                (self.heads_axis, "head_dim"),
+                nn.initializers.zeros,
                 cfg.weight_dtype,
             )
             y = y + b.astype(cfg.compute_dtype)
@@ -174,8 +188,12 @@ class OutProjection(nn.Module):
     def __call__(self, x_BTHE: jax.Array) -> jax.Array:
         cfg = self.config
         w = _param(
-            self, "kernel", (cfg.n_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
-            _normal(cfg), cfg.weight_dtype,
+            self,
+            "kernel",
+            (cfg.n_heads, cfg.head_dim, cfg.d_model),
+            ("heads", "head_dim", "embed"),
+            _normal(cfg),
+            cfg.weight_dtype,
         )
         y = jnp.einsum("bthe,hed->btd", x_BTHE, w.astype(cfg.compute_dtype))
         if cfg.out_bias:
@@ -203,7 +221,11 @@ class Dense(nn.Module):
         y = jnp.einsum("...i,io->...o", x, w.astype(cfg.compute_dtype))
         if self.use_bias:
             b = _param(
-                self, "bias", (self.features,), self.axes[1:], nn.initializers.zeros,
+                self,
+                "bias",
+                (self.features,),
+                self.axes[1:],
+                nn.initializers.zeros,
                 cfg.weight_dtype,
             )
             y = y + b.astype(cfg.compute_dtype)

@@ -36,14 +36,22 @@ class Decoder(nn.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         embedding = _param(
-            self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), _normal(cfg),
+            self,
+            "embed",
+            (cfg.vocab_size, cfg.d_model),
+            ("vocab", "embed"),
+            _normal(cfg),
             cfg.weight_dtype,
         )
         x = jnp.take(embedding, input_ids_BT, axis=0).astype(cfg.compute_dtype)
         if cfg.position == "learned":
             pos_table = _param(
-                self, "pos_embed", (cfg.max_position_embeddings, cfg.d_model),
-                ("position", "embed"), _normal(cfg), cfg.weight_dtype,
+                self,
+                "pos_embed",
+                (cfg.max_position_embeddings, cfg.d_model),
+                ("position", "embed"),
+                _normal(cfg),
+                cfg.weight_dtype,
             )
             x = x + jnp.take(pos_table, positions_BT, axis=0).astype(cfg.compute_dtype)
 
@@ -67,7 +75,11 @@ class Decoder(nn.Module):
             head = embedding.T
         else:
             head = _param(
-                self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), _normal(cfg),
+                self,
+                "lm_head",
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                _normal(cfg),
                 cfg.weight_dtype,
             )
         # Logits in float32 whatever the compute dtype: log-probs and the loss need the range.

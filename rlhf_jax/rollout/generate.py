@@ -53,18 +53,42 @@ class _DecodeState(NamedTuple):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "temperature", "top_k", "top_p", "eos_ids",
-                     "pad_id"),
+    static_argnames=(
+        "config",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_ids",
+        "pad_id",
+    ),
 )
-def _generate(config, params, prompt_ids_BP, prompt_mask_BP, rng, *, max_new_tokens,
-              temperature, top_k, top_p, eos_ids, pad_id) -> GenerateOutput:
+def _generate(
+    config,
+    params,
+    prompt_ids_BP,
+    prompt_mask_BP,
+    rng,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    eos_ids,
+    pad_id,
+) -> GenerateOutput:
     b, p = prompt_ids_BP.shape
     n = max_new_tokens
     prompt_mask_BP = prompt_mask_BP.astype(jnp.int32)
     cache = init_cache(config, b, p + n)
     kv_mask_BS = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompt_mask_BP)
     logits_BPV, cache = forward_cached(
-        config, params, prompt_ids_BP, positions_from_mask(prompt_mask_BP), cache, kv_mask_BS,
+        config,
+        params,
+        prompt_ids_BP,
+        positions_from_mask(prompt_mask_BP),
+        cache,
+        kv_mask_BS,
         jnp.int32(0),
     )
     last = last_token_index(prompt_mask_BP)
@@ -85,9 +109,7 @@ def _generate(config, params, prompt_ids_BP, prompt_mask_BP, rng, *, max_new_tok
         logprobs_BN = jax.lax.dynamic_update_slice(
             s.logprobs_BN, jnp.where(alive_B, logp_B, 0.0)[:, None], col
         )
-        mask_BN = jax.lax.dynamic_update_slice(
-            s.mask_BN, alive_B.astype(jnp.float32)[:, None], col
-        )
+        mask_BN = jax.lax.dynamic_update_slice(s.mask_BN, alive_B.astype(jnp.float32)[:, None], col)
         done_B = s.done_B | (alive_B & jnp.isin(token_B, eos_arr))
         slot = p + s.step
         kv_mask_BS = jax.lax.dynamic_update_slice(
@@ -97,8 +119,15 @@ def _generate(config, params, prompt_ids_BP, prompt_mask_BP, rng, *, max_new_tok
             config, params, token_B[:, None], s.position_B[:, None], s.cache, kv_mask_BS, slot
         )
         return _DecodeState(
-            s.step + 1, cache, kv_mask_BS, logits_B1V[:, 0], s.position_B + 1, done_B,
-            tokens_BN, logprobs_BN, mask_BN,
+            s.step + 1,
+            cache,
+            kv_mask_BS,
+            logits_B1V[:, 0],
+            s.position_B + 1,
+            done_B,
+            tokens_BN,
+            logprobs_BN,
+            mask_BN,
         )
 
     init = _DecodeState(
@@ -157,8 +186,15 @@ def generate(
     if pad_id is None:
         pad_id = eos_ids[0] if eos_ids else 0
     return _generate(
-        config, params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask), rng,
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+        config,
+        params,
+        jnp.asarray(prompt_ids, jnp.int32),
+        jnp.asarray(prompt_mask),
+        rng,
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
         top_k=None if top_k is None else int(top_k),
-        top_p=None if top_p is None else float(top_p), eos_ids=eos_ids, pad_id=int(pad_id),
+        top_p=None if top_p is None else float(top_p),
+        eos_ids=eos_ids,
+        pad_id=int(pad_id),
     )

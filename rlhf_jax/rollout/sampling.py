@@ -33,7 +33,9 @@ def filter_logits(logits_BV: jax.Array, top_k: int | None, top_p: float | None) 
 
 
 def sampling_log_probs(
-    logits_BV: jax.Array, temperature: float, top_k: int | None = None,
+    logits_BV: jax.Array,
+    temperature: float,
+    top_k: int | None = None,
     top_p: float | None = None,
 ) -> jax.Array:
     """Log-probabilities [B, V] of the distribution tokens are drawn from.
@@ -47,7 +49,10 @@ def sampling_log_probs(
 
 
 def sample_token(
-    logits_BV: jax.Array, rng: jax.Array, temperature: float, top_k: int | None = None,
+    logits_BV: jax.Array,
+    rng: jax.Array,
+    temperature: float,
+    top_k: int | None = None,
     top_p: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One token per row and its log-prob under the sampling distribution: ([B], [B])."""

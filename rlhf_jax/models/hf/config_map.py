@@ -20,13 +20,14 @@ def _refuse_if(cond: bool, model_type: str, what: str) -> None:
 
 
 def _rope(d: dict[str, Any], model_type: str) -> tuple[float, RopeScaling | None]:
-    """Read RoPE settings from transformers 5 `rope_parameters` or older `rope_theta`/`rope_scaling`."""
+    """RoPE settings from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
     merged = {**(d.get("rope_scaling") or {}), **(d.get("rope_parameters") or {})}
     theta = float(merged.get("rope_theta", d.get("rope_theta", 10000.0)))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     _refuse_if(
         float(merged.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0,
-        model_type, "partial_rotary_factor != 1",
+        model_type,
+        "partial_rotary_factor != 1",
     )
     if rope_type == "default":
         return theta, None
@@ -53,8 +54,11 @@ def _token_ids(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_gpt2(d: dict[str, Any]) -> ModelConfig:
-    _refuse_if(d.get("scale_attn_by_inverse_layer_idx", False), "gpt2",
-               "scale_attn_by_inverse_layer_idx=true")
+    _refuse_if(
+        d.get("scale_attn_by_inverse_layer_idx", False),
+        "gpt2",
+        "scale_attn_by_inverse_layer_idx=true",
+    )
     _refuse_if(not d.get("scale_attn_weights", True), "gpt2", "scale_attn_weights=false")
     _refuse_if(d.get("add_cross_attention", False), "gpt2", "add_cross_attention=true")
     d_model = d["n_embd"]
@@ -85,8 +89,11 @@ def _from_gpt2(d: dict[str, Any]) -> ModelConfig:
 def _from_llama_like(d: dict[str, Any]) -> ModelConfig:
     model_type = d["model_type"]
     _refuse_if(bool(d.get("use_sliding_window", False)), model_type, "use_sliding_window=true")
-    _refuse_if(d.get("hidden_act", "silu") not in ("silu", "gelu", "relu", "gelu_new"),
-               model_type, f"hidden_act '{d.get('hidden_act')}'")
+    _refuse_if(
+        d.get("hidden_act", "silu") not in ("silu", "gelu", "relu", "gelu_new"),
+        model_type,
+        f"hidden_act '{d.get('hidden_act')}'",
+    )
     _refuse_if(d.get("pretraining_tp", 1) != 1, model_type, "pretraining_tp != 1")
     theta, scaling = _rope(d, model_type)
     n_heads = d["num_attention_heads"]
@@ -131,8 +138,9 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     try:
         return _from_gpt2(d) if model_type == "gpt2" else _from_llama_like(d)
     except KeyError as e:
-        raise RlhfJaxError(f"{source}: field {e.args[0]!r} is missing for model_type "
-                           f"'{model_type}'") from None
+        raise RlhfJaxError(
+            f"{source}: field {e.args[0]!r} is missing for model_type '{model_type}'"
+        ) from None
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -55,7 +55,7 @@ class _TensorIndex:
             self.file_of = {name: folder / f for name, f in weight_map.items()}
         elif single.is_file():
             with safe_open(single, framework="numpy") as f:
-                self.file_of = {name: single for name in f.keys()}
+                self.file_of = {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         else:
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
@@ -128,9 +128,7 @@ def load_hf(
       compute_dtype: computation dtype (default: same as `dtype`).
     """
     folder = Path(path)
-    config = read_hf_config(folder).replace(
-        param_dtype=dtype, dtype=compute_dtype or dtype
-    )
+    config = read_hf_config(folder).replace(param_dtype=dtype, dtype=compute_dtype or dtype)
     index = _TensorIndex(folder)
     sources = hf_sources(config, set(index.file_of))
     shapes = param_shapes(config)
@@ -160,9 +158,7 @@ def load_hf(
     return config, jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def save_hf(
-    config: ModelConfig, params: dict, path: str | os.PathLike, tokenizer=None
-) -> Path:
+def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenizer=None) -> Path:
     """Write params as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Every process must call this with the same arguments when params are sharded across hosts;
@@ -172,7 +168,8 @@ def save_hf(
     host_params = jax.tree.map(
         lambda x: np.asarray(
             multihost_utils.process_allgather(x, tiled=True)
-            if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+            if isinstance(x, jax.Array) and not x.is_fully_addressable
+            else x
         ),
         params,
     )

@@ -72,9 +72,7 @@ def _llama_sources(cfg: ModelConfig) -> dict[Path, Source]:
         s[("layers", "attn", "o", "bias")] = Source(layer + "self_attn.o_proj.bias", np.asarray)
     if cfg.mlp_bias:
         for name in ("gate", "up", "down"):
-            s[("layers", "mlp", name, "bias")] = Source(
-                layer + f"mlp.{name}_proj.bias", np.asarray
-            )
+            s[("layers", "mlp", name, "bias")] = Source(layer + f"mlp.{name}_proj.bias", np.asarray)
     if cfg.qk_norm:
         s[("layers", "attn", "q_norm", "scale")] = Source(
             layer + "self_attn.q_norm.weight", np.asarray
@@ -93,8 +91,8 @@ def _gpt2_sources(cfg: ModelConfig, prefix: str) -> dict[Path, Source]:
 
     def qkv(j: int, is_bias: bool):
         if is_bias:
-            return lambda b: b[j * d:(j + 1) * d].reshape(h, e)
-        return lambda w: np.ascontiguousarray(w[:, j * d:(j + 1) * d]).reshape(d, h, e)
+            return lambda b: b[j * d : (j + 1) * d].reshape(h, e)
+        return lambda w: np.ascontiguousarray(w[:, j * d : (j + 1) * d]).reshape(d, h, e)
 
     s: dict[Path, Source] = {
         ("embed",): Source(prefix + "wte.weight", np.asarray, per_layer=False),

@@ -1,0 +1,88 @@
+"""Sampling against the textbook definitions of temperature, top-k and top-p on a tiny vocabulary.
+
+Expected distributions are computed here with plain NumPy from the definitions; the library's
+samples (20,000 draws) must match them within 5 standard errors per token, never draw a token
+outside the allowed set, and report log-probs equal to log(expected probability).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.rollout.sampling import sample_token
+
+LOGITS = np.array([2.0, 1.5, 0.3, 0.0, -1.0, -2.5], dtype=np.float32)
+N_DRAWS = 20_000
+
+
+def expected_probs(logits, temperature, top_k=None, top_p=None):
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    keep = np.zeros_like(p, dtype=bool)
+    if top_k is not None:
+        keep[order[:top_k]] = True
+    else:
+        keep[:] = True
+    p = np.where(keep, p, 0.0)
+    p /= p.sum()
+    if top_p is not None:
+        # smallest prefix of the sorted tokens whose mass reaches top_p
+        mass, nucleus = 0.0, []
+        for i in np.argsort(-p):
+            nucleus.append(i)
+            mass += p[i]
+            if mass >= top_p:
+                break
+        p = np.where(np.isin(np.arange(len(p)), nucleus), p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def draw(temperature, top_k=None, top_p=None):
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (N_DRAWS, LOGITS.size))
+    fn = jax.jit(lambda lg, k: sample_token(lg, k, temperature, top_k, top_p))
+    tokens, logps = fn(logits, jax.random.key(42))
+    return np.asarray(tokens), np.asarray(logps)
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p",
+    [
+        (1.0, None, None),
+        (0.5, None, None),
+        (2.0, None, None),
+        (1.0, 3, None),
+        (1.0, None, 0.8),
+        (0.7, 4, 0.9),
+        (1.3, None, 0.5),
+    ],
+)
+def test_sampling_matches_definition(temperature, top_k, top_p):
+    p = expected_probs(LOGITS.astype(np.float64), temperature, top_k, top_p)
+    tokens, logps = draw(temperature, top_k, top_p)
+    freq = np.bincount(tokens, minlength=LOGITS.size) / N_DRAWS
+    stderr = np.sqrt(p * (1 - p) / N_DRAWS)
+    assert np.all(np.abs(freq - p) <= 5 * stderr + 1e-12), (freq, p)
+    assert np.all(freq[p == 0] == 0), "a filtered-out token was sampled"
+    np.testing.assert_allclose(logps, np.log(p[tokens]), rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_is_argmax_with_plain_logprob():
+    tokens, logps = draw(0.0)
+    assert np.all(tokens == np.argmax(LOGITS))
+    log_softmax = LOGITS - np.log(np.exp(LOGITS).sum())
+    np.testing.assert_allclose(logps, log_softmax[np.argmax(LOGITS)], rtol=1e-6)
+
+
+def test_top_p_keeps_at_least_one_token():
+    tokens, _ = draw(1.0, None, 1e-6)
+    assert np.all(tokens == np.argmax(LOGITS))
+
+
+def test_top_k_one_is_greedy():
+    tokens, logps = draw(1.0, 1, None)
+    assert np.all(tokens == np.argmax(LOGITS))
+    np.testing.assert_allclose(logps, 0.0, atol=1e-6)
