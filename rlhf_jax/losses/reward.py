@@ -1,0 +1,74 @@
+"""Step 2: reward-model losses over K ranked completions per prompt.
+
+All pairs are formed here, vectorised as [B, K, K], from the K scalar rewards of each prompt:
+each completion is forwarded once, not K - 1 times (InstructGPT section 3.5).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses.registry import Arrays, register_loss
+from rlhf_jax.ops import masked_mean
+from rlhf_jax.types import LossOut
+
+
+def _pairs(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array]:
+    """`(better_BKK, diff_BKK)`: better[b, i, j] = 1 when completion i is ranked strictly above j
+    (rank 0 is best) and both are real; diff[b, i, j] = r_i - r_j.
+
+    Equal ranks are ties, not comparisons. Padded completions (completion_mask 0) form no pair,
+    and their rewards are zeroed before the difference so garbage there cannot leak in.
+    """
+    real_BK = jnp.asarray(batch["completion_mask"]) != 0
+    rewards_BK = jnp.where(real_BK, jnp.asarray(outputs["rewards"], jnp.float32), 0.0)
+    rank_BK = jnp.asarray(batch["rank"])
+    both_real_BKK = real_BK[:, :, None] & real_BK[:, None, :]
+    better_BKK = (both_real_BKK & (rank_BK[:, :, None] < rank_BK[:, None, :])).astype(jnp.float32)
+    diff_BKK = rewards_BK[:, :, None] - rewards_BK[:, None, :]
+    return better_BKK, diff_BKK
+
+
+def _metrics(loss: jax.Array, better_BKK: jax.Array, diff_BKK: jax.Array) -> dict[str, jax.Array]:
+    """Accuracy and margin are over every pair of the batch (not per prompt)."""
+    return {
+        "rm/loss": loss,
+        "rm/accuracy": masked_mean(diff_BKK > 0, better_BKK),
+        "rm/margin": masked_mean(diff_BKK, better_BKK),
+        "rm/pairs": jnp.sum(better_BKK),
+    }
+
+
+@register_loss("reward", "default")
+@register_loss("reward", "kwise_ranking")
+def kwise_ranking(outputs: Arrays, batch: Arrays) -> LossOut:
+    """InstructGPT eq. 1, each prompt weighted equally:
+
+    `loss = 1/B' sum_x [ -1/C_x sum_{(y_w, y_l) of x} log sigmoid(r(x, y_w) - r(x, y_l)) ]`
+
+    with C_x the number of comparisons of prompt x (C(K, 2) without ties) and B' the prompts
+    that have at least one comparison. A prompt with 9 completions (36 pairs) weighs the same
+    as one with 2 (1 pair).
+
+    outputs: rewards [B, K]. batch: rank [B, K] int (0 best, ties allowed),
+    completion_mask [B, K] (K padded to the largest K of the batch).
+    """
+    better_BKK, diff_BKK = _pairs(outputs, batch)
+    logsig_BKK = jax.nn.log_sigmoid(diff_BKK)
+    # Denominator C_x per prompt; a prompt without comparisons gives 0 and is dropped below.
+    per_prompt_B = -masked_mean(logsig_BKK, better_BKK, axis=(1, 2))
+    has_pairs_B = (jnp.sum(better_BKK, axis=(1, 2)) > 0).astype(jnp.float32)
+    loss = masked_mean(per_prompt_B, has_pairs_B)
+    return LossOut(loss, _metrics(loss, better_BKK, diff_BKK))
+
+
+@register_loss("reward", "pairwise_mean")
+def pairwise_mean(outputs: Arrays, batch: Arrays) -> LossOut:
+    """`loss = -1/P sum_{all pairs of the batch} log sigmoid(r_w - r_l)`, P the number of pairs:
+    every comparison weighted equally, so prompts with many completions weigh more (the
+    chosen/rejected convention of TRL-style trainers, computed from the same K-wise batch).
+    """
+    better_BKK, diff_BKK = _pairs(outputs, batch)
+    loss = -masked_mean(jax.nn.log_sigmoid(diff_BKK), better_BKK)
+    return LossOut(loss, _metrics(loss, better_BKK, diff_BKK))

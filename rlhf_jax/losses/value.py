@@ -1,0 +1,57 @@
+"""Step 3: value-function losses over response tokens (token mean over the response mask)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.losses.registry import Arrays, register_loss
+from rlhf_jax.ops import masked_mean
+from rlhf_jax.types import LossOut
+
+
+def _inputs(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, ...]:
+    """[B, T] mask, values, old values, returns; padded positions zeroed (garbage-proof)."""
+    mask_BT = jnp.asarray(batch["response_mask"], jnp.float32)
+    real_BT = mask_BT != 0
+
+    def clean(x):
+        return jnp.where(real_BT, jnp.asarray(x, jnp.float32), 0.0)
+
+    return mask_BT, clean(outputs["values"]), clean(batch["old_values"]), clean(batch["returns"])
+
+
+@register_loss("value", "default")
+@register_loss("value", "clipped_value")
+def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> LossOut:
+    """Clipped value loss (PPO2 baselines; lm-human-preference-details):
+
+    `L = 0.5 * mean_t max((V_t - R_t)^2, (clip(V_t, V_old - c, V_old + c) - R_t)^2)`
+
+    mean over response tokens (denominator: sum of response_mask).
+    outputs: values [B, T]. batch: old_values, returns, response_mask [B, T].
+    """
+    mask_BT, values_BT, old_BT, returns_BT = _inputs(outputs, batch)
+    clipped_values_BT = old_BT + jnp.clip(values_BT - old_BT, -clip_range, clip_range)
+    unclipped_sq_BT = jnp.square(values_BT - returns_BT)
+    clipped_sq_BT = jnp.square(clipped_values_BT - returns_BT)
+    loss = 0.5 * masked_mean(jnp.maximum(unclipped_sq_BT, clipped_sq_BT), mask_BT)
+    metrics = {
+        "ppo/value/loss": loss,
+        "ppo/value/clipfrac": masked_mean(clipped_sq_BT > unclipped_sq_BT, mask_BT),
+        "ppo/value/mean": masked_mean(values_BT, mask_BT),
+    }
+    return LossOut(loss, metrics)
+
+
+@register_loss("value", "unclipped_value")
+def unclipped_value(outputs: Arrays, batch: Arrays) -> LossOut:
+    """`L = 0.5 * mean_t (V_t - R_t)^2` over response tokens: plain regression to the returns
+    (the N-details study and later work find value clipping often unnecessary)."""
+    mask_BT, values_BT, _, returns_BT = _inputs(outputs, batch)
+    loss = 0.5 * masked_mean(jnp.square(values_BT - returns_BT), mask_BT)
+    metrics = {
+        "ppo/value/loss": loss,
+        "ppo/value/mean": masked_mean(values_BT, mask_BT),
+    }
+    return LossOut(loss, metrics)
