@@ -1,0 +1,34 @@
+"""Typed run configuration: sections in `schema`, YAML + overrides in `loader`."""
+
+from rlhf_jax.config.loader import apply_overrides, from_dict, load_config, to_dict
+from rlhf_jax.config.schema import (
+    Config,
+    EvalConfig,
+    LogConfig,
+    ModelSpec,
+    OptimConfig,
+    PPOConfig,
+    PretrainConfig,
+    PtxConfig,
+    RMConfig,
+    SFTConfig,
+    TaskConfig,
+)
+
+__all__ = [
+    "Config",
+    "EvalConfig",
+    "LogConfig",
+    "ModelSpec",
+    "OptimConfig",
+    "PPOConfig",
+    "PretrainConfig",
+    "PtxConfig",
+    "RMConfig",
+    "SFTConfig",
+    "TaskConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]

@@ -1,0 +1,162 @@
+"""Typed configs from YAML plus `key=value` overrides, with errors that name the key.
+
+Generic over frozen dataclasses: field types are read from the annotations, so adding a field
+to a section needs no change here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from rlhf_jax.errors import RlhfJaxError
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RlhfJaxError as e:
+                errors.append(str(e))
+        expected = " or ".join(_type_name(a) for a in args)
+        raise RlhfJaxError(f"config key '{key}': expected {expected}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RlhfJaxError(
+                f"config key '{key}': {value!r} is not one of {list(typing.get_args(tp))}"
+            )
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RlhfJaxError(f"config key '{key}': expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RlhfJaxError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RlhfJaxError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RlhfJaxError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RlhfJaxError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RlhfJaxError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RlhfJaxError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for '{key}'")  # a bug, not user input
+
+
+def _unknown_key(key: str, known: list[str]) -> RlhfJaxError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = (
+        f"; did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}'?"
+        if close
+        else f" (valid keys here: {', '.join(known)})"
+    )
+    return RlhfJaxError(f"config key '{key}' is unknown{hint}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), names)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise RlhfJaxError(f"config section '{prefix.rstrip('.') or 'top'}': {e}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (for writing the resolved config next to a run's outputs)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings; values are parsed as YAML scalars (`0.05`, `true`, `null`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RlhfJaxError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RlhfJaxError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """Read YAML file `path` (or defaults when None), apply overrides, validate into `cls`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise RlhfJaxError(f"{file}: config file not found")
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{file}:{mark.line + 1}" if mark else str(file)
+            raise RlhfJaxError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        except UnicodeDecodeError:
+            raise RlhfJaxError(f"{file}: not UTF-8 text") from None
+        if not isinstance(data, dict):
+            raise RlhfJaxError(f"{file}: the top level must be a mapping of sections")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return from_dict(cls, data)
+    except RlhfJaxError as e:
+        if path is not None:
+            raise RlhfJaxError(f"{path}: {e}") from None
+        raise

@@ -1,0 +1,221 @@
+"""Every section of a run's configuration, one frozen dataclass each.
+
+Only what the user chooses lives here; what changes during training (beta, learning rate,
+step, RNG) is state. Configs never enter `jax.jit`: step factories close over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from rlhf_jax.errors import RlhfJaxError
+
+field = dataclasses.field
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The base model: a local Hugging Face folder, or a random model of the given shape."""
+
+    path: str | None = None  # HF checkpoint folder (safetensors); None = random init below
+    family: Literal["gpt2", "llama", "qwen2", "qwen3"] = "llama"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    mlp_dim: int = 256
+    max_len: int = 64  # position table / max_position_embeddings of a random model
+    dtype: Literal["float32", "bfloat16"] = "float32"  # computation
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage
+    remat: bool = False  # recompute layer activations in backward (saves memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and a decay schedule (optax)."""
+
+    lr: float = 1e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.1  # InstructGPT SFT: cosine to 10%; PPO refs: linear to 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8  # added to sqrt(v_hat), as in PyTorch's Adam
+    # added to v_hat inside the sqrt (optax's eps_root); raise it for smaller early steps
+    # (TF-style Adam took ~6x smaller first steps than PyTorch's in the N-details study)
+    eps_root: float = 0.0
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step, accumulated inside the step
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The built-in "topics" task: sizes of the generated data and the simulated labelers."""
+
+    name: Literal["topics"] = "topics"
+    n_pretrain_texts: int = 4000  # generic sentences: base-model pretraining and ptx data
+    n_demonstrations: int = 2000  # SFT demonstrations (mediocre on purpose)
+    n_rm_prompts: int = 600  # prompts whose K sampled completions labelers rank
+    labeler_noise: float = 0.3  # std of Gaussian noise added to the gold reward when ranking
+    n_eval_prompts: int = 128
+    vocab_size: int = 384  # BPE vocabulary trained on the task's text
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """Pretraining of the random base model on the task's text (built-in task only)."""
+
+    steps: int = 400
+    batch_size: int = 32
+    max_len: int = 32
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, warmup_steps=20))
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Step 1: supervised fine-tuning on demonstrations."""
+
+    data: str | None = None  # JSONL {prompt, completion} or {messages}; None = built-in task
+    steps: int = 300
+    batch_size: int = 32
+    max_len: int = 48
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
+    loss: str = "default"  # registered name or "package.module:function"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig:
+    """Step 2: reward model on K-wise rankings (all C(K,2) pairs of a prompt in one element)."""
+
+    data: str | None = None  # JSONL rankings; None = built-in task (sampled + ranked)
+    init: str | None = None  # `rlhf-jax rm`: SFT checkpoint folder for the trunk
+    k: int = 4  # completions sampled per prompt for the built-in task
+    steps: int = 300
+    batch_size: int = 16  # prompts per step (each with its K completions)
+    max_prompt_len: int = 16
+    max_completion_len: int = 24
+    heldout_fraction: float = 0.15
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10))
+    loss: str = "default"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Step 3: PPO against the RM with a per-token KL penalty to the SFT policy."""
+
+    prompts: str | None = None  # JSONL {prompt}; None = built-in task
+    policy: str | None = None  # `rlhf-jax ppo`: SFT checkpoint folder (policy and reference)
+    reward_model: str | None = None  # `rlhf-jax ppo`: reward model folder from `rlhf-jax rm`
+    iterations: int = 60
+    rollout_batch: int = 64  # prompts (= episodes) per iteration
+    minibatch_size: int = 16
+    epochs: int = 2  # passes over the rollout batch, reshuffled every epoch
+    max_prompt_len: int = 16
+    max_new_tokens: int = 24
+    temperature: float = 1.0  # sampling; also divides logits wherever log-probs are taken
+    policy_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-4, schedule="linear", final_lr_ratio=0.0)
+    )
+    value_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, schedule="linear", final_lr_ratio=0.0)
+    )
+    beta: float = 0.05  # initial KL coefficient
+    adaptive_kl: bool = False  # Ziegler et al. 2019 controller toward kl_target
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    # A response that never emits EOS is scored `score - missing_eos_penalty` (null: no penalty).
+    missing_eos_penalty: float | None = 1.0
+    ema_decay: float = 0.992  # EMA of policy weights for evaluation; 0 = off
+    policy_loss: str = "default"
+    policy_loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    value_loss: str = "default"
+    value_loss_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxConfig:
+    """PPO-ptx: gamma * E_pretrain[log pi(x)] accumulated into the same gradient as PPO."""
+
+    coef: float = 1.0  # gamma; 0 turns PPO-ptx into plain PPO
+    batch_size: int = 16  # pretraining sequences per PPO minibatch
+    data: str | None = None  # JSONL {text}; None = the built-in task's pretraining text
+    max_len: int = 32
+    loss: str = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    n_samples: int = 1  # completions per eval prompt and policy
+    temperature: float = 1.0
+    bootstrap: int = 2000  # resamples for confidence intervals
+    # Also run PPO with ptx.coef=0 from the same SFT/RM and report its pretraining loss.
+    ptx_ablation: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    every: int = 10  # steps between progress-bar metric updates and JSONL lines
+    tensorboard: bool = False  # also write TensorBoard event files (needs tensorboardX)
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole pipeline run: pretrain (built-in task) -> SFT -> RM -> PPO(-ptx) -> eval."""
+
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    ptx: PtxConfig = field(default_factory=PtxConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        p = self.ppo
+        if p.rollout_batch % p.minibatch_size:
+            raise RlhfJaxError(
+                f"config key 'ppo.minibatch_size': {p.minibatch_size} does not divide "
+                f"ppo.rollout_batch={p.rollout_batch}"
+            )
+        for name, optim, batch in (
+            ("sft", self.sft.optim, self.sft.batch_size),
+            ("rm", self.rm.optim, self.rm.batch_size),
+            ("ppo.policy", p.policy_optim, p.minibatch_size),
+        ):
+            if optim.grad_accum < 1 or batch % optim.grad_accum:
+                raise RlhfJaxError(
+                    f"config key '{name}.optim.grad_accum' ({optim.grad_accum}) must be >= 1 "
+                    f"and divide the batch size ({batch})"
+                )
+        if not 2 <= self.rm.k <= 9:
+            raise RlhfJaxError(f"config key 'rm.k': {self.rm.k} is outside 2..9")
+        if not 0.0 < self.rm.heldout_fraction < 1.0:
+            raise RlhfJaxError("config key 'rm.heldout_fraction' must be in (0, 1)")
+        positive = {
+            "pretrain.steps": self.pretrain.steps,
+            "sft.steps": self.sft.steps,
+            "rm.steps": self.rm.steps,
+            "ppo.iterations": self.ppo.iterations,
+            "ppo.max_new_tokens": p.max_new_tokens,
+            "ppo.epochs": p.epochs,
+        }
+        for key, value in positive.items():
+            if value < 0 or (value == 0 and key == "ppo.max_new_tokens"):
+                raise RlhfJaxError(f"config key '{key}' must be positive, got {value}")
+        if p.temperature <= 0:
+            raise RlhfJaxError("config key 'ppo.temperature' must be > 0 for PPO sampling")

@@ -1,0 +1,77 @@
+"""Step 2: the reward model, trained on K-wise rankings.
+
+Each batch element is one prompt with its K completions ([B, K, L]). Every completion is
+forwarded once; the loss forms all C(K, 2) pairs from the K scalars (InstructGPT eq. 1),
+so a completion is not re-encoded K-1 times and each prompt counts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.models import ModelConfig, scalar_forward, value_at_last_token
+from rlhf_jax.steps.state import TrainState, accumulate_gradients, skipped_updates
+from rlhf_jax.types import LossOut
+
+
+def score_sequences(
+    model_config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array
+) -> jax.Array:
+    """Reward of each sequence [N] read at its last real token (the EOS when present)."""
+    values = scalar_forward(model_config, params, input_ids, attention_mask)
+    return value_at_last_token(values, attention_mask)
+
+
+def completion_rewards(model_config: ModelConfig, params: dict, batch: dict) -> jax.Array:
+    """[B, K] rewards of the K completions of each prompt, in one forward over B*K rows."""
+    b, k, length = batch["input_ids"].shape
+    flat_ids = batch["input_ids"].reshape(b * k, length)
+    flat_mask = batch["attention_mask"].reshape(b * k, length)
+    return score_sequences(model_config, params, flat_ids, flat_mask).reshape(b, k)
+
+
+def make_reward_step(
+    model_config: ModelConfig, loss_fn: Callable[..., LossOut], grad_accum: int = 1
+) -> Callable:
+    """`step(state, batch, key) -> (state, metrics)`.
+
+    batch: `input_ids`, `attention_mask` [B, K, L]; `rank` [B, K] (0 best);
+    `completion_mask` [B, K] (prompts with fewer than K completions are padded).
+    """
+
+    def compute_loss(params, batch):
+        out = loss_fn({"rewards": completion_rewards(model_config, params, batch)}, batch)
+        return out.loss, out.metrics
+
+    def step(state: TrainState, batch: dict, key: jax.Array):
+        del key
+        loss, grads, metrics = accumulate_gradients(compute_loss, state.params, batch, grad_accum)
+        state = state.apply_gradients(grads)
+        metrics = dict(metrics)
+        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/skipped_updates"] = skipped_updates(state)
+        return state, metrics
+
+    return step
+
+
+def make_reward_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) -> Callable:
+    """`evaluate(params, batch) -> metrics` (accuracy, margin, loss) without an update."""
+
+    def evaluate(params, batch):
+        rewards = completion_rewards(model_config, params, batch)
+        return loss_fn({"rewards": rewards}, batch).metrics
+
+    return evaluate
+
+
+def normalize_reward_bias(params: dict, scores: jax.Array) -> dict:
+    """Shift the head bias so `scores` (the RM's rewards of the SFT demonstrations) average 0,
+    as InstructGPT does after RM training. Rankings are unaffected."""
+    head = dict(params["head"])
+    head["bias"] = (head["bias"] - jnp.mean(scores)).astype(head["bias"].dtype)
+    return {**params, "head": head}

@@ -1,0 +1,48 @@
+"""Step 1 (and base-model pretraining): next-token loss on the target tokens of a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import optax
+
+from rlhf_jax.models import ModelConfig, forward
+from rlhf_jax.steps.state import TrainState, accumulate_gradients, skipped_updates
+from rlhf_jax.types import LossOut
+
+
+def make_sft_step(
+    model_config: ModelConfig, loss_fn: Callable[..., LossOut], grad_accum: int = 1
+) -> Callable:
+    """`step(state, batch, key) -> (state, metrics)`.
+
+    batch: `input_ids`, `attention_mask`, `loss_mask` ([B, T]; loss_mask marks target tokens).
+    `loss_fn(outputs, batch)` receives `{"logits": [B, T, V]}`; hyperparameters are bound.
+    """
+
+    def compute_loss(params, batch):
+        logits = forward(model_config, params, batch["input_ids"], batch["attention_mask"])
+        out = loss_fn({"logits": logits}, batch)
+        return out.loss, out.metrics
+
+    def step(state: TrainState, batch: dict, key: jax.Array):
+        del key  # dropout is off in every model (N-implementation-details)
+        loss, grads, metrics = accumulate_gradients(compute_loss, state.params, batch, grad_accum)
+        state = state.apply_gradients(grads)
+        metrics = dict(metrics)
+        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/skipped_updates"] = skipped_updates(state)
+        return state, metrics
+
+    return step
+
+
+def make_sft_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) -> Callable:
+    """`evaluate(params, batch) -> metrics` with the same loss, no update."""
+
+    def evaluate(params, batch):
+        logits = forward(model_config, params, batch["input_ids"], batch["attention_mask"])
+        return loss_fn({"logits": logits}, batch).metrics
+
+    return evaluate

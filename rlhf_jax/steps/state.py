@@ -1,0 +1,71 @@
+"""Training state pytrees and gradient accumulation shared by every step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+class TrainState(struct.PyTreeNode):
+    """Parameters, optimizer state and the number of optimizer updates taken."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+
+    def apply_gradients(self, grads) -> TrainState:
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        return self.replace(
+            step=self.step + 1,
+            params=optax.apply_updates(self.params, updates),
+            opt_state=opt_state,
+        )
+
+
+def skipped_updates(state: TrainState) -> jax.Array:
+    """Number of updates skipped for non-finite gradients so far (optax.apply_if_finite)."""
+    return (
+        state.opt_state.notfinite_count.astype(jnp.float32)
+        if hasattr(state.opt_state, "notfinite_count")
+        else jnp.zeros((), jnp.float32)
+    )
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[Any, dict], tuple[jax.Array, dict]],
+    params,
+    batch: dict,
+    n_micro: int,
+):
+    """Mean loss, gradients and metrics over `n_micro` equal slices of the batch.
+
+    The slices run in a `lax.scan`, so memory is that of one micro-batch; the result equals a
+    full-batch step when the loss is a mean over equally sized micro-batches.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro_step(mb):
+        (loss, metrics), grads = grad_fn(params, mb)
+        return loss, grads, metrics
+
+    if n_micro == 1:
+        return micro_step(batch)
+    micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
+    shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(acc, mb):
+        return jax.tree.map(jnp.add, acc, micro_step(mb)), None
+
+    total, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / n_micro, total)
