@@ -52,7 +52,7 @@ def make_reward_step(
         loss, grads, metrics = accumulate_gradients(compute_loss, state.params, batch, grad_accum)
         state = state.apply_gradients(grads)
         metrics = dict(metrics)
-        metrics["train/grad_norm"] = optax.global_norm(grads)
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
         metrics["train/skipped_updates"] = skipped_updates(state)
         return state, metrics
 
