@@ -73,11 +73,17 @@ class Experience(NamedTuple):
 
 
 def init_ppo_state(policy_params, value_params, policy_tx, value_tx, ppo: PPOConfig) -> PPOState:
+    """Fresh buffers for everything PPO updates: the update donates its state, and the SFT
+    and RM weights these start from must survive as the frozen reference and reward model."""
+
+    def copy(tree):
+        return jax.tree.map(lambda x: jax.device_put(x, may_alias=False), tree)
+
     return PPOState(
-        policy=TrainState.create(policy_params, policy_tx),
-        value=TrainState.create(value_params, value_tx),
+        policy=TrainState.create(copy(policy_params), policy_tx),
+        value=TrainState.create(copy(value_params), value_tx),
         beta=jnp.asarray(ppo.beta, jnp.float32),
-        ema_params=policy_params if ppo.ema_decay > 0 else None,
+        ema_params=copy(policy_params) if ppo.ema_decay > 0 else None,
         iteration=jnp.zeros((), jnp.int32),
     )
 
