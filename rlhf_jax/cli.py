@@ -41,8 +41,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise RlhfJaxError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    tokenizer = load_tokenizer(args.model)
     config, params = load_hf(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
@@ -67,9 +67,79 @@ def _run_generate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise RlhfJaxError(str(e)) from None
     tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-    for row_tokens, row_mask in zip(tokens, mask):
-        print(tokenizer.decode(row_tokens[row_mask > 0], skip_special_tokens=True))
+    texts = [tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
+    if len(texts) == 1:
+        print(texts[0])
+    else:  # completions may contain newlines: number them
+        for i, text in enumerate(texts):
+            print(f"[{i}] {text}")
     return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/); defaults when omitted")
+    p.add_argument("--output", required=True, help="folder for checkpoints, metrics, report")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. ppo.beta=0.05 sft.optim.lr=1e-4",
+    )
+
+
+def _load_config(args: argparse.Namespace):
+    from rlhf_jax.config import Config, load_config
+
+    return load_config(Config, args.config, args.overrides)
+
+
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline",
+        help="run SFT -> reward model -> PPO-ptx -> evaluation (the built-in task by default)",
+        description="Run the whole InstructGPT pipeline and write DIR/report.json, report.md, "
+        "curves.png, metrics.jsonl and the sft/, policy/ checkpoints.",
+    )
+    _add_config_args(p)
+    p.set_defaults(run=_run_pipeline)
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from rlhf_jax.loops.pipeline import run_pipeline
+
+    cfg = _load_config(args)
+    command = "rlhf-jax " + " ".join(sys.argv[1:]) if sys.argv else ""
+    report = run_pipeline(cfg, args.output, command)
+    print(f"report: {args.output}/report.md")
+    print(
+        f"gold reward SFT {report['sft']['gold_reward']:.3f} -> PPO "
+        f"{report['ppo']['gold_reward']:.3f}; win rate {report['ppo']['win_rate_vs_sft']:.2f}; "
+        f"RM held-out accuracy {report['rm']['heldout_accuracy']:.3f}; "
+        f"{report['wall_seconds']:.0f} s"
+    )
+    return 0
+
+
+STAGES = {
+    "sft": ("fine-tune model.path on sft.data (writes OUTPUT/sft)", "run_sft"),
+    "rm": ("train a reward model from rm.init on rm.data (writes OUTPUT/rm)", "run_rm"),
+    "ppo": ("PPO-ptx from ppo.policy against ppo.reward_model (writes OUTPUT/policy)", "run_ppo"),
+}
+
+
+def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
+    help_text, func = STAGES[name]
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    _add_config_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from rlhf_jax.loops import commands
+
+        folder = getattr(commands, func)(_load_config(args), args.output)
+        print(f"saved: {folder}")
+        return 0
+
+    p.set_defaults(run=run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rlhf-jax", description="InstructGPT-style RLHF in JAX/Flax."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_pipeline(sub)
+    for name in STAGES:
+        _add_stage(sub, name)
     _add_generate(sub)
     return parser
 

@@ -8,7 +8,13 @@ from rlhf_jax.models.heads import (
     scalar_model_logical_axes,
     value_at_last_token,
 )
-from rlhf_jax.models.hf import load_hf, load_tokenizer, save_hf
+from rlhf_jax.models.hf import (
+    load_hf,
+    load_scalar_model,
+    load_tokenizer,
+    save_hf,
+    save_scalar_model,
+)
 from rlhf_jax.models.transformer import (
     KVCache,
     forward,
@@ -33,11 +39,13 @@ __all__ = [
     "init_scalar_head",
     "last_token_index",
     "load_hf",
+    "load_scalar_model",
     "load_tokenizer",
     "param_logical_axes",
     "param_shapes",
     "positions_from_mask",
     "save_hf",
+    "save_scalar_model",
     "scalar_forward",
     "scalar_model_logical_axes",
     "value_at_last_token",

@@ -190,7 +190,45 @@ def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved beside a checkpoint (never with trust_remote_code)."""
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():
+        raise RlhfJaxError(f"{path}: checkpoint folder not found")
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise RlhfJaxError(f"{path}: could not load a tokenizer ({e})") from None
+
+
+SCALAR_HEAD_FILE = "scalar_head.safetensors"
+
+
+def save_scalar_model(
+    config: ModelConfig, params: dict, path: str | os.PathLike, tokenizer=None
+) -> Path:
+    """A reward/value model: the trunk as a HF folder plus `scalar_head.safetensors`."""
+    folder = save_hf(config, params["trunk"], path, tokenizer)
+    if jax.process_index() == 0:
+        head = {k: np.asarray(jax.device_get(v)) for k, v in params["head"].items()}
+        save_file(head, str(folder / SCALAR_HEAD_FILE), metadata={"format": "rlhf_jax"})
+    return folder
+
+
+def load_scalar_model(
+    path: str | os.PathLike, dtype: str = "float32", compute_dtype: str | None = None
+) -> tuple[ModelConfig, dict]:
+    """Inverse of `save_scalar_model`: (config, {"trunk", "head"})."""
+    folder = Path(path)
+    head_file = folder / SCALAR_HEAD_FILE
+    config, trunk = load_hf(folder, dtype=dtype, compute_dtype=compute_dtype)
+    if not head_file.is_file():
+        raise RlhfJaxError(
+            f"{folder}: no {SCALAR_HEAD_FILE}; this is a language model, not a reward model "
+            "saved by rlhf_jax"
+        )
+    with safe_open(head_file, framework="numpy") as f:
+        head = {k: jnp.asarray(f.get_tensor(k), DTYPES[dtype]) for k in ("kernel", "bias")}
+    if head["kernel"].shape != (config.d_model,):
+        raise RlhfJaxError(
+            f"{head_file}: kernel shape {head['kernel'].shape} does not match d_model "
+            f"{config.d_model}"
+        )
+    return config, {"trunk": trunk, "head": head}

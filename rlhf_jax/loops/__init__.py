@@ -1,0 +1,1 @@
+"""Host loops: the only impure code (data feeding, jit, logging, checkpoints, reports)."""

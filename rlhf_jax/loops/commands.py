@@ -1,0 +1,146 @@
+"""`rlhf-jax sft | rm | ppo`: one stage of the pipeline on the user's own checkpoints and data.
+
+Each reads checkpoint folders and JSONL files named in the config, validates all data before
+compiling anything, trains, and writes a Hugging Face folder (plus `scalar_head.safetensors`
+for a reward model) into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+
+from rlhf_jax.config import Config, to_dict
+from rlhf_jax.data import (
+    encode_prompts,
+    encode_rankings,
+    encode_sft,
+    encode_texts,
+    load_prompts,
+    load_rankings,
+    load_sft,
+    load_texts,
+)
+from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.stages import (
+    PPOModels,
+    reward_accuracy,
+    score_all,
+    train_lm,
+    train_ppo,
+    train_reward_model,
+)
+from rlhf_jax.models import (
+    load_hf,
+    load_scalar_model,
+    load_tokenizer,
+    save_hf,
+    save_scalar_model,
+)
+from rlhf_jax.steps import normalize_reward_bias
+
+
+def _require(value: str | None, key: str, command: str) -> str:
+    if value is None:
+        raise RlhfJaxError(f"`rlhf-jax {command}` needs config key '{key}' (a path)")
+    return value
+
+
+def _start(cfg: Config, out_dir: str | Path) -> tuple[Path, MetricsLogger]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress)
+
+
+def _load_lm(path: str, cfg: Config):
+    config, params = load_hf(path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
+    return config.replace(remat=cfg.model.remat), params
+
+
+def run_sft(cfg: Config, out_dir: str | Path) -> Path:
+    """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
+    model_path = _require(cfg.model.path, "model.path", "sft")
+    examples, report = load_sft(_require(cfg.sft.data, "sft.data", "sft"))
+    tokenizer = load_tokenizer(model_path)
+    arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report)
+    out, logger = _start(cfg, out_dir)
+    model_cfg, params = _load_lm(model_path, cfg)
+    s = cfg.sft
+    params = train_lm(
+        "sft",
+        model_cfg,
+        params,
+        arrays,
+        s.steps,
+        s.batch_size,
+        s.optim,
+        s.loss,
+        s.loss_kwargs,
+        jax.random.key(cfg.seed),
+        cfg.seed,
+        logger,
+        cfg.log.every,
+    )
+    logger.close()
+    print(report.summary())
+    return save_hf(model_cfg, params, out / "sft", tokenizer)
+
+
+def run_rm(cfg: Config, out_dir: str | Path) -> Path:
+    """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
+    init = cfg.rm.init or _require(cfg.model.path, "rm.init", "rm")
+    rankings, report = load_rankings(_require(cfg.rm.data, "rm.data", "rm"))
+    tokenizer = load_tokenizer(init)
+    arrays = encode_rankings(
+        rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=report
+    )
+    out, logger = _start(cfg, out_dir)
+    model_cfg, trunk = _load_lm(init, cfg)
+    params = train_reward_model(cfg, model_cfg, trunk, arrays, jax.random.key(cfg.seed), logger)
+    metrics = reward_accuracy(cfg, model_cfg, params, arrays)
+    if cfg.sft.data:  # InstructGPT: shift the bias so demonstrations score 0 on average
+        demos, _ = load_sft(cfg.sft.data)
+        demo_arrays = encode_sft(demos, tokenizer, cfg.sft.max_len)
+        params = normalize_reward_bias(params, score_all(model_cfg, params, demo_arrays))
+    logger.close()
+    print(f"{report.summary()}\ntraining-set pairwise accuracy {metrics['accuracy']:.3f}")
+    return save_scalar_model(model_cfg, params, out / "rm", tokenizer)
+
+
+def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
+    """PPO(-ptx) from `ppo.policy` against `ppo.reward_model`; writes OUT/policy."""
+    policy_path = _require(cfg.ppo.policy, "ppo.policy", "ppo")
+    rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model", "ppo")
+    prompts, prompt_report = load_prompts(_require(cfg.ppo.prompts, "ppo.prompts", "ppo"))
+    ptx_examples = None
+    if cfg.ptx.coef > 0:
+        ptx_examples, _ = load_texts(_require(cfg.ptx.data, "ptx.data", "ppo"))
+    tokenizer = load_tokenizer(policy_path)
+    prompt_arrays = encode_prompts(prompts, tokenizer, cfg.ppo.max_prompt_len)
+    ptx_arrays = None
+    if ptx_examples is not None:
+        enc = encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len)
+        ptx_arrays = {**enc, "loss_mask": enc["attention_mask"].astype("float32")}
+    out, logger = _start(cfg, out_dir)
+    policy_cfg, sft_params = _load_lm(policy_path, cfg)
+    reward_cfg, reward_params = load_scalar_model(
+        rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
+    )
+    if reward_cfg.vocab_size != policy_cfg.vocab_size:
+        raise RlhfJaxError(
+            f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
+            f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
+        )
+    models = PPOModels(policy_cfg, sft_params, reward_cfg, reward_params)
+    eos, pad = (tokenizer.eos_token_id,), tokenizer.pad_token_id
+    state = train_ppo(
+        cfg, models, prompt_arrays, ptx_arrays, eos, pad, jax.random.key(cfg.seed), logger
+    )
+    logger.close()
+    print(prompt_report.summary())
+    params = state.ema_params if state.ema_params is not None else state.policy.params
+    return save_hf(policy_cfg, params, out / "policy", tokenizer)

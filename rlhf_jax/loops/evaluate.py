@@ -1,0 +1,118 @@
+"""Evaluation helpers: sampling text from a policy, LM loss, KL to a reference, statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.models import ModelConfig, forward
+from rlhf_jax.ops import token_logprobs
+from rlhf_jax.rollout.generate import _generate
+
+
+def sample_responses(
+    cfg: ModelConfig,
+    params,
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Generate for every prompt row in batches of `batch_size` (the last one padded)."""
+    n = prompt_ids.shape[0]
+    outs = []
+    for start in range(0, n, batch_size):
+        ids = prompt_ids[start : start + batch_size]
+        mask = prompt_mask[start : start + batch_size]
+        pad_rows = batch_size - ids.shape[0]
+        if pad_rows:  # keep one compiled shape
+            ids = np.concatenate([ids, np.repeat(ids[-1:], pad_rows, 0)])
+            mask = np.concatenate([mask, np.repeat(mask[-1:], pad_rows, 0)])
+        gen = _generate(
+            cfg,
+            params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            jax.random.fold_in(key, start),
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_k=None,
+            top_p=None,
+            eos_ids=tuple(eos_ids),
+            pad_id=int(pad_id),
+        )
+        outs.append(jax.device_get(gen._asdict()))
+    merged = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+    merged["prompt_ids"], merged["prompt_mask"] = prompt_ids, prompt_mask
+    return merged
+
+
+def decode_responses(tokenizer, samples: dict[str, np.ndarray]) -> list[str]:
+    """Text of each response up to and including its EOS (special tokens dropped)."""
+    return [
+        tokenizer.decode(tokens[mask > 0], skip_special_tokens=True)
+        for tokens, mask in zip(samples["tokens"], samples["mask"])
+    ]
+
+
+def make_sequence_logprob_fn(cfg: ModelConfig, temperature: float) -> Callable:
+    """`fn(params, prompt_ids, prompt_mask, tokens, mask) -> [B]` summed response log-probs."""
+
+    @jax.jit
+    def fn(params, prompt_ids, prompt_mask, tokens, mask):
+        p = prompt_ids.shape[1]
+        seq = jnp.concatenate([prompt_ids, tokens], axis=1)
+        seq_mask = jnp.concatenate([prompt_mask.astype(mask.dtype), mask], axis=1)
+        logits = forward(cfg, params, seq, seq_mask)[:, p - 1 : -1]
+        return jnp.sum(token_logprobs(logits, tokens, temperature) * mask, axis=1)
+
+    return fn
+
+
+def kl_to_reference(
+    cfg: ModelConfig,
+    policy_params,
+    ref_params,
+    samples: dict[str, np.ndarray],
+    temperature: float,
+    batch_size: int,
+) -> np.ndarray:
+    """Per-sample log pi(y|x) - log pi_ref(y|x) on the policy's own samples (a KL estimate)."""
+    fn = make_sequence_logprob_fn(cfg, temperature)
+    out = []
+    n = samples["tokens"].shape[0]
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        args = (
+            samples["prompt_ids"][sl],
+            samples["prompt_mask"][sl],
+            samples["tokens"][sl],
+            samples["mask"][sl],
+        )
+        out.append(np.asarray(fn(policy_params, *args)) - np.asarray(fn(ref_params, *args)))
+    return np.concatenate(out)
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, n_resamples: int, seed: int, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(n_resamples, len(values)))
+    means = values[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def win_rate(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of paired samples where a beats b, ties counted as half."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.mean(a > b) + 0.5 * np.mean(a == b))

@@ -1,0 +1,70 @@
+"""Metrics to a JSONL file (and optionally TensorBoard), progress bars for long work.
+
+Only process 0 writes; every process may call these methods.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def _to_float(value: Any) -> float:
+    return float(np.asarray(value))
+
+
+class MetricsLogger:
+    """Appends `{"stage", "step", "time", <metric>: value}` lines to `metrics.jsonl`."""
+
+    def __init__(self, out_dir: str | Path, tensorboard: bool = False, progress: bool = True):
+        self.out_dir = Path(out_dir)
+        self.is_writer = jax.process_index() == 0
+        self.progress = progress and self.is_writer
+        self.history: dict[str, list[dict[str, float]]] = {}
+        self._start = time.time()
+        self._file = None
+        self._tb = None
+        if self.is_writer:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._file = (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            if tensorboard:
+                try:
+                    from tensorboardX import SummaryWriter
+                except ImportError:
+                    from rlhf_jax.errors import RlhfJaxError
+
+                    raise RlhfJaxError(
+                        "log.tensorboard=true needs tensorboardX: pip install tensorboardX"
+                    ) from None
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def log(self, stage: str, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        """Record one step's metrics (pulls them to the host: call every `log.every` steps)."""
+        row = {k: _to_float(v) for k, v in jax.device_get(metrics).items()}
+        self.history.setdefault(stage, []).append({"step": step, **row})
+        if self._file is not None:
+            line = {"stage": stage, "step": step, "time": round(time.time() - self._start, 3)}
+            self._file.write(json.dumps({**line, **row}) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                self._tb.add_scalar(f"{stage}/{key}", value, step)
+        return row
+
+    def bar(self, total: int, desc: str):
+        """A tqdm progress bar (a silent one on other processes or when disabled)."""
+        return tqdm(
+            total=total, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=True
+        )
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,273 @@
+"""The training stages as host loops over the pure steps: LM (pretrain / SFT), RM, PPO."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config import Config, ModelSpec, OptimConfig
+from rlhf_jax.data import batches
+from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.train import run_train_loop, short_metrics
+from rlhf_jax.losses import get_loss
+from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
+from rlhf_jax.steps import (
+    Frozen,
+    TrainState,
+    init_ppo_state,
+    make_experience_fn,
+    make_optimizer,
+    make_reward_eval,
+    make_reward_step,
+    make_sft_eval,
+    make_sft_step,
+    make_update_fn,
+    score_sequences,
+)
+
+FAMILY_SWITCHES = {
+    "gpt2": dict(
+        norm="layernorm",
+        norm_eps=1e-5,
+        activation="gelu_new",
+        gated_mlp=False,
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+    ),
+    "llama": dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope"),
+    "qwen2": dict(
+        norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", qkv_bias=True
+    ),
+    "qwen3": dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", qk_norm=True),
+}
+
+
+def random_model_config(spec: ModelSpec, tokenizer) -> ModelConfig:
+    """A fresh model of `spec`'s shape over `tokenizer`'s vocabulary."""
+    n_kv = spec.n_heads if spec.family == "gpt2" else spec.n_kv_heads
+    return ModelConfig(
+        model_type=spec.family,
+        vocab_size=len(tokenizer),
+        d_model=spec.d_model,
+        n_layers=spec.n_layers,
+        n_heads=spec.n_heads,
+        n_kv_heads=n_kv,
+        head_dim=spec.d_model // spec.n_heads,
+        mlp_dim=spec.mlp_dim,
+        max_position_embeddings=spec.max_len,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=spec.dtype,
+        param_dtype=spec.param_dtype,
+        remat=spec.remat,
+        **FAMILY_SWITCHES[spec.family],
+    )
+
+
+def init_random_model(spec: ModelSpec, tokenizer, key: jax.Array):
+    config = random_model_config(spec, tokenizer)
+    return config, init_params(config, key)
+
+
+def train_lm(
+    stage: str,
+    model_cfg: ModelConfig,
+    params,
+    arrays: dict[str, np.ndarray],
+    steps: int,
+    batch_size: int,
+    optim: OptimConfig,
+    loss_name: str,
+    loss_kwargs: dict,
+    key: jax.Array,
+    seed: int,
+    logger: MetricsLogger,
+    log_every: int,
+):
+    """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) for `steps`."""
+    if steps == 0:
+        return params
+    loss_fn = get_loss("sft", loss_name, **loss_kwargs)
+    state = TrainState.create(params, make_optimizer(optim, steps))
+    step_fn = make_sft_step(model_cfg, loss_fn, optim.grad_accum)
+    state = run_train_loop(
+        step_fn, state, batches(arrays, batch_size, seed), steps, key, logger, stage, log_every
+    )
+    return state.params
+
+
+def lm_loss(
+    model_cfg: ModelConfig,
+    params,
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    loss_name: str = "default",
+) -> float:
+    """Mean next-token loss over every target token of `arrays` (token-weighted)."""
+    evaluate = jax.jit(make_sft_eval(model_cfg, get_loss("sft", loss_name)))
+    total, tokens = 0.0, 0.0
+    n = arrays["input_ids"].shape[0]
+    for start in range(0, n - batch_size + 1, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in arrays.items()}
+        m = jax.device_get(evaluate(params, batch))
+        total += float(m["sft/loss"]) * float(m["sft/tokens"])
+        tokens += float(m["sft/tokens"])
+    return total / max(tokens, 1.0)
+
+
+def train_reward_model(
+    cfg: Config,
+    model_cfg: ModelConfig,
+    trunk_params,
+    train: dict[str, np.ndarray],
+    key: jax.Array,
+    logger: MetricsLogger,
+):
+    """RM = SFT trunk + a fresh scalar head, trained on K-wise rankings."""
+    head_key, train_key = jax.random.split(key)
+    params = {"trunk": trunk_params, "head": init_scalar_head(model_cfg, head_key)}
+    rm = cfg.rm
+    loss_fn = get_loss("reward", rm.loss, **rm.loss_kwargs)
+    state = TrainState.create(params, make_optimizer(rm.optim, rm.steps))
+    step_fn = make_reward_step(model_cfg, loss_fn, rm.optim.grad_accum)
+    state = run_train_loop(
+        step_fn,
+        state,
+        batches(train, rm.batch_size, cfg.seed + 1),
+        rm.steps,
+        train_key,
+        logger,
+        "rm",
+        cfg.log.every,
+    )
+    return state.params
+
+
+def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:
+    """Pairwise accuracy / margin over all pairs of `arrays` (pair-weighted)."""
+    evaluate = jax.jit(
+        make_reward_eval(model_cfg, get_loss("reward", cfg.rm.loss, **cfg.rm.loss_kwargs))
+    )
+    n = arrays["input_ids"].shape[0]
+    bs = cfg.rm.batch_size
+    acc, margin, pairs = 0.0, 0.0, 0.0
+    for start in range(0, n, bs):
+        batch = {k: v[start : start + bs] for k, v in arrays.items()}
+        m = jax.device_get(evaluate(params, batch))
+        p = float(m["rm/pairs"])
+        acc += float(m["rm/accuracy"]) * p
+        margin += float(m["rm/margin"]) * p
+        pairs += p
+    return {"accuracy": acc / max(pairs, 1.0), "margin": margin / max(pairs, 1.0), "pairs": pairs}
+
+
+def score_all(
+    model_cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int = 256
+) -> np.ndarray:
+    """RM score of every row of `arrays` (input_ids, attention_mask), in batches."""
+    fn = jax.jit(lambda p, i, m: score_sequences(model_cfg, p, i, m))
+    n = arrays["input_ids"].shape[0]
+    return np.concatenate(
+        [
+            np.asarray(
+                fn(
+                    params,
+                    arrays["input_ids"][s : s + batch_size],
+                    arrays["attention_mask"][s : s + batch_size],
+                )
+            )
+            for s in range(0, n, batch_size)
+        ]
+    )
+
+
+@dataclasses.dataclass
+class PPOModels:
+    policy_cfg: ModelConfig
+    sft_params: dict
+    reward_cfg: ModelConfig
+    reward_params: dict
+
+
+def train_ppo(
+    cfg: Config,
+    models: PPOModels,
+    prompts: dict[str, np.ndarray],
+    ptx: dict[str, np.ndarray] | None,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    key: jax.Array,
+    logger: MetricsLogger,
+    stage: str = "ppo",
+):
+    """PPO(-ptx) from the SFT policy; value model initialised from the RM. Returns PPOState."""
+    ppo = cfg.ppo
+    n_mb = ppo.rollout_batch // ppo.minibatch_size
+    updates = ppo.iterations * ppo.epochs * n_mb
+    state = init_ppo_state(
+        models.sft_params,
+        models.reward_params,
+        make_optimizer(ppo.policy_optim, updates),
+        make_optimizer(ppo.value_optim, updates),
+        ppo,
+    )
+    frozen = Frozen(ref=models.sft_params, reward=models.reward_params)
+    use_ptx = ptx is not None and cfg.ptx.coef > 0
+    experience = jax.jit(
+        make_experience_fn(
+            models.policy_cfg, models.reward_cfg, models.reward_cfg, ppo, eos_ids, pad_id
+        )
+    )
+    update = jax.jit(
+        make_update_fn(
+            models.policy_cfg,
+            models.reward_cfg,
+            ppo,
+            get_loss("policy", ppo.policy_loss, **ppo.policy_loss_kwargs),
+            get_loss("value", ppo.value_loss, **ppo.value_loss_kwargs),
+            get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
+            cfg.ptx.coef,
+            ppo.policy_optim.grad_accum,
+        ),
+        donate_argnums=(0,),
+    )
+    prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2)
+    ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3) if use_ptx else None
+    with logger.bar(ppo.iterations, stage) as bar:
+        for it in range(ppo.iterations):
+            t0 = time.time()
+            exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
+            batch = next(prompt_iter)
+            exp, exp_metrics = experience(
+                state,
+                frozen,
+                jnp.asarray(batch["input_ids"]),
+                jnp.asarray(batch["attention_mask"]),
+                exp_key,
+            )
+            ptx_batch = None
+            if use_ptx:
+                rows = [next(ptx_iter) for _ in range(ppo.epochs * n_mb)]
+                ptx_batch = {
+                    k: np.stack([r[k] for r in rows]).reshape(ppo.epochs, n_mb, *rows[0][k].shape)
+                    for k in ("input_ids", "attention_mask")
+                }
+            state, upd_metrics = update(state, exp, ptx_batch, upd_key)
+            metrics = {**exp_metrics, **upd_metrics}
+            # An iteration is long enough that waiting for its metrics costs little, and
+            # every iteration's numbers are worth keeping.
+            jax.block_until_ready(metrics)
+            tokens = float(jnp.sum(exp.response_mask))
+            metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
+            row = logger.log(stage, it + 1, metrics)
+            bar.set_postfix(short_metrics(row))
+            bar.update(1)
+    return state

@@ -1,0 +1,97 @@
+"""The whole pipeline at a tiny size: every stage runs and leaves what a person looks at."""
+
+import json
+
+import pytest
+
+from rlhf_jax.cli import main
+
+TINY = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.mlp_dim=64",
+    "task.n_pretrain_texts=300",
+    "task.n_demonstrations=120",
+    "task.n_rm_prompts=48",
+    "task.n_eval_prompts=16",
+    "pretrain.steps=6",
+    "sft.steps=6",
+    "rm.steps=4",
+    "rm.batch_size=8",
+    "ppo.iterations=2",
+    "ppo.rollout_batch=16",
+    "ppo.minibatch_size=8",
+    "ppo.epochs=1",
+    "ppo.max_new_tokens=8",
+    "ptx.batch_size=8",
+    "eval.bootstrap=50",
+    "log.every=2",
+    "log.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline")
+    assert (
+        main(["pipeline", "--config", "configs/quickstart.yaml", "--output", str(out), *TINY]) == 0
+    )
+    return out
+
+
+def test_report_has_the_promised_fields(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    for section, key in [
+        ("sft", "gold_reward"),
+        ("ppo", "gold_reward"),
+        ("ppo", "win_rate_vs_sft"),
+        ("ppo", "kl_to_sft"),
+        ("rm", "heldout_accuracy"),
+        ("pretrain_loss", "sft"),
+        ("pretrain_loss", "ppo"),
+        ("ablation", "no_ptx"),
+    ]:
+        assert key in report[section], (section, key)
+    assert report["wall_seconds"] > 0
+    assert 0.0 <= report["ppo"]["win_rate_vs_sft"] <= 1.0
+    lo, hi = report["ppo"]["gold_reward_ci"]
+    assert lo <= report["ppo"]["gold_reward"] <= hi
+
+
+def test_run_leaves_checkpoints_metrics_and_a_picture(run_dir):
+    for name in (
+        "report.md",
+        "curves.png",
+        "metrics.jsonl",
+        "config.json",
+        "sft/config.json",
+        "sft/model.safetensors",
+        "sft/tokenizer.json",
+        "policy/model.safetensors",
+        "data/rankings.jsonl",
+    ):
+        assert (run_dir / name).is_file(), name
+    stages = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").open()}
+    assert stages == {"pretrain", "sft", "rm", "ppo", "ppo_no_ptx"}
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_saved_policy_generates_from_the_cli(run_dir, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(run_dir / "policy"),
+                "--prompt",
+                "story about a red fox:",
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.endswith("\n") and not out.startswith("[0]")  # one prompt: one completion
