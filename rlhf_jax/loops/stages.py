@@ -15,6 +15,7 @@ from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.train import run_train_loop, short_metrics
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
+from rlhf_jax.models.config import FAMILY_SWITCHES
 from rlhf_jax.steps import (
     Frozen,
     TrainState,
@@ -28,25 +29,6 @@ from rlhf_jax.steps import (
     make_update_fn,
     score_sequences,
 )
-
-FAMILY_SWITCHES = {
-    "gpt2": dict(
-        norm="layernorm",
-        norm_eps=1e-5,
-        activation="gelu_new",
-        gated_mlp=False,
-        position="learned",
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        tie_embeddings=True,
-    ),
-    "llama": dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope"),
-    "qwen2": dict(
-        norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", qkv_bias=True
-    ),
-    "qwen3": dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", qk_norm=True),
-}
 
 
 def random_model_config(spec: ModelSpec, tokenizer) -> ModelConfig:

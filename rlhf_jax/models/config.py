@@ -95,3 +95,25 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+# The switches that make a ModelConfig one of the supported families (for random models;
+# checkpoints get theirs from config.json).
+FAMILY_SWITCHES: dict[str, dict] = {
+    "gpt2": dict(
+        norm="layernorm",
+        norm_eps=1e-5,
+        activation="gelu_new",
+        gated_mlp=False,
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+    ),
+    "llama": dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope"),
+    "qwen2": dict(
+        norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", qkv_bias=True
+    ),
+    "qwen3": dict(norm="rmsnorm", activation="silu", gated_mlp=True, position="rope", qk_norm=True),
+}

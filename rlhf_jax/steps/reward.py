@@ -11,10 +11,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from rlhf_jax.models import ModelConfig, scalar_forward, value_at_last_token
-from rlhf_jax.steps.state import TrainState, accumulate_gradients, skipped_updates
+from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
 
 
@@ -47,16 +46,7 @@ def make_reward_step(
         out = loss_fn({"rewards": completion_rewards(model_config, params, batch)}, batch)
         return out.loss, out.metrics
 
-    def step(state: TrainState, batch: dict, key: jax.Array):
-        del key
-        loss, grads, metrics = accumulate_gradients(compute_loss, state.params, batch, grad_accum)
-        state = state.apply_gradients(grads)
-        metrics = dict(metrics)
-        metrics["train/grad_norm"] = optax.tree.norm(grads)
-        metrics["train/skipped_updates"] = skipped_updates(state)
-        return state, metrics
-
-    return step
+    return make_supervised_step(compute_loss, grad_accum)
 
 
 def make_reward_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) -> Callable:

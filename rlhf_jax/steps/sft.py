@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax
-import optax
-
 from rlhf_jax.models import ModelConfig, forward
-from rlhf_jax.steps.state import TrainState, accumulate_gradients, skipped_updates
+from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
 
 
@@ -26,16 +23,7 @@ def make_sft_step(
         out = loss_fn({"logits": logits}, batch)
         return out.loss, out.metrics
 
-    def step(state: TrainState, batch: dict, key: jax.Array):
-        del key  # dropout is off in every model (N-implementation-details)
-        loss, grads, metrics = accumulate_gradients(compute_loss, state.params, batch, grad_accum)
-        state = state.apply_gradients(grads)
-        metrics = dict(metrics)
-        metrics["train/grad_norm"] = optax.tree.norm(grads)
-        metrics["train/skipped_updates"] = skipped_updates(state)
-        return state, metrics
-
-    return step
+    return make_supervised_step(compute_loss, grad_accum)
 
 
 def make_sft_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) -> Callable:

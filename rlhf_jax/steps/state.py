@@ -69,3 +69,21 @@ def accumulate_gradients(
 
     total, _ = jax.lax.scan(body, zeros, micro)
     return jax.tree.map(lambda x: x / n_micro, total)
+
+
+def make_supervised_step(
+    compute_loss: Callable[[Any, dict], tuple[jax.Array, dict]], grad_accum: int
+) -> Callable:
+    """`step(state, batch, key) -> (state, metrics)` for a loss of (params, batch): one
+    optimizer update per call, over `grad_accum` micro-batches."""
+
+    def step(state: TrainState, batch: dict, key: jax.Array):
+        del key  # dropout is off in every model (N-implementation-details), nothing to sample
+        _, grads, metrics = accumulate_gradients(compute_loss, state.params, batch, grad_accum)
+        state = state.apply_gradients(grads)
+        metrics = dict(metrics)
+        metrics["train/grad_norm"] = optax.tree.norm(grads)
+        metrics["train/skipped_updates"] = skipped_updates(state)
+        return state, metrics
+
+    return step

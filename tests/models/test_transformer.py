@@ -17,24 +17,15 @@ from rlhf_jax.models import (
     scalar_forward,
     value_at_last_token,
 )
+from rlhf_jax.models.config import FAMILY_SWITCHES as LIBRARY_FAMILIES
 from rlhf_jax.models.transformer import forward_cached, init_cache, positions_from_mask
 
+# Tiny models are Llama-shaped; these switches turn them into each family.
 FAMILY_SWITCHES = {
-    "gpt2": dict(
-        model_type="gpt2",
-        norm="layernorm",
-        activation="gelu_new",
-        gated_mlp=False,
-        position="learned",
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-        tie_embeddings=True,
-        n_kv_heads=4,
-    ),
-    "llama": dict(),
-    "qwen2": dict(model_type="qwen2", qkv_bias=True, tie_embeddings=True),
-    "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=16),
+    family: dict(LIBRARY_FAMILIES[family], model_type=family)
+    | ({"n_kv_heads": 4} if family == "gpt2" else {})
+    | ({"head_dim": 16} if family == "qwen3" else {})
+    for family in LIBRARY_FAMILIES
 }
 KNOWN_AXES = {"layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "position"}
 
