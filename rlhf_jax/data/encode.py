@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from rlhf_jax.data.jsonl import RowError
 from rlhf_jax.data.load import DataReport
 from rlhf_jax.data.records import PromptExample, RankingExample, SFTExample, TextExample
 from rlhf_jax.errors import RlhfJaxError
@@ -32,20 +33,19 @@ def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def _reject(report: DataReport | None, where: str, reason: str) -> None:
+def _reject(report: DataReport | None, ex, field: str, problem: str) -> None:
+    """A row that cannot be encoded: raise naming file/line/field, or skip it (on_error)."""
+    err = RowError(ex.where, problem, field)
     if report is None:
-        raise RlhfJaxError(f"{where}: {reason}")
-    line = where.rsplit(":", 1)[-1]
-    report.reject(where, line, reason)
-    report.rows -= 1
+        raise err
+    report.reject(err, ex.line)
 
 
 def _render_chat(tokenizer, ex: SFTExample) -> tuple[str, str]:
     """(prompt, completion) text of a chat row: the tokenizer's template, or role: content."""
     history = [{"role": r, "content": c} for r, c in ex.messages[:-1]]
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         return prompt, ex.completion
     prompt = "".join(f"{r}: {c}\n" for r, c in ex.messages[:-1]) + "assistant: "
     return prompt, ex.completion
@@ -59,15 +59,20 @@ def encode_sft(
     `loss_mask` is 1 on the completion tokens and the EOS (the targets), 0 on prompt and pad.
     """
     eos, pad = special_ids(tokenizer)
-    pairs = [_render_chat(tokenizer, e) if e.messages else (e.prompt, e.completion)
-             for e in examples]
+    pairs = [
+        _render_chat(tokenizer, e) if e.messages else (e.prompt, e.completion) for e in examples
+    ]
     prompt_ids = _ids(tokenizer, [p for p, _ in pairs])
     completion_ids = _ids(tokenizer, [c for _, c in pairs])
     rows = []
     for ex, p, c in zip(examples, prompt_ids, completion_ids):
         if len(p) > max_len - 1:
-            _reject(report, ex.where, f"field 'prompt': {len(p)} tokens, more than the "
-                    f"maximum {max_len - 1} (sft.max_len - 1)")
+            _reject(
+                report,
+                ex,
+                "prompt",
+                f"{len(p)} tokens, more than the maximum {max_len - 1} (max_len - 1)",
+            )
             continue
         c = c + [eos]
         if len(p) + len(c) > max_len:
@@ -81,12 +86,14 @@ def encode_sft(
     for i, (p, c) in enumerate(rows):
         ids[i, : len(p) + len(c)] = p + c
         attention[i, : len(p) + len(c)] = 1
-        loss[i, len(p): len(p) + len(c)] = 1
+        loss[i, len(p) : len(p) + len(c)] = 1
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
 
 
 def encode_prompts(
-    examples: Sequence[PromptExample], tokenizer, max_prompt_len: int,
+    examples: Sequence[PromptExample],
+    tokenizer,
+    max_prompt_len: int,
     report: DataReport | None = None,
 ) -> dict[str, np.ndarray]:
     """Prompts LEFT-padded to max_prompt_len, ready for generation."""
@@ -94,21 +101,26 @@ def encode_prompts(
     kept = []
     for ex, p in zip(examples, _ids(tokenizer, [e.prompt for e in examples])):
         if len(p) > max_prompt_len:
-            _reject(report, ex.where, f"field 'prompt': {len(p)} tokens, more than the "
-                    f"maximum {max_prompt_len}")
+            _reject(
+                report, ex, "prompt", f"{len(p)} tokens, more than the maximum {max_prompt_len}"
+            )
             continue
         kept.append(p)
     ids = np.full((len(kept), max_prompt_len), pad, np.int32)
     mask = np.zeros((len(kept), max_prompt_len), np.float32)
     for i, p in enumerate(kept):
-        ids[i, max_prompt_len - len(p):] = p
-        mask[i, max_prompt_len - len(p):] = 1
+        ids[i, max_prompt_len - len(p) :] = p
+        mask[i, max_prompt_len - len(p) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
 def encode_rankings(
-    examples: Sequence[RankingExample], tokenizer, max_prompt_len: int,
-    max_completion_len: int, k_max: int | None = None, report: DataReport | None = None,
+    examples: Sequence[RankingExample],
+    tokenizer,
+    max_prompt_len: int,
+    max_completion_len: int,
+    k_max: int | None = None,
+    report: DataReport | None = None,
 ) -> dict[str, np.ndarray]:
     """[N, K, L] rows of prompt + completion + EOS (right-padded, L = P + C + 1), so the
     reward is read at the EOS; `completion_mask` [N, K] marks real completions, `rank` [N, K]
@@ -120,11 +132,12 @@ def encode_rankings(
     rows = []
     for ex, p in zip(examples, prompt_ids):
         if len(p) > max_prompt_len:
-            _reject(report, ex.where, f"field 'prompt': {len(p)} tokens, more than the "
-                    f"maximum {max_prompt_len} (rm.max_prompt_len)")
+            _reject(
+                report, ex, "prompt", f"{len(p)} tokens, more than the maximum {max_prompt_len}"
+            )
             continue
         if len(ex.completions) > k_max:
-            _reject(report, ex.where, f"field 'completions': K={len(ex.completions)} > {k_max}")
+            _reject(report, ex, "completions", f"K={len(ex.completions)} is more than {k_max}")
             continue
         completions = []
         for c in _ids(tokenizer, ex.completions):
@@ -146,8 +159,12 @@ def encode_rankings(
             mask[i, j, : len(p) + len(c)] = 1
         completion_mask[i, : len(completions)] = 1
         rank[i, : len(ranks)] = ranks
-    return {"input_ids": ids, "attention_mask": mask, "completion_mask": completion_mask,
-            "rank": rank}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "completion_mask": completion_mask,
+        "rank": rank,
+    }
 
 
 def encode_texts(
@@ -177,6 +194,6 @@ def batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> Iterat
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(n)
         for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start: start + batch_size]
+            idx = order[start : start + batch_size]
             yield {k: v[idx] for k, v in arrays.items()}
         epoch += 1

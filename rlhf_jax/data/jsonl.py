@@ -110,7 +110,7 @@ def read_jsonl(
     """
     name = str(path)
     try:
-        f = Path(path).open("rb")
+        f = Path(path).open("rb")  # noqa: SIM115 (closed by the `with f:` below)
     except FileNotFoundError:
         raise RlhfJaxError(f"{name}: no such file") from None
     except IsADirectoryError:

@@ -60,7 +60,7 @@ class DataReport:
         self.rows -= 1
 
     def summary(self) -> str:
-        """One line: `data/sft.jsonl: 97 rows, 3 skipped (line 4: field 'prompt': ...), 5 truncated`."""
+        """One line: `sft.jsonl: 97 rows, 3 skipped (line 4: field 'prompt': ...), 5 truncated`."""
         text = f"{self.path}: {self.rows} rows"
         if self.skipped:
             shown = "; ".join(f"line {line}: {reason}" for line, reason in self.skipped[:_SHOWN])
@@ -94,9 +94,7 @@ def load_rows(
     return examples, report
 
 
-def load_sft(
-    path: str | Path, on_error: OnError = "raise"
-) -> tuple[list[SFTExample], DataReport]:
+def load_sft(path: str | Path, on_error: OnError = "raise") -> tuple[list[SFTExample], DataReport]:
     """`{"prompt", "completion"}` or `{"messages": [...]}` rows (see records.py)."""
     return load_rows(path, parse_sft_row, on_error)
 

@@ -153,7 +153,8 @@ def parse_sft_row(row: dict, path: str | None = None, line: int | None = None) -
         raise RowError(at, f"expected an array of messages, got {json_type(value)}", "messages")
     if len(value) < 2:
         raise RowError(
-            at, f"need at least 2 messages (a prompt and the assistant's reply), got {len(value)}",
+            at,
+            f"need at least 2 messages (a prompt and the assistant's reply), got {len(value)}",
             "messages",
         )
     messages = []
@@ -175,7 +176,8 @@ def parse_sft_row(row: dict, path: str | None = None, line: int | None = None) -
         messages.append((role, _string(msg["content"], at, f"{name}.content")))
     if messages[-1][0] != "assistant":
         raise RowError(
-            at, f"the last message must be the assistant's (got {messages[-1][0]!r})",
+            at,
+            f"the last message must be the assistant's (got {messages[-1][0]!r})",
             f"messages[{len(messages) - 1}].role",
         )
     messages = tuple(messages)
@@ -199,9 +201,7 @@ def _completions(value: object, at: str, field: str, max_k: int) -> tuple[str, .
 def _ranks_from_ranking(value: object, k: int, at: str) -> tuple[int, ...]:
     ranking = _int_list(value, at, "ranking")
     if sorted(ranking) != list(range(k)):
-        raise RowError(
-            at, f"not a permutation of 0..{k - 1} (got {_show(ranking)})", "ranking"
-        )
+        raise RowError(at, f"not a permutation of 0..{k - 1} (got {_show(ranking)})", "ranking")
     ranks = [0] * k
     for position, index in enumerate(ranking):
         ranks[index] = position
@@ -260,7 +260,8 @@ def parse_ranking_row(
     known = ("prompt", "completions", "ranking", "chosen", "rejected")
     _fields(row, at, known, {"ties": ties_hint, "ranks": ties_hint})
     raise RowError(
-        at, "missing (a ranking row has 'completions' + 'ranking', or 'chosen' + 'rejected')",
+        at,
+        "missing (a ranking row has 'completions' + 'ranking', or 'chosen' + 'rejected')",
         "completions",
     )
 
