@@ -95,3 +95,58 @@ def test_the_saved_policy_generates_from_the_cli(run_dir, capsys):
     )
     out = capsys.readouterr().out
     assert out.endswith("\n") and not out.startswith("[0]")  # one prompt: one completion
+
+
+STAGE_TINY = [
+    "sft.steps=3",
+    "rm.steps=3",
+    "rm.batch_size=8",
+    "ppo.iterations=2",
+    "ppo.rollout_batch=16",
+    "ppo.minibatch_size=8",
+    "ppo.epochs=1",
+    "ppo.max_new_tokens=8",
+    "ptx.batch_size=8",
+    "log.progress=false",
+]
+
+
+def test_single_stages_chain_on_user_files(run_dir, tmp_path):
+    """sft -> rm -> ppo as separate commands, on the pipeline's own files and checkpoints."""
+    data = run_dir / "data"
+    args = ["--output", str(tmp_path), *STAGE_TINY]
+    assert (
+        main(["sft", *args, f"model.path={run_dir / 'sft'}", f"sft.data={data / 'sft.jsonl'}"]) == 0
+    )
+    assert (
+        main(
+            [
+                "rm",
+                *args,
+                f"rm.init={tmp_path / 'sft'}",
+                f"rm.data={data / 'rankings.jsonl'}",
+                f"sft.data={data / 'sft.jsonl'}",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "rm" / "scalar_head.safetensors").is_file()
+    assert (
+        main(
+            [
+                "ppo",
+                *args,
+                f"ppo.policy={tmp_path / 'sft'}",
+                f"ppo.reward_model={tmp_path / 'rm'}",
+                f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
+                f"ptx.data={data / 'pretrain.jsonl'}",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+
+
+def test_stage_without_its_inputs_names_the_missing_key(tmp_path, capsys):
+    assert main(["ppo", "--output", str(tmp_path)]) == 2
+    assert "needs config key 'ppo.policy'" in capsys.readouterr().err
