@@ -136,6 +136,8 @@ class PPOConfig:
     whiten_rewards: bool = False
     # A response that never emits EOS is scored `score - missing_eos_penalty` (null: no penalty).
     missing_eos_penalty: float | None = 1.0
+    # Or a fixed score for such responses, replacing the RM's (takes precedence when set).
+    missing_eos_score: float | None = None
     ema_decay: float = 0.992  # EMA of policy weights for evaluation; 0 = off
     policy_loss: str = "default"
     policy_loss_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -131,7 +131,11 @@ def make_experience_fn(
         values = _response_values(value_cfg, state.value.params, seq_ids, seq_mask, p) * mask
         scores = score_sequences(reward_cfg, frozen.reward, seq_ids, seq_mask)
         has_eos = jnp.any(jnp.isin(gen.tokens, eos) & (mask > 0), axis=1)
-        if ppo.missing_eos_penalty is not None:
+        # Truncation at the first EOS is the response mask itself; a response that never ends
+        # is penalised (N-implementation-details: fixed low score, or score - penalty).
+        if ppo.missing_eos_score is not None:
+            scores = jnp.where(has_eos, scores, ppo.missing_eos_score)
+        elif ppo.missing_eos_penalty is not None:
             scores = jnp.where(has_eos, scores, scores - ppo.missing_eos_penalty)
         rewards, kl = per_token_rewards(
             scores, gen.logprobs, ref_logp, mask, state.beta, ppo.kl_estimator

@@ -1,6 +1,8 @@
 """Step functions: accumulation equals a full batch, RM learns rankings, PPO's first update
 starts exactly at the rollout policy, the KL controller and the ptx term act in compiled code."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +161,25 @@ def test_adaptive_kl_moves_beta_and_ptx_enters_the_loss():
         + 2.0 * metrics["ppo/ptx/loss"]
     )
     np.testing.assert_allclose(metrics["ppo/loss/total"], total, rtol=1e-5)
+
+
+def test_responses_without_eos_get_the_fixed_score_or_the_penalty():
+    config, ppo, state, frozen, ids, mask = ppo_setup()
+    no_eos = ()  # nothing ever stops: every response runs to max_new_tokens without EOS
+
+    def experience(**changes):
+        return jax.jit(
+            make_experience_fn(
+                config, config, config, dataclasses.replace(ppo, **changes), no_eos, 0
+            )
+        )
+
+    plain = experience(missing_eos_penalty=None)
+    fixed = experience(missing_eos_score=-3.0)
+    penalised = experience(missing_eos_penalty=2.0)
+    key = jax.random.key(0)
+    raw = plain(state, frozen, ids, mask, key)[0].scores
+    np.testing.assert_allclose(fixed(state, frozen, ids, mask, key)[0].scores, -3.0)
+    np.testing.assert_allclose(
+        penalised(state, frozen, ids, mask, key)[0].scores, np.asarray(raw) - 2.0, rtol=1e-6
+    )
