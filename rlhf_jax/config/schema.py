@@ -81,6 +81,7 @@ class SFTConfig:
     steps: int = 300
     batch_size: int = 32
     max_len: int = 48
+    pack: bool = False  # several demonstrations per row (segment-masked attention)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=10))
     loss: str = "default"  # registered name or "package.module:function"
     loss_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -52,11 +52,17 @@ def _render_chat(tokenizer, ex: SFTExample) -> tuple[str, str]:
 
 
 def encode_sft(
-    examples: Sequence[SFTExample], tokenizer, max_len: int, report: DataReport | None = None
+    examples: Sequence[SFTExample],
+    tokenizer,
+    max_len: int,
+    report: DataReport | None = None,
+    pack: bool = False,
 ) -> dict[str, np.ndarray]:
     """prompt + completion + EOS, right-padded to max_len.
 
     `loss_mask` is 1 on the completion tokens and the EOS (the targets), 0 on prompt and pad.
+    With `pack`, consecutive examples share a row while they fit, and `segment_ids` (1, 2, ...
+    per example, 0 on padding) keeps them from attending to each other.
     """
     eos, pad = special_ids(tokenizer)
     pairs = [
@@ -80,14 +86,33 @@ def encode_sft(
             if report is not None:
                 report.truncated += 1
         rows.append((p, c))
-    ids = np.full((len(rows), max_len), pad, np.int32)
-    attention = np.zeros((len(rows), max_len), np.float32)
-    loss = np.zeros((len(rows), max_len), np.float32)
-    for i, (p, c) in enumerate(rows):
-        ids[i, : len(p) + len(c)] = p + c
-        attention[i, : len(p) + len(c)] = 1
-        loss[i, len(p) : len(p) + len(c)] = 1
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+    # Each packed row is a list of (prompt, completion) segments; unpacked, one per row.
+    packed: list[list[tuple[list[int], list[int]]]] = []
+    for p, c in rows:
+        if (
+            pack
+            and packed
+            and sum(len(a) + len(b) for a, b in packed[-1]) + len(p) + len(c) <= max_len
+        ):
+            packed[-1].append((p, c))
+        else:
+            packed.append([(p, c)])
+    ids = np.full((len(packed), max_len), pad, np.int32)
+    attention = np.zeros((len(packed), max_len), np.float32)
+    loss = np.zeros((len(packed), max_len), np.float32)
+    segments = np.zeros((len(packed), max_len), np.int32)
+    for i, row in enumerate(packed):
+        at = 0
+        for seg, (p, c) in enumerate(row, start=1):
+            ids[i, at : at + len(p) + len(c)] = p + c
+            attention[i, at : at + len(p) + len(c)] = 1
+            loss[i, at + len(p) : at + len(p) + len(c)] = 1
+            segments[i, at : at + len(p) + len(c)] = seg
+            at += len(p) + len(c)
+    out = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+    if pack:
+        out["segment_ids"] = segments
+    return out
 
 
 def encode_prompts(

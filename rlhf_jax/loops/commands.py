@@ -66,7 +66,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     model_path = _require(cfg.model.path, "model.path", "sft")
     examples, report = load_sft(_require(cfg.sft.data, "sft.data", "sft"))
     tokenizer = load_tokenizer(model_path)
-    arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report)
+    arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report, pack=cfg.sft.pack)
     out, logger = _start(cfg, out_dir)
     model_cfg, params = _load_lm(model_path, cfg)
     s = cfg.sft

@@ -139,7 +139,11 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
         tokenizer = load_tokenizer(cfg.model.path)
     eos, pad = (tokenizer.eos_token_id,), tokenizer.pad_token_id
     reports = [sft_report, prompt_report, ptx_report]
-    sft_arrays = encode_sft(sft_examples, tokenizer, cfg.sft.max_len, sft_report)
+    sft_arrays = encode_sft(sft_examples, tokenizer, cfg.sft.max_len, sft_report, pack=cfg.sft.pack)
+    # One demonstration per row, for the RM bias normalisation (reward at each row's end).
+    demo_arrays = (
+        encode_sft(sft_examples, tokenizer, cfg.sft.max_len) if cfg.sft.pack else sft_arrays
+    )
     prompt_arrays = encode_prompts(prompt_examples, tokenizer, cfg.ppo.max_prompt_len)
     eval_arrays = encode_prompts(eval_examples, tokenizer, cfg.ppo.max_prompt_len)
     ptx_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report))
@@ -205,7 +209,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     rm_train, rm_held = _split(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
     rm_params = train_reward_model(cfg, model_cfg, sft_params, rm_train, keys["rm"], logger)
     held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
-    demo_scores = score_all(model_cfg, rm_params, sft_arrays)
+    demo_scores = score_all(model_cfg, rm_params, demo_arrays)
     rm_params = normalize_reward_bias(rm_params, demo_scores)
 
     # Step 3: PPO-ptx (and the same run without ptx, for the ablation).

@@ -94,38 +94,69 @@ def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def causal_mask(attention_mask_BT: jax.Array) -> jax.Array:
-    """[B, 1, T, T] boolean: query t sees key s <= t when s is a real token."""
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token from the start of its segment (packed rows; 0 = padding)."""
+    seg = segment_ids_BT.astype(jnp.int32)
+    t = jnp.arange(seg.shape[-1])
+    previous = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+    start = jax.lax.cummax(jnp.where(seg != previous, t, 0), axis=1)
+    return jnp.where(seg > 0, t - start, 0)
+
+
+def causal_mask(attention_mask_BT: jax.Array, segment_ids_BT: jax.Array | None = None):
+    """[B, 1, T, T] boolean: query t sees key s <= t when s is a real token (and, for packed
+    rows, in the same segment)."""
     t = attention_mask_BT.shape[-1]
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    return causal[None, None] & (attention_mask_BT[:, None, None, :] > 0)
+    mask = causal[None, None] & (attention_mask_BT[:, None, None, :] > 0)
+    if segment_ids_BT is not None:
+        same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        mask = mask & same[:, None]
+    return mask
 
 
-def _apply(config, params, input_ids, attention_mask, return_hidden):
+def _apply(config, params, input_ids, attention_mask, segment_ids, return_hidden):
     input_ids = jnp.asarray(input_ids, jnp.int32)
     attention_mask = jnp.asarray(attention_mask)
+    if segment_ids is None:
+        positions = positions_from_mask(attention_mask)
+    else:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        positions = segment_positions(segment_ids)
     out, _ = Decoder(config).apply(
         {"params": params},
         input_ids,
-        positions_from_mask(attention_mask),
-        causal_mask(attention_mask),
+        positions,
+        causal_mask(attention_mask, segment_ids),
         return_hidden=return_hidden,
     )
     return out
 
 
 def forward(
-    config: ModelConfig, params, input_ids: jax.Array, attention_mask: jax.Array
+    config: ModelConfig,
+    params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Logits [B, T, V] (float32) of a padded batch; left- or right-padded rows both work."""
-    return _apply(config, params, input_ids, attention_mask, return_hidden=False)
+    """Logits [B, T, V] (float32) of a padded batch; left- or right-padded rows both work.
+
+    `segment_ids` ([B, T], 1, 2, ... per packed sequence, 0 padding) keeps packed sequences
+    from attending to each other and restarts positions at each one.
+    """
+    return _apply(config, params, input_ids, attention_mask, segment_ids, return_hidden=False)
 
 
 def hidden_states(
-    config: ModelConfig, params, input_ids: jax.Array, attention_mask: jax.Array
+    config: ModelConfig,
+    params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Final-normed hidden states [B, T, D]: the trunk output that scalar heads read."""
-    return _apply(config, params, input_ids, attention_mask, return_hidden=True)
+    return _apply(config, params, input_ids, attention_mask, segment_ids, return_hidden=True)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:

@@ -14,12 +14,19 @@ def make_sft_step(
 ) -> Callable:
     """`step(state, batch, key) -> (state, metrics)`.
 
-    batch: `input_ids`, `attention_mask`, `loss_mask` ([B, T]; loss_mask marks target tokens).
+    batch: `input_ids`, `attention_mask`, `loss_mask` ([B, T]; loss_mask marks target tokens),
+    and `segment_ids` when several sequences are packed into each row.
     `loss_fn(outputs, batch)` receives `{"logits": [B, T, V]}`; hyperparameters are bound.
     """
 
     def compute_loss(params, batch):
-        logits = forward(model_config, params, batch["input_ids"], batch["attention_mask"])
+        logits = forward(
+            model_config,
+            params,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("segment_ids"),
+        )
         out = loss_fn({"logits": logits}, batch)
         return out.loss, out.metrics
 
@@ -30,7 +37,13 @@ def make_sft_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) ->
     """`evaluate(params, batch) -> metrics` with the same loss, no update."""
 
     def evaluate(params, batch):
-        logits = forward(model_config, params, batch["input_ids"], batch["attention_mask"])
+        logits = forward(
+            model_config,
+            params,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("segment_ids"),
+        )
         return loss_fn({"logits": logits}, batch).metrics
 
     return evaluate

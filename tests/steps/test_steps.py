@@ -183,3 +183,36 @@ def test_responses_without_eos_get_the_fixed_score_or_the_penalty():
     np.testing.assert_allclose(
         penalised(state, frozen, ids, mask, key)[0].scores, np.asarray(raw) - 2.0, rtol=1e-6
     )
+
+
+def test_packed_rows_equal_the_same_examples_unpacked():
+    """Sequence packing: segment-masked attention and per-segment positions make a packed
+    row's logits and SFT loss those of its examples run one per row."""
+    from rlhf_jax.data import SFTExample, encode_sft
+    from rlhf_jax.models import forward
+    from rlhf_jax.tasks.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the red fox runs near the river. a calm owl sings."] * 30, 120)
+    config, params = tiny_model(vocab_size=len(tok))
+    examples = [
+        SFTExample("the red fox", " runs."),
+        SFTExample("a calm", " owl sings."),
+        SFTExample("the owl", " runs near the river."),
+    ]
+    plain = encode_sft(examples, tok, max_len=32)
+    packed = encode_sft(examples, tok, max_len=48, pack=True)
+    assert packed["input_ids"].shape[0] < len(examples)
+    eval_fn = jax.jit(make_sft_step(config, get_loss("sft")))
+    tx = make_optimizer(OptimConfig(lr=0.0, grad_clip=0.0), 1)
+    _, m_plain = eval_fn(TrainState.create(params, tx), plain, jax.random.key(0))
+    _, m_packed = eval_fn(TrainState.create(params, tx), packed, jax.random.key(0))
+    np.testing.assert_allclose(m_packed["sft/loss"], m_plain["sft/loss"], rtol=1e-5)
+    assert float(m_packed["sft/tokens"]) == float(m_plain["sft/tokens"])
+    logits_packed = forward(
+        config, params, packed["input_ids"], packed["attention_mask"], packed["segment_ids"]
+    )
+    logits_plain = forward(config, params, plain["input_ids"], plain["attention_mask"])
+    row, seg = packed["segment_ids"], 2  # second example sits in row 0 as segment 2
+    at = np.flatnonzero(row[0] == seg)
+    n = int(plain["attention_mask"][1].sum())
+    np.testing.assert_allclose(logits_packed[0, at], logits_plain[1, :n], atol=1e-5)
