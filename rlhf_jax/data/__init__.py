@@ -1,13 +1,20 @@
-"""User data: JSONL formats, validation with file/line/field errors, fixed-shape encoding."""
+"""User data: JSONL formats, validation with file/line/field errors, fixed-shape encoding.
 
+Pipeline: `load_*(path)` reads and validates a whole file up front -> `(examples, DataReport)`;
+`encode_*(examples, tokenizer, ...)` -> dict of fixed-shape NumPy arrays; `batches(arrays, ...)`
+-> deterministic, resumable shuffled batches. Formats and their field semantics: records.py;
+reading and errors: jsonl.py, load.py; tokenisation conventions: encode.py.
+"""
+
+from rlhf_jax.data.batching import Batches, batches
 from rlhf_jax.data.encode import (
-    batches,
     encode_prompts,
     encode_rankings,
     encode_sft,
     encode_texts,
     special_ids,
 )
+from rlhf_jax.data.jsonl import RowError, read_jsonl
 from rlhf_jax.data.load import (
     DataReport,
     load_prompts,
@@ -17,14 +24,22 @@ from rlhf_jax.data.load import (
     load_texts,
 )
 from rlhf_jax.data.records import (
+    MAX_K,
+    MIN_K,
     PromptExample,
     RankingExample,
-    RowError,
     SFTExample,
     TextExample,
+    parse_prompt_row,
+    parse_ranking_row,
+    parse_sft_row,
+    parse_text_row,
 )
 
 __all__ = [
+    "MAX_K",
+    "MIN_K",
+    "Batches",
     "DataReport",
     "PromptExample",
     "RankingExample",
@@ -41,5 +56,10 @@ __all__ = [
     "load_rows",
     "load_sft",
     "load_texts",
+    "parse_prompt_row",
+    "parse_ranking_row",
+    "parse_sft_row",
+    "parse_text_row",
+    "read_jsonl",
     "special_ids",
 ]

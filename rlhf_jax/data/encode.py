@@ -1,14 +1,28 @@
 """Tokenise validated examples into fixed-shape NumPy arrays (int32 ids, float32 masks).
 
-Masks come from token counts, never from comparing ids with the pad id, so a tokenizer whose
-pad token equals its EOS is still handled. A prompt longer than its maximum is an error naming
-the row (prompts are never silently cut); a completion or text that does not fit is truncated
-and counted in the report.
+Conventions shared by every encoder:
+
+- Masks come from token counts, never from comparing ids with the pad id, so a tokenizer whose
+  pad token equals its EOS is handled. Without a pad token, pad = EOS (`special_ids`); padded
+  positions are then EOS ids with mask 0. A tokenizer without an EOS token is an error.
+- Prompts and texts start with the special tokens the tokenizer itself puts at the start of a
+  sequence (e.g. Llama's BOS; nothing for GPT-2 or the built-in tokenizer); trailing special
+  tokens a tokenizer would add (e.g. an EOS) are not taken. A prompt rendered by a chat template
+  is tokenized as is (the template writes its own BOS). Completions get no special tokens.
+- Prompt and completion are tokenized separately and concatenated, so the prompt/completion
+  boundary is exact. EOS (`tokenizer.eos_token_id`, also after a chat template) ends every
+  complete completion and text.
+- A prompt longer than its budget is an error naming file, line and field (prompts are never
+  cut); with a report in on_error="skip" mode the row is skipped and recorded instead.
+- A completion or text longer than its budget is truncated at the end and its EOS dropped (EOS
+  marks a text that is complete); each truncated completion / text, including one that fits
+  exactly but leaves no room for its EOS, adds 1 to `report.truncated`. Texts are truncated,
+  not split into chunks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,18 +33,45 @@ from rlhf_jax.errors import RlhfJaxError
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
-    """(eos, pad) ids; pad falls back to EOS when the tokenizer has none."""
+    """`(eos, pad)` ids; pad falls back to EOS when the tokenizer has none (masks never look at
+    ids, so this is safe here; a sampler must still stop on EOS only where the mask is 1)."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise RlhfJaxError("the tokenizer has no EOS token; set one before training")
+        raise RlhfJaxError("the tokenizer has no EOS token; set `eos_token` before training")
     pad = tokenizer.pad_token_id
-    return eos, eos if pad is None else pad
+    return int(eos), int(eos if pad is None else pad)
 
 
 def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
-    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def _start_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a sequence's text (BOS), found by comparing
+    an encoding with and without special tokens."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i])
+    return []
+
+
+def _start_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    start = _start_tokens(tokenizer) if texts else []
+    return [start + ids for ids in _ids(tokenizer, texts)]
+
+
+def _check_len(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise RlhfJaxError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_some(examples: Sequence, what: str) -> None:
+    if len(examples) == 0:
+        raise RlhfJaxError(f"no {what} to encode")
 
 
 def _reject(report: DataReport | None, ex, field: str, problem: str) -> None:
@@ -41,14 +82,38 @@ def _reject(report: DataReport | None, ex, field: str, problem: str) -> None:
     report.reject(err, ex.line)
 
 
-def _render_chat(tokenizer, ex: SFTExample) -> tuple[str, str]:
-    """(prompt, completion) text of a chat row: the tokenizer's template, or role: content."""
-    history = [{"role": r, "content": c} for r, c in ex.messages[:-1]]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
-        return prompt, ex.completion
-    prompt = "".join(f"{r}: {c}\n" for r, c in ex.messages[:-1]) + "assistant: "
-    return prompt, ex.completion
+def _count_truncated(report: DataReport | None, n: int = 1) -> None:
+    if report is not None:
+        report.truncated += n
+
+
+def _none_left(report: DataReport | None, rows: list) -> None:
+    if not rows:
+        detail = report.summary() if report is not None else "no rows"
+        raise RlhfJaxError(f"every row was skipped while encoding ({detail})")
+
+
+def _prompt_ids(tokenizer, examples: Sequence[SFTExample], report) -> list[list[int] | None]:
+    """Prompt ids of SFT rows: chat rows through the tokenizer's chat template when it has one
+    (`add_generation_prompt=True`), else the plain rendering already in `example.prompt`."""
+    template = bool(getattr(tokenizer, "chat_template", None))
+    out: list[list[int] | None] = [None] * len(examples)
+    plain = [i for i, e in enumerate(examples) if not (template and e.messages)]
+    for i, ids in zip(plain, _start_ids(tokenizer, [examples[i].prompt for i in plain])):
+        out[i] = ids
+    for i, ex in enumerate(examples):
+        if out[i] is not None:
+            continue
+        history = [{"role": r, "content": c} for r, c in ex.messages[:-1]]
+        try:
+            text = tokenizer.apply_chat_template(
+                history, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # a template's own raise_exception(...), any Jinja error
+            _reject(report, ex, "messages", f"the tokenizer's chat template failed: {e}")
+            continue
+        out[i] = _ids(tokenizer, [text])[0]
+    return out
 
 
 def encode_sft(
@@ -58,57 +123,66 @@ def encode_sft(
     report: DataReport | None = None,
     pack: bool = False,
 ) -> dict[str, np.ndarray]:
-    """prompt + completion + EOS, right-padded to max_len.
+    """Demonstrations -> `input_ids, attention_mask, loss_mask` [N, max_len] (+ `segment_ids`).
 
-    `loss_mask` is 1 on the completion tokens and the EOS (the targets), 0 on prompt and pad.
-    With `pack`, consecutive examples share a row while they fit, and `segment_ids` (1, 2, ...
-    per example, 0 on padding) keeps them from attending to each other.
+    Each example is prompt + completion + EOS, right-padded. `loss_mask` is 1 on the completion
+    tokens and the EOS (the targets of next-token prediction), 0 on prompt and padding. A prompt
+    longer than max_len - 1 (no room for a single target) is an error; a completion that does
+    not fit is truncated, EOS dropped, and counted.
+
+    With `pack`, consecutive examples share a row while they fit (greedy, in order) and
+    `segment_ids` [N, max_len] numbers them 1, 2, ... within the row (0 on padding) so the
+    model can keep them from attending to each other; N is then the number of packed rows.
     """
+    _check_len("max_len", max_len, 2)
+    _check_some(examples, "SFT examples")
     eos, pad = special_ids(tokenizer)
-    pairs = [
-        _render_chat(tokenizer, e) if e.messages else (e.prompt, e.completion) for e in examples
-    ]
-    prompt_ids = _ids(tokenizer, [p for p, _ in pairs])
-    completion_ids = _ids(tokenizer, [c for _, c in pairs])
-    rows = []
-    for ex, p, c in zip(examples, prompt_ids, completion_ids):
+    prompts = _prompt_ids(tokenizer, examples, report)
+    completions = _ids(tokenizer, [e.completion for e in examples])
+    rows: list[tuple[list[int], list[int]]] = []
+    for ex, p, c in zip(examples, prompts, completions):
+        if p is None:  # chat template failed, row skipped
+            continue
         if len(p) > max_len - 1:
+            field = "messages" if ex.messages else "prompt"
             _reject(
                 report,
                 ex,
-                "prompt",
-                f"{len(p)} tokens, more than the maximum {max_len - 1} (max_len - 1)",
+                field,
+                f"prompt is {len(p)} tokens; max_len {max_len} leaves room for at most "
+                f"{max_len - 1} (prompts are never truncated)",
             )
             continue
-        c = c + [eos]
-        if len(p) + len(c) > max_len:
+        if len(p) + len(c) + 1 > max_len:  # no room for the EOS: cut, and no EOS
             c = c[: max_len - len(p)]
-            if report is not None:
-                report.truncated += 1
+            _count_truncated(report)
+        else:
+            c = c + [eos]
         rows.append((p, c))
-    # Each packed row is a list of (prompt, completion) segments; unpacked, one per row.
+    _none_left(report, rows)
     packed: list[list[tuple[list[int], list[int]]]] = []
+    used = 0
     for p, c in rows:
-        if (
-            pack
-            and packed
-            and sum(len(a) + len(b) for a, b in packed[-1]) + len(p) + len(c) <= max_len
-        ):
+        if pack and packed and used + len(p) + len(c) <= max_len:
             packed[-1].append((p, c))
+            used += len(p) + len(c)
         else:
             packed.append([(p, c)])
-    ids = np.full((len(packed), max_len), pad, np.int32)
-    attention = np.zeros((len(packed), max_len), np.float32)
-    loss = np.zeros((len(packed), max_len), np.float32)
-    segments = np.zeros((len(packed), max_len), np.int32)
+            used = len(p) + len(c)
+    n = len(packed)
+    ids = np.full((n, max_len), pad, np.int32)
+    attention = np.zeros((n, max_len), np.float32)
+    loss = np.zeros((n, max_len), np.float32)
+    segments = np.zeros((n, max_len), np.int32)
     for i, row in enumerate(packed):
         at = 0
         for seg, (p, c) in enumerate(row, start=1):
-            ids[i, at : at + len(p) + len(c)] = p + c
-            attention[i, at : at + len(p) + len(c)] = 1
-            loss[i, at + len(p) : at + len(p) + len(c)] = 1
-            segments[i, at : at + len(p) + len(c)] = seg
-            at += len(p) + len(c)
+            end = at + len(p) + len(c)
+            ids[i, at:end] = p + c
+            attention[i, at:end] = 1
+            loss[i, at + len(p) : end] = 1
+            segments[i, at:end] = seg
+            at = end
     out = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
     if pack:
         out["segment_ids"] = segments
@@ -121,16 +195,24 @@ def encode_prompts(
     max_prompt_len: int,
     report: DataReport | None = None,
 ) -> dict[str, np.ndarray]:
-    """Prompts LEFT-padded to max_prompt_len, ready for generation."""
+    """Prompts -> `input_ids, attention_mask` [N, max_prompt_len], LEFT-padded for generation
+    (the last prompt token sits in the last column). A longer prompt is an error."""
+    _check_len("max_prompt_len", max_prompt_len, 1)
+    _check_some(examples, "prompts")
     _, pad = special_ids(tokenizer)
     kept = []
-    for ex, p in zip(examples, _ids(tokenizer, [e.prompt for e in examples])):
+    for ex, p in zip(examples, _start_ids(tokenizer, [e.prompt for e in examples])):
         if len(p) > max_prompt_len:
             _reject(
-                report, ex, "prompt", f"{len(p)} tokens, more than the maximum {max_prompt_len}"
+                report,
+                ex,
+                "prompt",
+                f"prompt is {len(p)} tokens, more than max_prompt_len {max_prompt_len} "
+                "(prompts are never truncated)",
             )
             continue
         kept.append(p)
+    _none_left(report, kept)
     ids = np.full((len(kept), max_prompt_len), pad, np.int32)
     mask = np.zeros((len(kept), max_prompt_len), np.float32)
     for i, p in enumerate(kept):
@@ -147,42 +229,61 @@ def encode_rankings(
     k_max: int | None = None,
     report: DataReport | None = None,
 ) -> dict[str, np.ndarray]:
-    """[N, K, L] rows of prompt + completion + EOS (right-padded, L = P + C + 1), so the
-    reward is read at the EOS; `completion_mask` [N, K] marks real completions, `rank` [N, K]
-    their ranks (0 best; padded slots get K)."""
+    """Rankings -> `input_ids, attention_mask` [N, K, L], `completion_mask, rank` [N, K].
+
+    L = max_prompt_len + max_completion_len + 1 and K = k_max (default: the largest K of the
+    examples). Row [n, k] is prompt + completion k + EOS, right-padded, so the reward is read at
+    the last real token (the EOS of a complete completion). A completion longer than
+    max_completion_len tokens keeps its first max_completion_len tokens and no EOS (counted).
+    `rank[n, k]` is completion k's rank (0 best, ties equal); padded slots (completion_mask 0)
+    are all padding with attention_mask 0 and rank K. A prompt longer than max_prompt_len, or a
+    row with more than k_max completions, is an error.
+    """
+    _check_len("max_prompt_len", max_prompt_len, 1)
+    _check_len("max_completion_len", max_completion_len, 1)
+    _check_some(examples, "rankings")
     eos, pad = special_ids(tokenizer)
-    k_max = k_max or max(len(e.completions) for e in examples)
+    k = max(len(e.completions) for e in examples) if k_max is None else k_max
+    _check_len("k_max", k, 2)
     length = max_prompt_len + max_completion_len + 1
-    prompt_ids = _ids(tokenizer, [e.prompt for e in examples])
+    prompt_ids = _start_ids(tokenizer, [e.prompt for e in examples])
+    flat = _ids(tokenizer, [c for e in examples for c in e.completions])
     rows = []
+    at = 0
     for ex, p in zip(examples, prompt_ids):
+        cs, at = flat[at : at + len(ex.completions)], at + len(ex.completions)
         if len(p) > max_prompt_len:
             _reject(
-                report, ex, "prompt", f"{len(p)} tokens, more than the maximum {max_prompt_len}"
+                report,
+                ex,
+                "prompt",
+                f"prompt is {len(p)} tokens, more than max_prompt_len {max_prompt_len} "
+                "(prompts are never truncated)",
             )
             continue
-        if len(ex.completions) > k_max:
-            _reject(report, ex, "completions", f"K={len(ex.completions)} is more than {k_max}")
+        if len(cs) > k:
+            _reject(report, ex, "completions", f"K = {len(cs)} completions, more than k_max {k}")
             continue
         completions = []
-        for c in _ids(tokenizer, ex.completions):
-            c = c + [eos]
-            if len(c) > max_completion_len + 1:
-                c = c[: max_completion_len + 1]
-                if report is not None:
-                    report.truncated += 1
-            completions.append(c)
-        rows.append((p, completions, ex.ranks))
+        for c in cs:
+            if len(c) > max_completion_len:
+                c = c[:max_completion_len]
+                _count_truncated(report)
+            else:
+                c = c + [eos]
+            completions.append(p + c)
+        rows.append((completions, ex.ranks))
+    _none_left(report, rows)
     n = len(rows)
-    ids = np.full((n, k_max, length), pad, np.int32)
-    mask = np.zeros((n, k_max, length), np.float32)
-    completion_mask = np.zeros((n, k_max), np.float32)
-    rank = np.full((n, k_max), k_max, np.int32)
-    for i, (p, completions, ranks) in enumerate(rows):
-        for j, c in enumerate(completions):
-            ids[i, j, : len(p) + len(c)] = p + c
-            mask[i, j, : len(p) + len(c)] = 1
-        completion_mask[i, : len(completions)] = 1
+    ids = np.full((n, k, length), pad, np.int32)
+    mask = np.zeros((n, k, length), np.float32)
+    completion_mask = np.zeros((n, k), np.float32)
+    rank = np.full((n, k), k, np.int32)
+    for i, (seqs, ranks) in enumerate(rows):
+        for j, seq in enumerate(seqs):
+            ids[i, j, : len(seq)] = seq
+            mask[i, j, : len(seq)] = 1
+        completion_mask[i, : len(seqs)] = 1
         rank[i, : len(ranks)] = ranks
     return {
         "input_ids": ids,
@@ -195,30 +296,20 @@ def encode_rankings(
 def encode_texts(
     examples: Sequence[TextExample], tokenizer, max_len: int, report: DataReport | None = None
 ) -> dict[str, np.ndarray]:
-    """text + EOS right-padded to max_len; longer texts are truncated (and counted)."""
+    """Texts -> `input_ids, attention_mask` [N, max_len]: text + EOS, right-padded. A longer
+    text keeps its first max_len tokens, no EOS, and is counted (texts are not chunked)."""
+    _check_len("max_len", max_len, 1)
+    _check_some(examples, "texts")
     eos, pad = special_ids(tokenizer)
-    ids_list = [t + [eos] for t in _ids(tokenizer, [e.text for e in examples])]
-    ids = np.full((len(ids_list), max_len), pad, np.int32)
-    mask = np.zeros((len(ids_list), max_len), np.float32)
-    for i, t in enumerate(ids_list):
-        if len(t) > max_len:
+    seqs = _start_ids(tokenizer, [e.text for e in examples])
+    ids = np.full((len(seqs), max_len), pad, np.int32)
+    mask = np.zeros((len(seqs), max_len), np.float32)
+    for i, t in enumerate(seqs):
+        if len(t) + 1 > max_len:
             t = t[:max_len]
-            if report is not None:
-                report.truncated += 1
+            _count_truncated(report)
+        else:
+            t = t + [eos]
         ids[i, : len(t)] = t
         mask[i, : len(t)] = 1
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless batches of rows; a fresh shuffle every epoch (seeded by seed and epoch)."""
-    n = next(iter(arrays.values())).shape[0]
-    if n < batch_size:
-        raise RlhfJaxError(f"only {n} rows of data for a batch size of {batch_size}")
-    epoch = 0
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        for start in range(0, n - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            yield {k: v[idx] for k, v in arrays.items()}
-        epoch += 1

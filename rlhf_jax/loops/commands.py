@@ -22,6 +22,7 @@ from rlhf_jax.data import (
     load_rankings,
     load_sft,
     load_texts,
+    special_ids,
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.logging import MetricsLogger
@@ -136,7 +137,8 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
             f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
         )
     models = PPOModels(policy_cfg, sft_params, reward_cfg, reward_params)
-    eos, pad = (tokenizer.eos_token_id,), tokenizer.pad_token_id
+    eos_id, pad = special_ids(tokenizer)
+    eos = (eos_id,)
     state = train_ppo(
         cfg, models, prompt_arrays, ptx_arrays, eos, pad, jax.random.key(cfg.seed), logger
     )

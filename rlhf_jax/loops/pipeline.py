@@ -28,6 +28,7 @@ from rlhf_jax.data import (
     load_rankings,
     load_sft,
     load_texts,
+    special_ids,
 )
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.logging import MetricsLogger
@@ -84,16 +85,17 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
     )
     texts = ev.decode_responses(tokenizer, samples)
     rng = np.random.default_rng(cfg.seed + 11)
-    rows = []
+    rows, unranked = [], 0
     for i, prompt in enumerate(prompts):
         completions = texts[i * cfg.rm.k : (i + 1) * cfg.rm.k]
         # Labelers cannot rank two identical texts differently; keep distinct ones only.
         distinct = list(dict.fromkeys(c for c in completions if c.strip()))
         if len(distinct) < 2:
+            unranked += 1
             continue
         ranking = topics.rank_by_labelers(rng, prompt, distinct, cfg.task.labeler_noise)
         rows.append({"prompt": prompt, "completions": distinct, "ranking": ranking})
-    return rows
+    return rows, unranked
 
 
 def _split(arrays: dict[str, np.ndarray], fraction: float, seed: int):
@@ -137,7 +139,8 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
         tokenizer = train_tokenizer(texts, t.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.model.path)
-    eos, pad = (tokenizer.eos_token_id,), tokenizer.pad_token_id
+    eos_id, pad = special_ids(tokenizer)
+    eos = (eos_id,)
     reports = [sft_report, prompt_report, ptx_report]
     sft_arrays = encode_sft(sft_examples, tokenizer, cfg.sft.max_len, sft_report, pack=cfg.sft.pack)
     # One demonstration per row, for the RM bias normalisation (reward at each row's end).
@@ -195,11 +198,14 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     save_hf(model_cfg, sft_params, out / "sft", tokenizer)
 
     # Step 2: reward model on rankings (sampled from SFT and ranked, for the built-in task).
+    notes = []
     if user_rankings is None:
-        rows = _sample_rankings(
+        rows, unranked = _sample_rankings(
             cfg, model_cfg, sft_params, tokenizer, task.rm_prompts, keys["rm_sample"], eos, pad
         )
         rankings, rank_report = load_rankings(_write_jsonl(data_dir / "rankings.jsonl", rows))
+        if unranked:
+            notes.append(f"{unranked} RM prompts not ranked: fewer than 2 distinct samples")
     else:
         rankings, rank_report = user_rankings
     reports.append(rank_report)
@@ -270,7 +276,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
             {"prompt": e.prompt, "sft": a, "ppo": b}
             for e, a, b in list(zip(eval_examples, sft_texts, ppo_texts))[:8]
         ],
-        "data_summary": [r.summary() for r in reports if r is not None],
+        "data_summary": [r.summary() for r in reports] + notes,
     }
     if cfg.ptx.coef > 0 and cfg.eval.ptx_ablation:
         no_ptx_cfg = dataclasses.replace(cfg, ptx=dataclasses.replace(cfg.ptx, coef=0.0))
