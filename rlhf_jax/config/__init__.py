@@ -2,9 +2,12 @@
 
 from rlhf_jax.config.loader import apply_overrides, from_dict, load_config, to_dict
 from rlhf_jax.config.schema import (
+    DEFAULT_RULES,
     Config,
+    DistributedConfig,
     EvalConfig,
     LogConfig,
+    MeshConfig,
     ModelSpec,
     OptimConfig,
     PPOConfig,
@@ -16,9 +19,12 @@ from rlhf_jax.config.schema import (
 )
 
 __all__ = [
+    "DEFAULT_RULES",
     "Config",
+    "DistributedConfig",
     "EvalConfig",
     "LogConfig",
+    "MeshConfig",
     "ModelSpec",
     "OptimConfig",
     "PPOConfig",

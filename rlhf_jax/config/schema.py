@@ -173,6 +173,50 @@ class LogConfig:
     progress: bool = True
 
 
+DEFAULT_RULES: dict[str, Any] = {
+    # logical axis name -> mesh axis (or list of mesh axes, or null = replicated)
+    "batch": ["data", "fsdp"],
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "head_dim": None,
+    "position": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh over all global devices; -1 means "the remaining devices" (at most one)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Logical axis names of weights and batches -> mesh axes. Overrides merge into the default.
+    rules: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", {**DEFAULT_RULES, **self.rules})
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise RlhfJaxError("config section 'mesh': at most one axis may be -1")
+        for axis, size in sizes.items():
+            if size == 0 or size < -1:
+                raise RlhfJaxError(f"config key 'mesh.{axis}': {size} is not a size (or -1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs. On TPU pods everything is discovered automatically; elsewhere give
+    the coordinator (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID)."""
+
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A whole pipeline run: pretrain (built-in task) -> SFT -> RM -> PPO(-ptx) -> eval."""
@@ -187,6 +231,8 @@ class Config:
     ptx: PtxConfig = field(default_factory=PtxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         p = self.ppo
