@@ -1,9 +1,14 @@
 """Deterministic, resumable batches over the rows of a dict of equal-length arrays.
 
 Epoch e visits the rows in the order `np.random.default_rng([seed, e]).permutation(N)`: a
-fresh shuffle every epoch, and any position `(epoch, index)` can be reached directly, with no
-replay, so a run resumes where it stopped by saving `iterator.position` in its checkpoint and
-passing it back as `start`.
+fresh shuffle every epoch, and any position can be reached directly, with no replay. A run
+resumes where it stopped by saving `iterator.consumed` (batches taken so far, i.e. the step) or
+`iterator.position` (epoch, index) in its checkpoint and passing it back as `start`.
+
+Multi-process runs: every process builds the same iterator (same arrays, seed and global
+`batch_size`) with its own `process_index`, and receives its contiguous slice of each global
+batch (rows `[p * B/P, (p + 1) * B/P)`), so the P slices of one step, concatenated in process
+order, are exactly the batch a single process would see.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from rlhf_jax.errors import RlhfJaxError
 
 
 class Batches(Iterator[dict[str, np.ndarray]]):
-    """Iterator of batches (dicts of row-indexed copies); see `batches`."""
+    """Iterator of batches (dicts of row-indexed copies); see `batches` for the arguments."""
 
     def __init__(
         self,
@@ -25,8 +30,10 @@ class Batches(Iterator[dict[str, np.ndarray]]):
         seed: int,
         drop_last: bool = True,
         shuffle: bool = True,
-        start: tuple[int, int] = (0, 0),
+        start: int | tuple[int, int] = 0,
         epochs: int | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
     ):
         if not arrays:
             raise RlhfJaxError("batches: no arrays given")
@@ -36,26 +43,38 @@ class Batches(Iterator[dict[str, np.ndarray]]):
             raise RlhfJaxError(f"batches: arrays must share their leading dimension, got {sizes}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise RlhfJaxError(f"batch size must be a positive integer, got {batch_size!r}")
+        if not 0 <= process_index < process_count:
+            raise RlhfJaxError(f"process index {process_index} is not in 0..{process_count - 1}")
+        if batch_size % process_count:
+            raise RlhfJaxError(
+                f"batch size {batch_size} does not divide across {process_count} processes"
+            )
+        if process_count > 1 and not drop_last:
+            raise RlhfJaxError("batches split across processes need drop_last=True")
         self.arrays = dict(arrays)
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.shuffle, self.epochs = shuffle, epochs
         self.per_epoch = n // batch_size if drop_last else -(-n // batch_size)
         if self.per_epoch == 0:
-            raise RlhfJaxError(
-                f"only {n} rows of data for a batch size of {batch_size} (drop_last=True)"
-            )
-        epoch, index = start
-        if epoch < 0 or not 0 <= index <= self.per_epoch:
-            raise RlhfJaxError(
-                f"batches: start {start} is outside 0 <= index <= {self.per_epoch} batches/epoch"
-            )
-        self._epoch, self._index = (epoch + 1, 0) if index == self.per_epoch else (epoch, index)
+            raise RlhfJaxError(f"only {n} rows of data for a batch size of {batch_size}")
+        local = batch_size // process_count
+        self._slice = slice(process_index * local, (process_index + 1) * local)
+        if isinstance(start, tuple):
+            epoch, index = start
+            if epoch < 0 or not 0 <= index <= self.per_epoch:
+                raise RlhfJaxError(
+                    f"batches: start {start} is outside 0 <= index <= {self.per_epoch} per epoch"
+                )
+            start = epoch * self.per_epoch + index
+        if start < 0:
+            raise RlhfJaxError(f"batches: start must be >= 0, got {start}")
+        self.consumed = int(start)
         self._order_epoch, self._order = -1, np.arange(0)
 
     @property
     def position(self) -> tuple[int, int]:
-        """`(epoch, index)` of the next batch: pass it as `start` to resume there."""
-        return self._epoch, self._index
+        """`(epoch, index within the epoch)` of the next batch."""
+        return divmod(self.consumed, self.per_epoch)
 
     def order(self, epoch: int) -> np.ndarray:
         """The row order of `epoch`."""
@@ -64,39 +83,44 @@ class Batches(Iterator[dict[str, np.ndarray]]):
         return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.epochs is not None and self._epoch >= self.epochs:
+        epoch, index = self.position
+        if self.epochs is not None and epoch >= self.epochs:
             raise StopIteration
-        if self._order_epoch != self._epoch:
-            self._order, self._order_epoch = self.order(self._epoch), self._epoch
-        lo = self._index * self.batch_size
-        rows = self._order[lo : lo + self.batch_size]
-        self._index += 1
-        if self._index == self.per_epoch:
-            self._epoch, self._index = self._epoch + 1, 0
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.order(epoch), epoch
+        lo = index * self.batch_size
+        rows = self._order[lo : lo + self.batch_size][self._slice]
+        self.consumed += 1
         return {k: v[rows] for k, v in self.arrays.items()}
 
 
 def batches(
     arrays: Mapping[str, np.ndarray],
     batch_size: int,
-    rng: int | np.random.Generator = 0,
+    seed: int | np.random.Generator = 0,
     drop_last: bool = True,
     *,
     shuffle: bool = True,
-    start: tuple[int, int] = (0, 0),
+    start: int | tuple[int, int] = 0,
     epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Batches:
     """Batches of `batch_size` rows of every array, epoch after epoch (endless by default).
 
-    rng: an int seed, or a Generator from which one seed is drawn once (so, deterministic
-        given the Generator's state; pass an int to be able to resume).
+    seed: an int, or a Generator from which one int seed is drawn once (deterministic given
+        the Generator's state; pass an int to be able to resume in a new process).
     drop_last: drop each epoch's last incomplete batch, so every batch has the same shape
         (fewer rows than batch_size is then an error). With False the last batch is smaller.
-    start: `(epoch, index)` of the first batch, e.g. a saved `Batches.position`.
+    start: batches already consumed (an int, e.g. the saved step) or `(epoch, index)`.
     epochs: stop before epoch `epochs` (counted from 0, whatever `start`); None = never stop.
+    process_index, process_count: this process's slice of each global batch of `batch_size`
+        rows (batch_size must divide by process_count; each process gets B / P rows).
     """
-    if isinstance(rng, np.random.Generator):
-        seed = int(rng.integers(0, 2**63))
+    if isinstance(seed, np.random.Generator):
+        seed = int(seed.integers(0, 2**63))
     else:
-        seed = int(rng) % 2**64  # SeedSequence needs a non-negative entropy
-    return Batches(arrays, batch_size, seed, drop_last, shuffle, start, epochs)
+        seed = int(seed) % 2**64  # SeedSequence needs a non-negative entropy
+    return Batches(
+        arrays, batch_size, seed, drop_last, shuffle, start, epochs, process_index, process_count
+    )

@@ -112,14 +112,20 @@ def _show(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _fields(row: dict, at: str, required: tuple[str, ...], hints: dict[str, str] | None = None):
+def _fields(
+    row: dict,
+    at: str,
+    required: tuple[str, ...],
+    hints: dict[str, str] | None = None,
+    missing: bool = True,
+):
     """Unknown fields first (a misspelt field then reads as unknown, not as missing)."""
     for key in row:
         if key not in required:
             hint = (hints or {}).get(key) or "expected " + ", ".join(repr(k) for k in required)
             raise RowError(at, f"unknown field ({hint})", key)
     for key in required:
-        if key not in row:
+        if missing and key not in row:
             raise RowError(at, "missing", key)
 
 
@@ -258,7 +264,7 @@ def parse_ranking_row(
             raise RowError(at, "identical to 'chosen'", "rejected")
         return RankingExample(prompt, (chosen, rejected), (0, 1), path, line)
     known = ("prompt", "completions", "ranking", "chosen", "rejected")
-    _fields(row, at, known, {"ties": ties_hint, "ranks": ties_hint})
+    _fields(row, at, known, {"ties": ties_hint, "ranks": ties_hint}, missing=False)
     raise RowError(
         at,
         "missing (a ranking row has 'completions' + 'ranking', or 'chosen' + 'rejected')",
