@@ -93,6 +93,7 @@ class RMConfig:
 
     data: str | None = None  # JSONL rankings; None = built-in task (sampled + ranked)
     init: str | None = None  # `rlhf-jax rm`: SFT checkpoint folder for the trunk
+    allow_ties: bool = False  # accept {"ranks": [...]} rows with equal ranks (no comparison)
     k: int = 4  # completions sampled per prompt for the built-in task
     steps: int = 300
     batch_size: int = 16  # prompts per step (each with its K completions)

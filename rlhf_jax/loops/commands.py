@@ -94,7 +94,9 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
 def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
     init = cfg.rm.init or _require(cfg.model.path, "rm.init", "rm")
-    rankings, report = load_rankings(_require(cfg.rm.data, "rm.data", "rm"))
+    rankings, report = load_rankings(
+        _require(cfg.rm.data, "rm.data", "rm"), allow_ties=cfg.rm.allow_ties
+    )
     tokenizer = load_tokenizer(init)
     arrays = encode_rankings(
         rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=report

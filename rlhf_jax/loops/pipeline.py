@@ -132,7 +132,9 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     ptx_examples, ptx_report = load_texts(ptx_path)
     heldout_examples, _ = load_texts(heldout_path)
     eval_examples, _ = load_prompts(eval_path)
-    user_rankings = load_rankings(cfg.rm.data) if cfg.rm.data else None
+    user_rankings = (
+        load_rankings(cfg.rm.data, allow_ties=cfg.rm.allow_ties) if cfg.rm.data else None
+    )
 
     if builtin:
         texts = [e.text for e in ptx_examples] + [e.prompt + e.completion for e in sft_examples]
