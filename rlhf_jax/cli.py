@@ -88,9 +88,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_config(args: argparse.Namespace):
+    """The run's config; joins a multi-process run first, before any device is touched."""
     from rlhf_jax.config import Config, load_config
+    from rlhf_jax.sharding import initialize
 
-    return load_config(Config, args.config, args.overrides)
+    cfg = load_config(Config, args.config, args.overrides)
+    initialize(cfg.distributed)
+    return cfg
 
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:

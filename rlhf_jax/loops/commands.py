@@ -26,6 +26,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
     PPOModels,
     reward_accuracy,
@@ -41,6 +42,7 @@ from rlhf_jax.models import (
     save_hf,
     save_scalar_model,
 )
+from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.steps import normalize_reward_bias
 
 
@@ -50,15 +52,19 @@ def _require(value: str | None, key: str, command: str) -> str:
     return value
 
 
-def _start(cfg: Config, out_dir: str | Path) -> tuple[Path, MetricsLogger]:
+def _start(cfg: Config, out_dir: str | Path) -> tuple[Path, MetricsLogger, Runtime]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-    return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress)
+    return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress), Runtime.from_config(cfg)
 
 
-def _load_lm(path: str, cfg: Config):
-    config, params = load_hf(path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
+def _load_lm(path: str, cfg: Config, runtime: Runtime):
+    """A checkpoint loaded straight into its shards on the run's mesh."""
+    shardings = runtime.param_shardings(read_hf_config(path))
+    config, params = load_hf(
+        path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype, shardings=shardings
+    )
     return config.replace(remat=cfg.model.remat), params
 
 
@@ -68,8 +74,8 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     examples, report = load_sft(_require(cfg.sft.data, "sft.data", "sft"))
     tokenizer = load_tokenizer(model_path)
     arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report, pack=cfg.sft.pack)
-    out, logger = _start(cfg, out_dir)
-    model_cfg, params = _load_lm(model_path, cfg)
+    out, logger, runtime = _start(cfg, out_dir)
+    model_cfg, params = _load_lm(model_path, cfg, runtime)
     s = cfg.sft
     params = train_lm(
         "sft",
@@ -85,6 +91,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
         cfg.seed,
         logger,
         cfg.log.every,
+        runtime,
     )
     logger.close()
     print(report.summary())
@@ -101,9 +108,11 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     arrays = encode_rankings(
         rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=report
     )
-    out, logger = _start(cfg, out_dir)
-    model_cfg, trunk = _load_lm(init, cfg)
-    params = train_reward_model(cfg, model_cfg, trunk, arrays, jax.random.key(cfg.seed), logger)
+    out, logger, runtime = _start(cfg, out_dir)
+    model_cfg, trunk = _load_lm(init, cfg, runtime)
+    params = train_reward_model(
+        cfg, model_cfg, trunk, arrays, jax.random.key(cfg.seed), logger, runtime
+    )
     metrics = reward_accuracy(cfg, model_cfg, params, arrays)
     if cfg.sft.data:  # InstructGPT: shift the bias so demonstrations score 0 on average
         demos, _ = load_sft(cfg.sft.data)
@@ -128,8 +137,8 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     if ptx_examples is not None:
         enc = encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len)
         ptx_arrays = {**enc, "loss_mask": enc["attention_mask"].astype("float32")}
-    out, logger = _start(cfg, out_dir)
-    policy_cfg, sft_params = _load_lm(policy_path, cfg)
+    out, logger, runtime = _start(cfg, out_dir)
+    policy_cfg, sft_params = _load_lm(policy_path, cfg, runtime)
     reward_cfg, reward_params = load_scalar_model(
         rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
     )
@@ -142,7 +151,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     eos_id, pad = special_ids(tokenizer)
     eos = (eos_id,)
     state = train_ppo(
-        cfg, models, prompt_arrays, ptx_arrays, eos, pad, jax.random.key(cfg.seed), logger
+        cfg, models, prompt_arrays, ptx_arrays, eos, pad, jax.random.key(cfg.seed), logger, runtime
     )
     logger.close()
     print(prompt_report.summary())

@@ -33,6 +33,7 @@ from rlhf_jax.data import (
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.report import plot_curves, write_json, write_markdown
+from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
     PPOModels,
     init_random_model,
@@ -44,6 +45,7 @@ from rlhf_jax.loops.stages import (
     train_reward_model,
 )
 from rlhf_jax.models import load_hf, load_tokenizer, save_hf
+from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.steps import normalize_reward_bias
 from rlhf_jax.tasks import topics
 from rlhf_jax.tasks.tokenizer import train_tokenizer
@@ -113,6 +115,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     logger = MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress)
+    runtime = Runtime.from_config(cfg)
     keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))
     builtin = cfg.model.path is None
 
@@ -156,7 +159,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
 
     # Base model.
     if builtin:
-        model_cfg, params = init_random_model(cfg.model, tokenizer, keys["init"])
+        model_cfg, params = init_random_model(cfg.model, tokenizer, keys["init"], runtime)
         pre = cfg.pretrain
         pre_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, pre.max_len))
         params = train_lm(
@@ -173,10 +176,15 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
             cfg.seed,
             logger,
             cfg.log.every,
+            runtime,
         )
     else:
+        model_cfg = read_hf_config(cfg.model.path)
         model_cfg, params = load_hf(
-            cfg.model.path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
+            cfg.model.path,
+            dtype=cfg.model.param_dtype,
+            compute_dtype=cfg.model.dtype,
+            shardings=runtime.param_shardings(model_cfg),
         )
     model_cfg = model_cfg.replace(remat=cfg.model.remat)
 
@@ -196,6 +204,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
         cfg.seed,
         logger,
         cfg.log.every,
+        runtime,
     )
     save_hf(model_cfg, sft_params, out / "sft", tokenizer)
 
@@ -215,14 +224,18 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
         rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=rank_report
     )
     rm_train, rm_held = _split(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
-    rm_params = train_reward_model(cfg, model_cfg, sft_params, rm_train, keys["rm"], logger)
+    rm_params = train_reward_model(
+        cfg, model_cfg, sft_params, rm_train, keys["rm"], logger, runtime
+    )
     held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
     demo_scores = score_all(model_cfg, rm_params, demo_arrays)
     rm_params = normalize_reward_bias(rm_params, demo_scores)
 
     # Step 3: PPO-ptx (and the same run without ptx, for the ablation).
     models = PPOModels(model_cfg, sft_params, model_cfg, rm_params)
-    state = train_ppo(cfg, models, prompt_arrays, ptx_arrays, eos, pad, keys["ppo"], logger)
+    state = train_ppo(
+        cfg, models, prompt_arrays, ptx_arrays, eos, pad, keys["ppo"], logger, runtime
+    )
     policy_params = state.ema_params if state.ema_params is not None else state.policy.params
     save_hf(model_cfg, policy_params, out / "policy", tokenizer)
 
@@ -291,6 +304,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
             pad,
             keys["ppo"],
             logger,
+            runtime,
             stage="ppo_no_ptx",
         )
         ab_params = (

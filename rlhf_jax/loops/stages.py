@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -12,14 +13,21 @@ import numpy as np
 from rlhf_jax.config import Config, ModelSpec, OptimConfig
 from rlhf_jax.data import batches
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import run_train_loop, short_metrics
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
 from rlhf_jax.models.config import FAMILY_SWITCHES
+from rlhf_jax.sharding import (
+    frozen_shardings,
+    init_sharded,
+    init_sharded_ppo_state,
+    jit_experience,
+    jit_update,
+    ppo_state_shardings,
+)
 from rlhf_jax.steps import (
     Frozen,
-    TrainState,
-    init_ppo_state,
     make_experience_fn,
     make_optimizer,
     make_reward_eval,
@@ -54,9 +62,13 @@ def random_model_config(spec: ModelSpec, tokenizer) -> ModelConfig:
     )
 
 
-def init_random_model(spec: ModelSpec, tokenizer, key: jax.Array):
+def init_random_model(spec: ModelSpec, tokenizer, key: jax.Array, runtime: Runtime):
+    """A random model initialised directly into its shards (no full copy on one device)."""
     config = random_model_config(spec, tokenizer)
-    return config, init_params(config, key)
+    params = init_sharded(
+        functools.partial(init_params, config), runtime.param_shardings(config), key
+    )
+    return config, params
 
 
 def train_lm(
@@ -73,15 +85,26 @@ def train_lm(
     seed: int,
     logger: MetricsLogger,
     log_every: int,
+    runtime: Runtime,
 ):
     """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) for `steps`."""
     if steps == 0:
         return params
     loss_fn = get_loss("sft", loss_name, **loss_kwargs)
-    state = TrainState.create(params, make_optimizer(optim, steps))
     step_fn = make_sft_step(model_cfg, loss_fn, optim.grad_accum)
     state = run_train_loop(
-        step_fn, state, batches(arrays, batch_size, seed), steps, key, logger, stage, log_every
+        step_fn,
+        params,
+        make_optimizer(optim, steps),
+        batches(arrays, batch_size, seed),
+        steps,
+        key,
+        logger,
+        stage,
+        log_every,
+        runtime,
+        runtime.param_shardings(model_cfg),
+        f"{stage}.batch_size",
     )
     return state.params
 
@@ -112,23 +135,27 @@ def train_reward_model(
     train: dict[str, np.ndarray],
     key: jax.Array,
     logger: MetricsLogger,
+    runtime: Runtime,
 ):
     """RM = SFT trunk + a fresh scalar head, trained on K-wise rankings."""
     head_key, train_key = jax.random.split(key)
     params = {"trunk": trunk_params, "head": init_scalar_head(model_cfg, head_key)}
     rm = cfg.rm
     loss_fn = get_loss("reward", rm.loss, **rm.loss_kwargs)
-    state = TrainState.create(params, make_optimizer(rm.optim, rm.steps))
     step_fn = make_reward_step(model_cfg, loss_fn, rm.optim.grad_accum)
     state = run_train_loop(
         step_fn,
-        state,
+        params,
+        make_optimizer(rm.optim, rm.steps),
         batches(train, rm.batch_size, cfg.seed + 1),
         rm.steps,
         train_key,
         logger,
         "rm",
         cfg.log.every,
+        runtime,
+        runtime.param_shardings(model_cfg, scalar=True),
+        "rm.batch_size",
     )
     return state.params
 
@@ -188,27 +215,46 @@ def train_ppo(
     pad_id: int,
     key: jax.Array,
     logger: MetricsLogger,
+    runtime: Runtime,
     stage: str = "ppo",
 ):
-    """PPO(-ptx) from the SFT policy; value model initialised from the RM. Returns PPOState."""
+    """PPO(-ptx) from the SFT policy; value model initialised from the RM. Returns PPOState.
+
+    Policy, reference, value and reward weights all live on the runtime's mesh; each iteration
+    is two compiled calls (experience, update) with explicit shardings.
+    """
     ppo = cfg.ppo
+    mesh, rules = runtime.mesh, runtime.rules
     n_mb = ppo.rollout_batch // ppo.minibatch_size
     updates = ppo.iterations * ppo.epochs * n_mb
-    state = init_ppo_state(
+    policy_sh = runtime.param_shardings(models.policy_cfg)
+    reward_sh = runtime.param_shardings(models.reward_cfg, scalar=True)
+    state = init_sharded_ppo_state(
         models.sft_params,
         models.reward_params,
         make_optimizer(ppo.policy_optim, updates),
         make_optimizer(ppo.value_optim, updates),
         ppo,
+        policy_sh,
+        reward_sh,
+        mesh,
     )
-    frozen = Frozen(ref=models.sft_params, reward=models.reward_params)
+    state_sh = ppo_state_shardings(state, policy_sh, reward_sh, mesh)
+    frozen = Frozen(
+        ref=runtime.place(models.sft_params, policy_sh),
+        reward=runtime.place(models.reward_params, reward_sh),
+    )
     use_ptx = ptx is not None and cfg.ptx.coef > 0
-    experience = jax.jit(
+    experience = jit_experience(
         make_experience_fn(
             models.policy_cfg, models.reward_cfg, models.reward_cfg, ppo, eos_ids, pad_id
-        )
+        ),
+        state_sh,
+        frozen_shardings(policy_sh, reward_sh),
+        mesh,
+        rules,
     )
-    update = jax.jit(
+    update = jit_update(
         make_update_fn(
             models.policy_cfg,
             models.reward_cfg,
@@ -219,7 +265,9 @@ def train_ppo(
             cfg.ptx.coef,
             ppo.policy_optim.grad_accum,
         ),
-        donate_argnums=(0,),
+        state_sh,
+        mesh,
+        rules,
     )
     prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2)
     ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3) if use_ptx else None
@@ -227,21 +275,18 @@ def train_ppo(
         for it in range(ppo.iterations):
             t0 = time.time()
             exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
-            batch = next(prompt_iter)
+            batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
             exp, exp_metrics = experience(
-                state,
-                frozen,
-                jnp.asarray(batch["input_ids"]),
-                jnp.asarray(batch["attention_mask"]),
-                exp_key,
+                state, frozen, batch["input_ids"], batch["attention_mask"], exp_key
             )
             ptx_batch = None
             if use_ptx:
                 rows = [next(ptx_iter) for _ in range(ppo.epochs * n_mb)]
-                ptx_batch = {
+                stacked = {
                     k: np.stack([r[k] for r in rows]).reshape(ppo.epochs, n_mb, *rows[0][k].shape)
                     for k in ("input_ids", "attention_mask")
                 }
+                ptx_batch = runtime.global_batch(stacked, "ptx.batch_size", batch_axis=2)
             state, upd_metrics = update(state, exp, ptx_batch, upd_key)
             metrics = {**exp_metrics, **upd_metrics}
             # An iteration is long enough that waiting for its metrics costs little, and

@@ -7,6 +7,13 @@ from collections.abc import Callable, Iterator
 import jax
 
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.sharding import (
+    batch_sharding,
+    init_sharded_train_state,
+    jit_step,
+    state_shardings,
+)
 
 # Metrics shown in the progress bar when present.
 BAR_KEYS = ("sft/loss", "rm/loss", "rm/accuracy", "objective/scores", "objective/kl")
@@ -18,26 +25,37 @@ def short_metrics(row: dict[str, float]) -> dict[str, str]:
 
 def run_train_loop(
     step_fn: Callable,
-    state,
+    params,
+    tx,
     batches: Iterator[dict],
     n_steps: int,
     key: jax.Array,
     logger: MetricsLogger,
     stage: str,
     log_every: int,
+    runtime: Runtime,
+    param_shardings,
+    batch_key: str,
 ):
-    """Run `n_steps` of `step_fn(state, batch, key)`, jitted once with the old state donated.
+    """Run `n_steps` of `step_fn(state, batch, key)` on the runtime's mesh; returns the state.
 
-    Each step gets its own key, `fold_in(key, step)`; metrics reach the host only every
-    `log_every` steps so the device is never waiting on the host in between.
+    The state is created directly in its shardings (fresh buffers: the caller's `params`
+    survive, e.g. SFT weights that also start the reward model), the step is jitted once with
+    explicit shardings and the old state donated, each step gets `fold_in(key, step)`, and
+    metrics reach the host only every `log_every` steps so the device never waits on it.
+    `batch_key` names the config key of the batch size in errors.
     """
-    jitted = jax.jit(step_fn, donate_argnums=(0,))
-    # Donation frees the state's buffers; the caller's arrays (e.g. SFT weights that also
-    # start the reward model) must survive, so the loop works on its own copy.
-    state = jax.tree.map(lambda x: jax.device_put(x, may_alias=False), state)
+    mesh = runtime.mesh
+    state = init_sharded_train_state(params, tx, param_shardings, mesh)
+    jitted = jit_step(
+        step_fn,
+        state_shardings(state, param_shardings, mesh),
+        batch_sharding(mesh, runtime.rules, 1),
+    )
     with logger.bar(n_steps, stage) as bar:
         for i in range(n_steps):
-            state, metrics = jitted(state, next(batches), jax.random.fold_in(key, i))
+            batch = runtime.global_batch(next(batches), batch_key)
+            state, metrics = jitted(state, batch, jax.random.fold_in(key, i))
             if (i + 1) % log_every == 0 or i + 1 == n_steps:
                 row = logger.log(stage, i + 1, metrics)
                 bar.set_postfix(short_metrics(row))

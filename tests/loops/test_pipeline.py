@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from rlhf_jax.cli import main
 
 TINY = [
@@ -30,15 +28,6 @@ TINY = [
     "log.every=2",
     "log.progress=false",
 ]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    assert (
-        main(["pipeline", "--config", "configs/quickstart.yaml", "--output", str(out), *TINY]) == 0
-    )
-    return out
 
 
 def test_report_has_the_promised_fields(run_dir):

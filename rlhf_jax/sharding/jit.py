@@ -1,0 +1,90 @@
+"""Compiling the pure steps for the mesh: explicit in/out shardings and a donated state.
+
+Explicit shardings at the jit boundary are all the compiler needs: it propagates them through
+the model (Auto mesh axes), inserting the all-gathers of FSDP weights, the reduce-scatters of
+their gradients and the all-reduces of tensor-parallel layers. The old state is donated, so a
+step updates the weights in place instead of holding two copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from rlhf_jax.sharding.rules import Rules, batch_sharding, replicated
+from rlhf_jax.sharding.states import experience_shardings
+
+
+def _mesh_of(shardings: Any) -> Mesh:
+    for leaf in jax.tree.leaves(shardings):
+        if isinstance(leaf, NamedSharding):
+            return leaf.mesh
+    raise ValueError("no NamedSharding among the state shardings; pass mesh=")
+
+
+def jit_step(
+    step_fn: Callable,
+    state_shardings: Any,
+    batch_shardings: Any,
+    donate: bool = True,
+    mesh: Mesh | None = None,
+) -> Callable:
+    """Jit `step(state, batch, key) -> (state, metrics)` (SFT, RM, or any step of that form).
+
+    batch_shardings: a pytree matching the batch, or one sharding as a prefix for all of it
+    (`batch_sharding(mesh, rules, 1)` splits the first dimension of arrays of any rank).
+    Metrics come back replicated (one sharding serves as the prefix of the whole dict, whose
+    keys are only known after tracing). With `donate`, the input state must not be reused.
+    """
+    mesh = mesh or _mesh_of(state_shardings)
+    rep = replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
+def jit_experience(
+    experience_fn: Callable,
+    state_shardings: Any,
+    frozen_shardings: Any,
+    mesh: Mesh,
+    rules: Rules,
+) -> Callable:
+    """Jit PPO's `experience(state, frozen, prompt_ids, prompt_mask, key)`: prompts split over
+    the batch axes, the Experience returned split the same way, metrics replicated. Nothing is
+    donated: the update needs the state next."""
+    rows = batch_sharding(mesh, rules, 1)
+    rep = replicated(mesh)
+    return jax.jit(
+        experience_fn,
+        in_shardings=(state_shardings, frozen_shardings, rows, rows, rep),
+        out_shardings=(experience_shardings(mesh, rules), rep),
+    )
+
+
+def jit_update(
+    update_fn: Callable,
+    state_shardings: Any,
+    mesh: Mesh,
+    rules: Rules,
+    donate: bool = True,
+) -> Callable:
+    """Jit PPO's `update(state, experience, ptx_batch, key) -> (state, metrics)`.
+
+    The ptx batch ([epochs, minibatches, ptx_batch, L], or None) is split along its third
+    dimension; feed it with `make_global_batch(..., batch_axis=2)`.
+    """
+    rep = replicated(mesh)
+    ptx = batch_sharding(mesh, rules, ndim=3, batch_axis=2)
+    return jax.jit(
+        update_fn,
+        in_shardings=(state_shardings, experience_shardings(mesh, rules), ptx, rep),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,) if donate else (),
+    )

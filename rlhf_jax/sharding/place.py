@@ -1,0 +1,143 @@
+"""Putting weights, optimizer states and batches onto the mesh.
+
+Nothing here ever materialises a whole sharded state on one device: weights are placed
+slice by slice (`device_put` with a NamedSharding), and optimizer states are created inside a
+`jit` whose out_shardings put each moment straight into its shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.sharding.rules import Rules, batch_axes, batch_sharding, data_parallel_size
+from rlhf_jax.sharding.states import ppo_state_shardings, state_shardings
+from rlhf_jax.steps import PPOState, TrainState, init_ppo_state
+
+
+def shard_tree(tree: Any, shardings: Any) -> Any:
+    """Place every array of `tree` by its sharding (a matching pytree, or a prefix).
+
+    Host (NumPy) inputs must hold the full global value in every process; each device then
+    receives only its slice. Arrays already placed that way are returned as they are.
+    """
+    return jax.device_put(tree, shardings)
+
+
+def init_sharded(init_fn: Callable[..., Any], out_shardings: Any, *args: Any) -> Any:
+    """`init_fn(*args)` computed directly into `out_shardings`, e.g. random weights:
+    `init_sharded(functools.partial(init_params, config), shardings, key)`."""
+    return jax.jit(init_fn, out_shardings=out_shardings)(*args)
+
+
+def init_sharded_train_state(
+    params: Any,
+    tx: optax.GradientTransformation,
+    param_shardings: Any,
+    mesh: Mesh,
+    donate: bool = False,
+) -> TrainState:
+    """`TrainState.create(params, tx)` with params, Adam moments and counters born sharded.
+
+    `donate=True` frees the input weights (useful for big models whose weights have no
+    other use); keep it False when they are needed again (e.g. as PPO's frozen reference).
+    """
+    params = shard_tree(params, param_shardings)
+
+    def create(p):
+        return TrainState.create(p, tx)
+
+    shardings = state_shardings(jax.eval_shape(create, params), param_shardings, mesh)
+    return jax.jit(create, out_shardings=shardings, donate_argnums=(0,) if donate else ())(params)
+
+
+def init_sharded_ppo_state(
+    policy_params: Any,
+    value_params: Any,
+    policy_tx: optax.GradientTransformation,
+    value_tx: optax.GradientTransformation,
+    ppo: PPOConfig,
+    policy_shardings: Any,
+    value_shardings: Any,
+    mesh: Mesh,
+) -> PPOState:
+    """`steps.init_ppo_state` computed into its shardings. The outputs are fresh buffers, so
+    the input weights stay valid as the frozen reference policy and reward model."""
+    policy_params = shard_tree(policy_params, policy_shardings)
+    value_params = shard_tree(value_params, value_shardings)
+
+    def create(p, v):
+        return init_ppo_state(p, v, policy_tx, value_tx, ppo)
+
+    abstract = jax.eval_shape(create, policy_params, value_params)
+    shardings = ppo_state_shardings(abstract, policy_shardings, value_shardings, mesh)
+    return jax.jit(create, out_shardings=shardings)(policy_params, value_params)
+
+
+def check_batch_divisible(
+    global_batch_size: int, mesh: Mesh, rules: Rules, key_name: str | None = None
+) -> None:
+    """RlhfJaxError unless the global batch splits evenly over the data-parallel shards."""
+    dp = data_parallel_size(mesh, rules)
+    if global_batch_size % dp == 0:
+        return
+    axes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in batch_axes(mesh, rules))
+    what = f"config key '{key_name}'" if key_name else "batch size"
+    raise RlhfJaxError(
+        f"{what}: the global batch of {global_batch_size} does not divide into the {dp} "
+        f"data-parallel shards ({axes}); use a multiple of {dp}"
+    )
+
+
+def _local_rows(size: int, mesh: Mesh, rules: Rules) -> list[tuple[int, int]]:
+    """Distinct [start, stop) row ranges of a batch of `size` held by this process."""
+    index_map = batch_sharding(mesh, rules, 1).addressable_devices_indices_map((size,))
+    return sorted({idx[0].indices(size)[:2] for idx in index_map.values()})
+
+
+def local_batch_rows(global_batch_size: int, mesh: Mesh, rules: Rules, key_name=None) -> slice:
+    """The rows of a global batch this process must load and pass to `make_global_batch`
+    (all of them in a single-process run)."""
+    check_batch_divisible(global_batch_size, mesh, rules, key_name)
+    rows = _local_rows(global_batch_size, mesh, rules)
+    start, stop = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != stop - start:
+        raise ValueError("this process's batch rows are not contiguous: build meshes by make_mesh")
+    return slice(start, stop)
+
+
+def make_global_batch(
+    local_batch: Any,
+    mesh: Mesh,
+    rules: Rules,
+    key_name: str | None = None,
+    batch_axis: int = 0,
+) -> Any:
+    """One global jax.Array per array of `local_batch` (a dict or any pytree of NumPy arrays,
+    each process passing its own rows, see `local_batch_rows`), split along `batch_axis`
+    over the batch mesh axes. Single-process runs pass the whole batch.
+
+    The global batch (local rows x processes along the batch axes) must divide by the
+    data-parallel size; otherwise RlhfJaxError names `key_name`, the config key that sets it.
+    """
+    dp = data_parallel_size(mesh, rules)
+    groups = dp // len(_local_rows(dp, mesh, rules))  # processes holding different rows
+
+    def one(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.make_array_from_process_local_data(batch_sharding(mesh, rules, 0), x)
+        shape = list(x.shape)
+        shape[batch_axis] *= groups
+        check_batch_divisible(shape[batch_axis], mesh, rules, key_name)
+        sharding = batch_sharding(mesh, rules, x.ndim, batch_axis)
+        return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+    return jax.tree.map(one, local_batch)
