@@ -160,12 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options (argparse stops positionals at them)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    from rlhf_jax.checkpointing import install_preemption_handler
+    from rlhf_jax.loops.resume import StagePaused
+
+    # SIGTERM/SIGINT only set a flag: the running stage saves at its next step and stops.
+    uninstall = install_preemption_handler()
     try:
         return args.run(args)
     except RlhfJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except StagePaused as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
+    finally:
+        uninstall()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from rlhf_jax.config.loader import apply_overrides, from_dict, load_config, to_dict
 from rlhf_jax.config.schema import (
     DEFAULT_RULES,
+    CheckpointConfig,
     Config,
     DistributedConfig,
     EvalConfig,
@@ -20,6 +21,7 @@ from rlhf_jax.config.schema import (
 
 __all__ = [
     "DEFAULT_RULES",
+    "CheckpointConfig",
     "Config",
     "DistributedConfig",
     "EvalConfig",

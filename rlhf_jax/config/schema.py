@@ -219,6 +219,20 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints under OUTPUT/checkpoints/<stage>/ (orbax): weights, optimizer, beta, EMA,
+    data position. Rerunning the same command continues from the newest one."""
+
+    save_every: int = 0  # steps (PPO: iterations) between saves; 0 = end of stage and SIGTERM
+    keep: int = 2  # newest checkpoints kept per stage
+    async_save: bool = True
+    resume: bool = True  # continue from OUTPUT/checkpoints when present
+    # Stop each stage after this many steps this session, saving a checkpoint (0 = off): a
+    # time-boxed run, or a rehearsal of preemption. Rerun to continue.
+    stop_after: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole pipeline run: pretrain (built-in task) -> SFT -> RM -> PPO(-ptx) -> eval."""
 
@@ -234,6 +248,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         p = self.ppo

@@ -26,6 +26,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
     PPOModels,
@@ -92,6 +93,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
         logger,
         cfg.log.every,
         runtime,
+        StageCheckpoints(out, "sft", cfg.checkpoint),
     )
     logger.close()
     print(report.summary())
@@ -111,7 +113,14 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     out, logger, runtime = _start(cfg, out_dir)
     model_cfg, trunk = _load_lm(init, cfg, runtime)
     params = train_reward_model(
-        cfg, model_cfg, trunk, arrays, jax.random.key(cfg.seed), logger, runtime
+        cfg,
+        model_cfg,
+        trunk,
+        arrays,
+        jax.random.key(cfg.seed),
+        logger,
+        runtime,
+        StageCheckpoints(out, "rm", cfg.checkpoint),
     )
     metrics = reward_accuracy(cfg, model_cfg, params, arrays)
     if cfg.sft.data:  # InstructGPT: shift the bias so demonstrations score 0 on average
@@ -151,7 +160,16 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     eos_id, pad = special_ids(tokenizer)
     eos = (eos_id,)
     state = train_ppo(
-        cfg, models, prompt_arrays, ptx_arrays, eos, pad, jax.random.key(cfg.seed), logger, runtime
+        cfg,
+        models,
+        prompt_arrays,
+        ptx_arrays,
+        eos,
+        pad,
+        jax.random.key(cfg.seed),
+        logger,
+        runtime,
+        checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint),
     )
     logger.close()
     print(prompt_report.summary())

@@ -33,6 +33,7 @@ from rlhf_jax.data import (
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.report import plot_curves, write_json, write_markdown
+from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
     PPOModels,
@@ -177,6 +178,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
             logger,
             cfg.log.every,
             runtime,
+            StageCheckpoints(out, "pretrain", cfg.checkpoint),
         )
     else:
         model_cfg = read_hf_config(cfg.model.path)
@@ -205,6 +207,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
         logger,
         cfg.log.every,
         runtime,
+        StageCheckpoints(out, "sft", cfg.checkpoint),
     )
     save_hf(model_cfg, sft_params, out / "sft", tokenizer)
 
@@ -225,7 +228,14 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     )
     rm_train, rm_held = _split(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
     rm_params = train_reward_model(
-        cfg, model_cfg, sft_params, rm_train, keys["rm"], logger, runtime
+        cfg,
+        model_cfg,
+        sft_params,
+        rm_train,
+        keys["rm"],
+        logger,
+        runtime,
+        StageCheckpoints(out, "rm", cfg.checkpoint),
     )
     held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
     demo_scores = score_all(model_cfg, rm_params, demo_arrays)
@@ -234,7 +244,16 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     # Step 3: PPO-ptx (and the same run without ptx, for the ablation).
     models = PPOModels(model_cfg, sft_params, model_cfg, rm_params)
     state = train_ppo(
-        cfg, models, prompt_arrays, ptx_arrays, eos, pad, keys["ppo"], logger, runtime
+        cfg,
+        models,
+        prompt_arrays,
+        ptx_arrays,
+        eos,
+        pad,
+        keys["ppo"],
+        logger,
+        runtime,
+        checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint),
     )
     policy_params = state.ema_params if state.ema_params is not None else state.policy.params
     save_hf(model_cfg, policy_params, out / "policy", tokenizer)
@@ -306,6 +325,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
             logger,
             runtime,
             stage="ppo_no_ptx",
+            checkpoints=StageCheckpoints(out, "ppo_no_ptx", cfg.checkpoint),
         )
         ab_params = (
             ab_state.ema_params if ab_state.ema_params is not None else ab_state.policy.params

@@ -13,6 +13,7 @@ import numpy as np
 from rlhf_jax.config import Config, ModelSpec, OptimConfig
 from rlhf_jax.data import batches
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import run_train_loop, short_metrics
 from rlhf_jax.losses import get_loss
@@ -86,6 +87,7 @@ def train_lm(
     logger: MetricsLogger,
     log_every: int,
     runtime: Runtime,
+    checkpoints: StageCheckpoints | None = None,
 ):
     """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) for `steps`."""
     if steps == 0:
@@ -96,7 +98,7 @@ def train_lm(
         step_fn,
         params,
         make_optimizer(optim, steps),
-        batches(arrays, batch_size, seed),
+        lambda start: batches(arrays, batch_size, seed, start=start),
         steps,
         key,
         logger,
@@ -105,6 +107,7 @@ def train_lm(
         runtime,
         runtime.param_shardings(model_cfg),
         f"{stage}.batch_size",
+        checkpoints,
     )
     return state.params
 
@@ -136,6 +139,7 @@ def train_reward_model(
     key: jax.Array,
     logger: MetricsLogger,
     runtime: Runtime,
+    checkpoints: StageCheckpoints | None = None,
 ):
     """RM = SFT trunk + a fresh scalar head, trained on K-wise rankings."""
     head_key, train_key = jax.random.split(key)
@@ -147,7 +151,7 @@ def train_reward_model(
         step_fn,
         params,
         make_optimizer(rm.optim, rm.steps),
-        batches(train, rm.batch_size, cfg.seed + 1),
+        lambda start: batches(train, rm.batch_size, cfg.seed + 1, start=start),
         rm.steps,
         train_key,
         logger,
@@ -156,6 +160,7 @@ def train_reward_model(
         runtime,
         runtime.param_shardings(model_cfg, scalar=True),
         "rm.batch_size",
+        checkpoints,
     )
     return state.params
 
@@ -217,6 +222,7 @@ def train_ppo(
     logger: MetricsLogger,
     runtime: Runtime,
     stage: str = "ppo",
+    checkpoints: StageCheckpoints | None = None,
 ):
     """PPO(-ptx) from the SFT policy; value model initialised from the RM. Returns PPOState.
 
@@ -240,6 +246,9 @@ def train_ppo(
         mesh,
     )
     state_sh = ppo_state_shardings(state, policy_sh, reward_sh, mesh)
+    start = 0
+    if checkpoints is not None:
+        state, start = checkpoints.restore(state, state_sh)
     frozen = Frozen(
         ref=runtime.place(models.sft_params, policy_sh),
         reward=runtime.place(models.reward_params, reward_sh),
@@ -269,10 +278,14 @@ def train_ppo(
         mesh,
         rules,
     )
-    prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2)
-    ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3) if use_ptx else None
+    # One prompt batch per iteration and epochs x minibatches ptx batches: positions from `start`.
+    prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2, start=start)
+    ptx_iter = None
+    if use_ptx:
+        ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=start * ppo.epochs * n_mb)
     with logger.bar(ppo.iterations, stage) as bar:
-        for it in range(ppo.iterations):
+        bar.update(start)
+        for it in range(start, ppo.iterations):
             t0 = time.time()
             exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
             batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
@@ -297,4 +310,8 @@ def train_ppo(
             row = logger.log(stage, it + 1, metrics)
             bar.set_postfix(short_metrics(row))
             bar.update(1)
+            if checkpoints is not None:
+                checkpoints.after_step(it + 1, state, ppo.iterations)
+    if checkpoints is not None:
+        checkpoints.close()
     return state

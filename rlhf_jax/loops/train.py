@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import jax
 
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.sharding import (
     batch_sharding,
@@ -27,7 +28,7 @@ def run_train_loop(
     step_fn: Callable,
     params,
     tx,
-    batches: Iterator[dict],
+    make_batches: Callable[[int], Iterator[dict]],
     n_steps: int,
     key: jax.Array,
     logger: MetricsLogger,
@@ -36,28 +37,36 @@ def run_train_loop(
     runtime: Runtime,
     param_shardings,
     batch_key: str,
+    checkpoints: StageCheckpoints | None = None,
 ):
     """Run `n_steps` of `step_fn(state, batch, key)` on the runtime's mesh; returns the state.
 
     The state is created directly in its shardings (fresh buffers: the caller's `params`
     survive, e.g. SFT weights that also start the reward model), the step is jitted once with
-    explicit shardings and the old state donated, each step gets `fold_in(key, step)`, and
-    metrics reach the host only every `log_every` steps so the device never waits on it.
-    `batch_key` names the config key of the batch size in errors.
+    explicit shardings and the old state donated, step i gets `fold_in(key, i)` and batch i of
+    `make_batches(start)`, and metrics reach the host only every `log_every` steps so the
+    device never waits on it. With `checkpoints`, the stage resumes from its newest checkpoint
+    and saves as configured. `batch_key` names the config key of the batch size in errors.
     """
     mesh = runtime.mesh
     state = init_sharded_train_state(params, tx, param_shardings, mesh)
-    jitted = jit_step(
-        step_fn,
-        state_shardings(state, param_shardings, mesh),
-        batch_sharding(mesh, runtime.rules, 1),
-    )
+    shardings = state_shardings(state, param_shardings, mesh)
+    start = 0
+    if checkpoints is not None:
+        state, start = checkpoints.restore(state, shardings)
+    jitted = jit_step(step_fn, shardings, batch_sharding(mesh, runtime.rules, 1))
+    batches = make_batches(start)
     with logger.bar(n_steps, stage) as bar:
-        for i in range(n_steps):
+        bar.update(start)
+        for i in range(start, n_steps):
             batch = runtime.global_batch(next(batches), batch_key)
             state, metrics = jitted(state, batch, jax.random.fold_in(key, i))
             if (i + 1) % log_every == 0 or i + 1 == n_steps:
                 row = logger.log(stage, i + 1, metrics)
                 bar.set_postfix(short_metrics(row))
             bar.update(1)
+            if checkpoints is not None:
+                checkpoints.after_step(i + 1, state, n_steps)
+    if checkpoints is not None:
+        checkpoints.close()
     return state
