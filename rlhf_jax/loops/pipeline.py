@@ -45,7 +45,7 @@ from rlhf_jax.loops.stages import (
     train_ppo,
     train_reward_model,
 )
-from rlhf_jax.models import load_hf, load_tokenizer, save_hf
+from rlhf_jax.models import load_hf, load_tokenizer, save_hf, save_scalar_model
 from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.steps import normalize_reward_bias
 from rlhf_jax.tasks import topics
@@ -240,6 +240,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
     demo_scores = score_all(model_cfg, rm_params, demo_arrays)
     rm_params = normalize_reward_bias(rm_params, demo_scores)
+    save_scalar_model(model_cfg, rm_params, out / "rm", tokenizer)
 
     # Step 3: PPO-ptx (and the same run without ptx, for the ablation).
     models = PPOModels(model_cfg, sft_params, model_cfg, rm_params)

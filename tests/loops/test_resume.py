@@ -68,23 +68,10 @@ def test_ppo_resumes_exactly(run_dir, tmp_path, capsys):
         "ppo.iterations=4",
         "ppo.adaptive_kl=true",
         f"ppo.policy={run_dir / 'sft'}",
-        f"ppo.reward_model={run_dir / 'rm_for_resume'}",
+        f"ppo.reward_model={run_dir / 'rm'}",
         f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
         f"ptx.data={data / 'pretrain.jsonl'}",
     ]
-    rm = [
-        "rm",
-        *SMALL,
-        "rm.steps=2",
-        f"rm.init={run_dir / 'sft'}",
-        f"rm.data={data / 'rankings.jsonl'}",
-        "--output",
-        str(tmp_path / "rm"),
-    ]
-    assert main(rm) == 0
-    command[command.index(f"ppo.reward_model={run_dir / 'rm_for_resume'}")] = (
-        f"ppo.reward_model={tmp_path / 'rm' / 'rm'}"
-    )
     paused, whole = _interrupted_and_whole(command, 2, tmp_path, capsys)
     assert sorted(_metrics(paused, "ppo")) == [1, 2, 3, 4]
     assert _metrics(paused, "ppo") == _metrics(whole, "ppo")

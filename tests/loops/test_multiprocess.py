@@ -1,0 +1,86 @@
+"""Two processes x two CPU devices, joined by jax.distributed through the local launcher (the
+code path of a multi-host pod), run PPO iterations with the metrics of one process with the
+same four devices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+LAUNCHER = Path(__file__).parents[2] / "launch" / "local_multiprocess.py"
+
+
+def _ppo_args(run_dir, out):
+    data = run_dir / "data"
+    return [
+        sys.executable,
+        "-m",
+        "rlhf_jax.cli",
+        "ppo",
+        "--output",
+        str(out),
+        "ppo.iterations=2",
+        "ppo.rollout_batch=16",
+        "ppo.minibatch_size=8",
+        "ppo.epochs=1",
+        "ppo.max_new_tokens=8",
+        "ptx.batch_size=8",
+        "log.every=1",
+        "log.progress=false",
+        f"ppo.policy={run_dir / 'sft'}",
+        f"ppo.reward_model={run_dir / 'rm'}",
+        f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
+        f"ptx.data={data / 'pretrain.jsonl'}",
+    ]
+
+
+def _rows(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+
+
+def test_two_processes_match_one(run_dir, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    one = tmp_path / "one"
+    single = subprocess.run(
+        _ppo_args(run_dir, one),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = tmp_path / "two"
+    multi = subprocess.run(
+        [
+            sys.executable,
+            str(LAUNCHER),
+            "--processes",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--timeout",
+            "300",
+            "--",
+            *_ppo_args(run_dir, two),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env=env,
+    )
+    logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+    assert multi.returncode == 0, logs
+    assert "Rank 1 is connected" in logs  # really two processes in one JAX run
+    a, b = _rows(one), _rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for x, y in zip(a, b):
+        for key, value in x.items():
+            if key in ("stage", "step", "time") or key.startswith("perf/"):
+                continue
+            np.testing.assert_allclose(y[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    assert (two / "policy" / "model.safetensors").is_file()
