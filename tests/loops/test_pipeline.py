@@ -59,6 +59,7 @@ def test_run_leaves_checkpoints_metrics_and_a_picture(run_dir):
         "sft/model.safetensors",
         "sft/tokenizer.json",
         "policy/model.safetensors",
+        "rm/scalar_head.safetensors",
         "data/rankings.jsonl",
     ):
         assert (run_dir / name).is_file(), name
