@@ -76,3 +76,38 @@ def test_ppo_resumes_exactly(run_dir, tmp_path, capsys):
     assert sorted(_metrics(paused, "ppo")) == [1, 2, 3, 4]
     assert _metrics(paused, "ppo") == _metrics(whole, "ppo")
     _same_weights(paused / "policy" / "model.safetensors", whole / "policy" / "model.safetensors")
+
+
+def test_sigterm_saves_and_exits_0(run_dir, tmp_path):
+    """Preemption: SIGTERM mid-stage -> checkpoint at the next step, exit 0, resumable."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "preempted"
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlhf_jax.cli",
+        "sft",
+        "--output",
+        str(out),
+        *SMALL,
+        "sft.steps=100000",
+        f"model.path={run_dir / 'sft'}",
+        f"sft.data={run_dir / 'data' / 'sft.jsonl'}",
+    ]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (
+        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped: sft stopped at step" in err
+    saved = [p.name for p in (out / "checkpoints" / "sft").iterdir() if p.name.isdigit()]
+    assert saved and int(saved[0]) >= 2
