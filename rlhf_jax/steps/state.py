@@ -60,7 +60,12 @@ def accumulate_gradients(
 
     if n_micro == 1:
         return micro_step(batch)
-    micro = jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
+    # Micro-batch j takes rows j, j + n, j + 2n, ...: a strided split keeps every device's rows
+    # on that device when the batch is sharded along its rows (a contiguous split would move
+    # them), and the mean over equal micro-batches is the same.
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1), batch
+    )
     shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 

@@ -1,0 +1,223 @@
+"""Run by test_mesh_parity.py in subprocesses with 8 simulated CPU devices (the device count
+must be fixed before JAX starts):
+
+    python parity_script.py TESTS_DIR OUT.npz ref            # plain jit on one device
+    python parity_script.py TESTS_DIR OUT.npz 8x1x1 1x8x1    # sharded on these meshes
+
+Each run does one SFT step (2 accumulated micro-batches), one RM step and one PPO iteration
+(experience + update, with ptx and EMA) from the same weights, batches and keys, saves the
+metrics and some updated weights and Adam moments to OUT.npz as "MESH|KIND|NAME", and prints
+one JSON object of facts about the placement (shardings, bytes per device, errors).
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, sys.argv[1])
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from tiny import tiny_config  # noqa: E402
+
+from rlhf_jax.config import MeshConfig, OptimConfig, PPOConfig  # noqa: E402
+from rlhf_jax.errors import RlhfJaxError  # noqa: E402
+from rlhf_jax.losses import get_loss  # noqa: E402
+from rlhf_jax.models import init_params, init_scalar_head  # noqa: E402
+from rlhf_jax.sharding import (  # noqa: E402
+    batch_sharding,
+    frozen_shardings,
+    init_sharded_ppo_state,
+    init_sharded_train_state,
+    jit_experience,
+    jit_step,
+    jit_update,
+    make_global_batch,
+    make_mesh,
+    model_param_shardings,
+    ppo_state_shardings,
+    shard_tree,
+    state_shardings,
+)
+from rlhf_jax.steps import (  # noqa: E402
+    Frozen,
+    TrainState,
+    init_ppo_state,
+    make_experience_fn,
+    make_optimizer,
+    make_reward_step,
+    make_sft_step,
+    make_update_fn,
+)
+
+EOS, PAD = (2,), 0
+
+# Sizes every mesh axis divides (tensor 4: heads, kv_heads, mlp, vocab; fsdp 8: embed).
+config = tiny_config(vocab_size=64, n_kv_heads=4, mlp_dim=64, n_layers=1)
+init = jax.jit(init_params, static_argnums=0)  # one compile instead of op-by-op init
+policy, trunk = init(config, jax.random.key(0)), init(config, jax.random.key(1))
+reward = {"trunk": trunk, "head": init_scalar_head(config, jax.random.key(2))}
+rng = np.random.default_rng(0)
+
+sft_batch = {
+    "input_ids": rng.integers(3, 64, (8, 8)).astype(np.int32),
+    "attention_mask": np.ones((8, 8), np.float32),
+    "loss_mask": (np.arange(8) >= 3).astype(np.float32)[None].repeat(8, 0),
+}
+rm_ids = rng.integers(3, 64, (8, 3, 6)).astype(np.int32)
+rm_batch = {
+    "input_ids": rm_ids,
+    "attention_mask": np.ones((8, 3, 6), np.float32),
+    "completion_mask": np.ones((8, 3), np.float32),
+    "rank": np.tile(np.arange(3, dtype=np.int32), (8, 1)),
+}
+prompt_mask = np.ones((8, 4), np.float32)
+prompt_mask[:3, :2] = 0
+prompt_ids = rng.integers(3, 64, (8, 4)).astype(np.int32) * (prompt_mask > 0)
+ptx_batch = {
+    "input_ids": rng.integers(3, 64, (1, 1, 8, 6)).astype(np.int32),
+    "attention_mask": np.ones((1, 1, 8, 6), np.float32),
+}
+
+# Adam's first step is lr * g / (|g| + eps): for a weight whose gradient is ~eps, a 1e-10
+# change in g (a different summation order across shards) moves it by ~lr/2. A larger eps
+# keeps the comparison about sharding rather than about that conditioning.
+optim = OptimConfig(lr=1e-2, warmup_steps=0, eps=1e-4)
+sft_tx = make_optimizer(optim, 10)
+rm_tx = make_optimizer(optim, 10)
+ppo = PPOConfig(
+    rollout_batch=8,
+    minibatch_size=8,
+    epochs=1,
+    max_new_tokens=4,
+    ema_decay=0.9,
+    policy_optim=OptimConfig(lr=1e-3, eps=1e-4),
+    value_optim=OptimConfig(lr=1e-3, eps=1e-4),
+)
+policy_tx = make_optimizer(ppo.policy_optim, 4)
+value_tx = make_optimizer(ppo.value_optim, 4)
+sft_fn = make_sft_step(config, get_loss("sft"), grad_accum=2)
+rm_fn = make_reward_step(config, get_loss("reward"))
+exp_fn = make_experience_fn(config, config, config, ppo, EOS, PAD)
+update_fn = make_update_fn(
+    config, config, ppo, get_loss("policy"), get_loss("value"), get_loss("ptx"), 1.0
+)
+KEY = jax.random.key(7)
+
+
+def ppo_iteration(exp_call, update_call, state, frozen, prompts, mask, ptx):
+    exp, exp_metrics = exp_call(state, frozen, prompts, mask, KEY)
+    state, metrics = update_call(state, exp, ptx, jax.random.key(8))
+    return state, {**exp_metrics, **metrics}
+
+
+def summary(state, metrics, ppo_state=False):
+    """Metrics and a few updated leaves (weights and Adam moments), as NumPy."""
+    ts = state.policy if ppo_state else state
+    params = ts.params.get("trunk", ts.params)
+    adam = ts.opt_state.inner_state[1][0]  # apply_if_finite -> chain(clip, adamw) -> adam
+    out = {f"metric:{k}": np.asarray(v) for k, v in metrics.items()}
+    out["param:embed"] = np.asarray(params["embed"])
+    out["param:q"] = np.asarray(params["layers"]["attn"]["q"]["kernel"])
+    out["param:down"] = np.asarray(params["layers"]["mlp"]["down"]["kernel"])
+    mu = adam.mu.get("trunk", adam.mu)
+    out["adam:mu/embed"] = np.asarray(mu["embed"])
+    nu = adam.nu.get("trunk", adam.nu)
+    out["adam:nu/q"] = np.asarray(nu["layers"]["attn"]["q"]["kernel"])
+    if ppo_state:
+        out["param:value_head"] = np.asarray(state.value.params["head"]["kernel"])
+        out["ema:embed"] = np.asarray(state.ema_params["embed"])
+        out["beta"] = np.asarray(state.beta)
+    return out
+
+
+def reference():
+    sft = jax.jit(sft_fn)(TrainState.create(policy, sft_tx), sft_batch, KEY)
+    rm = jax.jit(rm_fn)(TrainState.create(reward, rm_tx), rm_batch, KEY)
+    state = init_ppo_state(policy, reward, policy_tx, value_tx, ppo)
+    it = ppo_iteration(
+        jax.jit(exp_fn),
+        jax.jit(update_fn),
+        state,
+        Frozen(policy, reward),
+        prompt_ids,
+        prompt_mask,
+        ptx_batch,
+    )
+    return {"sft": summary(*sft), "rm": summary(*rm), "ppo": summary(*it, ppo_state=True)}
+
+
+def sharded(shape):
+    data, fsdp, tensor = shape
+    mesh_cfg = MeshConfig(data=data, fsdp=fsdp, tensor=tensor)
+    mesh, rules = make_mesh(mesh_cfg), mesh_cfg.rules
+    pol_sh = model_param_shardings(config, mesh, rules)
+    rm_sh = model_param_shardings(config, mesh, rules, scalar=True)
+    rows = batch_sharding(mesh, rules, 1)
+    out, info = {}, {}
+
+    state = init_sharded_train_state(policy, sft_tx, pol_sh, mesh)
+    step = jit_step(sft_fn, state_shardings(state, pol_sh, mesh), rows)
+    batch = make_global_batch(sft_batch, mesh, rules, "sft.batch_size")
+    new_state, metrics = step(state, batch, KEY)
+    info["donated"] = bool(state.params["embed"].is_deleted())
+    out["sft"] = summary(new_state, metrics)
+    adam = new_state.opt_state.inner_state[1][0]
+    emb, q = new_state.params["embed"], new_state.params["layers"]["attn"]["q"]["kernel"]
+    info["embed_spec"] = list(emb.sharding.spec)
+    info["embed_bytes_ratio"] = emb.addressable_shards[0].data.nbytes / emb.nbytes
+    info["q_spec"] = list(q.sharding.spec)
+    info["moments_like_params"] = (
+        adam.mu["embed"].sharding == emb.sharding
+        and adam.nu["layers"]["attn"]["q"]["kernel"].sharding == q.sharding
+    )
+    info["count_replicated"] = adam.count.sharding.spec == P()
+    if shape == (1, 8, 1):
+        try:
+            make_global_batch({"x": np.zeros((6, 3))}, mesh, rules, "sft.batch_size")
+        except RlhfJaxError as e:
+            info["batch_error"] = str(e)
+
+    state = init_sharded_train_state(reward, rm_tx, rm_sh, mesh)
+    step = jit_step(rm_fn, state_shardings(state, rm_sh, mesh), rows)
+    out["rm"] = summary(*step(state, make_global_batch(rm_batch, mesh, rules), KEY))
+
+    state = init_sharded_ppo_state(policy, reward, policy_tx, value_tx, ppo, pol_sh, rm_sh, mesh)
+    st_sh = ppo_state_shardings(state, pol_sh, rm_sh, mesh)
+    fr_sh = frozen_shardings(pol_sh, rm_sh)
+    frozen = shard_tree(Frozen(policy, reward), fr_sh)
+    it = ppo_iteration(
+        jit_experience(exp_fn, st_sh, fr_sh, mesh, rules),
+        jit_update(update_fn, st_sh, mesh, rules),
+        state,
+        frozen,
+        *make_global_batch((prompt_ids, prompt_mask), mesh, rules, "ppo.rollout_batch"),
+        make_global_batch(ptx_batch, mesh, rules, "ptx.batch_size", batch_axis=2),
+    )
+    out["ppo"] = summary(*it, ppo_state=True)
+    info["frozen_alive"] = not frozen.ref["embed"].is_deleted()
+    info["ema_like_policy"] = it[0].ema_params["embed"].sharding == pol_sh["embed"]
+    return out, info
+
+
+def main():
+    out_path, modes = sys.argv[2], sys.argv[3:]
+    arrays, facts = {}, {"devices": jax.device_count()}
+    for mode in modes:
+        if mode == "ref":
+            results, info = reference(), {}
+        else:
+            results, info = sharded(tuple(int(n) for n in mode.split("x")))
+        facts[mode] = info
+        for kind, values in results.items():
+            for name, value in values.items():
+                arrays[f"{mode}|{kind}|{name}"] = value
+    np.savez(out_path, **arrays)
+    print("RESULT", json.dumps(facts), flush=True)
+
+
+if __name__ == "__main__":
+    main()
