@@ -1,5 +1,5 @@
 """One process of a 2-process CPU run (4 simulated devices each), started by
-test_multiprocess.py with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set.
+test_sharding_multiprocess.py with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set.
 
 Each process loads only its rows of a global batch, builds the global array, and runs a jitted
 function over an FSDP-sharded weight; prints one JSON line to compare with NumPy.
