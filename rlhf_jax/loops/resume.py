@@ -46,7 +46,9 @@ class StageCheckpoints:
 
     def after_step(self, step: int, state, n_steps: int) -> None:
         """Save when due; at the end of the stage; or save and raise StagePaused on a stop."""
-        stop = preemption_requested() or (
+        # all_processes: a signal to any process stops every process at the same step (a
+        # collective, so it is asked at every step everywhere; free in single-process runs).
+        stop = preemption_requested(all_processes=True) or (
             self.cfg.stop_after > 0 and step - self.start >= self.cfg.stop_after and step < n_steps
         )
         self.ckpt.save(

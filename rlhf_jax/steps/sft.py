@@ -9,6 +9,14 @@ from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
 
 
+def _lm_outputs(model_config: ModelConfig, params, batch: dict) -> dict:
+    """What an SFT-kind loss receives: the logits of the (possibly packed) batch."""
+    logits = forward(
+        model_config, params, batch["input_ids"], batch["attention_mask"], batch.get("segment_ids")
+    )
+    return {"logits": logits}
+
+
 def make_sft_step(
     model_config: ModelConfig, loss_fn: Callable[..., LossOut], grad_accum: int = 1
 ) -> Callable:
@@ -20,14 +28,7 @@ def make_sft_step(
     """
 
     def compute_loss(params, batch):
-        logits = forward(
-            model_config,
-            params,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("segment_ids"),
-        )
-        out = loss_fn({"logits": logits}, batch)
+        out = loss_fn(_lm_outputs(model_config, params, batch), batch)
         return out.loss, out.metrics
 
     return make_supervised_step(compute_loss, grad_accum)
@@ -37,13 +38,6 @@ def make_sft_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) ->
     """`evaluate(params, batch) -> metrics` with the same loss, no update."""
 
     def evaluate(params, batch):
-        logits = forward(
-            model_config,
-            params,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch.get("segment_ids"),
-        )
-        return loss_fn({"logits": logits}, batch).metrics
+        return loss_fn(_lm_outputs(model_config, params, batch), batch).metrics
 
     return evaluate

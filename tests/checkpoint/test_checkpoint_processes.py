@@ -172,6 +172,9 @@ def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
 
 
 def test_preemption_flag_and_second_ctrl_c():
+    # Whatever handled SIGINT before (the default, or SIG_IGN when the suite runs in the
+    # background, as CI may) must be back afterwards.
+    before = signal.getsignal(signal.SIGINT)
     uninstall = install_preemption_handler()
     try:
         assert not preemption_requested()
@@ -182,5 +185,5 @@ def test_preemption_flag_and_second_ctrl_c():
     finally:
         uninstall()
         clear_preemption()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     assert not preemption_requested()
