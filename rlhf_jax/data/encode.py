@@ -189,6 +189,16 @@ def encode_sft(
     return out
 
 
+def _reject_long_prompt(report: DataReport | None, ex, n_tokens: int, limit: int) -> None:
+    _reject(
+        report,
+        ex,
+        "prompt",
+        f"prompt is {n_tokens} tokens, more than max_prompt_len {limit} "
+        "(prompts are never truncated)",
+    )
+
+
 def encode_prompts(
     examples: Sequence[PromptExample],
     tokenizer,
@@ -203,13 +213,7 @@ def encode_prompts(
     kept = []
     for ex, p in zip(examples, _start_ids(tokenizer, [e.prompt for e in examples])):
         if len(p) > max_prompt_len:
-            _reject(
-                report,
-                ex,
-                "prompt",
-                f"prompt is {len(p)} tokens, more than max_prompt_len {max_prompt_len} "
-                "(prompts are never truncated)",
-            )
+            _reject_long_prompt(report, ex, len(p), max_prompt_len)
             continue
         kept.append(p)
     _none_left(report, kept)
@@ -253,13 +257,7 @@ def encode_rankings(
     for ex, p in zip(examples, prompt_ids):
         cs, at = flat[at : at + len(ex.completions)], at + len(ex.completions)
         if len(p) > max_prompt_len:
-            _reject(
-                report,
-                ex,
-                "prompt",
-                f"prompt is {len(p)} tokens, more than max_prompt_len {max_prompt_len} "
-                "(prompts are never truncated)",
-            )
+            _reject_long_prompt(report, ex, len(p), max_prompt_len)
             continue
         if len(cs) > k:
             _reject(report, ex, "completions", f"K = {len(cs)} completions, more than k_max {k}")

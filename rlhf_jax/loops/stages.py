@@ -112,6 +112,12 @@ def train_lm(
     return state.params
 
 
+@functools.lru_cache(maxsize=8)
+def _sft_eval(model_cfg: ModelConfig, loss_name: str):
+    """One compiled evaluator per model and loss: the report scores several policies."""
+    return jax.jit(make_sft_eval(model_cfg, get_loss("sft", loss_name)))
+
+
 def lm_loss(
     model_cfg: ModelConfig,
     params,
@@ -120,7 +126,7 @@ def lm_loss(
     loss_name: str = "default",
 ) -> float:
     """Mean next-token loss over every target token of `arrays` (token-weighted)."""
-    evaluate = jax.jit(make_sft_eval(model_cfg, get_loss("sft", loss_name)))
+    evaluate = _sft_eval(model_cfg, loss_name)
     total, tokens = 0.0, 0.0
     n = arrays["input_ids"].shape[0]
     for start in range(0, n - batch_size + 1, batch_size):
