@@ -48,6 +48,9 @@ class OptimConfig:
     eps_root: float = 0.0
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step, accumulated inside the step
+    # An update whose gradients hold a NaN/Inf is skipped and counted; this many skipped in a
+    # row stop the run with an error (the newest checkpoint, from before them, is kept).
+    max_consecutive_skips: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,12 +236,23 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """How every JSONL file of the run is read."""
+
+    # raise: the first bad row stops the run (file, line, field; exit 2) before any compile.
+    # skip: bad rows (and prompts too long for their token budget) are left out and counted in
+    # the run's summary (report.json / summary.json), with the line and reason of each.
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole pipeline run: pretrain (built-in task) -> SFT -> RM -> PPO(-ptx) -> eval."""
 
     seed: int = 0
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
@@ -266,6 +280,18 @@ class Config:
                 raise RlhfJaxError(
                     f"config key '{name}.optim.grad_accum' ({optim.grad_accum}) must be >= 1 "
                     f"and divide the batch size ({batch})"
+                )
+        for name, optim in (
+            ("pretrain", self.pretrain.optim),
+            ("sft", self.sft.optim),
+            ("rm", self.rm.optim),
+            ("ppo.policy", p.policy_optim),
+            ("ppo.value", p.value_optim),
+        ):
+            if optim.max_consecutive_skips < 1:
+                raise RlhfJaxError(
+                    f"config key '{name}.optim.max_consecutive_skips' must be >= 1, got "
+                    f"{optim.max_consecutive_skips}"
                 )
         if not 2 <= self.rm.k <= 9:
             raise RlhfJaxError(f"config key 'rm.k': {self.rm.k} is outside 2..9")

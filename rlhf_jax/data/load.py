@@ -59,6 +59,16 @@ class DataReport:
         self.skipped.append((line, err.reason))
         self.rows -= 1
 
+    def to_dict(self, max_rows: int = 50) -> dict:
+        """For report.json / summary.json: counts, and the first `max_rows` skipped rows."""
+        return {
+            "path": self.path,
+            "rows": self.rows,
+            "skipped": len(self.skipped),
+            "skipped_rows": [{"line": ln, "reason": r} for ln, r in self.skipped[:max_rows]],
+            "truncated": self.truncated,
+        }
+
     def summary(self) -> str:
         """One line: `sft.jsonl: 97 rows, 3 skipped (line 4: field 'prompt': ...), 5 truncated`."""
         text = f"{self.path}: {self.rows} rows"

@@ -26,6 +26,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
@@ -60,6 +61,19 @@ def _start(cfg: Config, out_dir: str | Path) -> tuple[Path, MetricsLogger, Runti
     return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress), Runtime.from_config(cfg)
 
 
+def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None = None) -> None:
+    """Write OUT/summary.json (data kept/skipped/truncated per file, skipped updates,
+    warnings) and print its one-line data summaries."""
+    summary = {"data": [r.to_dict() for r in reports], **training_summary(logger), **(extra or {})}
+    logger.close()
+    if jax.process_index() == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for r in reports:
+        print(r.summary())
+    for key, value in (extra or {}).items():
+        print(f"{key.replace('_', ' ')}: {value:.3f}")
+
+
 def _load_lm(path: str, cfg: Config, runtime: Runtime):
     """A checkpoint loaded straight into its shards on the run's mesh."""
     shardings = runtime.param_shardings(read_hf_config(path))
@@ -72,7 +86,7 @@ def _load_lm(path: str, cfg: Config, runtime: Runtime):
 def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
     model_path = _require(cfg.model.path, "model.path", "sft")
-    examples, report = load_sft(_require(cfg.sft.data, "sft.data", "sft"))
+    examples, report = load_sft(_require(cfg.sft.data, "sft.data", "sft"), cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
     arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report, pack=cfg.sft.pack)
     out, logger, runtime = _start(cfg, out_dir)
@@ -95,8 +109,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
         runtime,
         StageCheckpoints(out, "sft", cfg.checkpoint),
     )
-    logger.close()
-    print(report.summary())
+    _finish(out, logger, [report])
     return save_hf(model_cfg, params, out / "sft", tokenizer)
 
 
@@ -104,7 +117,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
     init = cfg.rm.init or _require(cfg.model.path, "rm.init", "rm")
     rankings, report = load_rankings(
-        _require(cfg.rm.data, "rm.data", "rm"), allow_ties=cfg.rm.allow_ties
+        _require(cfg.rm.data, "rm.data", "rm"), cfg.data.on_error, cfg.rm.allow_ties
     )
     tokenizer = load_tokenizer(init)
     arrays = encode_rankings(
@@ -127,8 +140,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         demos, _ = load_sft(cfg.sft.data)
         demo_arrays = encode_sft(demos, tokenizer, cfg.sft.max_len)
         params = normalize_reward_bias(params, score_all(model_cfg, params, demo_arrays))
-    logger.close()
-    print(f"{report.summary()}\ntraining-set pairwise accuracy {metrics['accuracy']:.3f}")
+    _finish(out, logger, [report], {"train_pairwise_accuracy": metrics["accuracy"]})
     return save_scalar_model(model_cfg, params, out / "rm", tokenizer)
 
 
@@ -136,15 +148,19 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     """PPO(-ptx) from `ppo.policy` against `ppo.reward_model`; writes OUT/policy."""
     policy_path = _require(cfg.ppo.policy, "ppo.policy", "ppo")
     rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model", "ppo")
-    prompts, prompt_report = load_prompts(_require(cfg.ppo.prompts, "ppo.prompts", "ppo"))
-    ptx_examples = None
+    prompts, prompt_report = load_prompts(
+        _require(cfg.ppo.prompts, "ppo.prompts", "ppo"), cfg.data.on_error
+    )
+    ptx_examples, ptx_report = None, None
     if cfg.ptx.coef > 0:
-        ptx_examples, _ = load_texts(_require(cfg.ptx.data, "ptx.data", "ppo"))
+        ptx_examples, ptx_report = load_texts(
+            _require(cfg.ptx.data, "ptx.data", "ppo"), cfg.data.on_error
+        )
     tokenizer = load_tokenizer(policy_path)
-    prompt_arrays = encode_prompts(prompts, tokenizer, cfg.ppo.max_prompt_len)
+    prompt_arrays = encode_prompts(prompts, tokenizer, cfg.ppo.max_prompt_len, prompt_report)
     ptx_arrays = None
     if ptx_examples is not None:
-        enc = encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len)
+        enc = encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report)
         ptx_arrays = {**enc, "loss_mask": enc["attention_mask"].astype("float32")}
     out, logger, runtime = _start(cfg, out_dir)
     policy_cfg, sft_params = _load_lm(policy_path, cfg, runtime)
@@ -171,7 +187,6 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         runtime,
         checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint),
     )
-    logger.close()
-    print(prompt_report.summary())
+    _finish(out, logger, [r for r in (prompt_report, ptx_report) if r is not None])
     params = state.ema_params if state.ema_params is not None else state.policy.params
     return save_hf(policy_cfg, params, out / "policy", tokenizer)

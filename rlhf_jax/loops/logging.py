@@ -6,6 +6,7 @@ Only process 0 writes; every process may call these methods.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,20 @@ def _to_float(value: Any) -> float:
     return float(np.asarray(value))
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """A run killed (SIGKILL, power loss) while writing a line leaves it half-written; cut it
+    so the resumed run's lines start on a line of their own and every line parses. Lines of
+    steps after the newest checkpoint are written again by the resumed run (the later line of
+    a step is the one that counts)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data.endswith(b"\n"):
+            return
+        f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsLogger:
     """Appends `{"stage", "step", "time", <metric>: value}` lines to `metrics.jsonl`."""
 
@@ -27,12 +42,15 @@ class MetricsLogger:
         self.is_writer = jax.process_index() == 0
         self.progress = progress and self.is_writer
         self.history: dict[str, list[dict[str, float]]] = {}
+        self.warnings: list[str] = []
         self._start = time.time()
         self._file = None
         self._tb = None
         if self.is_writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._file = (self.out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+            path = self.out_dir / "metrics.jsonl"
+            _drop_partial_last_line(path)
+            self._file = path.open("a", encoding="utf-8")
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
@@ -56,6 +74,12 @@ class MetricsLogger:
             for key, value in row.items():
                 self._tb.add_scalar(f"{stage}/{key}", value, step)
         return row
+
+    def warn(self, message: str) -> None:
+        """A warning line on stderr (process 0), kept in `warnings` for the run's summary."""
+        self.warnings.append(message)
+        if self.is_writer:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
 
     def bar(self, total: int, desc: str):
         """A tqdm progress bar (a silent one on other processes or when disabled)."""

@@ -32,7 +32,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.logging import MetricsLogger
-from rlhf_jax.loops.report import plot_curves, write_json, write_markdown
+from rlhf_jax.loops.report import plot_curves, training_summary, write_json, write_markdown
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
@@ -131,14 +131,13 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     ptx_path = cfg.ptx.data or _write_jsonl(data_dir / "pretrain.jsonl", task.pretrain)
     heldout_path = _write_jsonl(data_dir / "pretrain_heldout.jsonl", task.pretrain_heldout)
     eval_path = _write_jsonl(data_dir / "eval_prompts.jsonl", task.eval_prompts)
-    sft_examples, sft_report = load_sft(sft_path)
-    prompt_examples, prompt_report = load_prompts(prompts_path)
-    ptx_examples, ptx_report = load_texts(ptx_path)
+    on_error = cfg.data.on_error
+    sft_examples, sft_report = load_sft(sft_path, on_error)
+    prompt_examples, prompt_report = load_prompts(prompts_path, on_error)
+    ptx_examples, ptx_report = load_texts(ptx_path, on_error)
     heldout_examples, _ = load_texts(heldout_path)
     eval_examples, _ = load_prompts(eval_path)
-    user_rankings = (
-        load_rankings(cfg.rm.data, allow_ties=cfg.rm.allow_ties) if cfg.rm.data else None
-    )
+    user_rankings = load_rankings(cfg.rm.data, on_error, cfg.rm.allow_ties) if cfg.rm.data else None
 
     if builtin:
         texts = [e.text for e in ptx_examples] + [e.prompt + e.completion for e in sft_examples]
@@ -153,7 +152,9 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     demo_arrays = (
         encode_sft(sft_examples, tokenizer, cfg.sft.max_len) if cfg.sft.pack else sft_arrays
     )
-    prompt_arrays = encode_prompts(prompt_examples, tokenizer, cfg.ppo.max_prompt_len)
+    prompt_arrays = encode_prompts(
+        prompt_examples, tokenizer, cfg.ppo.max_prompt_len, prompt_report
+    )
     eval_arrays = encode_prompts(eval_examples, tokenizer, cfg.ppo.max_prompt_len)
     ptx_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report))
     heldout_arrays = _lm_arrays(encode_texts(heldout_examples, tokenizer, cfg.ptx.max_len))
@@ -312,6 +313,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
             for e, a, b in list(zip(eval_examples, sft_texts, ppo_texts))[:8]
         ],
         "data_summary": [r.summary() for r in reports] + notes,
+        "data": [r.to_dict() for r in reports],
     }
     if cfg.ptx.coef > 0 and cfg.eval.ptx_ablation:
         no_ptx_cfg = dataclasses.replace(cfg, ptx=dataclasses.replace(cfg.ptx, coef=0.0))
@@ -338,6 +340,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
                 "gold_reward": float(ab_gold.mean()),
             }
         }
+    report["training"] = training_summary(logger)
     report["wall_seconds"] = time.time() - t_start
     report["machine"] = {
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

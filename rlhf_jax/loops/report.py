@@ -17,6 +17,17 @@ CURVES = (
 )
 
 
+def training_summary(logger) -> dict[str, Any]:
+    """Updates skipped for NaN/Inf gradients per stage (from each stage's last logged row) and
+    every warning the run logged."""
+    skipped = {}
+    for stage, rows in logger.history.items():
+        if rows:
+            counts = {k: int(v) for k, v in rows[-1].items() if k.endswith("skipped_updates")}
+            skipped[stage] = counts
+    return {"skipped_updates": skipped, "warnings": list(logger.warnings)}
+
+
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

@@ -33,6 +33,7 @@ class StageCheckpoints:
         self.directory = Path(out_dir) / "checkpoints" / stage
         self.ckpt = Checkpointer(self.directory, cfg.save_every, max(cfg.keep, 1), cfg.async_save)
         self.start = 0
+        self._closed = False
 
     def restore(self, state, shardings):
         """(state, first step to run): the newest checkpoint, or `state` and 0."""
@@ -43,6 +44,10 @@ class StageCheckpoints:
         )
         self.start = int(meta["step"])
         return restored, self.start
+
+    def due(self, step: int, n_steps: int) -> bool:
+        """Whether `after_step(step)` will save on schedule (preemption aside)."""
+        return self.ckpt.should_save(step) or step == n_steps
 
     def after_step(self, step: int, state, n_steps: int) -> None:
         """Save when due; at the end of the stage; or save and raise StagePaused on a stop."""
@@ -55,8 +60,16 @@ class StageCheckpoints:
             step, state, {"stage": self.stage, "step": step}, force=stop or step == n_steps
         )
         if stop:
-            self.ckpt.close()
+            self.close()
             raise StagePaused(self.stage, step, self.directory)
 
+    def latest_step(self) -> int | None:
+        """The newest committed checkpoint's step (waits for an async save), or None."""
+        self.ckpt.wait()
+        return self.ckpt.latest_step()
+
     def close(self) -> None:
-        self.ckpt.close()
+        """Wait for the last save and stop orbax's threads (a second call does nothing)."""
+        if not self._closed:
+            self._closed = True
+            self.ckpt.close()

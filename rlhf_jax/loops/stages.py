@@ -12,6 +12,7 @@ import numpy as np
 
 from rlhf_jax.config import Config, ModelSpec, OptimConfig
 from rlhf_jax.data import batches
+from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -108,6 +109,7 @@ def train_lm(
         runtime.param_shardings(model_cfg),
         f"{stage}.batch_size",
         checkpoints,
+        optim.max_consecutive_skips,
     )
     return state.params
 
@@ -167,6 +169,7 @@ def train_reward_model(
         runtime.param_shardings(model_cfg, scalar=True),
         "rm.batch_size",
         checkpoints,
+        rm.optim.max_consecutive_skips,
     )
     return state.params
 
@@ -289,35 +292,48 @@ def train_ppo(
     ptx_iter = None
     if use_ptx:
         ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=start * ppo.epochs * n_mb)
-    with logger.bar(ppo.iterations, stage) as bar:
-        bar.update(start)
-        for it in range(start, ppo.iterations):
-            t0 = time.time()
-            exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
-            batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
-            exp, exp_metrics = experience(
-                state, frozen, batch["input_ids"], batch["attention_mask"], exp_key
-            )
-            ptx_batch = None
-            if use_ptx:
-                rows = [next(ptx_iter) for _ in range(ppo.epochs * n_mb)]
-                stacked = {
-                    k: np.stack([r[k] for r in rows]).reshape(ppo.epochs, n_mb, *rows[0][k].shape)
-                    for k in ("input_ids", "attention_mask")
-                }
-                ptx_batch = runtime.global_batch(stacked, "ptx.batch_size", batch_axis=2)
-            state, upd_metrics = update(state, exp, ptx_batch, upd_key)
-            metrics = {**exp_metrics, **upd_metrics}
-            # An iteration is long enough that waiting for its metrics costs little, and
-            # every iteration's numbers are worth keeping.
-            jax.block_until_ready(metrics)
-            tokens = float(jnp.sum(exp.response_mask))
-            metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
-            row = logger.log(stage, it + 1, metrics)
-            bar.set_postfix(short_metrics(row))
-            bar.update(1)
-            if checkpoints is not None:
-                checkpoints.after_step(it + 1, state, ppo.iterations)
-    if checkpoints is not None:
-        checkpoints.close()
+    guard = SkipGuard(
+        stage,
+        {
+            "ppo/policy": ppo.policy_optim.max_consecutive_skips,
+            "ppo/value": ppo.value_optim.max_consecutive_skips,
+        },
+        logger,
+        checkpoints.latest_step if checkpoints is not None else None,
+    )
+    try:
+        with logger.bar(ppo.iterations, stage) as bar:
+            bar.update(start)
+            for it in range(start, ppo.iterations):
+                t0 = time.time()
+                exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
+                batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
+                exp, exp_metrics = experience(
+                    state, frozen, batch["input_ids"], batch["attention_mask"], exp_key
+                )
+                ptx_batch = None
+                if use_ptx:
+                    rows = [next(ptx_iter) for _ in range(ppo.epochs * n_mb)]
+                    shape = (ppo.epochs, n_mb, *rows[0]["input_ids"].shape)
+                    stacked = {
+                        k: np.stack([r[k] for r in rows]).reshape(shape)
+                        for k in ("input_ids", "attention_mask")
+                    }
+                    ptx_batch = runtime.global_batch(stacked, "ptx.batch_size", batch_axis=2)
+                state, upd_metrics = update(state, exp, ptx_batch, upd_key)
+                metrics = {**exp_metrics, **upd_metrics}
+                # An iteration is long enough that waiting for its metrics costs little, and
+                # every iteration's numbers are worth keeping.
+                jax.block_until_ready(metrics)
+                tokens = float(jnp.sum(exp.response_mask))
+                metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
+                row = logger.log(stage, it + 1, metrics)
+                bar.set_postfix(short_metrics(row))
+                bar.update(1)
+                guard.check(it + 1, guard.counters(metrics))
+                if checkpoints is not None:
+                    checkpoints.after_step(it + 1, state, ppo.iterations)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()  # commits a save in flight, also when an iteration raised
     return state

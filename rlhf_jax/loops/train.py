@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 
+from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -38,6 +39,7 @@ def run_train_loop(
     param_shardings,
     batch_key: str,
     checkpoints: StageCheckpoints | None = None,
+    max_consecutive_skips: int = 10,
 ):
     """Run `n_steps` of `step_fn(state, batch, key)` on the runtime's mesh; returns the state.
 
@@ -47,6 +49,8 @@ def run_train_loop(
     `make_batches(start)`, and metrics reach the host only every `log_every` steps so the
     device never waits on it. With `checkpoints`, the stage resumes from its newest checkpoint
     and saves as configured. `batch_key` names the config key of the batch size in errors.
+    Updates skipped for NaN/Inf gradients are logged; `max_consecutive_skips` of them in a row
+    stop the stage with `TrainingDiverged` (nothing saved after them).
     """
     mesh = runtime.mesh
     state = init_sharded_train_state(params, tx, param_shardings, mesh)
@@ -56,17 +60,33 @@ def run_train_loop(
         state, start = checkpoints.restore(state, shardings)
     jitted = jit_step(step_fn, shardings, batch_sharding(mesh, runtime.rules, 1))
     batches = make_batches(start)
-    with logger.bar(n_steps, stage) as bar:
-        bar.update(start)
-        for i in range(start, n_steps):
-            batch = runtime.global_batch(next(batches), batch_key)
-            state, metrics = jitted(state, batch, jax.random.fold_in(key, i))
-            if (i + 1) % log_every == 0 or i + 1 == n_steps:
-                row = logger.log(stage, i + 1, metrics)
-                bar.set_postfix(short_metrics(row))
-            bar.update(1)
-            if checkpoints is not None:
-                checkpoints.after_step(i + 1, state, n_steps)
-    if checkpoints is not None:
-        checkpoints.close()
+    guard = SkipGuard(
+        stage,
+        {"train": max_consecutive_skips},
+        logger,
+        checkpoints.latest_step if checkpoints is not None else None,
+    )
+    pending = None  # (step, skip counters) of the previous step, read one step late
+    try:
+        with logger.bar(n_steps, stage) as bar:
+            bar.update(start)
+            for i in range(start, n_steps):
+                batch = runtime.global_batch(next(batches), batch_key)
+                state, metrics = jitted(state, batch, jax.random.fold_in(key, i))
+                if pending is not None:
+                    guard.check(*pending)
+                pending = (i + 1, guard.counters(metrics))
+                if (i + 1) % log_every == 0 or i + 1 == n_steps:
+                    row = logger.log(stage, i + 1, metrics)
+                    bar.set_postfix(short_metrics(row))
+                bar.update(1)
+                if checkpoints is not None:
+                    if checkpoints.due(i + 1, n_steps):  # never save the step that stops us
+                        guard.check(*pending)
+                    checkpoints.after_step(i + 1, state, n_steps)
+        if pending is not None:
+            guard.check(*pending)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()  # commits a save in flight, also when a step raised
     return state

@@ -34,7 +34,7 @@ from rlhf_jax.ops import (
 )
 from rlhf_jax.rollout.generate import _generate
 from rlhf_jax.steps.reward import score_sequences
-from rlhf_jax.steps.state import TrainState, accumulate_gradients
+from rlhf_jax.steps.state import TrainState, accumulate_gradients, skip_metrics
 from rlhf_jax.types import LossOut
 
 
@@ -270,6 +270,8 @@ def make_update_fn(
         beta = state.beta
         if ppo.adaptive_kl:
             beta = adaptive_kl_update(beta, mean_kl, b, ppo.kl_target, ppo.kl_horizon)
+        metrics.update(skip_metrics(state.policy, "ppo/policy"))
+        metrics.update(skip_metrics(state.value, "ppo/value"))
         return state.replace(beta=beta, iteration=state.iteration + 1), metrics
 
     return update

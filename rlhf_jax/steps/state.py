@@ -32,13 +32,17 @@ class TrainState(struct.PyTreeNode):
         )
 
 
-def skipped_updates(state: TrainState) -> jax.Array:
-    """Number of updates skipped for non-finite gradients so far (optax.apply_if_finite)."""
-    return (
-        state.opt_state.notfinite_count.astype(jnp.float32)
-        if hasattr(state.opt_state, "notfinite_count")
-        else jnp.zeros((), jnp.float32)
-    )
+def skip_metrics(state: TrainState, prefix: str = "train") -> dict[str, jax.Array]:
+    """Updates skipped for non-finite gradients (optax.apply_if_finite): in total, and in a
+    row up to now (the loops stop a run when the latter reaches `max_consecutive_skips`)."""
+    opt = state.opt_state
+    if not hasattr(opt, "notfinite_count"):
+        zero = jnp.zeros((), jnp.float32)
+        return {f"{prefix}/skipped_updates": zero, f"{prefix}/consecutive_skips": zero}
+    return {
+        f"{prefix}/skipped_updates": opt.total_notfinite.astype(jnp.float32),
+        f"{prefix}/consecutive_skips": opt.notfinite_count.astype(jnp.float32),
+    }
 
 
 def accumulate_gradients(
@@ -88,7 +92,7 @@ def make_supervised_step(
         state = state.apply_gradients(grads)
         metrics = dict(metrics)
         metrics["train/grad_norm"] = optax.tree.norm(grads)
-        metrics["train/skipped_updates"] = skipped_updates(state)
+        metrics.update(skip_metrics(state))
         return state, metrics
 
     return step

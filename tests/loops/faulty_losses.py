@@ -1,0 +1,11 @@
+"""Losses that misbehave on purpose, loaded by the fault tests as `faulty_losses:<name>`."""
+
+import jax.numpy as jnp
+
+from rlhf_jax.types import LossOut
+
+
+def always_nan(outputs, batch):
+    """NaN for every batch (gradients are NaN too): every update must be skipped."""
+    loss = jnp.nan * jnp.mean(outputs["logits"])
+    return LossOut(loss, {"sft/loss": loss})
