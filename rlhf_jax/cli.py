@@ -176,6 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RlhfJaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # Disk full, a folder that cannot be written, a file that vanished: the reason and the
+        # path, not a traceback. Saved checkpoints are untouched (see docs/errors.md).
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except StagePaused as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 0

@@ -85,6 +85,11 @@ def test_generate_batch_of_prompts(checkpoint, capsys):
             "checkpoint folder not found",
         ),
         (["pipeline", "--output", "/tmp/unused", "ppo.betta=1"], "did you mean 'ppo.beta'"),
+        (["pipeline", "--output", "/dev/null/out"], "output folder /dev/null/out cannot be"),
+        (
+            ["pipeline", "--output", "/tmp/unused", "data.on_error=ignore"],
+            "config key 'data.on_error': 'ignore' is not one of ['raise', 'skip']",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message):
@@ -100,3 +105,20 @@ def test_bad_generation_settings_exit_2(checkpoint, capsys):
     path, _ = checkpoint
     assert main(["generate", "--model", str(path), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_a_folder_of_pickle_weights_is_refused_for_that_reason(checkpoint, tmp_path):
+    """Even by commands that read the tokenizer first: the weights are checked before it."""
+    checkpoint, _ = checkpoint
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((checkpoint / "config.json").read_bytes())
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    data = tmp_path / "demos.jsonl"
+    data.write_text('{"prompt": "a", "completion": " b"}\n')
+    args = ["sft", "--output", str(tmp_path / "o"), f"model.path={folder}", f"sft.data={data}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_jax.cli", *args], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "only pickle weights found (pytorch_model.bin)" in proc.stderr

@@ -25,7 +25,7 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -55,8 +55,7 @@ def _require(value: str | None, key: str, command: str) -> str:
 
 
 def _start(cfg: Config, out_dir: str | Path) -> tuple[Path, MetricsLogger, Runtime]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress), Runtime.from_config(cfg)
 

@@ -15,9 +15,26 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlhf_jax.errors import RlhfJaxError
+
 
 def _to_float(value: Any) -> float:
     return float(np.asarray(value))
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the run's output folder and prove it is writable, before any work is done."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RlhfJaxError(
+            f"output folder {out} cannot be written ({e.strerror or e}); choose another --output"
+        ) from None
+    return out
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -55,8 +72,6 @@ class MetricsLogger:
                 try:
                     from tensorboardX import SummaryWriter
                 except ImportError:
-                    from rlhf_jax.errors import RlhfJaxError
-
                     raise RlhfJaxError(
                         "log.tensorboard=true needs tensorboardX: pip install tensorboardX"
                     ) from None

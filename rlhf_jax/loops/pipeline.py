@@ -31,7 +31,7 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json, write_markdown
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -112,8 +112,7 @@ def _split(arrays: dict[str, np.ndarray], fraction: float, seed: int):
 def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     """Run every stage, write checkpoints, metrics, report.json/.md and curves.png."""
     t_start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out_dir)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     logger = MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress)
     runtime = Runtime.from_config(cfg)

@@ -187,15 +187,19 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenize
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer saved beside a checkpoint (never with trust_remote_code)."""
+    """The tokenizer saved beside a checkpoint (never with trust_remote_code).
+
+    The folder is checked as a checkpoint first (config.json, safetensors weights), so a
+    folder of pickle weights is refused for that reason rather than for its tokenizer."""
     from transformers import AutoTokenizer
 
-    if not Path(path).is_dir():
-        raise RlhfJaxError(f"{path}: checkpoint folder not found")
+    read_hf_config(path)
+    _TensorIndex(Path(path))
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise RlhfJaxError(f"{path}: could not load a tokenizer ({e})") from None
+        reason = " ".join(str(e).split())  # transformers' messages span several lines
+        raise RlhfJaxError(f"{path}: could not load a tokenizer ({reason})") from None
 
 
 SCALAR_HEAD_FILE = "scalar_head.safetensors"
