@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Block, LayerCache, Norm, _normal, _param
+from rlhf_jax.models.layers import Block, LayerCache, Norm, _normal, _param, flat_matmul
 
-# Cache of all layers: LayerCache with k, v of shape [L, B, S, K, E].
-KVCache = LayerCache
+# Cache of all layers: one LayerCache per layer (separate buffers, so a decode step updates
+# each in place), k and v of shape [B, K, S, E].
+KVCache = tuple[LayerCache, ...]
 
 
 class Decoder(nn.Module):
@@ -33,6 +34,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         return_hidden: bool = False,
+        logits_index_B: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         cfg = self.config
         embedding = _param(
@@ -55,20 +57,37 @@ class Decoder(nn.Module):
             )
             x = x + jnp.take(pos_table, positions_BT, axis=0).astype(cfg.compute_dtype)
 
-        block = Block
-        if cfg.remat:
-            block = nn.remat(Block, prevent_cse=False)
-        # One compiled layer body for all layers: compile time does not grow with depth.
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=cfg.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
-        x, new_cache = layers(x, positions_BT, mask_B1TS, cache, cache_index)
+        if cache is None:
+            # Each layer body is checkpointed. remat=False keeps every matmul output for the
+            # backward and recomputes only the cheap elementwise ops (norms, GELU, softmax):
+            # fewer per-layer residuals to stack in the scan and read back, which measured
+            # 17% faster than saving everything for a 6L/512d SFT step on CPU, and uses less
+            # memory. remat=True recomputes the whole layer (least memory).
+            policy = None if cfg.remat else jax.checkpoint_policies.dots_saveable
+            block = nn.remat(Block, prevent_cse=False, policy=policy)
+            # One compiled layer body for all layers: compile time does not grow with depth.
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            x, new_cache = layers(x, positions_BT, mask_B1TS, cache, cache_index)
+        else:
+            x, new_cache = _cached_layers(
+                cfg,
+                self.variables["params"]["layers"],
+                x,
+                positions_BT,
+                mask_B1TS,
+                cache,
+                cache_index,
+            )
         x = Norm(cfg, cfg.norm, cfg.d_model, name="final_norm")(x)
+        if logits_index_B is not None:  # only these tokens' logits (e.g. a prompt's last)
+            x = jnp.take_along_axis(x, logits_index_B[:, None, None], axis=1)
         if return_hidden:
             return x, new_cache
         if cfg.tie_embeddings:
@@ -83,10 +102,36 @@ class Decoder(nn.Module):
                 cfg.weight_dtype,
             )
         # Logits in float32 whatever the compute dtype: log-probs and the loss need the range.
-        logits = jnp.einsum(
-            "btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
-        )
+        logits = flat_matmul(x, head.astype(cfg.compute_dtype), 1, out_dtype=jnp.float32)
         return logits, new_cache
+
+
+def split_layers(params):
+    """`params` with the stacked `layers` weights ([L, ...] leaves) split into a tuple of
+    per-layer trees. Generation does this once before its decode loop, so no step slices
+    (copies) the weights; `forward_cached` takes either form."""
+    stacked = params["layers"]
+    if isinstance(stacked, tuple):
+        return params
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(n))}
+
+
+def _cached_layers(cfg, layer_params, x_BTD, positions_BT, mask_B1TS, cache, cache_index):
+    """The layers one after another (unrolled, not scanned) over a per-layer KV cache.
+
+    Unrolled so that every layer's cache is its own buffer, read by the attention and
+    updated in place (a scan would slice each layer's cache out of a stacked array and stack
+    the results again: copies of the whole cache at every step).
+    """
+    if not isinstance(layer_params, tuple):
+        layer_params = split_layers({"layers": layer_params})["layers"]
+    block = Block(cfg)
+    new_cache = []
+    for p, c in zip(layer_params, cache, strict=True):
+        x_BTD, c = block.apply({"params": p}, x_BTD, positions_BT, mask_B1TS, c, cache_index)
+        new_cache.append(c)
+    return x_BTD, tuple(new_cache)
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
@@ -159,11 +204,22 @@ def hidden_states(
     return _apply(config, params, input_ids, attention_mask, segment_ids, return_hidden=True)
 
 
+def lm_logits(config: ModelConfig, params, h_BTD: jax.Array) -> jax.Array:
+    """The LM head applied to hidden states from `hidden_states` (float32 logits [B, T, V]).
+
+    For callers that need logits at some positions only (PPO's response tokens): slice the
+    hidden states first and the head, the largest matmul per token, skips the rest."""
+    head_DV = params["embed"].T if config.tie_embeddings else params["lm_head"]
+    return flat_matmul(h_BTD, head_DV.astype(config.compute_dtype), 1, out_dtype=jnp.float32)
+
+
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-    """Zeroed KV cache for `length` slots: k, v of shape [L, B, S, K, E]."""
-    shape = (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
+    """Zeroed KV cache for `length` slots: per layer, k and v of shape [B, K, S, E]."""
+    shape = (batch, config.n_kv_heads, length, config.head_dim)
     dtype = dtype or config.compute_dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return tuple(
+        LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)
+    )
 
 
 def forward_cached(
@@ -174,20 +230,29 @@ def forward_cached(
     cache: KVCache,
     kv_mask_BS: jax.Array,
     cache_index: jax.Array,
+    logits_index_B: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run T new tokens written at cache slots [cache_index, cache_index + T).
 
     `kv_mask_BS` marks which cache slots hold real tokens, the new ones included. Query at slot
     `cache_index + t` sees slots up to itself, so a prefill (T = prompt length) and a one-token
-    decode step share this function.
+    decode step share this function. Logits are [B, T, V], or [B, 1, V] at token
+    `logits_index_B` of each row when given (a prefill needs only the last prompt token's).
+    `params` may have its layers split (`split_layers`), as the decode loop passes them.
     """
     t = input_ids_BT.shape[1]
-    s = cache.k.shape[2]
+    s = cache[0].k.shape[2]
     q_slot = cache_index + jnp.arange(t)
     visible = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
     mask = visible[None, None] & (kv_mask_BS[:, None, None, :] > 0)
     return Decoder(config).apply(
-        {"params": params}, input_ids_BT, positions_BT, mask, cache, cache_index
+        {"params": params},
+        input_ids_BT,
+        positions_BT,
+        mask,
+        cache,
+        cache_index,
+        logits_index_B=logits_index_B,
     )
 
 

@@ -4,9 +4,17 @@ The temperature divides the logits wherever log-probs are taken (rollout, refere
 forgetting it in one place makes the KL to the reference rise faster (N-implementation-details).
 Both functions go through `logsumexp` rather than `log_softmax`, so no second [B, T, V] array
 is materialised beside the logits (under jit the division and the exp fuse into the reduction).
+
+`token_logprobs` has a hand-written gradient: d logp_t / d z_t = onehot(token_t) - softmax(z_t),
+so the backward pass is one fused elementwise pass that writes the [B, T, V] logits gradient
+directly (autodiff would scatter into a zero [B, T, V] buffer for the gather, then add the
+softmax term in further passes). `next_token_logprobs` shifts the *tokens*, not the logits, so
+no [B, T - 1, V] slice is taken whose gradient would be padded back to [B, T, V] by a copy.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +28,50 @@ def _scaled(logits_BTV: jax.Array, temperature: float) -> jax.Array:
     return logits_BTV / temperature
 
 
+def _plain_token_logprobs(logits_BTV, tokens_BT, temperature):
+    z_BTV = _scaled(logits_BTV, temperature)
+    lse_BT = jax.nn.logsumexp(z_BTV, axis=-1)
+    picked_BT = jnp.take_along_axis(z_BTV, tokens_BT[..., None].astype(jnp.int32), axis=-1)
+    return picked_BT[..., 0] - lse_BT, lse_BT
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fused_token_logprobs(logits_BTV, tokens_BT, temperature):
+    return _plain_token_logprobs(logits_BTV, tokens_BT, temperature)[0]
+
+
+def _fused_fwd(logits_BTV, tokens_BT, temperature):
+    logp_BT, lse_BT = _plain_token_logprobs(logits_BTV, tokens_BT, temperature)
+    return logp_BT, (logits_BTV, tokens_BT, lse_BT)
+
+
+def _fused_bwd(temperature, residuals, g_BT):
+    logits_BTV, tokens_BT, lse_BT = residuals
+    z_BTV = _scaled(logits_BTV, temperature)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, z_BTV.shape, z_BTV.ndim - 1)
+    onehot_BTV = (vocab == tokens_BT[..., None].astype(jnp.int32)).astype(z_BTV.dtype)
+    g_BTV = g_BT[..., None].astype(z_BTV.dtype)
+    d_BTV = g_BTV * (onehot_BTV - jnp.exp(z_BTV - lse_BT[..., None]))
+    if not (isinstance(temperature, int | float) and temperature == 1.0):
+        d_BTV = d_BTV / temperature
+    return d_BTV.astype(logits_BTV.dtype), None
+
+
+_fused_token_logprobs.defvjp(_fused_fwd, _fused_bwd)
+
+
 def token_logprobs(
     logits_BTV: jax.Array, tokens_BT: jax.Array, temperature: float = 1.0
 ) -> jax.Array:
     """`log pi(tokens_t | ...) = z_t[token_t] - logsumexp(z_t)`, `z = logits / temperature`.
 
     logits_BTV[b, t] scores tokens_BT[b, t] (align beforehand, or see `next_token_logprobs`).
-    Returns [B, T] in float32 (or wider).
+    Returns [B, T] in float32 (or wider). The gradient is the fused one described above when
+    the temperature is a Python number (a traced temperature takes plain autodiff).
     """
-    z_BTV = _scaled(logits_BTV, temperature)
-    lse_BT = jax.nn.logsumexp(z_BTV, axis=-1)
-    picked_BT = jnp.take_along_axis(z_BTV, tokens_BT[..., None].astype(jnp.int32), axis=-1)
-    return picked_BT[..., 0] - lse_BT
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool):
+        return _fused_token_logprobs(logits_BTV, tokens_BT, float(temperature))
+    return _plain_token_logprobs(logits_BTV, tokens_BT, temperature)[0]
 
 
 def entropy_from_logits(logits_BTV: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -50,4 +90,8 @@ def next_token_logprobs(
 
     Returns [B, T - 1]; entry t is `log pi(input_ids[t + 1] | input_ids[:t + 1])`.
     """
-    return token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:], temperature)
+    # Score every position against the next token (the last one against a dummy) and drop
+    # the last column of the [B, T] result: slicing the [B, T, V] logits instead would make
+    # the backward pass pad a whole logits-sized gradient back with a copy.
+    targets_BT = jnp.concatenate([input_ids_BT[:, 1:], input_ids_BT[:, :1]], axis=1)
+    return token_logprobs(logits_BTV, targets_BT, temperature)[:, :-1]

@@ -22,6 +22,7 @@ from rlhf_jax.models.transformer import (
     forward_cached,
     init_cache,
     positions_from_mask,
+    split_layers,
 )
 from rlhf_jax.rollout.sampling import sample_token
 
@@ -80,9 +81,12 @@ def _generate(
     b, p = prompt_ids_BP.shape
     n = max_new_tokens
     prompt_mask_BP = prompt_mask_BP.astype(jnp.int32)
-    cache = init_cache(config, b, p + n)
-    kv_mask_BS = jnp.zeros((b, p + n), jnp.int32).at[:, :p].set(prompt_mask_BP)
-    logits_BPV, cache = forward_cached(
+    # Per-layer weights sliced once here, not inside every decode step.
+    params = split_layers(params)
+    # The last generated token is never fed back, so the cache needs P + N - 1 slots.
+    cache = init_cache(config, b, p + n - 1)
+    kv_mask_BS = jnp.zeros((b, p + n - 1), jnp.int32).at[:, :p].set(prompt_mask_BP)
+    logits_B1V, cache = forward_cached(
         config,
         params,
         prompt_ids_BP,
@@ -90,15 +94,12 @@ def _generate(
         cache,
         kv_mask_BS,
         jnp.int32(0),
+        logits_index_B=last_token_index(prompt_mask_BP),
     )
-    last = last_token_index(prompt_mask_BP)
-    first_logits_BV = jnp.take_along_axis(logits_BPV, last[:, None, None], axis=1)[:, 0]
     eos_arr = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    def cond(s: _DecodeState):
-        return (s.step < n) & ~jnp.all(s.done_B)
-
-    def body(s: _DecodeState) -> _DecodeState:
+    def choose(s: _DecodeState):
+        """Pick token `s.step` from the current logits and record it."""
         token_B, logp_B = sample_token(
             s.logits_BV, jax.random.fold_in(rng, s.step), temperature, top_k, top_p
         )
@@ -111,6 +112,14 @@ def _generate(
         )
         mask_BN = jax.lax.dynamic_update_slice(s.mask_BN, alive_B.astype(jnp.float32)[:, None], col)
         done_B = s.done_B | (alive_B & jnp.isin(token_B, eos_arr))
+        return token_B, done_B, tokens_BN, logprobs_BN, mask_BN
+
+    def cond(s: _DecodeState):
+        # The last token is chosen after the loop: it needs no forward pass of its own.
+        return (s.step < n - 1) & ~jnp.all(s.done_B)
+
+    def body(s: _DecodeState) -> _DecodeState:
+        token_B, done_B, tokens_BN, logprobs_BN, mask_BN = choose(s)
         slot = p + s.step
         kv_mask_BS = jax.lax.dynamic_update_slice(
             s.kv_mask_BS, jnp.ones((b, 1), jnp.int32), (0, slot)
@@ -134,7 +143,7 @@ def _generate(
         step=jnp.int32(0),
         cache=cache,
         kv_mask_BS=kv_mask_BS,
-        logits_BV=first_logits_BV,
+        logits_BV=logits_B1V[:, 0],
         position_B=jnp.sum(prompt_mask_BP, axis=-1),
         done_B=jnp.zeros((b,), bool),
         tokens_BN=jnp.full((b, n), pad_id, jnp.int32),
@@ -142,7 +151,10 @@ def _generate(
         mask_BN=jnp.zeros((b, n), jnp.float32),
     )
     final = jax.lax.while_loop(cond, body, init)
-    return GenerateOutput(final.tokens_BN, final.logprobs_BN, final.mask_BN)
+    # Token N - 1 (or, after an early exit, the next one: every row is done, so it writes
+    # padding with mask 0, exactly what the loop would have written).
+    _, _, tokens_BN, logprobs_BN, mask_BN = choose(final)
+    return GenerateOutput(tokens_BN, logprobs_BN, mask_BN)
 
 
 def generate(

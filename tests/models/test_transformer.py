@@ -12,7 +12,9 @@ from tiny import tiny_config, tiny_model
 import rlhf_jax
 from rlhf_jax.models import (
     forward,
+    hidden_states,
     init_scalar_head,
+    lm_logits,
     param_logical_axes,
     scalar_forward,
     value_at_last_token,
@@ -70,6 +72,18 @@ def test_remat_changes_nothing_numerically():
     g2 = jax.grad(loss)(params, remat_config)
     np.testing.assert_allclose(loss(params, config), loss(params, remat_config), rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lm_logits_of_hidden_states_are_the_forward_logits(tie):
+    """PPO slices hidden states to the response and applies the head itself."""
+    config, params = tiny_model(tie_embeddings=tie)
+    ids = jnp.arange(14, dtype=jnp.int32).reshape(2, 7) % config.vocab_size
+    mask = jnp.ones((2, 7)).at[0, :2].set(0)
+    h = hidden_states(config, params, ids, mask)
+    np.testing.assert_array_equal(
+        lm_logits(config, params, h[:, 3:]), forward(config, params, ids, mask)[:, 3:]
+    )
 
 
 def test_bfloat16_compute_and_params_stay_close_to_float32():
