@@ -9,3 +9,9 @@ def always_nan(outputs, batch):
     """NaN for every batch (gradients are NaN too): every update must be skipped."""
     loss = jnp.nan * jnp.mean(outputs["logits"])
     return LossOut(loss, {"sft/loss": loss})
+
+
+def nan_policy(outputs, batch):
+    """A PPO policy loss that is NaN (its gradient too); the value loss stays finite."""
+    loss = jnp.nan * jnp.mean(outputs["logprobs"])
+    return LossOut(loss, {"ppo/policy/loss": loss})

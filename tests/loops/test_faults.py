@@ -131,3 +131,34 @@ def test_cli_stops_with_exit_2_and_no_traceback(run_dir, tmp_path, capsys):
     assert "warning: sft step 1: non-finite gradients" in err
     rows = [json.loads(line) for line in (tmp_path / "nan" / "metrics.jsonl").open()]
     assert all(np.isnan(r["sft/loss"]) for r in rows)
+
+
+def test_ppo_stops_on_policy_skips_while_the_value_model_trains(run_dir, tmp_path, capsys):
+    data = run_dir / "data"
+    code = main(
+        [
+            "ppo",
+            "--output",
+            str(tmp_path / "ppo"),
+            "log.progress=false",
+            "ppo.iterations=5",
+            "ppo.rollout_batch=16",
+            "ppo.minibatch_size=8",
+            "ppo.epochs=1",
+            "ppo.max_new_tokens=8",
+            "ptx.coef=0",
+            "ppo.policy_loss=faulty_losses:nan_policy",
+            "ppo.policy_optim.max_consecutive_skips=4",
+            f"ppo.policy={run_dir / 'sft'}",
+            f"ppo.reward_model={run_dir / 'rm'}",
+            f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    # 2 minibatch updates per iteration: the 4th skip in a row comes in iteration 2.
+    assert "error: ppo stopped at step 2: 4 updates in a row had NaN/Inf gradients " in err
+    assert "(ppo/policy)" in err and "Traceback" not in err
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
+    assert [r["ppo/policy/skipped_updates"] for r in rows] == [2, 4]
+    assert [r["ppo/value/skipped_updates"] for r in rows] == [0, 0]
