@@ -235,7 +235,8 @@ def trl_trainer(kind: str, folder: Path, prompts: list[str], s: Sizes):
         raise RuntimeError(f"TRL {kind} batch has {len(batch)} rows, expected {n}")
 
     def run():
-        loss = trainer.training_step(model, batch, None)
+        with torch.enable_grad():  # as in Trainer.train, whatever the caller's grad mode
+            loss = trainer.training_step(model, batch, None)
         trl_setup.optimizer_step(trainer, model)
         return float(loss)
 

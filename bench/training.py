@@ -91,6 +91,7 @@ def jax_sft(folder: Path, ids: np.ndarray):
 
 def trl_sft(folder: Path, ids: np.ndarray, vocab: int):
     import datasets
+    import torch
     from trl import SFTConfig, SFTTrainer
 
     batch, seq = ids.shape
@@ -112,7 +113,8 @@ def trl_sft(folder: Path, ids: np.ndarray, vocab: int):
         raise RuntimeError(f"TRL SFT batch is {tuple(inputs['input_ids'].shape)}")
 
     def run():
-        loss = trainer.training_step(model, dict(inputs))
+        with torch.enable_grad():  # as in Trainer.train, whatever the caller's grad mode
+            loss = trainer.training_step(model, dict(inputs))
         trl_setup.optimizer_step(trainer, model)
         return float(loss)
 
@@ -170,7 +172,8 @@ def trl_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray, vocab: int):
         raise RuntimeError(f"TRL RM batch is {tuple(inputs['input_ids'].shape)}")
 
     def run():
-        loss = trainer.training_step(model, dict(inputs))
+        with torch.enable_grad():  # as in Trainer.train, whatever the caller's grad mode
+            loss = trainer.training_step(model, dict(inputs))
         trl_setup.optimizer_step(trainer, model)
         return float(loss)
 

@@ -27,7 +27,14 @@ from safetensors.numpy import load_file, save_file
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models import ModelConfig, forward, load_hf, save_hf
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_torch_grad():
+    """PyTorch here is a reference only: no autograd, restored after each test (a module-level
+    `torch.set_grad_enabled(False)` leaked into later tests in the same worker)."""
+    with torch.no_grad():
+        yield
+
 
 REL = 1e-4
 B, T = 3, 12

@@ -16,7 +16,14 @@ from hf_fixtures import FAMILIES, VOCAB
 from rlhf_jax.models import forward, load_hf
 from rlhf_jax.rollout import generate
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_torch_grad():
+    """PyTorch here is a reference only: no autograd, restored after each test (a module-level
+    `torch.set_grad_enabled(False)` leaked into later tests in the same worker)."""
+    with torch.no_grad():
+        yield
+
 
 N = 12  # max_new_tokens
 P = 7  # padded prompt length
