@@ -118,26 +118,22 @@ class JaxPPO:
         import jax.numpy as jnp
 
         from rlhf_jax.ops import token_logprobs
-        from rlhf_jax.rollout.generate import _generate
+        from rlhf_jax.rollout import generate as rollout_generate
         from rlhf_jax.steps.ppo import _response_logits, _response_values
         from rlhf_jax.steps.reward import score_sequences
 
         cfg, ppo = self.cfg, self.ppo
         p = self.prompt_ids.shape[1]
 
-        @jax.jit
-        def generate(params, ids, mask, key):
-            return _generate(
+        def generate(params, ids, mask, key):  # compiled inside (rollout.generate is jitted)
+            return rollout_generate(
                 cfg,
                 params,
                 ids,
                 mask,
                 key,
-                max_new_tokens=ppo.max_new_tokens,
-                temperature=ppo.temperature,
-                top_k=None,
-                top_p=None,
-                eos_ids=(),
+                ppo.max_new_tokens,
+                ppo.temperature,
                 pad_id=trl_setup.PAD,
             )
 
@@ -234,13 +230,7 @@ def trl_trainer(kind: str, folder: Path, prompts: list[str], s: Sizes):
     if len(batch) != n:
         raise RuntimeError(f"TRL {kind} batch has {len(batch)} rows, expected {n}")
 
-    def run():
-        with torch.enable_grad():  # as in Trainer.train, whatever the caller's grad mode
-            loss = trainer.training_step(model, batch, None)
-        trl_setup.optimizer_step(trainer, model)
-        return float(loss)
-
-    return trainer, run
+    return trainer, trl_setup.step_runner(trainer, model, batch, None)
 
 
 # ----------------------------------------------------------------------------- main

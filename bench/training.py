@@ -91,7 +91,6 @@ def jax_sft(folder: Path, ids: np.ndarray):
 
 def trl_sft(folder: Path, ids: np.ndarray, vocab: int):
     import datasets
-    import torch
     from trl import SFTConfig, SFTTrainer
 
     batch, seq = ids.shape
@@ -112,13 +111,7 @@ def trl_sft(folder: Path, ids: np.ndarray, vocab: int):
     if tuple(inputs["input_ids"].shape) != (batch, seq):
         raise RuntimeError(f"TRL SFT batch is {tuple(inputs['input_ids'].shape)}")
 
-    def run():
-        with torch.enable_grad():  # as in Trainer.train, whatever the caller's grad mode
-            loss = trainer.training_step(model, dict(inputs))
-        trl_setup.optimizer_step(trainer, model)
-        return float(loss)
-
-    return run
+    return trl_setup.step_runner(trainer, model, dict(inputs))
 
 
 # ----------------------------------------------------------------------------- RM
@@ -171,13 +164,7 @@ def trl_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray, vocab: int):
     if tuple(inputs["input_ids"].shape) != (2 * b, length):
         raise RuntimeError(f"TRL RM batch is {tuple(inputs['input_ids'].shape)}")
 
-    def run():
-        with torch.enable_grad():  # as in Trainer.train, whatever the caller's grad mode
-            loss = trainer.training_step(model, dict(inputs))
-        trl_setup.optimizer_step(trainer, model)
-        return float(loss)
-
-    return run
+    return trl_setup.step_runner(trainer, model, dict(inputs))
 
 
 # ----------------------------------------------------------------------------- main

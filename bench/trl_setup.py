@@ -102,3 +102,17 @@ def optimizer_step(trainer, model) -> None:
     trainer.optimizer.step()
     trainer.lr_scheduler.step()
     model.zero_grad(set_to_none=True)
+
+
+def step_runner(trainer, model, inputs, *extra):
+    """A callable running one training step as `Trainer.train`'s loop body does:
+    `training_step` (under autograd, whatever the caller's grad mode) and `optimizer_step`."""
+    import torch
+
+    def run():
+        with torch.enable_grad():
+            loss = trainer.training_step(model, inputs, *extra)
+        optimizer_step(trainer, model)
+        return float(loss)
+
+    return run

@@ -18,6 +18,11 @@ from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.logging import MetricsLogger
 
 
+def _which(prefix: str) -> str:
+    """Names the optimizer in messages when a stage has several (PPO's policy and value)."""
+    return "" if prefix == "train" else f" ({prefix})"
+
+
 class TrainingDiverged(RlhfJaxError):
     """Too many consecutive updates had non-finite gradients."""
 
@@ -55,9 +60,8 @@ class SkipGuard:
             total = host.get(f"{prefix}/skipped_updates", 0)
             in_a_row = host.get(f"{prefix}/consecutive_skips", 0)
             if total > self.total[prefix]:
-                what = "" if prefix in ("train",) else f" ({prefix})"
                 self.logger.warn(
-                    f"{self.stage} step {step}{what}: non-finite gradients, "
+                    f"{self.stage} step {step}{_which(prefix)}: non-finite gradients, "
                     f"{total - self.total[prefix]} update(s) skipped "
                     f"({in_a_row} in a row, {total} in all)"
                 )
@@ -74,7 +78,7 @@ class SkipGuard:
         )
         return (
             f"{self.stage} stopped at step {step}: {in_a_row} updates in a row had NaN/Inf "
-            f"gradients{'' if prefix == 'train' else f' ({prefix})'} (limit: "
+            f"gradients{_which(prefix)} (limit: "
             f"max_consecutive_skips={limit}). The weights never took those updates; {kept}. "
             "Lower the learning rate, check the data, or raise the limit."
         )

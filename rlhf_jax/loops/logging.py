@@ -6,6 +6,7 @@ Only process 0 writes; every process may call these methods.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ def prepare_output_dir(path: str | Path) -> Path:
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write-test-{jax.process_index()}-{os.getpid()}"  # unique per process
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -37,18 +38,28 @@ def prepare_output_dir(path: str | Path) -> Path:
     return out
 
 
-def _drop_partial_last_line(path: Path) -> None:
+def _drop_partial_last_line(path: Path, block: int = 1 << 16) -> None:
     """A run killed (SIGKILL, power loss) while writing a line leaves it half-written; cut it
     so the resumed run's lines start on a line of their own and every line parses. Lines of
     steps after the newest checkpoint are written again by the resumed run (the later line of
-    a step is the one that counts)."""
-    if not path.exists() or path.stat().st_size == 0:
+    a step is the one that counts). Reads only the file's tail, however long the file."""
+    if not path.exists():
         return
     with path.open("rb+") as f:
-        data = f.read()
-        if data.endswith(b"\n"):
-            return
-        f.truncate(data.rfind(b"\n") + 1)
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            if pos == end and chunk.endswith(b"\n"):
+                return  # complete
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)  # one partial line and nothing else
 
 
 class MetricsLogger:

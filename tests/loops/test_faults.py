@@ -162,3 +162,22 @@ def test_ppo_stops_on_policy_skips_while_the_value_model_trains(run_dir, tmp_pat
     rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
     assert [r["ppo/policy/skipped_updates"] for r in rows] == [2, 4]
     assert [r["ppo/value/skipped_updates"] for r in rows] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    "content,kept",
+    [
+        (b"", b""),
+        (b'{"a": 1}\n', b'{"a": 1}\n'),
+        (b'{"a": 1}\n{"b": 2', b'{"a": 1}\n'),
+        (b'{"b": 2', b""),
+        (b"x" * 100 + b"\n" + b"y" * 50, b"x" * 100 + b"\n"),  # cut further back than a block
+    ],
+)
+def test_a_line_cut_by_a_kill_is_dropped_on_restart(tmp_path, content, kept):
+    from rlhf_jax.loops.logging import _drop_partial_last_line
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(content)
+    _drop_partial_last_line(path, block=8)
+    assert path.read_bytes() == kept
