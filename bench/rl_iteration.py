@@ -1,4 +1,5 @@
-"""One RL iteration: rlhf_jax PPO (experience + update) vs TRL's GRPOTrainer and RLOOTrainer.
+"""One RL iteration: rlhf_jax PPO and GRPO (experience + update) vs TRL's GRPOTrainer and
+RLOOTrainer.
 
 Every model is the same random GPT-2 checkpoint (6L/512d, vocabulary 8192, fp32): policy,
 reference, reward model (a scalar head on the trunk; TRL: `AutoModelForSequenceClassification`
@@ -6,9 +7,12 @@ with num_labels=1 passed as `reward_funcs`) and, for PPO, the value model. One i
 8 prompts of 32 tokens x 4 sampled completions = 32 rollouts of exactly 64 new tokens
 (rlhf_jax: no EOS id; TRL: `min_new_tokens` = `max_completion_length`), the KL penalty on
 (reference log-probs taken), one gradient step on the whole batch:
-- rlhf_jax: `make_experience_fn` (sample, reward, reference log-probs, values, GAE) then
+- rlhf_jax PPO: `make_experience_fn` (sample, reward, reference log-probs, values, GAE) then
   `make_update_fn` with epochs=1 and minibatch = rollout batch (one policy + one value
   AdamW update); the rollout's own log-probs are the old policy's (no extra forward);
+- rlhf_jax GRPO: the same with `advantage=grpo, samples_per_prompt=4, kl_penalty=loss` (k3,
+  beta 0.05, token-mean loss as TRL's default `loss_type="dapo"`): no critic at all, like for
+  like with TRL GRPO;
 - TRL: `per_device_train_batch_size=32, num_generations=4, steps_per_generation=1,
   num_iterations=1, gradient_accumulation_steps=1`, beta=0.05, so each
   `trainer.training_step` generates, scores and takes one optimizer step.
@@ -48,13 +52,14 @@ SIZES = {
 # ----------------------------------------------------------------------------- rlhf_jax
 
 
-def _ppo_config(s: Sizes):
+def _rl_config(s: Sizes, algorithm: str):
+    """PPO: 32 prompts (each of the 8 repeated 4 times), one sample each, a critic. GRPO: the
+    8 prompts, 4 samples each (a group), no critic, the KL in the loss."""
     from rlhf_jax.config import OptimConfig, PPOConfig
 
     optim = OptimConfig(lr=LR, schedule="constant", grad_clip=1.0)
     n = s.prompts * s.completions
-    return PPOConfig(
-        rollout_batch=n,
+    common = dict(
         minibatch_size=n,
         epochs=1,
         max_prompt_len=s.prompt_len,
@@ -65,38 +70,57 @@ def _ppo_config(s: Sizes):
         policy_optim=optim,
         value_optim=optim,
     )
+    if algorithm == "grpo":
+        return PPOConfig(
+            rollout_batch=s.prompts,
+            samples_per_prompt=s.completions,
+            advantage="grpo",
+            kl_penalty="loss",
+            **common,
+        )
+    return PPOConfig(rollout_batch=n, **common)
 
 
-class JaxPPO:
-    """The jitted experience and update functions and the pieces of experience for the split."""
+class JaxRL:
+    """The jitted experience and update functions of one algorithm, and the pieces of
+    experience for the split."""
 
-    def __init__(self, folder: Path, prompt_ids: np.ndarray, sizes: Sizes):
+    def __init__(self, folder: Path, unique_prompts: np.ndarray, sizes: Sizes, algorithm: str):
         import jax
         import jax.numpy as jnp
 
-        from rlhf_jax.losses import get_loss
         from rlhf_jax.models import init_scalar_head
-        from rlhf_jax.steps import Frozen, init_ppo_state, make_experience_fn, make_update_fn
+        from rlhf_jax.steps import (
+            Frozen,
+            RLAlgorithm,
+            init_rl_state,
+            make_experience_fn,
+            make_update_fn,
+        )
         from rlhf_jax.steps.optim import make_optimizer
 
         cfg, params = load_jax(folder)
         self.cfg = cfg
-        ppo = self.ppo = _ppo_config(sizes)
+        ppo = self.ppo = _rl_config(sizes, algorithm)
+        algo = RLAlgorithm.from_config(ppo)
         rm = {"trunk": params, "head": init_scalar_head(cfg, jax.random.key(1))}
-        self.state = init_ppo_state(
-            params,
-            rm,
-            make_optimizer(ppo.policy_optim, 1_000_000),
-            make_optimizer(ppo.value_optim, 1_000_000),
-            ppo,
+        critic = rm if algo.needs_critic else None
+        critic_tx = make_optimizer(ppo.value_optim, 1_000_000) if algo.needs_critic else None
+        self.state = init_rl_state(
+            params, critic, make_optimizer(ppo.policy_optim, 1_000_000), critic_tx, ppo
         )
         self.frozen = Frozen(ref=params, reward=rm)
+        # PPO samples each prompt once, so it gets every prompt K times; GRPO repeats inside.
+        prompt_ids = unique_prompts
+        if ppo.samples_per_prompt == 1:
+            prompt_ids = np.repeat(unique_prompts, sizes.completions, axis=0)
         self.prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
         self.prompt_mask = jnp.ones(prompt_ids.shape, jnp.int32)
-        self.experience = jax.jit(make_experience_fn(cfg, cfg, cfg, ppo, (), trl_setup.PAD))
+        self.experience = jax.jit(
+            make_experience_fn(cfg, cfg if critic else None, cfg, ppo, algo, (), trl_setup.PAD)
+        )
         self.update = jax.jit(
-            make_update_fn(cfg, cfg, ppo, get_loss("policy"), get_loss("value"), None, 0.0, 1),
-            donate_argnums=0,
+            make_update_fn(cfg, cfg if critic else None, ppo, algo), donate_argnums=0
         )
         self.key = jax.random.key(0)
         self.i = 0
@@ -119,7 +143,7 @@ class JaxPPO:
 
         from rlhf_jax.ops import token_logprobs
         from rlhf_jax.rollout import generate as rollout_generate
-        from rlhf_jax.steps.ppo import _response_logits, _response_values
+        from rlhf_jax.steps import response_logits, response_values
         from rlhf_jax.steps.reward import score_sequences
 
         cfg, ppo = self.cfg, self.ppo
@@ -139,9 +163,9 @@ class JaxPPO:
 
         @jax.jit
         def score(ref, value, reward, seq_ids, seq_mask, tokens):
-            ref_logits = _response_logits(cfg, ref, seq_ids, seq_mask, p)
+            ref_logits = response_logits(cfg, ref, seq_ids, seq_mask, p)
             ref_logp = token_logprobs(ref_logits, tokens, ppo.temperature)
-            values = _response_values(cfg, value, seq_ids, seq_mask, p)
+            values = response_values(cfg, value, seq_ids, seq_mask, p)
             return ref_logp, values, score_sequences(cfg, reward, seq_ids, seq_mask)
 
         gen = generate(self.state.policy.params, self.prompt_ids, self.prompt_mask, self.key)
@@ -157,7 +181,7 @@ class JaxPPO:
             "scoring": lambda: jax.block_until_ready(
                 score(
                     self.frozen.ref,
-                    self.state.value.params,
+                    self.state.critic.params,
                     self.frozen.reward,
                     seq_ids,
                     seq_mask,
@@ -248,12 +272,12 @@ def main(argv=None) -> dict:
     folder = build_checkpoint(s.shape, Path(tempfile.mkdtemp(prefix="rlhf_jax_bench_")))
 
     unique = trl_setup.random_ids(rng, s.shape.vocab, s.prompts, s.prompt_len)
-    prompt_ids = np.repeat(unique, s.completions, axis=0)  # each prompt K times, as TRL does
-    jax_side = JaxPPO(folder, prompt_ids, s)
+    jax_side = JaxRL(folder, unique, s, "ppo")
+    jax_grpo = JaxRL(folder, unique, s, "grpo")
     # TRL repeats each prompt num_generations times itself; the dataset holds enough prompts
     # for one batch of `prompts` unique ones.
     texts = [trl_setup.text_of(row) for row in unique]
-    sides = {"rlhf_jax PPO": jax_side.iteration}
+    sides = {"rlhf_jax PPO": jax_side.iteration, "rlhf_jax GRPO": jax_grpo.iteration}
     for kind in ("grpo", "rloo"):
         sides[f"TRL {kind.upper()}"] = trl_trainer(kind, folder, texts, s)[1]
     timings = alternate(sides, warmup, repeats)
@@ -261,6 +285,7 @@ def main(argv=None) -> dict:
 
     n = s.prompts * s.completions
     ppo_t = timings["rlhf_jax PPO"].median
+    grpo_t = timings["rlhf_jax GRPO"].median
     table = Table(
         f"One RL iteration: {s.prompts} prompts x {s.completions} completions, "
         f"{s.prompt_len}-token prompts, {s.new_tokens} new tokens, {s.shape.name}, fp32",
@@ -270,6 +295,7 @@ def main(argv=None) -> dict:
             "samples/s",
             "new tokens/s",
             "PPO speed-up",
+            "GRPO speed-up",
             "first iteration (s)",
         ),
     )
@@ -281,6 +307,7 @@ def main(argv=None) -> dict:
             n / t.median,
             n * s.new_tokens / t.median,
             f"{t.median / ppo_t:.2f}x",
+            f"{t.median / grpo_t:.2f}x",
             t.first,
         )
         results["iteration"][name] = {"s": t.median, "first": t.first}
@@ -295,13 +322,18 @@ def main(argv=None) -> dict:
         results["parts"][name] = parts[name].median
     table.notes += [
         f"Median of {repeats} timed iterations per method after {warmup} discarded, methods "
-        f"alternating iteration by iteration; PPO speed-up = method time / PPO time (above 1: "
-        f"PPO is faster); first iteration = the first call (rlhf_jax: tracing + XLA compile "
-        f"of experience and update + one iteration). PyTorch threads: {threads}.",
+        f"alternating iteration by iteration; PPO (GRPO) speed-up = method time / rlhf_jax "
+        "PPO (GRPO) time (above 1: rlhf_jax is faster); first iteration = the first call "
+        "(rlhf_jax: tracing + XLA compile of experience and update + one iteration). "
+        f"PyTorch threads: {threads}.",
         "rlhf_jax PPO: `experience` (jitted) + `update` (jitted, state donated); epochs=1, "
         "minibatch = the whole rollout batch, so one policy and one value AdamW update per "
         f"iteration; beta={BETA}, no EMA, no ptx. 4 models: policy, reference, reward (scalar "
         "head), value (initialised from the RM).",
+        "rlhf_jax GRPO: `ppo.advantage=grpo ppo.samples_per_prompt=4 ppo.kl_penalty=loss` "
+        f"(k3, beta={BETA}, token-mean loss: TRL's default `loss_type=dapo`), same batch and "
+        "one AdamW update; 3 models (policy, reference, reward), no critic: like for like with "
+        "TRL GRPO.",
         "TRL: one `trainer.training_step(model, batch)` (generation with `model.generate`, "
         "reward-model and reference forwards, loss and backward) + grad clip + "
         "`optimizer.step()` + `lr_scheduler.step()` + `zero_grad()`, on a batch from the "

@@ -218,8 +218,9 @@ def fsdp_worker(argv: list[str]) -> None:
     for shape in plan.fsdp_shapes:
         config, step, tx = sft_parts(shape)
         p_sh = model_param_shardings(config, mesh, mesh_cfg.rules)
-        abstract = jax.eval_shape(lambda p, tx=tx: TrainState.create(p, tx), param_shapes(config))
-        st_sh = state_shardings(abstract, p_sh, mesh)
+        shapes = param_shapes(config)
+        abstract = jax.eval_shape(lambda p, tx=tx: TrainState.create(p, tx), shapes)
+        st_sh = state_shardings(abstract, mesh, (shapes, p_sh))
         rows = batch_sharding(mesh, mesh_cfg.rules, 1)
 
         def per_device(tree, shardings):

@@ -91,9 +91,13 @@ def _load_config(args: argparse.Namespace):
     """The run's config; joins a multi-process run first, before any device is touched."""
     from rlhf_jax.config import Config, load_config
     from rlhf_jax.sharding import initialize
+    from rlhf_jax.steps import resolve_config_parts
 
     cfg = load_config(Config, args.config, args.overrides)
-    initialize(cfg.distributed)
+    initialize(cfg.distributed)  # before anything touches a device (the check below does)
+    # Every loss, estimator and reward function the config names, resolved now: a typo fails
+    # here, not after the stages before the one that uses it have run.
+    resolve_config_parts(cfg)
     return cfg
 
 

@@ -247,13 +247,22 @@ class Checkpointer:
             raise RlhfJaxError(f"cannot read checkpoint {where}: {_describe(err)}") from err
         return jax.tree.unflatten(treedef, [restored[names] for names, _ in named]), meta
 
-    def _check_compatible(self, step: int, want: dict[Names, Any]) -> None:
+    def _saved_leaves(self, step: int) -> dict[Names, Any]:
         where = self.step_dir(step)
         try:
             saved = self._manager.item_metadata(step)[_STATE]
         except Exception as err:
             raise RlhfJaxError(f"cannot read checkpoint {where}: {_describe(err)}") from err
-        saved = flat(getattr(saved, "tree", saved))
+        return flat(getattr(saved, "tree", saved))
+
+    def saved_names(self, step: int | None = None) -> list[str]:
+        """Slash-joined paths of the arrays checkpoint `step` (default: the latest) holds,
+        e.g. "policy/params/embed", read from its metadata without loading them."""
+        return sorted("/".join(n) for n in self._saved_leaves(self._pick_step(step)))
+
+    def _check_compatible(self, step: int, want: dict[Names, Any]) -> None:
+        saved = self._saved_leaves(step)
+        where = self.step_dir(step)
         problems = [f"{'/'.join(n)}: missing from the checkpoint" for n in want if n not in saved]
         problems += [f"{'/'.join(n)}: not in the state restored" for n in saved if n not in want]
         for names in sorted(want.keys() & saved.keys()):

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from rlhf_jax.config.schema import MOVED_KEYS
 from rlhf_jax.errors import RlhfJaxError
 
 T = TypeVar("T")
@@ -27,8 +28,13 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`; ints are accepted where floats are expected."""
+def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
+    """Check `value` against annotation `tp`; ints are accepted where floats are expected.
+
+    A mapping given for a dataclass-typed key is merged into `default` (the section as it
+    stands without the mapping), not into the class defaults: `sft.optim.lr=1e-4` changes
+    only the learning rate of SFT's optimizer, whose own defaults differ from OptimConfig's.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -39,7 +45,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, default)
             except RlhfJaxError as e:
                 errors.append(str(e))
         expected = " or ".join(_type_name(a) for a in args)
@@ -53,7 +59,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise RlhfJaxError(f"config key '{key}': expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
+        base = default if isinstance(default, tp) else None
+        return from_dict(tp, value, prefix=key + ".", base=base)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise RlhfJaxError(f"config key '{key}': expected a mapping, got {value!r}")
@@ -86,6 +93,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _unknown_key(key: str, known: list[str]) -> RlhfJaxError:
+    if key in MOVED_KEYS:
+        return RlhfJaxError(
+            f"config key '{key}' has moved: set '{MOVED_KEYS[key]}' (a hyperparameter of the "
+            "part that uses it, see docs/algorithms.md)"
+        )
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, known, n=1)
     hint = (
@@ -96,16 +108,35 @@ def _unknown_key(key: str, known: list[str]) -> RlhfJaxError:
     return RlhfJaxError(f"config key '{key}' is unknown{hint}")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types are errors."""
+def _default_of(cls: type, name: str, base: Any) -> Any:
+    """The value field `name` has before any override: `base`'s, else the field's default."""
+    if base is not None:
+        return getattr(base, name)
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types are errors.
+
+    Keys absent from `data` keep their value in `base` (default: the class's defaults), also
+    inside nested sections.
+    """
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             raise _unknown_key(prefix + str(key), names)
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        default = _default_of(cls, key, base)
+        kwargs[key] = _coerce(value, hints[key], prefix + key, default)
     try:
+        if base is not None:
+            return dataclasses.replace(base, **kwargs)
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise RlhfJaxError(f"config section '{prefix.rstrip('.') or 'top'}': {e}") from None

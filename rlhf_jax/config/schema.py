@@ -13,6 +13,16 @@ from rlhf_jax.errors import RlhfJaxError
 
 field = dataclasses.field
 
+# Keys that became hyperparameters of the part that reads them; a config that still names one
+# is told where it went instead of being silently ignored or called a typo.
+MOVED_KEYS = {
+    "ppo.gamma": "ppo.advantage_kwargs.gamma",
+    "ppo.lam": "ppo.advantage_kwargs.lam",
+    "ppo.whiten_rewards": "ppo.advantage_kwargs.whiten_rewards",
+    "ppo.clip_eps": "ppo.policy_loss_kwargs.clip_eps",
+    "ppo.value_clip": "ppo.value_loss_kwargs.clip_range",
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -110,44 +120,76 @@ class RMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """Step 3: PPO against the RM with a per-token KL penalty to the SFT policy."""
+    """Step 3: RL from the SFT policy. InstructGPT's PPO by default (a critic, GAE, the KL
+    penalty in the reward); GRPO, RLOO, REINFORCE++, Dr. GRPO, ... by naming their parts
+    (see docs/algorithms.md)."""
 
     prompts: str | None = None  # JSONL {prompt}; None = built-in task
     policy: str | None = None  # `rlhf-jax ppo`: SFT checkpoint folder (policy and reference)
     reward_model: str | None = None  # `rlhf-jax ppo`: reward model folder from `rlhf-jax rm`
+    # A function over decoded text scoring each response (a verifiable reward): a registered
+    # name (the built-in task's "topics_gold") or "package.module:function". Replaces the
+    # reward model in RL when set.
+    reward_fn: str | None = None
+    reward_fn_kwargs: dict[str, Any] = field(default_factory=dict)
     iterations: int = 60
-    rollout_batch: int = 64  # prompts (= episodes) per iteration
-    minibatch_size: int = 16
+    rollout_batch: int = 64  # prompts per iteration
+    samples_per_prompt: int = 1  # G responses sampled per prompt (a group; GRPO, RLOO: >= 2)
+    minibatch_size: int = 16  # sampled responses per optimizer update
     epochs: int = 2  # passes over the rollout batch, reshuffled every epoch
     max_prompt_len: int = 16
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling; also divides logits wherever log-probs are taken
+    top_k: int | None = None  # sampling; the trainer's log-probs use the same truncation
+    top_p: float | None = None
     policy_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=3e-4, schedule="linear", final_lr_ratio=0.0)
     )
+    # The critic's optimizer; unused (and no critic exists) when the estimator needs none.
     value_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, schedule="linear", final_lr_ratio=0.0)
     )
+    # Advantage estimator: gae (needs a critic) | grpo | dr_grpo | rloo | reinforce_pp |
+    # reinforce_pp_baseline | "package.module:function"; its hyperparameters (gae: gamma,
+    # lam, whiten_rewards, whiten) in advantage_kwargs.
+    advantage: str = "gae"
+    advantage_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Where the KL to the SFT policy acts: subtracted from the reward on every token
+    # (InstructGPT), added to the loss (GRPO), or nowhere (no reference model is kept).
+    kl_penalty: Literal["reward", "loss", "none"] = "reward"
+    # Estimator of the per-token KL (ops.kl_estimate); null = k1 in the reward, k3 in the loss.
+    kl_estimator: Literal["k1", "k2", "k3", "abs"] | None = None
     beta: float = 0.05  # initial KL coefficient
     adaptive_kl: bool = False  # Ziegler et al. 2019 controller toward kl_target
     kl_target: float = 6.0
     kl_horizon: int = 10000
-    kl_estimator: Literal["k1", "k2", "k3", "abs"] = "k1"
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
+    vf_coef: float = 0.1  # weight of the critic's loss (when there is a critic)
     # A response that never emits EOS is scored `score - missing_eos_penalty` (null: no penalty).
     missing_eos_penalty: float | None = 1.0
     # Or a fixed score for such responses, replacing the RM's (takes precedence when set).
     missing_eos_score: float | None = None
     ema_decay: float = 0.992  # EMA of policy weights for evaluation; 0 = off
-    policy_loss: str = "default"
+    policy_loss: str = "default"  # ppo_clip | ppo_dual_clip | gspo | cispo | "pkg.mod:fn"
     policy_loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    # How per-token policy-loss terms are reduced; null = the policy loss's own default
+    # (token_mean, or seq_mean_token_mean for gspo). Also used by the KL term in the loss.
+    loss_reduction: (
+        Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] | None
+    ) = None
     value_loss: str = "default"
     value_loss_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def episodes(self) -> int:
+        """Sampled responses per iteration: rollout_batch prompts x samples_per_prompt."""
+        return self.rollout_batch * self.samples_per_prompt
+
+    @property
+    def kl_kind(self) -> str:
+        """The KL estimator in effect (the default depends on where the KL acts)."""
+        if self.kl_estimator is not None:
+            return self.kl_estimator
+        return "k3" if self.kl_penalty == "loss" else "k1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +205,7 @@ class PtxConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    n_samples: int = 1  # completions per eval prompt and policy
+    n_samples: int = 1  # completions sampled per eval prompt and policy (gold reward averaged)
     temperature: float = 1.0
     bootstrap: int = 2000  # resamples for confidence intervals
     # Also run PPO with ptx.coef=0 from the same SFT/RM and report its pretraining loss.
@@ -266,10 +308,28 @@ class Config:
 
     def __post_init__(self) -> None:
         p = self.ppo
-        if p.rollout_batch % p.minibatch_size:
+        if p.samples_per_prompt < 1:
             raise RlhfJaxError(
-                f"config key 'ppo.minibatch_size': {p.minibatch_size} does not divide "
-                f"ppo.rollout_batch={p.rollout_batch}"
+                f"config key 'ppo.samples_per_prompt' must be >= 1, got {p.samples_per_prompt}"
+            )
+        if p.minibatch_size < 1 or p.episodes % p.minibatch_size:
+            raise RlhfJaxError(
+                f"config key 'ppo.minibatch_size': {p.minibatch_size} does not divide the "
+                f"{p.episodes} responses of an iteration (ppo.rollout_batch={p.rollout_batch} x "
+                f"ppo.samples_per_prompt={p.samples_per_prompt})"
+            )
+        if p.top_k is not None and p.top_k < 1:
+            raise RlhfJaxError(f"config key 'ppo.top_k' must be >= 1 or null, got {p.top_k}")
+        if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
+            raise RlhfJaxError(f"config key 'ppo.top_p' must be in (0, 1] or null, got {p.top_p}")
+        if p.kl_penalty == "none" and p.adaptive_kl:
+            raise RlhfJaxError(
+                "config key 'ppo.adaptive_kl': the KL controller needs a KL term, but "
+                "ppo.kl_penalty is none"
+            )
+        if self.eval.n_samples < 1:
+            raise RlhfJaxError(
+                f"config key 'eval.n_samples' must be >= 1, got {self.eval.n_samples}"
             )
         for name, optim, batch in (
             ("sft", self.sft.optim, self.sft.batch_size),

@@ -28,13 +28,12 @@ from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
+from rlhf_jax.loops.rl import RLModels, train_rl
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
-    PPOModels,
     reward_accuracy,
     score_all,
     train_lm,
-    train_ppo,
     train_reward_model,
 )
 from rlhf_jax.models import (
@@ -45,7 +44,7 @@ from rlhf_jax.models import (
     save_scalar_model,
 )
 from rlhf_jax.models.hf import read_hf_config
-from rlhf_jax.steps import normalize_reward_bias
+from rlhf_jax.steps import RLAlgorithm, normalize_reward_bias, resolve_config_parts
 
 
 def _require(value: str | None, key: str, command: str) -> str:
@@ -55,6 +54,7 @@ def _require(value: str | None, key: str, command: str) -> str:
 
 
 def _start(cfg: Config, out_dir: str | Path) -> tuple[Path, MetricsLogger, Runtime]:
+    resolve_config_parts(cfg)
     out = prepare_output_dir(out_dir)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress), Runtime.from_config(cfg)
@@ -144,9 +144,13 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
 
 
 def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
-    """PPO(-ptx) from `ppo.policy` against `ppo.reward_model`; writes OUT/policy."""
+    """RL from `ppo.policy` against `ppo.reward_model` (or `ppo.reward_fn`); writes
+    OUT/policy. The algorithm is the one the `ppo` section names (PPO by default)."""
+    algo = RLAlgorithm.from_config(cfg.ppo)
     policy_path = _require(cfg.ppo.policy, "ppo.policy", "ppo")
-    rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model", "ppo")
+    rm_path = None
+    if algo.reward_fn is None:
+        rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model (or ppo.reward_fn)", "ppo")
     prompts, prompt_report = load_prompts(
         _require(cfg.ppo.prompts, "ppo.prompts", "ppo"), cfg.data.on_error
     )
@@ -163,28 +167,30 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         ptx_arrays = {**enc, "loss_mask": enc["attention_mask"].astype("float32")}
     out, logger, runtime = _start(cfg, out_dir)
     policy_cfg, sft_params = _load_lm(policy_path, cfg, runtime)
-    reward_cfg, reward_params = load_scalar_model(
-        rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
-    )
-    if reward_cfg.vocab_size != policy_cfg.vocab_size:
-        raise RlhfJaxError(
-            f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
-            f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
+    reward_cfg = reward_params = None
+    if rm_path is not None:
+        reward_cfg, reward_params = load_scalar_model(
+            rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
         )
-    models = PPOModels(policy_cfg, sft_params, reward_cfg, reward_params)
+        if reward_cfg.vocab_size != policy_cfg.vocab_size:
+            raise RlhfJaxError(
+                f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
+                f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
+            )
+    models = RLModels(policy_cfg, sft_params, reward_cfg, reward_params)
     eos_id, pad = special_ids(tokenizer)
-    eos = (eos_id,)
-    state = train_ppo(
+    state = train_rl(
         cfg,
         models,
         prompt_arrays,
         ptx_arrays,
-        eos,
+        (eos_id,),
         pad,
         jax.random.key(cfg.seed),
         logger,
         runtime,
         checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint),
+        tokenizer=tokenizer,
     )
     _finish(out, logger, [r for r in (prompt_report, ptx_report) if r is not None])
     params = state.ema_params if state.ema_params is not None else state.policy.params

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.ops import token_logprobs
-from rlhf_jax.rollout.generate import _generate
+from rlhf_jax.rollout import generate
 
 
 def sample_responses(
@@ -24,6 +25,8 @@ def sample_responses(
     eos_ids: tuple[int, ...],
     pad_id: int,
     batch_size: int,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Generate for every prompt row in batches of `batch_size` (the last one padded)."""
     n = prompt_ids.shape[0]
@@ -35,17 +38,17 @@ def sample_responses(
         if pad_rows:  # keep one compiled shape
             ids = np.concatenate([ids, np.repeat(ids[-1:], pad_rows, 0)])
             mask = np.concatenate([mask, np.repeat(mask[-1:], pad_rows, 0)])
-        gen = _generate(
+        gen = generate(
             cfg,
             params,
             jnp.asarray(ids),
             jnp.asarray(mask),
             jax.random.fold_in(key, start),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens,
             temperature=float(temperature),
-            top_k=None,
-            top_p=None,
-            eos_ids=tuple(eos_ids),
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=tuple(eos_ids),
             pad_id=int(pad_id),
         )
         outs.append(jax.device_get(gen._asdict()))
@@ -116,3 +119,58 @@ def win_rate(a: np.ndarray, b: np.ndarray) -> float:
     """Fraction of paired samples where a beats b, ties counted as half."""
     a, b = np.asarray(a), np.asarray(b)
     return float(np.mean(a > b) + 0.5 * np.mean(a == b))
+
+
+@dataclasses.dataclass
+class GoldEval:
+    """A policy's samples on the evaluation prompts (each answered n times) and their gold
+    rewards: `gold` per sample [P * n] (prompt-major), `per_prompt` the mean of each prompt's n."""
+
+    samples: dict[str, np.ndarray]
+    texts: list[str]
+    gold: np.ndarray
+    per_prompt: np.ndarray
+
+
+def evaluate_gold(
+    cfg: ModelConfig,
+    params,
+    tokenizer,
+    prompts: Sequence[str],
+    arrays: dict[str, np.ndarray],
+    key: jax.Array,
+    gold_fn: Callable[[str, str], float],
+    max_new_tokens: int,
+    temperature: float,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    n_samples: int = 1,
+    batch_size: int = 128,
+) -> GoldEval:
+    """Sample `n_samples` responses per evaluation prompt and score each with `gold_fn`."""
+    ids = np.repeat(arrays["input_ids"], n_samples, axis=0)
+    mask = np.repeat(arrays["attention_mask"], n_samples, axis=0)
+    samples = sample_responses(
+        cfg, params, ids, mask, key, max_new_tokens, temperature, eos_ids, pad_id, batch_size
+    )
+    texts = decode_responses(tokenizer, samples)
+    repeated = [p for p in prompts for _ in range(n_samples)]
+    gold = np.array([gold_fn(p, c) for p, c in zip(repeated, texts)])
+    return GoldEval(samples, texts, gold, gold.reshape(len(prompts), n_samples).mean(axis=1))
+
+
+def compare_to_reference(
+    policy: GoldEval, reference: GoldEval, kl: np.ndarray, n_resamples: int, seed: int
+) -> dict[str, float | tuple[float, float]]:
+    """A policy's gold reward against the reference policy's on the same prompts: the mean
+    with its bootstrap 95% interval over prompts, the paired gain, the win rate (ties half)
+    and the mean KL estimate per response."""
+    gain = policy.per_prompt - reference.per_prompt
+    return {
+        "gold_reward": float(policy.gold.mean()),
+        "gold_reward_ci": bootstrap_mean_ci(policy.per_prompt, n_resamples, seed),
+        "gold_gain": float(gain.mean()),
+        "gold_gain_ci": bootstrap_mean_ci(gain, n_resamples, seed),
+        "win_rate_vs_sft": win_rate(policy.gold, reference.gold),
+        "kl_to_sft": float(np.mean(kl)),
+    }

@@ -1,42 +1,29 @@
-"""The training stages as host loops over the pure steps: LM (pretrain / SFT), RM, PPO."""
+"""The supervised stages as host loops over the pure steps: LM (pretrain / SFT) and the RM,
+with their evaluation helpers. The RL stage is in `loops/rl.py`."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import Config, ModelSpec, OptimConfig
 from rlhf_jax.data import batches
-from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import run_train_loop, short_metrics
+from rlhf_jax.loops.train import run_train_loop
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
 from rlhf_jax.models.config import FAMILY_SWITCHES
-from rlhf_jax.sharding import (
-    frozen_shardings,
-    init_sharded,
-    init_sharded_ppo_state,
-    jit_experience,
-    jit_update,
-    ppo_state_shardings,
-)
+from rlhf_jax.sharding import init_sharded
 from rlhf_jax.steps import (
-    Frozen,
-    make_experience_fn,
     make_optimizer,
     make_reward_eval,
     make_reward_step,
     make_sft_eval,
     make_sft_step,
-    make_update_fn,
     score_sequences,
 )
 
@@ -210,130 +197,3 @@ def score_all(
             for s in range(0, n, batch_size)
         ]
     )
-
-
-@dataclasses.dataclass
-class PPOModels:
-    policy_cfg: ModelConfig
-    sft_params: dict
-    reward_cfg: ModelConfig
-    reward_params: dict
-
-
-def train_ppo(
-    cfg: Config,
-    models: PPOModels,
-    prompts: dict[str, np.ndarray],
-    ptx: dict[str, np.ndarray] | None,
-    eos_ids: tuple[int, ...],
-    pad_id: int,
-    key: jax.Array,
-    logger: MetricsLogger,
-    runtime: Runtime,
-    stage: str = "ppo",
-    checkpoints: StageCheckpoints | None = None,
-):
-    """PPO(-ptx) from the SFT policy; value model initialised from the RM. Returns PPOState.
-
-    Policy, reference, value and reward weights all live on the runtime's mesh; each iteration
-    is two compiled calls (experience, update) with explicit shardings.
-    """
-    ppo = cfg.ppo
-    mesh, rules = runtime.mesh, runtime.rules
-    n_mb = ppo.rollout_batch // ppo.minibatch_size
-    updates = ppo.iterations * ppo.epochs * n_mb
-    policy_sh = runtime.param_shardings(models.policy_cfg)
-    reward_sh = runtime.param_shardings(models.reward_cfg, scalar=True)
-    state = init_sharded_ppo_state(
-        models.sft_params,
-        models.reward_params,
-        make_optimizer(ppo.policy_optim, updates),
-        make_optimizer(ppo.value_optim, updates),
-        ppo,
-        policy_sh,
-        reward_sh,
-        mesh,
-    )
-    state_sh = ppo_state_shardings(state, policy_sh, reward_sh, mesh)
-    start = 0
-    if checkpoints is not None:
-        state, start = checkpoints.restore(state, state_sh)
-    frozen = Frozen(
-        ref=runtime.place(models.sft_params, policy_sh),
-        reward=runtime.place(models.reward_params, reward_sh),
-    )
-    use_ptx = ptx is not None and cfg.ptx.coef > 0
-    experience = jit_experience(
-        make_experience_fn(
-            models.policy_cfg, models.reward_cfg, models.reward_cfg, ppo, eos_ids, pad_id
-        ),
-        state_sh,
-        frozen_shardings(policy_sh, reward_sh),
-        mesh,
-        rules,
-    )
-    update = jit_update(
-        make_update_fn(
-            models.policy_cfg,
-            models.reward_cfg,
-            ppo,
-            get_loss("policy", ppo.policy_loss, **ppo.policy_loss_kwargs),
-            get_loss("value", ppo.value_loss, **ppo.value_loss_kwargs),
-            get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
-            cfg.ptx.coef,
-            ppo.policy_optim.grad_accum,
-        ),
-        state_sh,
-        mesh,
-        rules,
-    )
-    # One prompt batch per iteration and epochs x minibatches ptx batches: positions from `start`.
-    prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2, start=start)
-    ptx_iter = None
-    if use_ptx:
-        ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=start * ppo.epochs * n_mb)
-    guard = SkipGuard(
-        stage,
-        {
-            "ppo/policy": ppo.policy_optim.max_consecutive_skips,
-            "ppo/value": ppo.value_optim.max_consecutive_skips,
-        },
-        logger,
-        checkpoints.latest_step if checkpoints is not None else None,
-    )
-    try:
-        with logger.bar(ppo.iterations, stage) as bar:
-            bar.update(start)
-            for it in range(start, ppo.iterations):
-                t0 = time.time()
-                exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
-                batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
-                exp, exp_metrics = experience(
-                    state, frozen, batch["input_ids"], batch["attention_mask"], exp_key
-                )
-                ptx_batch = None
-                if use_ptx:
-                    rows = [next(ptx_iter) for _ in range(ppo.epochs * n_mb)]
-                    shape = (ppo.epochs, n_mb, *rows[0]["input_ids"].shape)
-                    stacked = {
-                        k: np.stack([r[k] for r in rows]).reshape(shape)
-                        for k in ("input_ids", "attention_mask")
-                    }
-                    ptx_batch = runtime.global_batch(stacked, "ptx.batch_size", batch_axis=2)
-                state, upd_metrics = update(state, exp, ptx_batch, upd_key)
-                metrics = {**exp_metrics, **upd_metrics}
-                # An iteration is long enough that waiting for its metrics costs little, and
-                # every iteration's numbers are worth keeping.
-                jax.block_until_ready(metrics)
-                tokens = float(jnp.sum(exp.response_mask))
-                metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
-                row = logger.log(stage, it + 1, metrics)
-                bar.set_postfix(short_metrics(row))
-                bar.update(1)
-                guard.check(it + 1, guard.counters(metrics))
-                if checkpoints is not None:
-                    checkpoints.after_step(it + 1, state, ppo.iterations)
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()  # commits a save in flight, also when an iteration raised
-    return state

@@ -10,12 +10,8 @@ from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.sharding import (
-    batch_sharding,
-    init_sharded_train_state,
-    jit_step,
-    state_shardings,
-)
+from rlhf_jax.sharding import batch_sharding, init_sharded_state, jit_step
+from rlhf_jax.steps import TrainState
 
 # Metrics shown in the progress bar when present.
 BAR_KEYS = ("sft/loss", "rm/loss", "rm/accuracy", "objective/scores", "objective/kl")
@@ -53,8 +49,9 @@ def run_train_loop(
     stop the stage with `TrainingDiverged` (nothing saved after them).
     """
     mesh = runtime.mesh
-    state = init_sharded_train_state(params, tx, param_shardings, mesh)
-    shardings = state_shardings(state, param_shardings, mesh)
+    state, shardings = init_sharded_state(
+        lambda p: TrainState.create(p, tx), (params,), (param_shardings,), mesh
+    )
     start = 0
     if checkpoints is not None:
         state, start = checkpoints.restore(state, shardings)

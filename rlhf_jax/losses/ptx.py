@@ -8,9 +8,11 @@ from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, next_token_logprobs
 from rlhf_jax.types import LossOut
 
+READS = ("input_ids", "attention_mask")
 
-@register_loss("ptx", "default")
-@register_loss("ptx", "pretrain_nll")
+
+@register_loss("ptx", "default", reads=READS)
+@register_loss("ptx", "pretrain_nll", reads=READS)
 def pretrain_nll(outputs: Arrays, batch: Arrays) -> LossOut:
     """`L = -1/N sum_t log pi(x_{t+1} | x_<=t)` over the N next-token pairs whose context and
     target are both real tokens (the loss to minimise for -E log pi(x); gamma is applied by

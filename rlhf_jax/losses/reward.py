@@ -13,6 +13,8 @@ from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean
 from rlhf_jax.types import LossOut
 
+READS = ("rank", "completion_mask")
+
 
 def _pairs(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array]:
     """`(better_BKK, diff_BKK)`: better[b, i, j] = 1 when completion i is ranked strictly above j
@@ -40,8 +42,8 @@ def _metrics(loss: jax.Array, better_BKK: jax.Array, diff_BKK: jax.Array) -> dic
     }
 
 
-@register_loss("reward", "default")
-@register_loss("reward", "kwise_ranking")
+@register_loss("reward", "default", reads=READS)
+@register_loss("reward", "kwise_ranking", reads=READS)
 def kwise_ranking(outputs: Arrays, batch: Arrays) -> LossOut:
     """InstructGPT eq. 1, each prompt weighted equally:
 
@@ -63,7 +65,7 @@ def kwise_ranking(outputs: Arrays, batch: Arrays) -> LossOut:
     return LossOut(loss, _metrics(loss, better_BKK, diff_BKK))
 
 
-@register_loss("reward", "pairwise_mean")
+@register_loss("reward", "pairwise_mean", reads=READS)
 def pairwise_mean(outputs: Arrays, batch: Arrays) -> LossOut:
     """`loss = -1/P sum_{all pairs of the batch} log sigmoid(r_w - r_l)`, P the number of pairs:
     every comparison weighted equally, so prompts with many completions weigh more (the

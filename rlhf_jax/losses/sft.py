@@ -9,6 +9,8 @@ from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, next_token_logprobs
 from rlhf_jax.types import LossOut
 
+READS = ("input_ids", "loss_mask")
+
 
 def _targets(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Shifted log-probs, target mask and argmax hits, all [B, T - 1].
@@ -24,8 +26,8 @@ def _targets(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array, jax.
     return logp_BT, mask_BT, hit_BT
 
 
-@register_loss("sft", "default")
-@register_loss("sft", "sft_cross_entropy")
+@register_loss("sft", "default", reads=READS)
+@register_loss("sft", "sft_cross_entropy", reads=READS)
 def sft_cross_entropy(outputs: Arrays, batch: Arrays) -> LossOut:
     """`L = -1/N sum_{target tokens t} log pi(x_t | x_<t)`, N = number of target tokens in the
     batch (token mean: long completions weigh more, as in the usual SFT recipe).
@@ -42,7 +44,7 @@ def sft_cross_entropy(outputs: Arrays, batch: Arrays) -> LossOut:
     return LossOut(loss, metrics)
 
 
-@register_loss("sft", "sft_sequence_mean")
+@register_loss("sft", "sft_sequence_mean", reads=READS)
 def sft_sequence_mean(outputs: Arrays, batch: Arrays) -> LossOut:
     """`L = -1/B' sum_b (1/N_b sum_{t in b} log pi(x_t | x_<t))`: each sequence's token mean,
     then the mean over the B' sequences that have targets, so every demonstration weighs the

@@ -1,4 +1,8 @@
-"""Step 3: value-function losses over response tokens (token mean over the response mask)."""
+"""Value-function (critic) losses over response tokens: a token mean over the response mask.
+
+The RL update passes the minibatch's global `token_count`, so micro-batch accumulation gives
+exactly the whole minibatch's gradient; called alone the count is the given batch's.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.registry import Arrays, register_loss
-from rlhf_jax.ops import masked_mean
+from rlhf_jax.ops import masked_mean, reduce_tokens
 from rlhf_jax.types import LossOut
 
 
@@ -21,8 +25,15 @@ def _inputs(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, ...]:
     return mask_BT, clean(outputs["values"]), clean(batch["old_values"]), clean(batch["returns"])
 
 
-@register_loss("value", "default")
-@register_loss("value", "clipped_value")
+READS = ("old_values", "returns", "response_mask", "token_count")
+
+
+def _token_mean(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays) -> jax.Array:
+    return reduce_tokens(x_BT, mask_BT, "token_mean", batch.get("token_count"))
+
+
+@register_loss("value", "default", reads=READS)
+@register_loss("value", "clipped_value", reads=READS)
 def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> LossOut:
     """Clipped value loss (PPO2 baselines; lm-human-preference-details):
 
@@ -35,7 +46,7 @@ def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> Lo
     clipped_values_BT = old_BT + jnp.clip(values_BT - old_BT, -clip_range, clip_range)
     unclipped_sq_BT = jnp.square(values_BT - returns_BT)
     clipped_sq_BT = jnp.square(clipped_values_BT - returns_BT)
-    loss = 0.5 * masked_mean(jnp.maximum(unclipped_sq_BT, clipped_sq_BT), mask_BT)
+    loss = 0.5 * _token_mean(jnp.maximum(unclipped_sq_BT, clipped_sq_BT), mask_BT, batch)
     metrics = {
         "ppo/value/loss": loss,
         "ppo/value/clipfrac": masked_mean(clipped_sq_BT > unclipped_sq_BT, mask_BT),
@@ -44,12 +55,12 @@ def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> Lo
     return LossOut(loss, metrics)
 
 
-@register_loss("value", "unclipped_value")
+@register_loss("value", "unclipped_value", reads=READS)
 def unclipped_value(outputs: Arrays, batch: Arrays) -> LossOut:
     """`L = 0.5 * mean_t (V_t - R_t)^2` over response tokens: plain regression to the returns
     (the N-details study and later work find value clipping often unnecessary)."""
     mask_BT, values_BT, _, returns_BT = _inputs(outputs, batch)
-    loss = 0.5 * masked_mean(jnp.square(values_BT - returns_BT), mask_BT)
+    loss = 0.5 * _token_mean(jnp.square(values_BT - returns_BT), mask_BT, batch)
     metrics = {
         "ppo/value/loss": loss,
         "ppo/value/mean": masked_mean(values_BT, mask_BT),

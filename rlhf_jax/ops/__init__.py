@@ -3,7 +3,14 @@
 No models, no config objects; every function is pure and jittable.
 """
 
-from rlhf_jax.ops.gae import gae_advantages
+from rlhf_jax.ops.gae import discounted_returns, gae_advantages
+from rlhf_jax.ops.groups import (
+    group_mean,
+    group_size,
+    group_std,
+    groups_all_equal,
+    leave_one_out_mean,
+)
 from rlhf_jax.ops.kl import (
     KL_ESTIMATORS,
     AdaptiveKLState,
@@ -12,24 +19,47 @@ from rlhf_jax.ops.kl import (
     last_token_onehot,
     per_token_rewards,
 )
-from rlhf_jax.ops.logprobs import entropy_from_logits, next_token_logprobs, token_logprobs
-from rlhf_jax.ops.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_jax.ops.logprobs import (
+    entropy_from_logits,
+    filter_logits,
+    next_token_logprobs,
+    policy_token_logprobs,
+    token_logprobs,
+)
+from rlhf_jax.ops.masked import (
+    REDUCTIONS,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    reduce_tokens,
+)
 from rlhf_jax.ops.stats import explained_variance
 
 __all__ = [
     "KL_ESTIMATORS",
-    "AdaptiveKLState",
+    "REDUCTIONS",
     "adaptive_kl_update",
+    "AdaptiveKLState",
+    "discounted_returns",
     "entropy_from_logits",
     "explained_variance",
+    "filter_logits",
     "gae_advantages",
+    "group_mean",
+    "group_size",
+    "group_std",
+    "groups_all_equal",
     "kl_estimate",
     "last_token_onehot",
+    "leave_one_out_mean",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "next_token_logprobs",
     "per_token_rewards",
+    "policy_token_logprobs",
+    "reduce_tokens",
     "token_logprobs",
 ]

@@ -1,4 +1,5 @@
-"""Generalised advantage estimation (Schulman et al. 2016) as a reverse `lax.scan` over time."""
+"""Returns over a response as reverse `lax.scan`s over time: generalised advantage estimation
+(Schulman et al. 2016) and the plain discounted reward-to-go."""
 
 from __future__ import annotations
 
@@ -54,3 +55,22 @@ def gae_advantages(
     advantages_BT = advantages_TB.T
     returns_BT = (advantages_BT + values_BT) * mask_BT
     return advantages_BT, returns_BT
+
+
+def discounted_returns(rewards_BT: jax.Array, mask_BT: jax.Array, gamma: float = 1.0) -> jax.Array:
+    """Reward-to-go `G_t = sum_{l >= t} gamma^(l - t) r_l` over each row's real tokens (the
+    Monte-Carlo return REINFORCE uses, no critic). mask_BT is a prefix of ones per row; the
+    return is 0 on masked positions and never carries reward across the end of a row.
+    """
+    dtype = jnp.promote_types(jnp.result_type(rewards_BT), jnp.float32)
+    mask_BT = jnp.asarray(mask_BT, dtype)
+    rewards_BT = jnp.where(mask_BT != 0, jnp.asarray(rewards_BT, dtype), 0.0)
+
+    def step(next_return_B, xs):
+        reward_B, mask_B = xs
+        return_B = (reward_B + gamma * next_return_B) * mask_B
+        return return_B, return_B
+
+    init = jnp.zeros((rewards_BT.shape[0],), dtype)
+    _, returns_TB = jax.lax.scan(step, init, (rewards_BT.T, mask_BT.T), reverse=True)
+    return returns_TB.T

@@ -95,3 +95,54 @@ def next_token_logprobs(
     # the backward pass pad a whole logits-sized gradient back with a copy.
     targets_BT = jnp.concatenate([input_ids_BT[:, 1:], input_ids_BT[:, :1]], axis=1)
     return token_logprobs(logits_BTV, targets_BT, temperature)[:, :-1]
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Set logits outside the top-k and the top-p nucleus to -inf (top-k applied first).
+
+    Top-p keeps the smallest set of most likely tokens whose probability sums to >= top_p
+    (always at least one). Tokens tied with the last kept logit are kept too.
+    """
+    neg_inf = jnp.finfo(logits_BV.dtype).min
+    if top_k is not None and top_k < logits_BV.shape[-1]:
+        kth = jax.lax.top_k(logits_BV, top_k)[0][..., -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg_inf, logits_BV)
+    if top_p is not None and top_p < 1.0:
+        sorted_desc = jnp.sort(logits_BV, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = mass_before < top_p  # a prefix of the sorted order, never empty
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
+        logits_BV = jnp.where(logits_BV < threshold, neg_inf, logits_BV)
+    return logits_BV
+
+
+def policy_token_logprobs(
+    logits_BTV: jax.Array,
+    tokens_BT: jax.Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probs [B, T] and entropies [B, T] of tokens under the distribution they were
+    *sampled* from: logits / temperature, then top-k and top-p (`filter_logits`).
+
+    The trainer takes the policy's log-probs with this function, so they are the same function
+    of the weights as the rollout's (`rollout.sampling.sampling_log_probs`), and the ratio
+    pi / pi_old is exactly 1 before the first update. Without top-k / top-p this is
+    `token_logprobs` (its fused gradient); with them, the kept set is chosen without gradient
+    and the filtered logits get none.
+    """
+    if top_k is None and (top_p is None or top_p >= 1.0):
+        return (
+            token_logprobs(logits_BTV, tokens_BT, temperature),
+            entropy_from_logits(logits_BTV, temperature),
+        )
+    z_BTV = _scaled(logits_BTV, temperature)
+    v = z_BTV.shape[-1]
+    kept_BTV = filter_logits(jax.lax.stop_gradient(z_BTV).reshape(-1, v), top_k, top_p)
+    keep_BTV = (kept_BTV > jnp.finfo(kept_BTV.dtype).min).reshape(z_BTV.shape)
+    z_BTV = jnp.where(keep_BTV, z_BTV, jnp.finfo(z_BTV.dtype).min)
+    logp_BT, _ = _plain_token_logprobs(z_BTV, tokens_BT, 1.0)
+    return logp_BT, entropy_from_logits(z_BTV, 1.0)

@@ -76,3 +76,47 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return jnp.where(mask != 0, whitened, 0.0)
+
+
+# How per-token loss terms [B, T] become one scalar (see `reduce_tokens`).
+REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def reduce_tokens(
+    x_BT: jax.Array,
+    mask_BT: jax.Array,
+    reduction: str = "token_mean",
+    token_count: jax.Array | float | None = None,
+    sequence_count: jax.Array | float | None = None,
+) -> jax.Array:
+    """Per-token terms [B, T] -> a scalar, over the real tokens of each row.
+
+      token_mean:              `sum_bt m x / token_count`
+                               (DAPO: every token weighs the same)
+      seq_mean_token_mean:     `sum_b (sum_t m x / len_b) / sequence_count`
+                               (GRPO: every sequence weighs the same, whatever its length)
+      seq_mean_token_sum_norm: `sum_bt m x / (sequence_count * T)`, T the padded length
+                               (Dr. GRPO: a constant normaliser, so length biases nothing)
+
+    Denominators: `token_count` defaults to the sum of the mask and `sequence_count` to B (the
+    rows of x). Passing the counts of a whole batch instead (divided by the number of
+    micro-batches) makes the mean of micro-batch losses exactly the whole batch's loss, also
+    when micro-batches hold different numbers of tokens: a mean of per-micro-batch means is not.
+    A row without real tokens contributes 0; a zero denominator gives 0, not NaN.
+    """
+    x_BT, mask_BT = _prepare(x_BT, mask_BT)
+    if reduction == "token_mean":
+        total = masked_sum(x_BT, mask_BT)
+        count = jnp.sum(mask_BT) if token_count is None else jnp.asarray(token_count, x_BT.dtype)
+    elif reduction in ("seq_mean_token_mean", "seq_mean_token_sum_norm"):
+        count = x_BT.shape[0] if sequence_count is None else sequence_count
+        count = jnp.asarray(count, x_BT.dtype)
+        if reduction == "seq_mean_token_mean":
+            total = jnp.sum(masked_mean(x_BT, mask_BT, axis=1))
+        else:
+            total = masked_sum(x_BT, mask_BT)
+            count = count * x_BT.shape[1]
+    else:
+        raise ValueError(f"unknown reduction {reduction!r}; one of {', '.join(REDUCTIONS)}")
+    safe = jnp.where(count > 0, count, 1.0)
+    return jnp.where(count > 0, total / safe, 0.0)

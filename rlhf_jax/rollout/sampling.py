@@ -10,26 +10,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.ops.logprobs import filter_logits
 
-def filter_logits(logits_BV: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
-    """Set logits outside the top-k and the top-p nucleus to -inf (top-k applied first).
-
-    Top-p keeps the smallest set of most likely tokens whose probability sums to >= top_p
-    (always at least one). Tokens tied with the last kept logit are kept too.
-    """
-    neg_inf = jnp.finfo(logits_BV.dtype).min
-    if top_k is not None and top_k < logits_BV.shape[-1]:
-        kth = jax.lax.top_k(logits_BV, top_k)[0][..., -1:]
-        logits_BV = jnp.where(logits_BV < kth, neg_inf, logits_BV)
-    if top_p is not None and top_p < 1.0:
-        sorted_desc = jnp.sort(logits_BV, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < top_p  # a prefix of the sorted order, never empty
-        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
-        threshold = jnp.take_along_axis(sorted_desc, n_keep - 1, axis=-1)
-        logits_BV = jnp.where(logits_BV < threshold, neg_inf, logits_BV)
-    return logits_BV
+__all__ = ["filter_logits", "inverse_cdf_sample", "sample_token", "sampling_log_probs"]
 
 
 def sampling_log_probs(

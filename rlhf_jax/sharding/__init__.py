@@ -8,9 +8,8 @@ same model and steps run on one CPU or a pod. Typical use in a loop:
     initialize(cfg.distributed)                       # first, before any device is touched
     mesh = make_mesh(cfg.mesh)
     p_sh = model_param_shardings(model_config, mesh, cfg.mesh.rules)
-    state = init_sharded_train_state(params, tx, p_sh, mesh)
-    step = jit_step(make_sft_step(...), state_shardings(state, p_sh, mesh),
-                    batch_sharding(mesh, cfg.mesh.rules, 1))
+    state, st_sh = init_sharded_state(lambda p: TrainState.create(p, tx), (params,), (p_sh,), mesh)
+    step = jit_step(make_sft_step(...), st_sh, batch_sharding(mesh, cfg.mesh.rules, 1))
     rows = local_batch_rows(cfg.sft.batch_size, mesh, cfg.mesh.rules, "sft.batch_size")
     local = {k: v[rows] for k, v in host_batch.items()}   # this process's rows only
     batch = make_global_batch(local, mesh, cfg.mesh.rules, "sft.batch_size")
@@ -18,13 +17,12 @@ same model and steps run on one CPU or a pod. Typical use in a loop:
 """
 
 from rlhf_jax.sharding.distributed import initialize
-from rlhf_jax.sharding.jit import jit_experience, jit_step, jit_update
+from rlhf_jax.sharding.jit import jit_experience, jit_finish, jit_sample, jit_step, jit_update
 from rlhf_jax.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
 from rlhf_jax.sharding.place import (
     check_batch_divisible,
     init_sharded,
-    init_sharded_ppo_state,
-    init_sharded_train_state,
+    init_sharded_state,
     local_batch_rows,
     make_global_batch,
     shard_tree,
@@ -38,14 +36,10 @@ from rlhf_jax.sharding.rules import (
     model_param_shardings,
     param_shardings,
     replicated,
+    shardings_from_params,
     tree_shardings_like,
 )
-from rlhf_jax.sharding.states import (
-    experience_shardings,
-    frozen_shardings,
-    ppo_state_shardings,
-    state_shardings,
-)
+from rlhf_jax.sharding.states import experience_shardings, state_shardings
 
 __all__ = [
     "MESH_AXES",
@@ -55,12 +49,12 @@ __all__ = [
     "check_batch_divisible",
     "data_parallel_size",
     "experience_shardings",
-    "frozen_shardings",
     "init_sharded",
-    "init_sharded_ppo_state",
-    "init_sharded_train_state",
+    "init_sharded_state",
     "initialize",
     "jit_experience",
+    "jit_finish",
+    "jit_sample",
     "jit_step",
     "jit_update",
     "local_batch_rows",
@@ -70,9 +64,9 @@ __all__ = [
     "mesh_shape",
     "model_param_shardings",
     "param_shardings",
-    "ppo_state_shardings",
     "replicated",
     "shard_tree",
+    "shardings_from_params",
     "state_shardings",
     "tree_shardings_like",
 ]

@@ -56,7 +56,7 @@ def jit_experience(
     mesh: Mesh,
     rules: Rules,
 ) -> Callable:
-    """Jit PPO's `experience(state, frozen, prompt_ids, prompt_mask, key)`: prompts split over
+    """Jit RL's `experience(state, frozen, prompt_ids, prompt_mask, key)`: prompts split over
     the batch axes, the Experience returned split the same way, metrics replicated. Nothing is
     donated: the update needs the state next."""
     rows = batch_sharding(mesh, rules, 1)
@@ -68,6 +68,30 @@ def jit_experience(
     )
 
 
+def jit_sample(sample_fn: Callable, policy_shardings: Any, mesh: Mesh, rules: Rules) -> Callable:
+    """Jit `sample(policy_params, prompt_ids, prompt_mask, key) -> Rollout`, rows split over
+    the batch axes (used when a reward function scores the rollout on the host)."""
+    rows = batch_sharding(mesh, rules, 1)
+    return jax.jit(
+        sample_fn,
+        in_shardings=(policy_shardings, rows, rows, replicated(mesh)),
+        out_shardings=rows,
+    )
+
+
+def jit_finish(
+    finish_fn: Callable, state_shardings: Any, frozen_shardings: Any, mesh: Mesh, rules: Rules
+) -> Callable:
+    """Jit `finish(state, frozen, rollout, scores) -> (Experience, metrics)`: the rollout and
+    the host's scores split over the batch axes like the experience."""
+    rows = batch_sharding(mesh, rules, 1)
+    return jax.jit(
+        finish_fn,
+        in_shardings=(state_shardings, frozen_shardings, rows, rows),
+        out_shardings=(experience_shardings(mesh, rules), replicated(mesh)),
+    )
+
+
 def jit_update(
     update_fn: Callable,
     state_shardings: Any,
@@ -75,7 +99,7 @@ def jit_update(
     rules: Rules,
     donate: bool = True,
 ) -> Callable:
-    """Jit PPO's `update(state, experience, ptx_batch, key) -> (state, metrics)`.
+    """Jit RL's `update(state, experience, ptx_batch, key) -> (state, metrics)`.
 
     The ptx batch ([epochs, minibatches, ptx_batch, L], or None) is split along its third
     dimension; feed it with `make_global_batch(..., batch_axis=2)`.

@@ -12,14 +12,11 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
-from rlhf_jax.config import PPOConfig
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.sharding.rules import Rules, batch_axes, batch_sharding, data_parallel_size
-from rlhf_jax.sharding.states import ppo_state_shardings, state_shardings
-from rlhf_jax.steps import PPOState, TrainState, init_ppo_state
+from rlhf_jax.sharding.states import state_shardings
 
 
 def shard_tree(tree: Any, shardings: Any) -> Any:
@@ -37,48 +34,27 @@ def init_sharded(init_fn: Callable[..., Any], out_shardings: Any, *args: Any) ->
     return jax.jit(init_fn, out_shardings=out_shardings)(*args)
 
 
-def init_sharded_train_state(
-    params: Any,
-    tx: optax.GradientTransformation,
-    param_shardings: Any,
+def init_sharded_state(
+    create: Callable[..., Any],
+    inputs: tuple[Any, ...],
+    input_shardings: tuple[Any, ...],
     mesh: Mesh,
     donate: bool = False,
-) -> TrainState:
-    """`TrainState.create(params, tx)` with params, Adam moments and counters born sharded.
+) -> tuple[Any, Any]:
+    """`create(*inputs)` computed straight into its shards: `(state, state_shardings)`.
 
-    `donate=True` frees the input weights (useful for big models whose weights have no
-    other use); keep it False when they are needed again (e.g. as PPO's frozen reference).
+    `inputs` are parameter trees (or None), placed by `input_shardings` first; every leaf of
+    the state that copies one of their leaves (the weights, optimizer moments, EMA weights) is
+    born sharded like it, the rest replicated (`state_shardings`). The outputs are fresh
+    buffers, so the inputs stay valid (e.g. SFT weights that are also PPO's frozen reference),
+    unless `donate=True` frees them (big models whose weights have no other use).
     """
-    params = shard_tree(params, param_shardings)
-
-    def create(p):
-        return TrainState.create(p, tx)
-
-    shardings = state_shardings(jax.eval_shape(create, params), param_shardings, mesh)
-    return jax.jit(create, out_shardings=shardings, donate_argnums=(0,) if donate else ())(params)
-
-
-def init_sharded_ppo_state(
-    policy_params: Any,
-    value_params: Any,
-    policy_tx: optax.GradientTransformation,
-    value_tx: optax.GradientTransformation,
-    ppo: PPOConfig,
-    policy_shardings: Any,
-    value_shardings: Any,
-    mesh: Mesh,
-) -> PPOState:
-    """`steps.init_ppo_state` computed into its shardings. The outputs are fresh buffers, so
-    the input weights stay valid as the frozen reference policy and reward model."""
-    policy_params = shard_tree(policy_params, policy_shardings)
-    value_params = shard_tree(value_params, value_shardings)
-
-    def create(p, v):
-        return init_ppo_state(p, v, policy_tx, value_tx, ppo)
-
-    abstract = jax.eval_shape(create, policy_params, value_params)
-    shardings = ppo_state_shardings(abstract, policy_shardings, value_shardings, mesh)
-    return jax.jit(create, out_shardings=shardings)(policy_params, value_params)
+    inputs = tuple(shard_tree(x, s) for x, s in zip(inputs, input_shardings))
+    abstract = jax.eval_shape(create, *inputs)
+    shardings = state_shardings(abstract, mesh, *zip(inputs, input_shardings))
+    donate_argnums = tuple(i for i, x in enumerate(inputs) if x is not None) if donate else ()
+    state = jax.jit(create, out_shardings=shardings, donate_argnums=donate_argnums)(*inputs)
+    return state, shardings
 
 
 def check_batch_divisible(

@@ -131,13 +131,21 @@ def tree_shardings_like(tree: Any, params_tree: Any, param_shardings_tree: Any, 
     every other leaf (step counters, scalars) is replicated. `tree` and `params_tree` may
     hold arrays or ShapeDtypeStructs.
     """
+    return shardings_from_params(tree, [(params_tree, param_shardings_tree)], mesh)
+
+
+def shardings_from_params(tree: Any, groups: Sequence[tuple[Any, Any]], mesh: Mesh) -> Any:
+    """`tree_shardings_like` over several `(params_tree, shardings_tree)` groups at once (a
+    policy and a critic, say): each leaf takes the sharding of the parameter whose key path
+    is the longest suffix of its own and whose shape it has; the rest are replicated."""
     by_path: dict[tuple, tuple[tuple[int, ...], NamedSharding]] = {}
-    flat_params = jax.tree_util.tree_leaves_with_path(params_tree)
-    flat_shardings = jax.tree.leaves(param_shardings_tree)
-    if len(flat_params) != len(flat_shardings):
-        raise ValueError("params_tree and param_shardings_tree have different structures")
-    for (path, leaf), sharding in zip(flat_params, flat_shardings):
-        by_path[tuple(map(_path_key, path))] = (tuple(leaf.shape), sharding)
+    for params_tree, param_shardings_tree in groups:
+        flat_params = jax.tree_util.tree_leaves_with_path(params_tree)
+        flat_shardings = jax.tree.leaves(param_shardings_tree)
+        if len(flat_params) != len(flat_shardings):
+            raise ValueError("params_tree and param_shardings_tree have different structures")
+        for (path, leaf), sharding in zip(flat_params, flat_shardings):
+            by_path[tuple(map(_path_key, path))] = (tuple(leaf.shape), sharding)
     longest = max((len(p) for p in by_path), default=0)
 
     def one(path, leaf):

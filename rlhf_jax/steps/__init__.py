@@ -1,15 +1,21 @@
 """Pure step functions: `make_*` factories close over configs and return
-`step(state, batch, key) -> (state, metrics)` for the loops to jit with shardings."""
+`step(state, batch, key) -> (state, metrics)` for the loops to jit with shardings.
 
-from rlhf_jax.steps.optim import make_optimizer, make_schedule
-from rlhf_jax.steps.ppo import (
+RL is assembled from parts (`RLAlgorithm`): `make_experience_fn` (or `make_sample_fn` +
+`make_finish_fn` around a host reward function) and `make_update_fn`.
+"""
+
+from rlhf_jax.steps.algorithm import RLAlgorithm, resolve_config_parts
+from rlhf_jax.steps.experience import (
     Experience,
-    Frozen,
-    PPOState,
-    init_ppo_state,
+    Rollout,
     make_experience_fn,
-    make_update_fn,
+    make_finish_fn,
+    make_sample_fn,
+    response_logits,
+    response_values,
 )
+from rlhf_jax.steps.optim import make_optimizer, make_schedule
 from rlhf_jax.steps.reward import (
     completion_rewards,
     make_reward_eval,
@@ -17,25 +23,34 @@ from rlhf_jax.steps.reward import (
     normalize_reward_bias,
     score_sequences,
 )
+from rlhf_jax.steps.rl_state import Frozen, RLState, init_rl_state
+from rlhf_jax.steps.rl_update import make_update_fn
 from rlhf_jax.steps.sft import make_sft_eval, make_sft_step
 from rlhf_jax.steps.state import TrainState, accumulate_gradients
 
 __all__ = [
     "Experience",
     "Frozen",
-    "PPOState",
+    "RLAlgorithm",
+    "RLState",
+    "Rollout",
     "TrainState",
     "accumulate_gradients",
     "completion_rewards",
-    "init_ppo_state",
+    "init_rl_state",
     "make_experience_fn",
+    "make_finish_fn",
     "make_optimizer",
     "make_reward_eval",
     "make_reward_step",
+    "make_sample_fn",
     "make_schedule",
     "make_sft_eval",
     "make_sft_step",
     "make_update_fn",
     "normalize_reward_bias",
+    "resolve_config_parts",
+    "response_logits",
+    "response_values",
     "score_sequences",
 ]

@@ -51,10 +51,12 @@ def accumulate_gradients(
     batch: dict,
     n_micro: int,
 ):
-    """Mean loss, gradients and metrics over `n_micro` equal slices of the batch.
+    """Mean loss, gradients and metrics over `n_micro` equal slices of the batch (metrics named
+    `*_max` take the maximum instead).
 
     The slices run in a `lax.scan`, so memory is that of one micro-batch; the result equals a
-    full-batch step when the loss is a mean over equally sized micro-batches.
+    full-batch step when the loss is a mean over equally sized micro-batches, or when each
+    micro-batch's loss is normalised by its share of the whole batch's counts (the RL update).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -74,10 +76,17 @@ def accumulate_gradients(
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(acc, mb):
-        return jax.tree.map(jnp.add, acc, micro_step(mb)), None
+        loss, grads, metrics = micro_step(mb)
+        acc_loss, acc_grads, acc_metrics = acc
+        metrics = {
+            k: jnp.maximum(acc_metrics[k], v) if k.endswith("_max") else acc_metrics[k] + v
+            for k, v in metrics.items()
+        }
+        return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads), metrics), None
 
-    total, _ = jax.lax.scan(body, zeros, micro)
-    return jax.tree.map(lambda x: x / n_micro, total)
+    (loss, grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    metrics = {k: v if k.endswith("_max") else v / n_micro for k, v in metrics.items()}
+    return loss / n_micro, jax.tree.map(lambda x: x / n_micro, grads), metrics
 
 
 def make_supervised_step(

@@ -53,7 +53,7 @@ def test_rl_iteration_benchmark_tiny(tmp_path):
     headers = _table_headers(section)
     assert headers[0][:3] == ["method", "s/iteration", "samples/s"]
     assert headers[1][:2] == ["part", "s"]
-    for name in ("rlhf_jax PPO", "TRL GRPO", "TRL RLOO"):
+    for name in ("rlhf_jax PPO", "rlhf_jax GRPO", "TRL GRPO", "TRL RLOO"):
         assert name in section
         assert _finite_positive(results["iteration"][name]["s"])
         assert _finite_positive(results["iteration"][name]["first"])

@@ -1,4 +1,4 @@
-"""Save -> restore gives back every leaf of a TrainState / PPOState, and the restored state
+"""Save -> restore gives back every leaf of a TrainState / RLState, and the restored state
 keeps training exactly like the original."""
 
 import json
@@ -17,12 +17,12 @@ from rlhf_jax.checkpointing import (
     key_to_json,
 )
 from rlhf_jax.config import OptimConfig, PPOConfig
-from rlhf_jax.losses import get_loss
 from rlhf_jax.models import init_scalar_head
 from rlhf_jax.steps import (
     Frozen,
+    RLAlgorithm,
     TrainState,
-    init_ppo_state,
+    init_rl_state,
     make_experience_fn,
     make_optimizer,
     make_update_fn,
@@ -80,17 +80,16 @@ def test_ppo_state_round_trip_with_ema_and_beta(tmp_path, sft):
         kl_horizon=10,
     )
     policy_tx, value_tx = make_optimizer(ppo.policy_optim, 4), make_optimizer(ppo.value_optim, 4)
-    state = init_ppo_state(params, rm, policy_tx, value_tx, ppo)
+    state = init_rl_state(params, rm, policy_tx, value_tx, ppo)
     state = jax.device_put(state, jax.devices()[0])  # committed, like restored arrays
     frozen = Frozen(params, rm)
     ids = np.random.default_rng(0).integers(3, 61, (8, 4)).astype(np.int32)
     mask = np.ones((8, 4), np.float32)
-    exp, _ = jax.jit(make_experience_fn(config, config, config, ppo, (2,), 0))(
+    algo = RLAlgorithm.from_config(ppo)
+    exp, _ = jax.jit(make_experience_fn(config, config, config, ppo, algo, (2,), 0))(
         state, frozen, ids, mask, jax.random.key(0)
     )
-    update = jax.jit(
-        make_update_fn(config, config, ppo, get_loss("policy"), get_loss("value"), None, 0.0)
-    )
+    update = jax.jit(make_update_fn(config, config, ppo, algo))
     state, _ = update(state, exp, None, jax.random.key(1))
     assert float(state.beta) != ppo.beta and int(state.iteration) == 1  # moved from init
 
@@ -99,7 +98,7 @@ def test_ppo_state_round_trip_with_ema_and_beta(tmp_path, sft):
         target = abstract_state(jax.eval_shape(lambda: fresh_like(state)))
         restored, meta = ckpt.restore(target=target)
     assert meta == {"stage": "ppo"}
-    assert restored.policy.tx is policy_tx and restored.value.tx is value_tx
+    assert restored.policy.tx is policy_tx and restored.critic.tx is value_tx
     assert restored.ema_params is not None
     assert_trees_equal(restored, state)
     want, want_m = update(state, exp, None, jax.random.key(2))

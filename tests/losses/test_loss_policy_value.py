@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.losses import clipped_value, ppo_clip, ppo_dual_clip, unclipped_value
+from rlhf_jax.losses import policy as ppo_losses
 
 # Five real tokens covering both clipping sides, then one padded token with garbage.
 RATIOS = [1.5, 0.5, 0.5, 1.5, 1.1, 1.0]
@@ -132,3 +133,93 @@ def test_clipped_value_against_loop():
     batch = {"old_values": old, "returns": ret, "response_mask": mask}
     out = clipped_value({"values": v}, batch, clip_range=0.3)
     np.testing.assert_allclose(out.loss, 0.5 * np.mean(terms), rtol=1e-5)
+
+
+def _random_policy_batch(seed, b=4, t=6):
+    rng = np.random.default_rng(seed)
+    lengths = np.array([6, 2, 4, 1])[:b]
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.float32)
+    old = -rng.random((b, t)).astype(np.float32) * 3
+    logp = old + rng.normal(size=(b, t)).astype(np.float32) * 0.3
+    adv = rng.normal(size=(b, t)).astype(np.float32)
+    return lengths, mask, old, logp, adv
+
+
+def test_asymmetric_clip_against_loop():
+    """DAPO's clip-higher: the ratio is clipped to [1 - 0.2, 1 + 0.28]."""
+    lengths, mask, old, logp, adv = _random_policy_batch(3)
+    terms = []
+    for i, n in enumerate(lengths):
+        for j in range(n):
+            r = math.exp(float(logp[i, j]) - float(old[i, j]))
+            a = float(adv[i, j])
+            terms.append(max(-a * r, -a * min(max(r, 0.8), 1.28)))
+    batch = {"old_logprobs": old, "advantages": adv, "response_mask": mask}
+    out = ppo_clip({"logprobs": logp}, batch, clip_eps_high=0.28)
+    np.testing.assert_allclose(out.loss, np.mean(terms), rtol=1e-5, atol=1e-6)
+    lo_only = ppo_clip({"logprobs": logp}, batch, clip_eps=0.2, clip_eps_low=0.1)
+    symmetric = ppo_clip({"logprobs": logp}, batch, clip_eps=0.2)
+    assert float(lo_only.loss) != float(symmetric.loss)
+
+
+@pytest.mark.parametrize("reduction", ["seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_ppo_clip_reductions_against_loop(reduction):
+    lengths, mask, old, logp, adv = _random_policy_batch(4)
+    b, t = mask.shape
+    rows = []
+    for i, n in enumerate(lengths):
+        row = []
+        for j in range(n):
+            r = math.exp(float(logp[i, j]) - float(old[i, j]))
+            a = float(adv[i, j])
+            row.append(max(-a * r, -a * min(max(r, 0.8), 1.2)))
+        rows.append(row)
+    if reduction == "seq_mean_token_mean":
+        want = np.mean([np.mean(r) for r in rows])
+    else:  # Dr. GRPO: every token summed, divided by a constant (rows x padded length)
+        want = sum(sum(r) for r in rows) / (b * t)
+    batch = {"old_logprobs": old, "advantages": adv, "response_mask": mask}
+    out = ppo_clip({"logprobs": logp}, batch, reduction=reduction)
+    np.testing.assert_allclose(out.loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gspo_is_the_sequence_level_objective_in_value_and_gradient():
+    """GSPO-token with one advantage per sequence and the seq-mean reduction equals the
+    paper's sequence-level loss: s_i = exp(mean_t log r_t), L = mean_i max(-A s, -A clip(s))."""
+    lengths, mask, old, logp, _ = _random_policy_batch(5)
+    logp = old + (logp - old) * 1e-3  # ratios near 1, where GSPO's tiny range matters
+    seq_adv = np.array([1.0, -2.0, 0.5, -0.3], np.float32)
+    adv = seq_adv[:, None] * mask
+    batch = {"old_logprobs": old, "advantages": adv, "response_mask": mask}
+
+    def sequence_level(lp):
+        log_s = jnp.sum((lp - old) * mask, axis=1) / mask.sum(1)
+        s = jnp.exp(log_s)
+        per_seq = jnp.maximum(-seq_adv * s, -seq_adv * jnp.clip(s, 1 - 3e-4, 1 + 4e-4))
+        return jnp.mean(per_seq)
+
+    def gspo_loss(lp):
+        return ppo_losses.gspo({"logprobs": lp}, batch).loss
+
+    np.testing.assert_allclose(gspo_loss(logp), sequence_level(logp), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(gspo_loss)(jnp.asarray(logp)),
+        jax.grad(sequence_level)(jnp.asarray(logp)),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+
+
+def test_cispo_gradient_is_the_clipped_weight_times_the_score_function():
+    """d/d logp_t of CISPO = -clip(r_t, 1 - eps_l, 1 + eps_h) A_t / n_tokens, for every
+    token: no token loses its gradient to clipping, unlike PPO-clip."""
+    lengths, mask, old, logp, adv = _random_policy_batch(6)
+    logp = old + (logp - old) * 3  # push ratios outside the range
+    batch = {"old_logprobs": old, "advantages": adv, "response_mask": mask}
+    grad = jax.grad(lambda lp: ppo_losses.cispo({"logprobs": lp}, batch).loss)(jnp.asarray(logp))
+    ratio = np.exp(logp - old)
+    want = -np.clip(ratio, 0.0, 1.28) * adv * mask / mask.sum()
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(grad)[mask > 0] != 0)
+    out = ppo_losses.cispo({"logprobs": logp}, batch)
+    assert 0 < float(out.metrics["ppo/policy/clipfrac"]) < 1

@@ -4,8 +4,10 @@ must be fixed before JAX starts):
     python parity_script.py TESTS_DIR OUT.npz ref            # plain jit on one device
     python parity_script.py TESTS_DIR OUT.npz 8x1x1 1x8x1    # sharded on these meshes
 
-Each run does one SFT step (2 accumulated micro-batches), one RM step and one PPO iteration
-(experience + update, with ptx and EMA) from the same weights, batches and keys, saves the
+Each run does one SFT step (2 accumulated micro-batches), one RM step, one PPO iteration
+(experience + update, with ptx and EMA) and one GRPO iteration (2 samples per prompt, KL in the
+loss, no critic, 2 micro-batches of unequal token counts) from the same weights, batches and
+keys, saves the
 metrics and some updated weights and Adam moments to OUT.npz as "MESH|KIND|NAME", and prints
 one JSON object of facts about the placement (shardings, bytes per device, errors).
 """
@@ -29,23 +31,20 @@ from rlhf_jax.losses import get_loss  # noqa: E402
 from rlhf_jax.models import init_params, init_scalar_head  # noqa: E402
 from rlhf_jax.sharding import (  # noqa: E402
     batch_sharding,
-    frozen_shardings,
-    init_sharded_ppo_state,
-    init_sharded_train_state,
+    init_sharded_state,
     jit_experience,
     jit_step,
     jit_update,
     make_global_batch,
     make_mesh,
     model_param_shardings,
-    ppo_state_shardings,
     shard_tree,
-    state_shardings,
 )
 from rlhf_jax.steps import (  # noqa: E402
     Frozen,
+    RLAlgorithm,
     TrainState,
-    init_ppo_state,
+    init_rl_state,
     make_experience_fn,
     make_optimizer,
     make_reward_step,
@@ -101,10 +100,24 @@ policy_tx = make_optimizer(ppo.policy_optim, 4)
 value_tx = make_optimizer(ppo.value_optim, 4)
 sft_fn = make_sft_step(config, get_loss("sft"), grad_accum=2)
 rm_fn = make_reward_step(config, get_loss("reward"))
-exp_fn = make_experience_fn(config, config, config, ppo, EOS, PAD)
-update_fn = make_update_fn(
-    config, config, ppo, get_loss("policy"), get_loss("value"), get_loss("ptx"), 1.0
+algo = RLAlgorithm.from_config(ppo)
+exp_fn = make_experience_fn(config, config, config, ppo, algo, EOS, PAD)
+update_fn = make_update_fn(config, config, ppo, algo, get_loss("ptx"), 1.0)
+grpo = PPOConfig(
+    rollout_batch=8,
+    samples_per_prompt=2,
+    minibatch_size=16,
+    epochs=1,
+    max_new_tokens=4,
+    ema_decay=0.0,
+    advantage="grpo",
+    kl_penalty="loss",
+    beta=0.1,
+    policy_optim=OptimConfig(lr=1e-3, eps=1e-4, grad_accum=2),
 )
+grpo_algo = RLAlgorithm.from_config(grpo)
+grpo_exp_fn = make_experience_fn(config, None, config, grpo, grpo_algo, EOS, PAD)
+grpo_update_fn = make_update_fn(config, None, grpo, grpo_algo, grad_accum=2)
 KEY = jax.random.key(7)
 
 
@@ -128,8 +141,10 @@ def summary(state, metrics, ppo_state=False):
     nu = adam.nu.get("trunk", adam.nu)
     out["adam:nu/q"] = np.asarray(nu["layers"]["attn"]["q"]["kernel"])
     if ppo_state:
-        out["param:value_head"] = np.asarray(state.value.params["head"]["kernel"])
-        out["ema:embed"] = np.asarray(state.ema_params["embed"])
+        if state.critic is not None:
+            out["param:value_head"] = np.asarray(state.critic.params["head"]["kernel"])
+        if state.ema_params is not None:
+            out["ema:embed"] = np.asarray(state.ema_params["embed"])
         out["beta"] = np.asarray(state.beta)
     return out
 
@@ -137,7 +152,7 @@ def summary(state, metrics, ppo_state=False):
 def reference():
     sft = jax.jit(sft_fn)(TrainState.create(policy, sft_tx), sft_batch, KEY)
     rm = jax.jit(rm_fn)(TrainState.create(reward, rm_tx), rm_batch, KEY)
-    state = init_ppo_state(policy, reward, policy_tx, value_tx, ppo)
+    state = init_rl_state(policy, reward, policy_tx, value_tx, ppo)
     it = ppo_iteration(
         jax.jit(exp_fn),
         jax.jit(update_fn),
@@ -147,7 +162,22 @@ def reference():
         prompt_mask,
         ptx_batch,
     )
-    return {"sft": summary(*sft), "rm": summary(*rm), "ppo": summary(*it, ppo_state=True)}
+    state = init_rl_state(policy, None, policy_tx, None, grpo)
+    g_it = ppo_iteration(
+        jax.jit(grpo_exp_fn),
+        jax.jit(grpo_update_fn),
+        state,
+        Frozen(policy, reward),
+        prompt_ids,
+        prompt_mask,
+        None,
+    )
+    return {
+        "sft": summary(*sft),
+        "rm": summary(*rm),
+        "ppo": summary(*it, ppo_state=True),
+        "grpo": summary(*g_it, ppo_state=True),
+    }
 
 
 def sharded(shape):
@@ -159,8 +189,10 @@ def sharded(shape):
     rows = batch_sharding(mesh, rules, 1)
     out, info = {}, {}
 
-    state = init_sharded_train_state(policy, sft_tx, pol_sh, mesh)
-    step = jit_step(sft_fn, state_shardings(state, pol_sh, mesh), rows)
+    state, st_sh = init_sharded_state(
+        lambda p: TrainState.create(p, sft_tx), (policy,), (pol_sh,), mesh
+    )
+    step = jit_step(sft_fn, st_sh, rows)
     batch = make_global_batch(sft_batch, mesh, rules, "sft.batch_size")
     new_state, metrics = step(state, batch, KEY)
     info["donated"] = bool(state.params["embed"].is_deleted())
@@ -181,13 +213,19 @@ def sharded(shape):
         except RlhfJaxError as e:
             info["batch_error"] = str(e)
 
-    state = init_sharded_train_state(reward, rm_tx, rm_sh, mesh)
-    step = jit_step(rm_fn, state_shardings(state, rm_sh, mesh), rows)
+    state, st_sh = init_sharded_state(
+        lambda p: TrainState.create(p, rm_tx), (reward,), (rm_sh,), mesh
+    )
+    step = jit_step(rm_fn, st_sh, rows)
     out["rm"] = summary(*step(state, make_global_batch(rm_batch, mesh, rules), KEY))
 
-    state = init_sharded_ppo_state(policy, reward, policy_tx, value_tx, ppo, pol_sh, rm_sh, mesh)
-    st_sh = ppo_state_shardings(state, pol_sh, rm_sh, mesh)
-    fr_sh = frozen_shardings(pol_sh, rm_sh)
+    state, st_sh = init_sharded_state(
+        lambda p, v: init_rl_state(p, v, policy_tx, value_tx, ppo),
+        (policy, reward),
+        (pol_sh, rm_sh),
+        mesh,
+    )
+    fr_sh = Frozen(pol_sh, rm_sh)
     frozen = shard_tree(Frozen(policy, reward), fr_sh)
     it = ppo_iteration(
         jit_experience(exp_fn, st_sh, fr_sh, mesh, rules),
@@ -200,6 +238,23 @@ def sharded(shape):
     out["ppo"] = summary(*it, ppo_state=True)
     info["frozen_alive"] = not frozen.ref["embed"].is_deleted()
     info["ema_like_policy"] = it[0].ema_params["embed"].sharding == pol_sh["embed"]
+
+    state, st_sh = init_sharded_state(
+        lambda p, v: init_rl_state(p, v, policy_tx, None, grpo),
+        (policy, None),
+        (pol_sh, None),
+        mesh,
+    )
+    it = ppo_iteration(
+        jit_experience(grpo_exp_fn, st_sh, fr_sh, mesh, rules),
+        jit_update(grpo_update_fn, st_sh, mesh, rules),
+        state,
+        frozen,
+        *make_global_batch((prompt_ids, prompt_mask), mesh, rules, "ppo.rollout_batch"),
+        None,
+    )
+    out["grpo"] = summary(*it, ppo_state=True)
+    info["grpo_no_critic"] = it[0].critic is None
     return out, info
 
 

@@ -1,6 +1,7 @@
 """Acceptance of the scale-out: on 8 simulated devices, meshes (data, fsdp, tensor) =
 (8,1,1), (1,8,1), (2,2,2), (1,2,4) give the metrics and updated weights of one device for an
-SFT step, an RM step and a PPO iteration; FSDP really splits weights and Adam moments.
+SFT step, an RM step, a PPO iteration and a critic-free GRPO iteration (groups, KL in the
+loss, unequal micro-batches); FSDP really splits weights and Adam moments.
 
 The device count is fixed before JAX starts, so the work runs in subprocesses
 (`parity_script.py`): the one-device reference and two halves of the meshes, concurrently.
@@ -86,7 +87,8 @@ def test_sharded_steps_equal_one_device(mesh_runs, mesh):
     got = {k.split("|", 1)[1]: v for k, v in arrays.items() if k.startswith(mesh + "|")}
     assert set(got) == set(want)
     kinds = {name.split("|")[0] for name in want}
-    assert kinds == {"sft", "rm", "ppo"}
+    assert kinds == {"sft", "rm", "ppo", "grpo"}
+    assert any(name.startswith("grpo|metric:ppo/kl_loss") for name in want)
     assert any(name.startswith("ppo|metric:ppo/ptx") for name in want)
     bad = {}
     for name, w in want.items():
@@ -96,6 +98,7 @@ def test_sharded_steps_equal_one_device(mesh_runs, mesh):
     assert facts[mesh]["donated"], "the old state should be donated to the step"
     assert facts[mesh]["frozen_alive"], "donating the PPO state must not free the frozen weights"
     assert facts[mesh]["ema_like_policy"]
+    assert facts[mesh]["grpo_no_critic"]
 
 
 # embed [vocab, embed] and q [layers, embed, heads, head_dim] under the default rules

@@ -25,12 +25,11 @@ from rlhf_jax.sharding import (
     make_mesh,
     mesh_shape,
     model_param_shardings,
-    ppo_state_shardings,
     replicated,
     state_shardings,
     tree_shardings_like,
 )
-from rlhf_jax.steps import TrainState, init_ppo_state, make_optimizer
+from rlhf_jax.steps import TrainState, init_rl_state, make_optimizer
 
 RULES = dict(DEFAULT_RULES)
 CONFIG = tiny_config(vocab_size=64, n_kv_heads=4, mlp_dim=64)
@@ -94,7 +93,8 @@ def test_optimizer_moments_follow_their_params_and_counters_replicate():
     p_sh = model_param_shardings(CONFIG, mesh, RULES)
     tx = make_optimizer(OptimConfig(grad_accum=1), 10)
     state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
-    sh = state_shardings(state, p_sh, mesh)
+    sh = state_shardings(state, mesh, (params, p_sh))
+    assert sh.params == p_sh
     adam = sh.opt_state.inner_state[1][0]
     assert adam.mu["embed"] == p_sh["embed"] and adam.nu["embed"].spec == P(None, "fsdp")
     assert jax.tree.structure(adam.mu) == jax.tree.structure(p_sh)
@@ -108,7 +108,9 @@ def test_optimizer_moments_follow_their_params_and_counters_replicate():
     assert opt_sh.mini_step == replicated(mesh)
 
 
-def test_ppo_state_shardings_with_and_without_ema():
+def test_rl_state_shardings_with_and_without_ema_and_critic():
+    """One generic rule serves any state: copies of the policy's weights (params, Adam
+    moments, EMA) shard like them, the critic's like the critic's, the rest replicates."""
     mesh = abstract_mesh(2, 2, 2)
     params = abstract_params()
     head = {"kernel": params["final_norm"]["scale"], "bias": jax.ShapeDtypeStruct((), np.float32)}
@@ -116,15 +118,23 @@ def test_ppo_state_shardings_with_and_without_ema():
     pol_sh = model_param_shardings(CONFIG, mesh, RULES)
     val_sh = model_param_shardings(CONFIG, mesh, RULES, scalar=True)
     tx = make_optimizer(OptimConfig(), 4)
-    for decay in (0.99, 0.0):
+    for decay, critic in ((0.99, value), (0.0, value), (0.99, None)):
         init = functools.partial(
-            init_ppo_state, policy_tx=tx, value_tx=tx, ppo=PPOConfig(ema_decay=decay)
+            init_rl_state,
+            policy_tx=tx,
+            critic_tx=tx if critic is not None else None,
+            ppo=PPOConfig(ema_decay=decay),
         )
-        state = jax.eval_shape(init, params, value)
-        sh = ppo_state_shardings(state, pol_sh, val_sh, mesh)
-        assert sh.policy.params is pol_sh and sh.value.params is val_sh
+        state = jax.eval_shape(init, params, critic)
+        sh = state_shardings(state, mesh, (params, pol_sh), (critic, val_sh))
+        assert sh.policy.params == pol_sh
+        assert sh.policy.opt_state.inner_state[1][0].mu == pol_sh
+        if critic is not None:
+            assert sh.critic.params == val_sh
+        else:
+            assert state.critic is None and sh.critic is None
         assert sh.beta == replicated(mesh) and sh.iteration == replicated(mesh)
-        assert (sh.ema_params is pol_sh) if decay else sh.ema_params is None
+        assert (sh.ema_params == pol_sh) if decay else sh.ema_params is None
         # one sharding per array of the state
         assert len(jax.tree.leaves(sh)) == len(jax.tree.leaves(state))
 

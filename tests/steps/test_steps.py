@@ -13,8 +13,9 @@ from rlhf_jax.losses import get_loss
 from rlhf_jax.models import init_scalar_head
 from rlhf_jax.steps import (
     Frozen,
+    RLAlgorithm,
     TrainState,
-    init_ppo_state,
+    init_rl_state,
     make_experience_fn,
     make_optimizer,
     make_reward_step,
@@ -92,12 +93,16 @@ def test_reward_step_learns_a_ranking():
     assert float(m["rm/accuracy"]) == 1.0 and float(m["rm/loss"]) < 0.3
 
 
+def experience_fn(config, ppo, eos=(2,)):
+    return make_experience_fn(config, config, config, ppo, RLAlgorithm.from_config(ppo), eos, 0)
+
+
 def ppo_setup(**ppo_changes):
     config, params = tiny_model()
     rm = {"trunk": params, "head": init_scalar_head(config, jax.random.key(1))}
     settings = dict(rollout_batch=8, minibatch_size=4, epochs=1, max_new_tokens=5, ema_decay=0.0)
     ppo = PPOConfig(**(settings | ppo_changes))
-    state = init_ppo_state(
+    state = init_rl_state(
         params, rm, make_optimizer(ppo.policy_optim, 4), make_optimizer(ppo.value_optim, 4), ppo
     )
     frozen = Frozen(params, rm)
@@ -110,7 +115,7 @@ def ppo_setup(**ppo_changes):
 
 def test_experience_at_init_has_zero_kl_and_score_on_last_token():
     config, ppo, state, frozen, ids, mask = ppo_setup()
-    exp_fn = jax.jit(make_experience_fn(config, config, config, ppo, (2,), 0))
+    exp_fn = jax.jit(experience_fn(config, ppo))
     exp, metrics = exp_fn(state, frozen, ids, mask, jax.random.key(0))
     # policy == reference: the rollout's log-probs equal the reference's teacher-forced ones
     np.testing.assert_allclose(exp.logprobs, exp.ref_logprobs, atol=1e-5)
@@ -122,10 +127,8 @@ def test_experience_at_init_has_zero_kl_and_score_on_last_token():
 
 def test_first_update_starts_at_the_rollout_policy():
     config, ppo, state, frozen, ids, mask = ppo_setup(minibatch_size=8)
-    exp_fn = jax.jit(make_experience_fn(config, config, config, ppo, (2,), 0))
-    update = jax.jit(
-        make_update_fn(config, config, ppo, get_loss("policy"), get_loss("value"), None, 0.0)
-    )
+    exp_fn = jax.jit(experience_fn(config, ppo))
+    update = jax.jit(make_update_fn(config, config, ppo, RLAlgorithm.from_config(ppo)))
     exp, _ = exp_fn(state, frozen, ids, mask, jax.random.key(0))
     _, metrics = update(state, exp, None, jax.random.key(1))
     # one epoch, one minibatch: the ratio is exactly 1 before the update (one numerics path)
@@ -137,11 +140,9 @@ def test_adaptive_kl_moves_beta_and_ptx_enters_the_loss():
     config, ppo, state, frozen, ids, mask = ppo_setup(
         adaptive_kl=True, kl_target=100.0, kl_horizon=10
     )
-    exp_fn = jax.jit(make_experience_fn(config, config, config, ppo, (2,), 0))
+    exp_fn = jax.jit(experience_fn(config, ppo))
     update = jax.jit(
-        make_update_fn(
-            config, config, ppo, get_loss("policy"), get_loss("value"), get_loss("ptx"), 2.0
-        )
+        make_update_fn(config, config, ppo, RLAlgorithm.from_config(ppo), get_loss("ptx"), 2.0)
     )
     rng = np.random.default_rng(1)
     ptx = {
@@ -168,11 +169,9 @@ def test_responses_without_eos_get_the_fixed_score_or_the_penalty():
     no_eos = ()  # nothing ever stops: every response runs to max_new_tokens without EOS
 
     def experience(**changes):
-        return jax.jit(
-            make_experience_fn(
-                config, config, config, dataclasses.replace(ppo, **changes), no_eos, 0
-            )
-        )
+        changed = dataclasses.replace(ppo, **changes)
+        algo = RLAlgorithm.from_config(changed)
+        return jax.jit(make_experience_fn(config, config, config, changed, algo, no_eos, 0))
 
     plain = experience(missing_eos_penalty=None)
     fixed = experience(missing_eos_score=-3.0)

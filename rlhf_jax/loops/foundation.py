@@ -1,0 +1,287 @@
+"""What every RL run of the pipeline starts from: validated data, the base model, SFT and the
+reward model. The pipeline (`run_pipeline`) runs one RL algorithm on it; `rlhf-jax compare`
+runs several from the same foundation.
+
+With `model.path` unset it builds the built-in "topics" task: a random base model pretrained
+on the task's text, simulated labelers ranking SFT samples by a hidden gold reward. Every data
+file, generated or the user's, goes through the same validating loaders before anything is
+compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rlhf_jax.config import Config, to_dict
+from rlhf_jax.data import (
+    PromptExample,
+    encode_prompts,
+    encode_rankings,
+    encode_sft,
+    encode_texts,
+    load_prompts,
+    load_rankings,
+    load_sft,
+    load_texts,
+    special_ids,
+)
+from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir
+from rlhf_jax.loops.resume import StageCheckpoints
+from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.stages import (
+    init_random_model,
+    reward_accuracy,
+    score_all,
+    train_lm,
+    train_reward_model,
+)
+from rlhf_jax.models import ModelConfig, load_hf, load_tokenizer, save_hf, save_scalar_model
+from rlhf_jax.models.hf import read_hf_config
+from rlhf_jax.steps import normalize_reward_bias, resolve_config_parts
+from rlhf_jax.tasks import topics
+from rlhf_jax.tasks.tokenizer import train_tokenizer
+
+STAGE_KEYS = ("init", "pretrain", "sft", "rm_sample", "rm", "ppo", "eval")
+
+
+@dataclasses.dataclass
+class Foundation:
+    """Everything the RL stage and the evaluation need, built once per output folder."""
+
+    out: Path
+    logger: MetricsLogger
+    runtime: Runtime
+    keys: dict[str, jax.Array]
+    tokenizer: Any
+    eos: tuple[int, ...]
+    pad: int
+    model_cfg: ModelConfig
+    sft_params: Any
+    rm_params: Any
+    prompt_arrays: dict[str, np.ndarray]  # RL prompts
+    ptx_arrays: dict[str, np.ndarray]  # pretraining text for PPO-ptx
+    heldout_arrays: dict[str, np.ndarray]  # pretraining text never trained on
+    eval_prompts: list[str]
+    eval_arrays: dict[str, np.ndarray]
+    rm_heldout: dict[str, float]  # held-out pairwise accuracy, margin, pairs
+    rm_bias_shift: float
+    reports: list = dataclasses.field(default_factory=list)  # DataReports of every file
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _lm_arrays(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Pretraining text as an LM batch: every real token is a target."""
+    return {**encoded, "loss_mask": encoded["attention_mask"].astype(np.float32)}
+
+
+def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eos, pad):
+    """Built-in task: K samples per prompt from the SFT policy, ranked by simulated labelers."""
+    prompts = [r["prompt"] for r in prompt_rows]
+    examples = [PromptExample(prompt=p) for p in prompts]
+    enc = encode_prompts(examples, tokenizer, cfg.rm.max_prompt_len)
+    ids = np.repeat(enc["input_ids"], cfg.rm.k, axis=0)
+    mask = np.repeat(enc["attention_mask"], cfg.rm.k, axis=0)
+    samples = ev.sample_responses(
+        model_cfg,
+        sft_params,
+        ids,
+        mask,
+        key,
+        cfg.rm.max_completion_len,
+        1.0,
+        eos,
+        pad,
+        batch_size=256,
+    )
+    texts = ev.decode_responses(tokenizer, samples)
+    rng = np.random.default_rng(cfg.seed + 11)
+    rows, unranked = [], 0
+    for i, prompt in enumerate(prompts):
+        completions = texts[i * cfg.rm.k : (i + 1) * cfg.rm.k]
+        # Labelers cannot rank two identical texts differently; keep distinct ones only.
+        distinct = list(dict.fromkeys(c for c in completions if c.strip()))
+        if len(distinct) < 2:
+            unranked += 1
+            continue
+        ranking = topics.rank_by_labelers(rng, prompt, distinct, cfg.task.labeler_noise)
+        rows.append({"prompt": prompt, "completions": distinct, "ranking": ranking})
+    return rows, unranked
+
+
+def _split(arrays: dict[str, np.ndarray], fraction: float, seed: int):
+    n = arrays["input_ids"].shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = max(1, int(round(n * fraction)))
+    held, train = order[:n_held], order[n_held:]
+    return ({k: v[train] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()})
+
+
+def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
+    """Check every part the config names, write config.json, load and validate all data, then
+    pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm)."""
+    resolve_config_parts(cfg)
+    out = prepare_output_dir(out_dir)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    logger = MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress)
+    runtime = Runtime.from_config(cfg)
+    keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))
+    builtin = cfg.model.path is None
+
+    # Data: generate the built-in task's files, then load and validate everything up front.
+    t = cfg.task
+    task = topics.generate_task(
+        cfg.seed, t.n_pretrain_texts, t.n_demonstrations, t.n_rm_prompts, t.n_eval_prompts
+    )
+    data_dir = out / "data"
+    sft_path = cfg.sft.data or _write_jsonl(data_dir / "sft.jsonl", task.sft)
+    prompts_path = cfg.ppo.prompts or _write_jsonl(data_dir / "ppo_prompts.jsonl", task.ppo_prompts)
+    ptx_path = cfg.ptx.data or _write_jsonl(data_dir / "pretrain.jsonl", task.pretrain)
+    heldout_path = _write_jsonl(data_dir / "pretrain_heldout.jsonl", task.pretrain_heldout)
+    eval_path = _write_jsonl(data_dir / "eval_prompts.jsonl", task.eval_prompts)
+    on_error = cfg.data.on_error
+    sft_examples, sft_report = load_sft(sft_path, on_error)
+    prompt_examples, prompt_report = load_prompts(prompts_path, on_error)
+    ptx_examples, ptx_report = load_texts(ptx_path, on_error)
+    heldout_examples, _ = load_texts(heldout_path)
+    eval_examples, _ = load_prompts(eval_path)
+    user_rankings = load_rankings(cfg.rm.data, on_error, cfg.rm.allow_ties) if cfg.rm.data else None
+
+    if builtin:
+        texts = [e.text for e in ptx_examples] + [e.prompt + e.completion for e in sft_examples]
+        tokenizer = train_tokenizer(texts, t.vocab_size)
+    else:
+        tokenizer = load_tokenizer(cfg.model.path)
+    eos_id, pad = special_ids(tokenizer)
+    eos = (eos_id,)
+    reports = [sft_report, prompt_report, ptx_report]
+    sft_arrays = encode_sft(sft_examples, tokenizer, cfg.sft.max_len, sft_report, pack=cfg.sft.pack)
+    # One demonstration per row, for the RM bias normalisation (reward at each row's end).
+    demo_arrays = (
+        encode_sft(sft_examples, tokenizer, cfg.sft.max_len) if cfg.sft.pack else sft_arrays
+    )
+    prompt_arrays = encode_prompts(
+        prompt_examples, tokenizer, cfg.ppo.max_prompt_len, prompt_report
+    )
+    eval_arrays = encode_prompts(eval_examples, tokenizer, cfg.ppo.max_prompt_len)
+    ptx_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report))
+    heldout_arrays = _lm_arrays(encode_texts(heldout_examples, tokenizer, cfg.ptx.max_len))
+
+    # Base model.
+    if builtin:
+        model_cfg, params = init_random_model(cfg.model, tokenizer, keys["init"], runtime)
+        pre = cfg.pretrain
+        pre_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, pre.max_len))
+        params = train_lm(
+            "pretrain",
+            model_cfg,
+            params,
+            pre_arrays,
+            pre.steps,
+            pre.batch_size,
+            pre.optim,
+            "default",
+            {},
+            keys["pretrain"],
+            cfg.seed,
+            logger,
+            cfg.log.every,
+            runtime,
+            StageCheckpoints(out, "pretrain", cfg.checkpoint),
+        )
+    else:
+        model_cfg = read_hf_config(cfg.model.path)
+        model_cfg, params = load_hf(
+            cfg.model.path,
+            dtype=cfg.model.param_dtype,
+            compute_dtype=cfg.model.dtype,
+            shardings=runtime.param_shardings(model_cfg),
+        )
+    model_cfg = model_cfg.replace(remat=cfg.model.remat)
+
+    # Step 1: SFT.
+    s = cfg.sft
+    sft_params = train_lm(
+        "sft",
+        model_cfg,
+        params,
+        sft_arrays,
+        s.steps,
+        s.batch_size,
+        s.optim,
+        s.loss,
+        s.loss_kwargs,
+        keys["sft"],
+        cfg.seed,
+        logger,
+        cfg.log.every,
+        runtime,
+        StageCheckpoints(out, "sft", cfg.checkpoint),
+    )
+    save_hf(model_cfg, sft_params, out / "sft", tokenizer)
+
+    # Step 2: reward model on rankings (sampled from SFT and ranked, for the built-in task).
+    notes = []
+    if user_rankings is None:
+        rows, unranked = _sample_rankings(
+            cfg, model_cfg, sft_params, tokenizer, task.rm_prompts, keys["rm_sample"], eos, pad
+        )
+        rankings, rank_report = load_rankings(_write_jsonl(data_dir / "rankings.jsonl", rows))
+        if unranked:
+            notes.append(f"{unranked} RM prompts not ranked: fewer than 2 distinct samples")
+    else:
+        rankings, rank_report = user_rankings
+    reports.append(rank_report)
+    rank_arrays = encode_rankings(
+        rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=rank_report
+    )
+    rm_train, rm_held = _split(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
+    rm_params = train_reward_model(
+        cfg,
+        model_cfg,
+        sft_params,
+        rm_train,
+        keys["rm"],
+        logger,
+        runtime,
+        StageCheckpoints(out, "rm", cfg.checkpoint),
+    )
+    held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
+    demo_scores = score_all(model_cfg, rm_params, demo_arrays)
+    rm_params = normalize_reward_bias(rm_params, demo_scores)
+    save_scalar_model(model_cfg, rm_params, out / "rm", tokenizer)
+    return Foundation(
+        out=out,
+        logger=logger,
+        runtime=runtime,
+        keys=keys,
+        tokenizer=tokenizer,
+        eos=eos,
+        pad=pad,
+        model_cfg=model_cfg,
+        sft_params=sft_params,
+        rm_params=rm_params,
+        prompt_arrays=prompt_arrays,
+        ptx_arrays=ptx_arrays,
+        heldout_arrays=heldout_arrays,
+        eval_prompts=[e.prompt for e in eval_examples],
+        eval_arrays=eval_arrays,
+        rm_heldout=held,
+        rm_bias_shift=float(demo_scores.mean()),
+        reports=reports,
+        notes=notes,
+    )

@@ -1,0 +1,256 @@
+"""The RL stage as a host loop: PPO, GRPO, RLOO, REINFORCE++, ... from the `ppo` config section.
+
+Each iteration is two compiled calls, experience and update, with explicit shardings on the
+run's mesh; with a reward function over text (`ppo.reward_fn`) sampling and the rest of the
+experience are two calls with the host scoring the decoded responses in between. Only the
+parts the algorithm uses exist: no critic (weights, optimizer, forward, checkpoint entries)
+for critic-free estimators, no reference weights without a KL term, no reward model when a
+reward function scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from rlhf_jax.config import Config
+from rlhf_jax.data import batches
+from rlhf_jax.loops.guard import SkipGuard
+from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.resume import StageCheckpoints
+from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.train import short_metrics
+from rlhf_jax.losses import get_loss
+from rlhf_jax.models import ModelConfig, init_scalar_head
+from rlhf_jax.rewards import score_texts
+from rlhf_jax.sharding import init_sharded_state, jit_experience, jit_finish, jit_sample, jit_update
+from rlhf_jax.steps import (
+    Frozen,
+    RLAlgorithm,
+    init_rl_state,
+    make_experience_fn,
+    make_finish_fn,
+    make_optimizer,
+    make_sample_fn,
+    make_update_fn,
+)
+
+
+@dataclasses.dataclass
+class RLModels:
+    """The models RL starts from: the SFT policy (also the frozen reference) and the reward
+    model (also the critic's initialisation, as in InstructGPT); no reward model when a reward
+    function scores the responses."""
+
+    policy_cfg: ModelConfig
+    sft_params: dict
+    reward_cfg: ModelConfig | None = None
+    reward_params: dict | None = None
+
+
+def _critic_init(models: RLModels, key: jax.Array) -> tuple[ModelConfig, dict]:
+    """The critic starts as the reward model; without one, as the SFT trunk with a fresh head."""
+    if models.reward_params is not None:
+        return models.reward_cfg, models.reward_params
+    head = init_scalar_head(models.policy_cfg, key)
+    return models.policy_cfg, {"trunk": models.sft_params, "head": head}
+
+
+def _host_scorer(algo: RLAlgorithm, tokenizer) -> Callable:
+    """`scores(rollout) -> [B] float32`: decode every response (all processes see all rows) and
+    score it with the reward function."""
+
+    def gather(x):
+        if jax.process_count() == 1:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def scores(rollout) -> np.ndarray:
+        seq, seq_mask = gather(rollout.sequence_ids), gather(rollout.sequence_mask)
+        tokens, mask = gather(rollout.response_ids), gather(rollout.response_mask)
+        p = seq.shape[1] - tokens.shape[1]
+        decode = tokenizer.decode
+        prompts = [
+            decode(s[:p][m[:p] > 0], skip_special_tokens=True) for s, m in zip(seq, seq_mask)
+        ]
+        texts = [decode(t[k > 0], skip_special_tokens=True) for t, k in zip(tokens, mask)]
+        return score_texts(algo.reward_fn, prompts, texts, algo.reward_fn_name)
+
+    return scores
+
+
+def train_rl(
+    cfg: Config,
+    models: RLModels,
+    prompts: dict[str, np.ndarray],
+    ptx: dict[str, np.ndarray] | None,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    key: jax.Array,
+    logger: MetricsLogger,
+    runtime: Runtime,
+    stage: str = "ppo",
+    checkpoints: StageCheckpoints | None = None,
+    tokenizer=None,
+):
+    """RL from the SFT policy by the algorithm `cfg.ppo` names; returns the final RLState.
+    `tokenizer` decodes responses for a reward function (`ppo.reward_fn`)."""
+    ppo = cfg.ppo
+    algo = RLAlgorithm.from_config(ppo)
+    mesh, rules = runtime.mesh, runtime.rules
+    n_mb = ppo.episodes // ppo.minibatch_size
+    updates = ppo.iterations * ppo.epochs * n_mb
+    policy_sh = runtime.param_shardings(models.policy_cfg)
+    critic_cfg = critic_params = critic_sh = critic_tx = None
+    if algo.needs_critic:
+        # Iteration i uses fold_in(key, i); the head key is one no iteration reaches.
+        critic_cfg, critic_params = _critic_init(models, jax.random.fold_in(key, 2**31 - 1))
+        critic_sh = runtime.param_shardings(critic_cfg, scalar=True)
+        critic_tx = make_optimizer(ppo.value_optim, updates)
+    policy_tx = make_optimizer(ppo.policy_optim, updates)
+    state, state_sh = init_sharded_state(
+        lambda p, c: init_rl_state(p, c, policy_tx, critic_tx, ppo),
+        (models.sft_params, critic_params),
+        (policy_sh, critic_sh),
+        mesh,
+    )
+    start = 0
+    if checkpoints is not None:
+        state, start = checkpoints.restore(state, state_sh)
+    reward_sh = None
+    if algo.reward_fn is None:
+        reward_sh = runtime.param_shardings(models.reward_cfg, scalar=True)
+    frozen_sh = Frozen(ref=policy_sh if algo.uses_reference else None, reward=reward_sh)
+    frozen = Frozen(
+        ref=runtime.place(models.sft_params, policy_sh) if algo.uses_reference else None,
+        reward=runtime.place(models.reward_params, reward_sh) if reward_sh is not None else None,
+    )
+    experience = _make_experience(
+        cfg,
+        algo,
+        models,
+        critic_cfg,
+        (state_sh, frozen_sh),
+        frozen,
+        (eos_ids, pad_id),
+        runtime,
+        tokenizer,
+    )
+    use_ptx = ptx is not None and cfg.ptx.coef > 0
+    update = jit_update(
+        make_update_fn(
+            models.policy_cfg,
+            critic_cfg,
+            ppo,
+            algo,
+            get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
+            cfg.ptx.coef,
+            ppo.policy_optim.grad_accum,
+        ),
+        state_sh,
+        mesh,
+        rules,
+    )
+    # One prompt batch per iteration and epochs x minibatches ptx batches: positions from `start`.
+    prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2, start=start)
+    ptx_iter = None
+    if use_ptx:
+        ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=start * ppo.epochs * n_mb)
+    limits = {"ppo/policy": ppo.policy_optim.max_consecutive_skips}
+    if algo.needs_critic:
+        limits["ppo/value"] = ppo.value_optim.max_consecutive_skips
+    latest = checkpoints.latest_step if checkpoints is not None else None
+    guard = SkipGuard(stage, limits, logger, latest)
+    try:
+        with logger.bar(ppo.iterations, stage) as bar:
+            bar.update(start)
+            for it in range(start, ppo.iterations):
+                t0 = time.time()
+                exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
+                batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
+                exp, exp_metrics = experience(state, batch, exp_key)
+                ptx_batch = None
+                if use_ptx:
+                    ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
+                state, upd_metrics = update(state, exp, ptx_batch, upd_key)
+                metrics = {**exp_metrics, **upd_metrics}
+                # An iteration is long enough that waiting for its metrics costs little, and
+                # every iteration's numbers are worth keeping.
+                jax.block_until_ready(metrics)
+                tokens = float(jnp.sum(exp.response_mask))
+                metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
+                row = logger.log(stage, it + 1, metrics)
+                bar.set_postfix(short_metrics(row))
+                bar.update(1)
+                guard.check(it + 1, guard.counters(metrics))
+                if checkpoints is not None:
+                    checkpoints.after_step(it + 1, state, ppo.iterations)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()  # commits a save in flight, also when an iteration raised
+    return state
+
+
+def _make_experience(
+    cfg: Config,
+    algo: RLAlgorithm,
+    models: RLModels,
+    critic_cfg: ModelConfig | None,
+    shardings: tuple,
+    frozen: Frozen,
+    special: tuple[tuple[int, ...], int],
+    runtime: Runtime,
+    tokenizer,
+) -> Callable:
+    """`experience(state, prompt_batch, key) -> (Experience, metrics)`: one compiled call when
+    the reward model scores; sample, host scoring, finish when a reward function does.
+    shardings: (state's, frozen's); special: (EOS ids, pad id)."""
+    mesh, rules, ppo = runtime.mesh, runtime.rules, cfg.ppo
+    (state_sh, frozen_sh), (eos_ids, pad_id) = shardings, special
+    if algo.reward_fn is None:
+        fn = jit_experience(
+            make_experience_fn(
+                models.policy_cfg, critic_cfg, models.reward_cfg, ppo, algo, eos_ids, pad_id
+            ),
+            state_sh,
+            frozen_sh,
+            mesh,
+            rules,
+        )
+        return lambda state, b, k: fn(state, frozen, b["input_ids"], b["attention_mask"], k)
+    if tokenizer is None:
+        raise ValueError("a reward function over text needs the tokenizer to decode responses")
+    sample = jit_sample(
+        make_sample_fn(models.policy_cfg, ppo, eos_ids, pad_id), state_sh.policy.params, mesh, rules
+    )
+    finish = jit_finish(
+        make_finish_fn(models.policy_cfg, critic_cfg, None, ppo, algo, eos_ids),
+        state_sh,
+        frozen_sh,
+        mesh,
+        rules,
+    )
+    score = _host_scorer(algo, tokenizer)
+
+    def experience(state, b, k):
+        rollout = sample(state.policy.params, b["input_ids"], b["attention_mask"], k)
+        scores = runtime.global_batch({"scores": score(rollout)}, "ppo.rollout_batch")["scores"]
+        return finish(state, frozen, rollout, scores)
+
+    return experience
+
+
+def _ptx_batch(ptx_iter, epochs: int, n_mb: int, runtime: Runtime) -> dict:
+    """One pretraining batch per minibatch of the iteration: [epochs, n_mb, ptx_bs, L]."""
+    rows = [next(ptx_iter) for _ in range(epochs * n_mb)]
+    shape = (epochs, n_mb, *rows[0]["input_ids"].shape)
+    stacked = {
+        k: np.stack([r[k] for r in rows]).reshape(shape) for k in ("input_ids", "attention_mask")
+    }
+    return runtime.global_batch(stacked, "ptx.batch_size", batch_axis=2)

@@ -1,0 +1,69 @@
+"""Reward functions over decoded text: verifiable rewards, chosen by name (`ppo.reward_fn`).
+
+Signature: `fn(prompts: list[str], completions: list[str], **hparams) -> Sequence[float]`, one
+score per completion (the convention of TRL's `reward_funcs`). The completion is the decoded
+response up to and including its EOS, special tokens dropped. It runs on the host between
+sampling and the rest of the experience, so it may do anything Python can: parse a number and
+compare it with a known answer, run unit tests, call a checker. When `ppo.reward_fn` is set it
+replaces the reward model in RL (the pipeline still trains one, for its report).
+
+A fork registers its own with `@register_reward_fn("name")`, or names a function
+`package.module:function` in the config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from rlhf_jax import registry
+from rlhf_jax.errors import RlhfJaxError
+
+RewardFn = Callable[..., Sequence[float]]
+
+
+def register_reward_fn(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering a text reward function under `name`."""
+    return registry.register("reward_fn", name)
+
+
+def get_reward_fn(name: str, **hparams: Any) -> RewardFn:
+    """The reward function registered as `name` (or "package.module:function"), bound."""
+    return registry.resolve("reward_fn", name, **hparams)
+
+
+def score_texts(fn: RewardFn, prompts: list[str], completions: list[str], name: str) -> np.ndarray:
+    """`fn(prompts, completions)` as a float32 [B] array, checked: one finite number per
+    completion, or an RlhfJaxError naming the function and what it returned."""
+    out = fn(prompts, completions)
+    try:
+        scores = np.asarray(out, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise RlhfJaxError(
+            f"reward function {name!r} must return one number per completion, got {out!r:.200}"
+        ) from None
+    if scores.shape[0] != len(completions):
+        raise RlhfJaxError(
+            f"reward function {name!r} returned {scores.shape[0]} scores for "
+            f"{len(completions)} completions"
+        )
+    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    if bad:
+        raise RlhfJaxError(
+            f"reward function {name!r} returned a non-finite score ({scores[bad[0]]}) for "
+            f"completion {bad[0]}: {completions[bad[0]]!r:.200}"
+        )
+    return scores.astype(np.float32)
+
+
+@register_reward_fn("topics_gold")
+def topics_gold(prompts: list[str], completions: list[str]) -> list[float]:
+    """The built-in task's hidden gold reward (`tasks.topics.gold_reward`) used directly as a
+    verifiable reward: the judgement the simulated labelers rank by, without their noise and
+    without a reward model in between."""
+    from rlhf_jax.tasks.topics import gold_reward
+
+    return [gold_reward(p, c) for p, c in zip(prompts, completions)]

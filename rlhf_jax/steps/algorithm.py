@@ -1,0 +1,134 @@
+"""An RL algorithm as named parts resolved from the `ppo` config section: the advantage
+estimator, the policy loss, the critic's loss (only when the estimator needs a critic), where
+the KL acts, and what scores a response (the reward model, or a reward function over text).
+
+`RLAlgorithm.from_config` resolves every name and checks the parts against each other and the
+config before anything is loaded: a misspelt name, a hyperparameter the part does not take, a
+group estimator with one sample per prompt, or a loss reading a batch key the run does not
+provide (reference log-probs without a KL term, values without a critic) are errors then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+
+from rlhf_jax import contract, registry
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.ops import REDUCTIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class RLAlgorithm:
+    advantage: Callable  # fn(batch) -> AdvantageOut
+    policy_loss: Callable  # fn(outputs, batch) -> LossOut
+    value_loss: Callable | None  # None: no critic
+    kl_penalty: str  # "reward" | "loss" | "none"
+    kl_estimator: str  # k1 | k2 | k3 | abs
+    reduction: str  # of the KL term in the loss: the policy loss's own reduction
+    reward_fn: Callable | None  # host scorer of decoded text; None: the reward model scores
+    reward_fn_name: str | None = None
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.value_loss is not None
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether reference log-probs are taken (a KL term in the reward or the loss)."""
+        return self.kl_penalty != "none"
+
+    @classmethod
+    def from_config(cls, ppo: PPOConfig) -> RLAlgorithm:
+        advantage = registry.resolve("advantage", ppo.advantage, **ppo.advantage_kwargs)
+        facts = registry.info(advantage)
+        needs_critic = bool(facts.get("needs_critic", False))
+        min_group = int(facts.get("min_group_size", 1))
+        if ppo.samples_per_prompt < min_group:
+            raise RlhfJaxError(
+                f"config key 'ppo.samples_per_prompt': advantage estimator {ppo.advantage!r} "
+                f"compares the samples of a prompt and needs at least {min_group}, got "
+                f"{ppo.samples_per_prompt}"
+            )
+        policy_kwargs = dict(ppo.policy_loss_kwargs)
+        raw_policy = registry.lookup("policy", ppo.policy_loss)
+        if ppo.loss_reduction is not None:
+            if "reduction" in policy_kwargs:
+                raise RlhfJaxError(
+                    "set the reduction once: config keys 'ppo.loss_reduction' and "
+                    "'ppo.policy_loss_kwargs.reduction' are both given"
+                )
+            if not registry.accepts(raw_policy, "reduction"):
+                raise RlhfJaxError(
+                    f"config key 'ppo.loss_reduction': policy loss {ppo.policy_loss!r} takes no "
+                    "'reduction' argument, so the setting would be ignored"
+                )
+            policy_kwargs["reduction"] = ppo.loss_reduction
+        policy_loss = registry.resolve("policy", ppo.policy_loss, **policy_kwargs)
+        reduction = policy_kwargs.get("reduction", _default_reduction(raw_policy))
+        if reduction not in REDUCTIONS:
+            raise RlhfJaxError(
+                f"policy loss {ppo.policy_loss!r}: reduction {reduction!r} is not one of "
+                f"{', '.join(REDUCTIONS)}"
+            )
+        value_loss = None
+        if needs_critic:
+            value_loss = registry.resolve("value", ppo.value_loss, **ppo.value_loss_kwargs)
+        reward_fn = None
+        if ppo.reward_fn is not None:
+            reward_fn = registry.resolve("reward_fn", ppo.reward_fn, **ppo.reward_fn_kwargs)
+        algo = cls(
+            advantage=advantage,
+            policy_loss=policy_loss,
+            value_loss=value_loss,
+            kl_penalty=ppo.kl_penalty,
+            kl_estimator=ppo.kl_kind,
+            reduction=reduction,
+            reward_fn=reward_fn,
+            reward_fn_name=ppo.reward_fn,
+        )
+        algo._check_reads(ppo)
+        return algo
+
+    def _check_reads(self, ppo: PPOConfig) -> None:
+        """Run each part once on tiny inputs with exactly the keys this run provides."""
+        why = []
+        policy_keys = contract.POLICY_KEYS
+        if self.uses_reference:
+            policy_keys += contract.REFERENCE_KEYS
+        else:
+            why.append("reference log-probs exist only when ppo.kl_penalty is reward or loss")
+        if self.needs_critic:
+            policy_keys += contract.CRITIC_KEYS
+        else:
+            why.append(f"values only with a critic (advantage {ppo.advantage!r} needs none)")
+        contract.dry_run("policy", self.policy_loss, ppo.policy_loss, policy_keys, "; ".join(why))
+        advantage_keys = contract.ADVANTAGE_KEYS + (("values",) if self.needs_critic else ())
+        contract.dry_run("advantage", self.advantage, ppo.advantage, advantage_keys)
+        if self.value_loss is not None:
+            value_keys = ("old_values", "returns", "response_mask", "token_count")
+            value_keys += contract.ADVANTAGE_KEYS
+            contract.dry_run("value", self.value_loss, ppo.value_loss, value_keys)
+
+
+def _default_reduction(fn: Callable) -> str:
+    """The default of `fn`'s `reduction` parameter, or token_mean."""
+    try:
+        param = inspect.signature(fn).parameters.get("reduction")
+    except (TypeError, ValueError):
+        param = None
+    if param is None or param.default is inspect.Parameter.empty:
+        return "token_mean"
+    return param.default
+
+
+def resolve_config_parts(cfg) -> RLAlgorithm:
+    """Resolve every part a run's config names (`sft.loss`, `rm.loss`, `ptx.loss` and the RL
+    algorithm of `ppo`): called when a config is loaded, so a misspelt name or a
+    hyperparameter a part does not take fails before the first stage runs."""
+    registry.resolve("sft", cfg.sft.loss, **cfg.sft.loss_kwargs)
+    registry.resolve("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
+    registry.resolve("ptx", cfg.ptx.loss)
+    return RLAlgorithm.from_config(cfg.ppo)

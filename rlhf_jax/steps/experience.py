@@ -1,0 +1,235 @@
+"""Making experience from small parts, all compiled: sample, score, reference log-probs,
+values, per-token rewards, advantages.
+
+  sample(policy_params, prompts, key) -> Rollout      G = ppo.samples_per_prompt responses per
+                                                      prompt (a group), with group ids
+  finish(state, frozen, rollout, scores) -> Experience  score (the reward model, unless the host
+                                                      passes a reward function's scores),
+                                                      reference log-probs only with a KL term,
+                                                      values only with a critic, the KL in the
+                                                      reward when configured, then the estimator
+  experience = finish(sample(...), scores=None)       one compiled call when the RM scores
+
+The rollout's own log-probs are the old policy's (no second forward). Reference log-probs are
+under the temperature alone; the policy's under the sampling distribution (temperature, top-k,
+top-p), the same function the trainer uses, so the first ratio pi / pi_old is exactly 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.models import ModelConfig, hidden_states, lm_logits, scalar_forward
+from rlhf_jax.ops import (
+    explained_variance,
+    groups_all_equal,
+    kl_estimate,
+    last_token_onehot,
+    masked_mean,
+    per_token_rewards,
+    token_logprobs,
+)
+from rlhf_jax.rollout import generate
+from rlhf_jax.steps.algorithm import RLAlgorithm
+from rlhf_jax.steps.reward import score_sequences
+from rlhf_jax.steps.rl_state import Frozen, RLState
+
+
+class Rollout(NamedTuple):
+    """Sampled responses; B = prompts x G, N = max_new_tokens, S = prompt length + N."""
+
+    sequence_ids: jax.Array  # [B, S] prompt (left-padded) + response
+    sequence_mask: jax.Array  # [B, S]
+    response_ids: jax.Array  # [B, N]
+    response_mask: jax.Array  # [B, N] 1 up to and including the first EOS
+    logprobs: jax.Array  # [B, N] under the sampling distribution (the "old" policy)
+    group_ids: jax.Array  # [B] int32: responses to the same prompt share an id
+
+
+class Experience(NamedTuple):
+    """One rollout batch made ready for the update; optional parts are None when unused."""
+
+    sequence_ids: jax.Array
+    sequence_mask: jax.Array
+    response_ids: jax.Array
+    response_mask: jax.Array
+    logprobs: jax.Array  # [B, N] the old policy's
+    ref_logprobs: jax.Array | None  # [B, N], with a KL term only
+    values: jax.Array | None  # [B, N] value of the state before each token, with a critic only
+    rewards: jax.Array  # [B, N] per-token reward (score on the last token, - beta KL_t if so)
+    advantages: jax.Array  # [B, N]
+    returns: jax.Array | None  # [B, N] the critic's targets, with a critic only
+    scores: jax.Array  # [B] sequence score (after the missing-EOS rule)
+    kl: jax.Array | None  # [B, N] per-token KL estimate to the reference, with one only
+    group_ids: jax.Array  # [B]
+
+
+def response_logits(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
+    """Logits that predict each response token: positions [P-1, S-1).
+
+    The LM head (the largest matmul per token) runs on those N positions only, not on the
+    whole sequence: the hidden states are sliced before it, which saves P/(P+N) of the head's
+    work in the reference forward and in the policy's forward and backward.
+    """
+    h_BND = hidden_states(cfg, params, seq_ids, seq_mask)[:, prompt_len - 1 : -1]
+    return lm_logits(cfg, params, h_BND)
+
+
+def response_values(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
+    return scalar_forward(cfg, params, seq_ids, seq_mask)[:, prompt_len - 1 : -1]
+
+
+def make_sample_fn(
+    policy_cfg: ModelConfig, ppo: PPOConfig, eos_ids: tuple[int, ...], pad_id: int
+) -> Callable:
+    """`sample(policy_params, prompt_ids, prompt_mask, key) -> Rollout`: each of the P prompts
+    answered G = ppo.samples_per_prompt times (rows p*G .. p*G + G - 1 form group p)."""
+    g = ppo.samples_per_prompt
+
+    def sample(policy_params, prompt_ids, prompt_mask, key) -> Rollout:
+        if g > 1:
+            prompt_ids = jnp.repeat(prompt_ids, g, axis=0)
+            prompt_mask = jnp.repeat(prompt_mask, g, axis=0)
+        gen = generate(
+            policy_cfg,
+            policy_params,
+            prompt_ids,
+            prompt_mask,
+            key,
+            ppo.max_new_tokens,
+            temperature=ppo.temperature,
+            top_k=ppo.top_k,
+            top_p=ppo.top_p,
+            eos_id=tuple(eos_ids),
+            pad_id=pad_id,
+        )
+        mask = gen.mask
+        return Rollout(
+            sequence_ids=jnp.concatenate([prompt_ids, gen.tokens], axis=1),
+            sequence_mask=jnp.concatenate([prompt_mask.astype(mask.dtype), mask], axis=1),
+            response_ids=gen.tokens,
+            response_mask=mask,
+            logprobs=gen.logprobs,
+            group_ids=jnp.arange(prompt_ids.shape[0], dtype=jnp.int32) // g,
+        )
+
+    return sample
+
+
+def make_finish_fn(
+    policy_cfg: ModelConfig,
+    critic_cfg: ModelConfig | None,
+    reward_cfg: ModelConfig | None,
+    ppo: PPOConfig,
+    algo: RLAlgorithm,
+    eos_ids: tuple[int, ...],
+) -> Callable:
+    """`finish(state, frozen, rollout, scores=None) -> (Experience, metrics)`; `scores` [B]
+    from a reward function, or None for the reward model in `frozen.reward`."""
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    kl_in_reward = algo.kl_penalty == "reward"
+
+    def finish(state: RLState, frozen: Frozen, r: Rollout, scores=None):
+        p = r.sequence_ids.shape[1] - r.response_ids.shape[1]
+        mask = r.response_mask
+        ref_logp = values = kl = None
+        if algo.uses_reference:
+            ref_logits = response_logits(policy_cfg, frozen.ref, r.sequence_ids, r.sequence_mask, p)
+            ref_logp = token_logprobs(ref_logits, r.response_ids, ppo.temperature) * mask
+        if algo.needs_critic:
+            values = response_values(
+                critic_cfg, state.critic.params, r.sequence_ids, r.sequence_mask, p
+            )
+            values = values * mask
+        if scores is None:
+            scores = score_sequences(reward_cfg, frozen.reward, r.sequence_ids, r.sequence_mask)
+        has_eos = jnp.any(jnp.isin(r.response_ids, eos) & (mask > 0), axis=1)
+        # Truncation at the first EOS is the response mask itself; a response that never ends
+        # is penalised (N-implementation-details: fixed low score, or score - penalty).
+        if ppo.missing_eos_score is not None:
+            scores = jnp.where(has_eos, scores, ppo.missing_eos_score)
+        elif ppo.missing_eos_penalty is not None:
+            scores = jnp.where(has_eos, scores, scores - ppo.missing_eos_penalty)
+        if kl_in_reward:
+            rewards, kl = per_token_rewards(
+                scores, r.logprobs, ref_logp, mask, state.beta, algo.kl_estimator
+            )
+        else:
+            rewards = jnp.asarray(scores, jnp.float32)[:, None] * last_token_onehot(mask)
+            if ref_logp is not None:
+                kl = jnp.where(mask != 0, kl_estimate(r.logprobs, ref_logp, algo.kl_estimator), 0)
+        adv = algo.advantage(
+            {
+                "rewards": rewards,
+                "response_mask": mask,
+                "scores": scores,
+                "group_ids": r.group_ids,
+                **({"values": values} if values is not None else {}),
+            }
+        )
+        exp = Experience(
+            sequence_ids=r.sequence_ids,
+            sequence_mask=r.sequence_mask,
+            response_ids=r.response_ids,
+            response_mask=mask,
+            logprobs=r.logprobs,
+            ref_logprobs=ref_logp,
+            values=values,
+            rewards=rewards,
+            advantages=adv.advantages,
+            returns=adv.returns,
+            scores=scores,
+            kl=kl,
+            group_ids=r.group_ids,
+        )
+        return exp, _metrics(state, exp, has_eos, kl_in_reward, ppo.samples_per_prompt, adv)
+
+    return finish
+
+
+def _metrics(state: RLState, exp: Experience, has_eos, kl_in_reward: bool, g: int, adv) -> dict:
+    mask = exp.response_mask
+    metrics = {
+        "objective/scores": jnp.mean(exp.scores),
+        "objective/beta": state.beta,
+        "rollout/response_length": jnp.mean(jnp.sum(mask, axis=1)),
+        "rollout/eos_fraction": jnp.mean(has_eos.astype(jnp.float32)),
+        "rollout/entropy_proxy": -masked_mean(exp.logprobs, mask),
+    }
+    if exp.kl is not None:
+        kl_per_seq = jnp.sum(exp.kl * mask, axis=1)
+        metrics["objective/kl"] = jnp.mean(kl_per_seq)
+        metrics["objective/rlhf_reward"] = jnp.mean(exp.scores - state.beta * kl_per_seq)
+        if kl_in_reward:
+            metrics["objective/non_score_reward"] = -jnp.mean(state.beta * kl_per_seq)
+    if exp.values is not None:
+        metrics["ppo/value/explained_variance"] = explained_variance(exp.values, exp.returns, mask)
+    if g > 1:  # groups whose responses all scored the same give a group baseline no signal
+        metrics["rollout/groups_all_equal"] = jnp.mean(groups_all_equal(exp.scores, exp.group_ids))
+    metrics.update(adv.metrics)
+    return metrics
+
+
+def make_experience_fn(
+    policy_cfg: ModelConfig,
+    critic_cfg: ModelConfig | None,
+    reward_cfg: ModelConfig | None,
+    ppo: PPOConfig,
+    algo: RLAlgorithm,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+) -> Callable:
+    """`experience(state, frozen, prompt_ids, prompt_mask, key) -> (Experience, metrics)`:
+    sampling and scoring by the reward model in one function (one compiled call)."""
+    sample = make_sample_fn(policy_cfg, ppo, eos_ids, pad_id)
+    finish = make_finish_fn(policy_cfg, critic_cfg, reward_cfg, ppo, algo, eos_ids)
+
+    def experience(state: RLState, frozen: Frozen, prompt_ids, prompt_mask, key):
+        return finish(state, frozen, sample(state.policy.params, prompt_ids, prompt_mask, key))
+
+    return experience

@@ -1,0 +1,59 @@
+"""What RL training changes and what it only reads: the policy (and, for estimators that need
+one, a critic) with their optimizers, the KL coefficient, the EMA weights; the frozen reference
+policy and reward model."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from rlhf_jax.config import PPOConfig
+from rlhf_jax.steps.state import TrainState
+
+
+class RLState(struct.PyTreeNode):
+    """Everything RL changes. `critic` is None when the advantage estimator needs no critic:
+    then no value weights, optimizer moments or checkpoint entries exist at all."""
+
+    policy: TrainState
+    critic: TrainState | None
+    beta: jax.Array  # KL coefficient; adapted in compiled code when ppo.adaptive_kl
+    ema_params: Any  # EMA of the policy weights (InstructGPT: 0.992), or None
+    iteration: jax.Array
+
+
+class Frozen(NamedTuple):
+    """Weights RL reads but never changes; each is None when the run does not use it."""
+
+    ref: Any  # the SFT policy (None when ppo.kl_penalty is none)
+    reward: Any  # the reward model {"trunk", "head"} (None when ppo.reward_fn scores)
+
+
+def init_rl_state(
+    policy_params: Any,
+    critic_params: Any,
+    policy_tx: optax.GradientTransformation,
+    critic_tx: optax.GradientTransformation | None,
+    ppo: PPOConfig,
+) -> RLState:
+    """Fresh buffers for everything RL updates: the update donates its state, and the SFT (and
+    RM) weights these start from must survive as the frozen reference (and reward model).
+    `critic_params` None: no critic."""
+
+    def copy(tree):
+        return jax.tree.map(lambda x: jax.device_put(x, may_alias=False), tree)
+
+    critic = None
+    if critic_params is not None:
+        critic = TrainState.create(copy(critic_params), critic_tx)
+    return RLState(
+        policy=TrainState.create(copy(policy_params), policy_tx),
+        critic=critic,
+        beta=jnp.asarray(ppo.beta, jnp.float32),
+        ema_params=copy(policy_params) if ppo.ema_decay > 0 else None,
+        iteration=jnp.zeros((), jnp.int32),
+    )
