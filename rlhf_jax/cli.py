@@ -128,6 +128,39 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="run several RL algorithms (compare.algorithms) from the same SFT and reward model",
+        description="Build the pipeline's foundation (data, SFT, reward model) once, run every "
+        "algorithm of compare.algorithms from it (each again on compare.reward_fn), and write "
+        "DIR/report.md, report.json and gold_vs_kl.png.",
+    )
+    _add_config_args(p)
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from rlhf_jax.errors import RlhfJaxError
+    from rlhf_jax.loops.compare import run_compare
+
+    cfg = _load_config(args)
+    if not cfg.compare.algorithms:
+        raise RlhfJaxError("`rlhf-jax compare` needs config key 'compare.algorithms' (see "
+                           "configs/compare.yaml)")  # fmt: skip
+    command = "rlhf-jax " + " ".join(sys.argv[1:]) if sys.argv else ""
+    report = run_compare(cfg, args.output, command)
+    print(f"report: {args.output}/report.md")
+    sft = report["sft"]["gold_reward"]
+    for name, row in sorted(report["algorithms"].items(), key=lambda kv: -kv[1]["gold_reward"]):
+        lo, hi = row["gold_reward_ci"]
+        print(
+            f"{name:>24}: gold {row['gold_reward']:.3f} [{lo:.3f}, {hi:.3f}] (SFT {sft:.3f}), "
+            f"KL {row['kl_to_sft']:.2f}, {row['wall_seconds']:.0f} s"
+        )
+    return 0
+
+
 STAGES = {
     "sft": ("fine-tune model.path on sft.data (writes OUTPUT/sft)", "run_sft"),
     "rm": ("train a reward model from rm.init on rm.data (writes OUTPUT/rm)", "run_rm"),
@@ -156,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pipeline(sub)
+    _add_compare(sub)
     for name in STAGES:
         _add_stage(sub, name)
     _add_generate(sub)

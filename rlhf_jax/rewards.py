@@ -40,11 +40,13 @@ def score_texts(fn: RewardFn, prompts: list[str], completions: list[str], name: 
     completion, or an RlhfJaxError naming the function and what it returned."""
     out = fn(prompts, completions)
     try:
-        scores = np.asarray(out, dtype=np.float64).reshape(-1)
+        scores = np.asarray(out, dtype=np.float64)
     except (TypeError, ValueError):
+        scores = None
+    if scores is None or scores.ndim != 1:
         raise RlhfJaxError(
             f"reward function {name!r} must return one number per completion, got {out!r:.200}"
-        ) from None
+        )
     if scores.shape[0] != len(completions):
         raise RlhfJaxError(
             f"reward function {name!r} returned {scores.shape[0]} scores for "

@@ -1,5 +1,7 @@
 """Config loading: YAML + overrides into typed sections, with errors that name the key."""
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -42,7 +44,7 @@ def test_overrides_are_typed():
         ("seed=1.5", "config key 'seed': expected an integer"),
         ("ppo.adaptive_kl=3", "config key 'ppo.adaptive_kl': expected true or false"),
         ("model.family=bert", "'bert' is not one of"),
-        ("ppo.minibatch_size=7", "'ppo.minibatch_size': 7 does not divide"),
+        ("ppo.minibatch_size=7", "'ppo.minibatch_size': 7 does not divide the 64 responses"),
         ("rm.k=12", "'rm.k': 12 is outside 2..9"),
         ("sft.optim.grad_accum=5", "'sft.optim.grad_accum' (5) must be >= 1 and divide"),
         ("ppo", "not of the form key=value"),
@@ -69,3 +71,51 @@ def test_yaml_errors_name_file_and_line(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(RlhfJaxError, match="top level must be a mapping"):
         load_config(Config, tmp_path / "list.yaml")
+
+
+def test_a_nested_override_keeps_the_sections_own_defaults(tmp_path):
+    """`sft.optim.lr` changes only the learning rate of SFT's optimizer, whose other
+    defaults (warmup 10) differ from OptimConfig's; the same from YAML; setting a value to
+    its default changes nothing."""
+    default = Config()
+    cfg = load_config(Config, None, ["sft.optim.lr=1e-4", "ppo.policy_optim.lr=1e-5"])
+    assert cfg.sft.optim == dataclasses.replace(default.sft.optim, lr=1e-4)
+    assert cfg.ppo.policy_optim == dataclasses.replace(default.ppo.policy_optim, lr=1e-5)
+    assert cfg.sft.optim.warmup_steps == 10 and cfg.ppo.policy_optim.schedule == "linear"
+    (tmp_path / "c.yaml").write_text("rm:\n  optim:\n    weight_decay: 0.1\n")
+    from_yaml = load_config(Config, tmp_path / "c.yaml")
+    assert from_yaml.rm.optim == dataclasses.replace(default.rm.optim, weight_decay=0.1)
+    assert load_config(Config, None, [f"sft.optim.lr={default.sft.optim.lr}"]) == default
+
+
+@pytest.mark.parametrize(
+    "key,moved_to",
+    [
+        ("ppo.clip_eps", "ppo.policy_loss_kwargs.clip_eps"),
+        ("ppo.value_clip", "ppo.value_loss_kwargs.clip_range"),
+        ("ppo.gamma", "ppo.advantage_kwargs.gamma"),
+        ("ppo.lam", "ppo.advantage_kwargs.lam"),
+        ("ppo.whiten_rewards", "ppo.advantage_kwargs.whiten_rewards"),
+    ],
+)
+def test_moved_keys_say_where_they_went(key, moved_to):
+    with pytest.raises(RlhfJaxError, match=f"'{key}' has moved: set '{moved_to}'"):
+        load_config(Config, None, [f"{key}=0.1"])
+
+
+def test_rl_settings_are_checked_together():
+    cfg = load_config(Config, None, ["ppo.samples_per_prompt=4", "ppo.rollout_batch=16"])
+    assert cfg.ppo.episodes == 64 and cfg.ppo.kl_kind == "k1"
+    assert load_config(Config, None, ["ppo.kl_penalty=loss"]).ppo.kl_kind == "k3"
+    for override, message in [
+        ("ppo.samples_per_prompt=0", "'ppo.samples_per_prompt' must be >= 1"),
+        ("ppo.top_p=1.5", "'ppo.top_p' must be in (0, 1]"),
+        ("ppo.top_k=0", "'ppo.top_k' must be >= 1"),
+        ("eval.n_samples=0", "'eval.n_samples' must be >= 1"),
+    ]:
+        with pytest.raises(RlhfJaxError, match=re.escape(message)):
+            load_config(Config, None, [override])
+    with pytest.raises(RlhfJaxError, match="the KL controller needs a KL term"):
+        load_config(Config, None, ["ppo.kl_penalty=none", "ppo.adaptive_kl=true"])
+    with pytest.raises(RlhfJaxError, match=r"does not divide the 192 responses"):
+        load_config(Config, None, ["ppo.samples_per_prompt=3", "ppo.minibatch_size=128"])

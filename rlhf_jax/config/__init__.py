@@ -1,9 +1,16 @@
 """Typed run configuration: sections in `schema`, YAML + overrides in `loader`."""
 
-from rlhf_jax.config.loader import apply_overrides, from_dict, load_config, to_dict
+from rlhf_jax.config.loader import (
+    apply_overrides,
+    compare_runs,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from rlhf_jax.config.schema import (
     DEFAULT_RULES,
     CheckpointConfig,
+    CompareConfig,
     Config,
     DataConfig,
     DistributedConfig,
@@ -23,6 +30,7 @@ from rlhf_jax.config.schema import (
 __all__ = [
     "DEFAULT_RULES",
     "CheckpointConfig",
+    "CompareConfig",
     "Config",
     "DataConfig",
     "DistributedConfig",
@@ -38,6 +46,7 @@ __all__ = [
     "SFTConfig",
     "TaskConfig",
     "apply_overrides",
+    "compare_runs",
     "from_dict",
     "load_config",
     "to_dict",

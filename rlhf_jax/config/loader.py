@@ -16,13 +16,15 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from rlhf_jax.config.schema import MOVED_KEYS
+from rlhf_jax.config.schema import MOVED_KEYS, Config, PPOConfig
 from rlhf_jax.errors import RlhfJaxError
 
 T = TypeVar("T")
 
 
 def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -48,7 +50,13 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
                 return _coerce(value, arg, key, default)
             except RlhfJaxError as e:
                 errors.append(str(e))
-        expected = " or ".join(_type_name(a) for a in args)
+        expected = " or ".join(
+            _type_name(a)
+            for a in (
+                *[a for a in args if a is not type(None)],
+                *[a for a in args if a is type(None)],
+            )
+        )
         raise RlhfJaxError(f"config key '{key}': expected {expected}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -191,3 +199,40 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
         if path is not None:
             raise RlhfJaxError(f"{path}: {e}") from None
         raise
+
+
+def _nest_dotted(data: dict[str, Any]) -> dict[str, Any]:
+    """`{"a.b": 1, "c": {"d": 2}}` -> `{"a": {"b": 1}, "c": {"d": 2}}`."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        node = out
+        *parents, leaf = str(key).split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf].update(_nest_dotted(value))
+        else:
+            node[leaf] = _nest_dotted(value) if isinstance(value, dict) else value
+    return out
+
+
+def compare_runs(cfg: Config) -> dict[str, Config]:
+    """The runs of `rlhf-jax compare`: for each `compare.algorithms` entry the config with its
+    changes merged into the `ppo` section, then (with `compare.reward_fn`) each once more with
+    that reward function as `<name>_gold`. Errors name the key, e.g.
+    'compare.algorithms.grpo.samples_per_prompt'."""
+    runs: dict[str, Config] = {}
+    for name, changes in cfg.compare.algorithms.items():
+        prefix = f"compare.algorithms.{name}."
+        if not isinstance(changes, dict):
+            raise RlhfJaxError(f"config key '{prefix[:-1]}': expected a mapping of ppo keys")
+        try:
+            ppo = from_dict(PPOConfig, _nest_dotted(changes), prefix=prefix, base=cfg.ppo)
+            runs[name] = dataclasses.replace(cfg, ppo=ppo)
+        except RlhfJaxError as e:
+            raise RlhfJaxError(f"{e} (in {prefix[:-1]})") from None
+    if cfg.compare.reward_fn is not None:
+        for name, run in list(runs.items()):
+            gold = dataclasses.replace(run.ppo, reward_fn=cfg.compare.reward_fn)
+            runs[f"{name}_gold"] = dataclasses.replace(run, ppo=gold)
+    return runs

@@ -213,6 +213,19 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    """`rlhf-jax compare`: several RL algorithms from the same SFT policy and reward model,
+    evaluated on the same held-out prompts (docs/algorithms.md)."""
+
+    # name -> changes to the `ppo` section for that run (nested or dotted keys), e.g.
+    # {"grpo": {"advantage": "grpo", "samples_per_prompt": 4, "rollout_batch": 16}}
+    algorithms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each algorithm once more with this reward function in place of the reward model, named
+    # "<name>_gold" (the built-in task's gold reward used as a verifiable reward); null = not.
+    reward_fn: str | None = "topics_gold"
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     every: int = 10  # steps between progress-bar metric updates and JSONL lines
     tensorboard: bool = False  # also write TensorBoard event files (needs tensorboardX)
@@ -301,6 +314,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     ptx: PtxConfig = field(default_factory=PtxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     log: LogConfig = field(default_factory=LogConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

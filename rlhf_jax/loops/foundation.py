@@ -45,7 +45,7 @@ from rlhf_jax.loops.stages import (
 from rlhf_jax.models import ModelConfig, load_hf, load_tokenizer, save_hf, save_scalar_model
 from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.steps import normalize_reward_bias, resolve_config_parts
-from rlhf_jax.tasks import topics
+from rlhf_jax.tasks import TASKS
 from rlhf_jax.tasks.tokenizer import train_tokenizer
 
 STAGE_KEYS = ("init", "pretrain", "sft", "rm_sample", "rm", "ppo", "eval")
@@ -118,7 +118,9 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
         if len(distinct) < 2:
             unranked += 1
             continue
-        ranking = topics.rank_by_labelers(rng, prompt, distinct, cfg.task.labeler_noise)
+        ranking = TASKS[cfg.task.name].rank_by_labelers(
+            rng, prompt, distinct, cfg.task.labeler_noise
+        )
         rows.append({"prompt": prompt, "completions": distinct, "ranking": ranking})
     return rows, unranked
 
@@ -144,7 +146,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
 
     # Data: generate the built-in task's files, then load and validate everything up front.
     t = cfg.task
-    task = topics.generate_task(
+    task = TASKS[t.name].generate_task(
         cfg.seed, t.n_pretrain_texts, t.n_demonstrations, t.n_rm_prompts, t.n_eval_prompts
     )
     data_dir = out / "data"

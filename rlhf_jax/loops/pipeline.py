@@ -22,7 +22,7 @@ from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, train_rl
 from rlhf_jax.loops.stages import lm_loss
 from rlhf_jax.models import save_hf
-from rlhf_jax.tasks import topics
+from rlhf_jax.tasks import TASKS
 
 
 def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True):
@@ -56,7 +56,7 @@ def evaluate_policy(cfg: Config, f: Foundation, params) -> ev.GoldEval:
         f.eval_prompts,
         f.eval_arrays,
         f.keys["eval"],
-        topics.gold_reward,
+        TASKS[cfg.task.name].gold_reward,
         cfg.ppo.max_new_tokens,
         cfg.eval.temperature,
         f.eos,

@@ -107,3 +107,95 @@ def write_markdown(path: Path, report: dict[str, Any], command: str) -> None:
         lines += ["", "## Data", ""] + [f"- {s}" for s in report["data_summary"]]
     lines += ["", "![training curves](curves.png)", ""]
     path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def _ci(pair) -> str:
+    return f"[{pair[0]:.3f}, {pair[1]:.3f}]"
+
+
+def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
+    """Gold reward (95% interval) against KL to SFT for every algorithm of a comparison:
+    filled markers trained on the reward model, hollow ones on the gold reward itself."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    sft = report["sft"]
+    lo, hi = sft["gold_reward_ci"]
+    ax.axhspan(lo, hi, color="0.85", label="SFT (95% interval)")
+    ax.plot([0.0], [sft["gold_reward"]], "ks")
+    colors = {}
+    for i, (name, row) in enumerate(report["algorithms"].items()):
+        base = name.removesuffix("_gold")
+        color = colors.setdefault(base, f"C{len(colors)}")
+        gold = name.endswith("_gold")
+        y, (ylo, yhi) = row["gold_reward"], row["gold_reward_ci"]
+        ax.errorbar(
+            row["kl_to_sft"],
+            y,
+            yerr=[[y - ylo], [yhi - y]],
+            fmt="o",
+            color=color,
+            mfc="white" if gold else color,
+            capsize=3,
+        )
+        # labels alternate above and below their point, so neighbours rarely overlap
+        offset = (6, 5) if i % 2 == 0 else (6, -12)
+        ax.annotate(name, (row["kl_to_sft"], y), textcoords="offset points", xytext=offset)
+    ax.set_xlabel("KL(policy || SFT) per response (nats)")
+    ax.set_ylabel("gold reward on held-out prompts")
+    ax.set_title("filled: trained on the reward model; hollow: on the gold reward")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_compare_markdown(path: Path, report: dict[str, Any], command: str) -> None:
+    """The comparison as a table, best gold reward first."""
+    sft = report["sft"]
+    rows = sorted(report["algorithms"].items(), key=lambda kv: -kv[1]["gold_reward"])
+    lines = [
+        "# rlhf_jax algorithm comparison",
+        "",
+        f"Command: `{command}`  ",
+        f"Wall time: {report['wall_seconds']:.0f} s on {report['machine']['devices']}; "
+        f"{report['eval']['prompts']} held-out prompts x {report['eval']['samples_per_prompt']} "
+        "samples, scored by the task's gold reward.",
+        "",
+        f"SFT gold reward: {sft['gold_reward']:.3f} {_ci(sft['gold_reward_ci'])}",
+        "",
+        "| algorithm | trained on | gold reward [95% CI] | gain vs SFT [95% CI] | win rate vs SFT "
+        "| KL to SFT | wall (s) | peak device MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        peak = r.get("peak_device_mib")
+        lines.append(
+            f"| {name} | {r['reward']} | {r['gold_reward']:.3f} {_ci(r['gold_reward_ci'])} | "
+            f"{r['gold_gain']:+.3f} {_ci(r['gold_gain_ci'])} | {r['win_rate_vs_sft']:.3f} | "
+            f"{r['kl_to_sft']:.2f} | {r['wall_seconds']:.0f} | "
+            f"{'-' if peak is None else f'{peak:.0f}'} |"
+        )
+    lines += [
+        "",
+        "Setups: "
+        + "; ".join(
+            f"{name}: advantage {r['setup']['advantage']}, G={r['setup']['samples_per_prompt']} x "
+            f"{r['setup']['rollout_batch']} prompts, KL in {r['setup']['kl_penalty']}, critic "
+            f"{r['setup']['critic']}"
+            for name, r in report["algorithms"].items()
+            if not name.endswith("_gold")
+        ),
+        "",
+        "Peak device MiB: XLA's memory analysis of the largest compiled program of the run "
+        "(arguments + outputs + temporaries, per device).",
+        "",
+        "![gold reward against KL](gold_vs_kl.png)",
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")

@@ -54,6 +54,27 @@ class RLModels:
     reward_params: dict | None = None
 
 
+class CompiledOnce:
+    """A jitted function compiled ahead of time on its first call's arguments, so that XLA's
+    memory analysis of the very program that runs is known without a second compile."""
+
+    def __init__(self, jitted: Callable):
+        self.jitted, self.compiled = jitted, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = self.jitted.lower(*args).compile()
+        return self.compiled(*args)
+
+    def peak_bytes(self) -> int:
+        """Per device: arguments + outputs + temporaries, less what donation aliases."""
+        m = self.compiled.memory_analysis() if self.compiled is not None else None
+        if m is None:
+            return 0
+        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+        return int(total - m.alias_size_in_bytes)
+
+
 def _critic_init(models: RLModels, key: jax.Array) -> tuple[ModelConfig, dict]:
     """The critic starts as the reward model; without one, as the SFT trunk with a fresh head."""
     if models.reward_params is not None:
@@ -131,7 +152,7 @@ def train_rl(
         ref=runtime.place(models.sft_params, policy_sh) if algo.uses_reference else None,
         reward=runtime.place(models.reward_params, reward_sh) if reward_sh is not None else None,
     )
-    experience = _make_experience(
+    experience, programs = _make_experience(
         cfg,
         algo,
         models,
@@ -143,20 +164,23 @@ def train_rl(
         tokenizer,
     )
     use_ptx = ptx is not None and cfg.ptx.coef > 0
-    update = jit_update(
-        make_update_fn(
-            models.policy_cfg,
-            critic_cfg,
-            ppo,
-            algo,
-            get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
-            cfg.ptx.coef,
-            ppo.policy_optim.grad_accum,
-        ),
-        state_sh,
-        mesh,
-        rules,
+    update = CompiledOnce(
+        jit_update(
+            make_update_fn(
+                models.policy_cfg,
+                critic_cfg,
+                ppo,
+                algo,
+                get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
+                cfg.ptx.coef,
+                ppo.policy_optim.grad_accum,
+            ),
+            state_sh,
+            mesh,
+            rules,
+        )
     )
+    programs.append(update)
     # One prompt batch per iteration and epochs x minibatches ptx batches: positions from `start`.
     prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2, start=start)
     ptx_iter = None
@@ -185,6 +209,9 @@ def train_rl(
                 jax.block_until_ready(metrics)
                 tokens = float(jnp.sum(exp.response_mask))
                 metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
+                # XLA's account of the largest program: a per-device peak (weights, optimizer
+                # state, activations, KV cache), the same on every iteration.
+                metrics["perf/peak_device_mib"] = max(p.peak_bytes() for p in programs) / 2**20
                 row = logger.log(stage, it + 1, metrics)
                 bar.set_postfix(short_metrics(row))
                 bar.update(1)
@@ -207,34 +234,48 @@ def _make_experience(
     special: tuple[tuple[int, ...], int],
     runtime: Runtime,
     tokenizer,
-) -> Callable:
-    """`experience(state, prompt_batch, key) -> (Experience, metrics)`: one compiled call when
-    the reward model scores; sample, host scoring, finish when a reward function does.
+) -> tuple[Callable, list[CompiledOnce]]:
+    """`experience(state, prompt_batch, key) -> (Experience, metrics)` and its compiled
+    programs: one call when the reward model scores; sample, host scoring, finish when a
+    reward function does.
     shardings: (state's, frozen's); special: (EOS ids, pad id)."""
     mesh, rules, ppo = runtime.mesh, runtime.rules, cfg.ppo
     (state_sh, frozen_sh), (eos_ids, pad_id) = shardings, special
     if algo.reward_fn is None:
-        fn = jit_experience(
-            make_experience_fn(
-                models.policy_cfg, critic_cfg, models.reward_cfg, ppo, algo, eos_ids, pad_id
-            ),
+        fn = CompiledOnce(
+            jit_experience(
+                make_experience_fn(
+                    models.policy_cfg, critic_cfg, models.reward_cfg, ppo, algo, eos_ids, pad_id
+                ),
+                state_sh,
+                frozen_sh,
+                mesh,
+                rules,
+            )
+        )
+
+        def experience(state, b, k):
+            return fn(state, frozen, b["input_ids"], b["attention_mask"], k)
+
+        return experience, [fn]
+    if tokenizer is None:
+        raise ValueError("a reward function over text needs the tokenizer to decode responses")
+    sample = CompiledOnce(
+        jit_sample(
+            make_sample_fn(models.policy_cfg, ppo, eos_ids, pad_id),
+            state_sh.policy.params,
+            mesh,
+            rules,
+        )
+    )
+    finish = CompiledOnce(
+        jit_finish(
+            make_finish_fn(models.policy_cfg, critic_cfg, None, ppo, algo, eos_ids),
             state_sh,
             frozen_sh,
             mesh,
             rules,
         )
-        return lambda state, b, k: fn(state, frozen, b["input_ids"], b["attention_mask"], k)
-    if tokenizer is None:
-        raise ValueError("a reward function over text needs the tokenizer to decode responses")
-    sample = jit_sample(
-        make_sample_fn(models.policy_cfg, ppo, eos_ids, pad_id), state_sh.policy.params, mesh, rules
-    )
-    finish = jit_finish(
-        make_finish_fn(models.policy_cfg, critic_cfg, None, ppo, algo, eos_ids),
-        state_sh,
-        frozen_sh,
-        mesh,
-        rules,
     )
     score = _host_scorer(algo, tokenizer)
 
@@ -243,7 +284,7 @@ def _make_experience(
         scores = runtime.global_batch({"scores": score(rollout)}, "ppo.rollout_batch")["scores"]
         return finish(state, frozen, rollout, scores)
 
-    return experience
+    return experience, [sample, finish]
 
 
 def _ptx_batch(ptx_iter, epochs: int, n_mb: int, runtime: Runtime) -> dict:

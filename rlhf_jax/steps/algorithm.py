@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable
 
 from rlhf_jax import contract, registry
-from rlhf_jax.config import PPOConfig
+from rlhf_jax.config import Config, PPOConfig, compare_runs
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.ops import REDUCTIONS
 
@@ -124,11 +124,17 @@ def _default_reduction(fn: Callable) -> str:
     return param.default
 
 
-def resolve_config_parts(cfg) -> RLAlgorithm:
-    """Resolve every part a run's config names (`sft.loss`, `rm.loss`, `ptx.loss` and the RL
-    algorithm of `ppo`): called when a config is loaded, so a misspelt name or a
-    hyperparameter a part does not take fails before the first stage runs."""
+def resolve_config_parts(cfg: Config) -> RLAlgorithm:
+    """Resolve every part a run's config names (`sft.loss`, `rm.loss`, `ptx.loss`, the RL
+    algorithm of `ppo` and of every `compare.algorithms` run): called when a config is
+    loaded, so a misspelt name or a hyperparameter a part does not take fails before the first
+    stage runs."""
     registry.resolve("sft", cfg.sft.loss, **cfg.sft.loss_kwargs)
     registry.resolve("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
     registry.resolve("ptx", cfg.ptx.loss)
+    for name, run in compare_runs(cfg).items():
+        try:
+            RLAlgorithm.from_config(run.ppo)
+        except RlhfJaxError as e:
+            raise RlhfJaxError(f"{e} (in compare.algorithms.{name})") from None
     return RLAlgorithm.from_config(cfg.ppo)

@@ -1,0 +1,83 @@
+"""`rlhf-jax compare`: several RL algorithms from the same SFT policy and reward model, with the
+same budget of sampled responses, scored on the same held-out prompts by the task's gold
+reward; each also once more against the gold reward used directly as a verifiable reward.
+
+Writes OUT/report.json (`sft.gold_reward`, `algorithms.<name>.{gold_reward, gold_reward_ci,
+win_rate_vs_sft, kl_to_sft, wall_seconds, peak_device_mib, ...}`), report.md (the table),
+gold_vs_kl.png and every run's metrics and policy (OUT/policies/<name>). Each run is a stage
+with its own checkpoints, so rerunning the command continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rlhf_jax.config import Config, compare_runs
+from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.foundation import build_foundation
+from rlhf_jax.loops.pipeline import evaluate_policy, machine, run_rl
+from rlhf_jax.loops.report import (
+    plot_gold_vs_kl,
+    training_summary,
+    write_compare_markdown,
+    write_json,
+)
+from rlhf_jax.models import save_hf
+
+
+def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
+    """Build the foundation once, run every algorithm of `compare.algorithms` from it."""
+    t_start = time.time()
+    runs = compare_runs(cfg)
+    f = build_foundation(cfg, out_dir)
+    boot, seed = cfg.eval.bootstrap, cfg.seed
+    sft_eval = evaluate_policy(cfg, f, f.sft_params)
+    report: dict = {
+        "sft": {
+            "gold_reward": float(sft_eval.gold.mean()),
+            "gold_reward_ci": ev.bootstrap_mean_ci(sft_eval.per_prompt, boot, seed),
+        },
+        "rm": {"heldout_accuracy": f.rm_heldout["accuracy"]},
+        "algorithms": {},
+    }
+    for name, run in runs.items():
+        stage = f"rl_{name}"
+        t0 = time.time()
+        params, state = run_rl(run, f, stage, ptx=run.ptx.coef > 0)
+        wall = time.time() - t0
+        save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
+        result = evaluate_policy(cfg, f, params)
+        kl = ev.kl_to_reference(
+            f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
+        )
+        last = f.logger.history[stage][-1] if f.logger.history.get(stage) else {}
+        p = run.ppo
+        report["algorithms"][name] = {
+            **ev.compare_to_reference(result, sft_eval, kl, boot, seed),
+            "wall_seconds": wall,
+            "peak_device_mib": last.get("perf/peak_device_mib"),
+            "final_beta": float(state.beta),
+            "reward": p.reward_fn or "reward model",
+            "setup": {
+                "advantage": p.advantage,
+                "samples_per_prompt": p.samples_per_prompt,
+                "rollout_batch": p.rollout_batch,
+                "kl_penalty": p.kl_penalty,
+                "policy_loss": p.policy_loss,
+                "critic": "yes" if "ppo/value/loss" in last else "no",
+            },
+            "samples": [
+                {"prompt": q, "response": r}
+                for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])
+            ][:4],
+        }
+    report["eval"] = {"prompts": len(f.eval_prompts), "samples_per_prompt": cfg.eval.n_samples}
+    report["training"] = training_summary(f.logger)
+    report["wall_seconds"] = time.time() - t_start
+    report["machine"] = machine()
+    write_json(f.out / "report.json", report)
+    plot_gold_vs_kl(report, f.out / "gold_vs_kl.png")
+    write_compare_markdown(f.out / "report.md", report, command)
+    f.logger.close()
+    return report

@@ -1,0 +1,74 @@
+"""`rlhf-jax compare` at a tiny size: the shipped config's shape, the report's promised keys,
+the plot, and a name typo inside compare.algorithms caught at load."""
+
+import json
+
+from test_pipeline import TINY
+
+from rlhf_jax.cli import main
+from rlhf_jax.config import Config, compare_runs, load_config
+
+
+def test_shipped_compare_config_budgets():
+    """Every run of configs/compare.yaml samples the same responses and takes the same
+    number of updates; each algorithm runs twice (reward model, then gold reward)."""
+    cfg = load_config(Config, "configs/compare.yaml")
+    runs = compare_runs(cfg)
+    assert set(runs) == {
+        f"{name}{suffix}"
+        for name in ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+        for suffix in ("", "_gold")
+    }
+    episodes = {r.ppo.episodes * r.ppo.iterations for r in runs.values()}
+    updates = {
+        r.ppo.iterations * r.ppo.epochs * r.ppo.episodes // r.ppo.minibatch_size
+        for r in runs.values()
+    }
+    assert len(episodes) == 1 and len(updates) == 1
+    assert runs["grpo_gold"].ppo.reward_fn == "topics_gold" and runs["grpo"].ppo.reward_fn is None
+
+
+def test_compare_writes_the_table_the_json_and_the_plot(tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = [
+        "compare",
+        "--config",
+        "configs/compare.yaml",
+        "--output",
+        str(out),
+        *TINY,
+        "ppo.rollout_batch=8",
+        "eval.n_samples=2",
+        "compare.algorithms={grpo: {advantage: grpo, samples_per_prompt: 2, rollout_batch: 4, "
+        "kl_penalty: loss}}",
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "grpo_gold: gold" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert isinstance(report["sft"]["gold_reward"], float)
+    assert set(report["algorithms"]) == {"grpo", "grpo_gold"}
+    for row in report["algorithms"].values():
+        for key in ("gold_reward", "gold_reward_ci", "win_rate_vs_sft", "kl_to_sft"):
+            assert key in row
+        assert row["wall_seconds"] > 0 and row["peak_device_mib"] > 0
+        lo, hi = row["gold_reward_ci"]
+        assert lo <= row["gold_reward"] <= hi
+    assert report["algorithms"]["grpo_gold"]["reward"] == "topics_gold"
+    assert report["eval"] == {"prompts": 16, "samples_per_prompt": 2}
+    assert (out / "gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| grpo_gold | topics_gold |" in (out / "report.md").read_text()
+    assert (out / "policies" / "grpo" / "model.safetensors").is_file()
+    stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").open()}
+    assert {"rl_grpo", "rl_grpo_gold"} <= stages
+
+
+def test_a_typo_in_an_algorithm_fails_at_load(tmp_path, capsys):
+    out = tmp_path / "c"
+    bad = "compare.algorithms={x: {advantage: grop, samples_per_prompt: 2, rollout_batch: 32}}"
+    assert main(["compare", "--output", str(out), bad]) == 2
+    err = capsys.readouterr().err
+    assert "unknown advantage estimator 'grop'" in err and "compare.algorithms.x" in err
+    assert not out.exists()
+    assert main(["compare", "--output", str(out), "compare.algorithms={x: {sampels: 2}}"]) == 2
+    assert "'compare.algorithms.x.sampels' is unknown" in capsys.readouterr().err
