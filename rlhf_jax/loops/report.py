@@ -114,8 +114,9 @@ def _ci(pair) -> str:
 
 
 def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
-    """Gold reward (95% interval) against KL to SFT for every algorithm of a comparison:
-    filled markers trained on the reward model, hollow ones on the gold reward itself."""
+    """Gold reward (95% interval) against KL to SFT for every algorithm of a comparison, one
+    colour per algorithm (legend): filled markers trained on the reward model, hollow ones on
+    the gold reward itself."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,10 +126,11 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
     sft = report["sft"]
     lo, hi = sft["gold_reward_ci"]
     ax.axhspan(lo, hi, color="0.85", label="SFT (95% interval)")
-    ax.plot([0.0], [sft["gold_reward"]], "ks")
-    colors = {}
-    for i, (name, row) in enumerate(report["algorithms"].items()):
+    ax.plot([0.0], [sft["gold_reward"]], "ks", label="SFT")
+    colors: dict[str, str] = {}
+    for name, row in report["algorithms"].items():
         base = name.removesuffix("_gold")
+        new = base not in colors
         color = colors.setdefault(base, f"C{len(colors)}")
         gold = name.endswith("_gold")
         y, (ylo, yhi) = row["gold_reward"], row["gold_reward_ci"]
@@ -140,15 +142,13 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
             color=color,
             mfc="white" if gold else color,
             capsize=3,
+            label=base if new else None,
         )
-        # labels alternate above and below their point, so neighbours rarely overlap
-        offset = (6, 5) if i % 2 == 0 else (6, -12)
-        ax.annotate(name, (row["kl_to_sft"], y), textcoords="offset points", xytext=offset)
     ax.set_xlabel("KL(policy || SFT) per response (nats)")
     ax.set_ylabel("gold reward on held-out prompts")
     ax.set_title("filled: trained on the reward model; hollow: on the gold reward")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="center left", fontsize=8)  # the empty region between SFT and the runs
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
