@@ -1,6 +1,7 @@
 """Two processes x two CPU devices, joined by jax.distributed through the local launcher (the
-code path of a multi-host pod), run PPO iterations with the metrics of one process with the
-same four devices."""
+code path of a multi-host pod), run RL iterations with the metrics of one process with the
+same four devices: PPO on the reward model, and GRPO on a reward function over text (each
+process decodes every response: the rollout is gathered from both)."""
 
 import json
 import os
@@ -9,11 +10,25 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 LAUNCHER = Path(__file__).parents[2] / "launch" / "local_multiprocess.py"
 
 
-def _ppo_args(run_dir, out):
+ALGORITHMS = {
+    "ppo": [],
+    "grpo_text_reward": [
+        "ppo.reward_fn=topics_gold",
+        "ppo.advantage=grpo",
+        "ppo.samples_per_prompt=2",
+        "ppo.rollout_batch=8",
+        "ppo.kl_penalty=loss",
+        "ptx.coef=0",
+    ],
+}
+
+
+def _ppo_args(run_dir, out, extra):
     data = run_dir / "data"
     return [
         sys.executable,
@@ -34,6 +49,7 @@ def _ppo_args(run_dir, out):
         f"ppo.reward_model={run_dir / 'rm'}",
         f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
         f"ptx.data={data / 'pretrain.jsonl'}",
+        *extra,
     ]
 
 
@@ -41,11 +57,13 @@ def _rows(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
 
 
-def test_two_processes_match_one(run_dir, tmp_path):
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_two_processes_match_one(run_dir, tmp_path, algorithm):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    extra = ALGORITHMS[algorithm]
     one = tmp_path / "one"
     single = subprocess.run(
-        _ppo_args(run_dir, one),
+        _ppo_args(run_dir, one, extra),
         capture_output=True,
         text=True,
         timeout=300,
@@ -66,7 +84,7 @@ def test_two_processes_match_one(run_dir, tmp_path):
             "--timeout",
             "300",
             "--",
-            *_ppo_args(run_dir, two),
+            *_ppo_args(run_dir, two, extra),
         ],
         capture_output=True,
         text=True,
