@@ -2,11 +2,13 @@
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
 
 from rlhf_jax.config import Config, load_config
+from rlhf_jax.config.schema import RANGES
 from rlhf_jax.errors import RlhfJaxError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -45,7 +47,7 @@ def test_overrides_are_typed():
         ("ppo.adaptive_kl=3", "config key 'ppo.adaptive_kl': expected true or false"),
         ("model.family=bert", "'bert' is not one of"),
         ("ppo.minibatch_size=7", "'ppo.minibatch_size': 7 does not divide the 64 responses"),
-        ("rm.k=12", "'rm.k': 12 is outside 2..9"),
+        ("rm.k=12", "config key 'rm.k' must be in [2, 9], got 12"),
         ("sft.optim.grad_accum=5", "'sft.optim.grad_accum' (5) must be >= 1 and divide"),
         ("ppo", "not of the form key=value"),
         ("ppo.beta.x=1", "config key 'ppo.beta': expected a number"),
@@ -112,10 +114,60 @@ def test_rl_settings_are_checked_together():
         ("ppo.top_p=1.5", "'ppo.top_p' must be in (0, 1]"),
         ("ppo.top_k=0", "'ppo.top_k' must be >= 1"),
         ("eval.n_samples=0", "'eval.n_samples' must be >= 1"),
+        ("ppo.top_p=null", None),
     ]:
+        if message is None:
+            load_config(Config, None, [override])
+            continue
         with pytest.raises(RlhfJaxError, match=re.escape(message)):
             load_config(Config, None, [override])
     with pytest.raises(RlhfJaxError, match="the KL controller needs a KL term"):
         load_config(Config, None, ["ppo.kl_penalty=none", "ppo.adaptive_kl=true"])
     with pytest.raises(RlhfJaxError, match=r"does not divide the 192 responses"):
         load_config(Config, None, ["ppo.samples_per_prompt=3", "ppo.minibatch_size=128"])
+
+
+def _sections(cls, prefix=""):
+    """(key prefix, dataclass) of Config and every nested section."""
+    yield prefix, cls
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                yield from _sections(type(default), prefix + f.name + ".")
+
+
+def _numeric_fields():
+    for prefix, cls in _sections(Config):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            args = typing.get_args(hints[f.name]) or (hints[f.name],)
+            kinds = [a for a in args if a in (int, float)]
+            if kinds:
+                yield prefix + f.name, cls.__name__, f.name, kinds[0]
+
+
+def test_every_numeric_field_has_a_declared_range():
+    missing = [key for key, cls, name, _ in _numeric_fields() if name not in RANGES.get(cls, {})]
+    assert not missing, f"numeric config fields without a range in schema.RANGES: {missing}"
+
+
+def _outside(allowed, kind):
+    """Values the range refuses: just past each bound, and NaN / inf for floats."""
+    bad = []
+    if allowed.lo is not None:
+        bad.append(allowed.lo if allowed.lo_open else allowed.lo - 1)
+    if allowed.hi is not None:
+        bad.append(allowed.hi if allowed.hi_open else allowed.hi + 1)
+    if kind is float:
+        bad += ["nan", "inf"]
+    return bad
+
+
+@pytest.mark.parametrize("key,cls,name,kind", list(_numeric_fields()), ids=lambda x: str(x))
+def test_values_outside_a_fields_range_name_the_key(key, cls, name, kind):
+    allowed = RANGES[cls][name]
+    for value in _outside(allowed, kind):
+        value = kind(value) if kind is int else value
+        with pytest.raises(RlhfJaxError, match=re.escape(f"config key '{key}' must be")):
+            load_config(Config, None, [f"{key}={value}"])

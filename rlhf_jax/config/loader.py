@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from rlhf_jax.config.schema import MOVED_KEYS, Config, PPOConfig
+from rlhf_jax.config.schema import MOVED_KEYS, RANGES, Config, PPOConfig
 from rlhf_jax.errors import RlhfJaxError
 
 T = TypeVar("T")
@@ -142,12 +142,23 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | No
             raise _unknown_key(prefix + str(key), names)
         default = _default_of(cls, key, base)
         kwargs[key] = _coerce(value, hints[key], prefix + key, default)
+    for key in kwargs:
+        _check_range(cls, key, kwargs[key], prefix)
     try:
         if base is not None:
             return dataclasses.replace(base, **kwargs)
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise RlhfJaxError(f"config section '{prefix.rstrip('.') or 'top'}': {e}") from None
+
+
+def _check_range(cls: type, name: str, value: Any, prefix: str) -> None:
+    """A numeric value outside its field's declared range (RANGES) names the key."""
+    allowed = RANGES.get(cls.__name__, {}).get(name)
+    if allowed is None or value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int | float) and not allowed.contains(value):
+        raise RlhfJaxError(f"config key '{prefix}{name}' must be {allowed}, got {value!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -25,6 +25,42 @@ MOVED_KEYS = {
 
 
 @dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric config field accepts (every float must also be finite)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo itself excluded
+    hi_open: bool = False
+
+    def __str__(self) -> str:
+        if self.lo is None and self.hi is None:
+            return "a finite number"
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+
+    def contains(self, x: float) -> bool:
+        if x != x or x in (float("inf"), float("-inf")):
+            return False
+        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
+            return False
+        return not (self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi)))
+
+
+POSITIVE = Range(0, lo_open=True)  # > 0
+AT_LEAST_0 = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1)  # [0, 1]
+BELOW_1 = Range(0, 1, hi_open=True)  # [0, 1)
+ANY = Range()  # any finite number
+LENGTH = Range(2)  # a sequence needs a token to predict from and one to predict
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The base model: a local Hugging Face folder, or a random model of the given shape."""
 
@@ -232,6 +268,78 @@ class LogConfig:
     progress: bool = True
 
 
+# The range of every numeric field, checked when a config is loaded (the loader names the key);
+# tests/test_config.py walks the schema to prove that no numeric field is missing here.
+RANGES: dict[str, dict[str, Range]] = {
+    "ModelSpec": {
+        "d_model": AT_LEAST_1,
+        "n_layers": AT_LEAST_1,
+        "n_heads": AT_LEAST_1,
+        "n_kv_heads": AT_LEAST_1,
+        "mlp_dim": AT_LEAST_1,
+        "max_len": LENGTH,
+    },
+    "OptimConfig": {
+        "lr": POSITIVE,
+        "warmup_steps": AT_LEAST_0,
+        "final_lr_ratio": FRACTION,
+        "weight_decay": AT_LEAST_0,
+        "b1": BELOW_1,
+        "b2": BELOW_1,
+        "eps": AT_LEAST_0,
+        "eps_root": AT_LEAST_0,
+        "grad_clip": AT_LEAST_0,
+        "grad_accum": AT_LEAST_1,
+        "max_consecutive_skips": AT_LEAST_1,
+    },
+    "TaskConfig": {
+        "n_pretrain_texts": AT_LEAST_1,
+        "n_demonstrations": AT_LEAST_1,
+        "n_rm_prompts": AT_LEAST_1,
+        "labeler_noise": AT_LEAST_0,
+        "n_eval_prompts": AT_LEAST_1,
+        "vocab_size": Range(259),  # the 256 bytes and 3 special tokens at least
+    },
+    "PretrainConfig": {"steps": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},
+    "SFTConfig": {"steps": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},
+    "RMConfig": {
+        "k": Range(2, 9),
+        "steps": AT_LEAST_0,
+        "batch_size": AT_LEAST_1,
+        "max_prompt_len": AT_LEAST_1,
+        "max_completion_len": AT_LEAST_1,
+        "heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    },
+    "PPOConfig": {
+        "iterations": AT_LEAST_0,
+        "rollout_batch": AT_LEAST_1,
+        "samples_per_prompt": AT_LEAST_1,
+        "minibatch_size": AT_LEAST_1,
+        "epochs": AT_LEAST_1,
+        "max_prompt_len": AT_LEAST_1,
+        "max_new_tokens": AT_LEAST_1,
+        "temperature": POSITIVE,
+        "top_k": AT_LEAST_1,
+        "top_p": Range(0, 1, lo_open=True),
+        "beta": AT_LEAST_0,
+        "kl_target": POSITIVE,
+        "kl_horizon": AT_LEAST_1,
+        "vf_coef": AT_LEAST_0,
+        "missing_eos_penalty": ANY,
+        "missing_eos_score": ANY,
+        "ema_decay": BELOW_1,
+    },
+    "PtxConfig": {"coef": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},
+    "EvalConfig": {"n_samples": AT_LEAST_1, "temperature": AT_LEAST_0, "bootstrap": AT_LEAST_1},
+    "LogConfig": {"every": AT_LEAST_1},
+    # mesh axes: a size or -1 ("the rest"), checked in MeshConfig itself
+    "MeshConfig": {"data": Range(-1), "fsdp": Range(-1), "tensor": Range(-1)},
+    "DistributedConfig": {"num_processes": AT_LEAST_1, "process_id": AT_LEAST_0},
+    "CheckpointConfig": {"save_every": AT_LEAST_0, "keep": AT_LEAST_1, "stop_after": AT_LEAST_0},
+    "Config": {"seed": AT_LEAST_0},
+}
+
+
 DEFAULT_RULES: dict[str, Any] = {
     # logical axis name -> mesh axis (or list of mesh axes, or null = replicated)
     "batch": ["data", "fsdp"],
@@ -321,29 +429,18 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        """Checks across fields; each field's own range is in RANGES (checked on load)."""
         p = self.ppo
-        if p.samples_per_prompt < 1:
-            raise RlhfJaxError(
-                f"config key 'ppo.samples_per_prompt' must be >= 1, got {p.samples_per_prompt}"
-            )
         if p.minibatch_size < 1 or p.episodes % p.minibatch_size:
             raise RlhfJaxError(
                 f"config key 'ppo.minibatch_size': {p.minibatch_size} does not divide the "
                 f"{p.episodes} responses of an iteration (ppo.rollout_batch={p.rollout_batch} x "
                 f"ppo.samples_per_prompt={p.samples_per_prompt})"
             )
-        if p.top_k is not None and p.top_k < 1:
-            raise RlhfJaxError(f"config key 'ppo.top_k' must be >= 1 or null, got {p.top_k}")
-        if p.top_p is not None and not 0.0 < p.top_p <= 1.0:
-            raise RlhfJaxError(f"config key 'ppo.top_p' must be in (0, 1] or null, got {p.top_p}")
         if p.kl_penalty == "none" and p.adaptive_kl:
             raise RlhfJaxError(
                 "config key 'ppo.adaptive_kl': the KL controller needs a KL term, but "
                 "ppo.kl_penalty is none"
-            )
-        if self.eval.n_samples < 1:
-            raise RlhfJaxError(
-                f"config key 'eval.n_samples' must be >= 1, got {self.eval.n_samples}"
             )
         for name, optim, batch in (
             ("sft", self.sft.optim, self.sft.batch_size),
@@ -355,32 +452,3 @@ class Config:
                     f"config key '{name}.optim.grad_accum' ({optim.grad_accum}) must be >= 1 "
                     f"and divide the batch size ({batch})"
                 )
-        for name, optim in (
-            ("pretrain", self.pretrain.optim),
-            ("sft", self.sft.optim),
-            ("rm", self.rm.optim),
-            ("ppo.policy", p.policy_optim),
-            ("ppo.value", p.value_optim),
-        ):
-            if optim.max_consecutive_skips < 1:
-                raise RlhfJaxError(
-                    f"config key '{name}.optim.max_consecutive_skips' must be >= 1, got "
-                    f"{optim.max_consecutive_skips}"
-                )
-        if not 2 <= self.rm.k <= 9:
-            raise RlhfJaxError(f"config key 'rm.k': {self.rm.k} is outside 2..9")
-        if not 0.0 < self.rm.heldout_fraction < 1.0:
-            raise RlhfJaxError("config key 'rm.heldout_fraction' must be in (0, 1)")
-        positive = {
-            "pretrain.steps": self.pretrain.steps,
-            "sft.steps": self.sft.steps,
-            "rm.steps": self.rm.steps,
-            "ppo.iterations": self.ppo.iterations,
-            "ppo.max_new_tokens": p.max_new_tokens,
-            "ppo.epochs": p.epochs,
-        }
-        for key, value in positive.items():
-            if value < 0 or (value == 0 and key == "ppo.max_new_tokens"):
-                raise RlhfJaxError(f"config key '{key}' must be positive, got {value}")
-        if p.temperature <= 0:
-            raise RlhfJaxError("config key 'ppo.temperature' must be > 0 for PPO sampling")

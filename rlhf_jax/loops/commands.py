@@ -25,7 +25,7 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir
+from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, train_rl
@@ -53,10 +53,20 @@ def _require(value: str | None, key: str, command: str) -> str:
     return value
 
 
-def _start(cfg: Config, out_dir: str | Path) -> tuple[Path, MetricsLogger, Runtime]:
+# The model folders each command reads (config key -> path) and the subfolder it writes.
+def _inputs(cfg: Config) -> dict[str, str | None]:
+    return {
+        "model.path": cfg.model.path,
+        "rm.init": cfg.rm.init,
+        "ppo.policy": cfg.ppo.policy,
+        "ppo.reward_model": cfg.ppo.reward_model,
+    }
+
+
+def _start(cfg: Config, out_dir: str | Path, writes: str) -> tuple[Path, MetricsLogger, Runtime]:
     resolve_config_parts(cfg)
-    out = prepare_output_dir(out_dir)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    out = prepare_output_dir(out_dir, _inputs(cfg), (writes,))
+    write_run_config(out, to_dict(cfg))
     return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress), Runtime.from_config(cfg)
 
 
@@ -88,7 +98,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     examples, report = load_sft(_require(cfg.sft.data, "sft.data", "sft"), cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
     arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report, pack=cfg.sft.pack)
-    out, logger, runtime = _start(cfg, out_dir)
+    out, logger, runtime = _start(cfg, out_dir, "sft")
     model_cfg, params = _load_lm(model_path, cfg, runtime)
     s = cfg.sft
     params = train_lm(
@@ -122,7 +132,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     arrays = encode_rankings(
         rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=report
     )
-    out, logger, runtime = _start(cfg, out_dir)
+    out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = _load_lm(init, cfg, runtime)
     params = train_reward_model(
         cfg,
@@ -165,7 +175,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     if ptx_examples is not None:
         enc = encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report)
         ptx_arrays = {**enc, "loss_mask": enc["attention_mask"].astype("float32")}
-    out, logger, runtime = _start(cfg, out_dir)
+    out, logger, runtime = _start(cfg, out_dir, "policy")
     policy_cfg, sft_params = _load_lm(policy_path, cfg, runtime)
     reward_cfg = reward_params = None
     if rm_path is not None:

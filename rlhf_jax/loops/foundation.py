@@ -32,7 +32,7 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir
+from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
@@ -134,11 +134,12 @@ def _split(arrays: dict[str, np.ndarray], fraction: float, seed: int):
 
 
 def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
-    """Check every part the config names, write config.json, load and validate all data, then
+    """Check every part the config names, write run_config.json, load and validate all data, then
     pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm)."""
     resolve_config_parts(cfg)
-    out = prepare_output_dir(out_dir)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    writes = ("sft", "rm", "policy", "data", *(f"policies/{n}" for n in cfg.compare.algorithms))
+    out = prepare_output_dir(out_dir, {"model.path": cfg.model.path}, writes)
+    write_run_config(out, to_dict(cfg))
     logger = MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress)
     runtime = Runtime.from_config(cfg)
     keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))

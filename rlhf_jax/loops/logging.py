@@ -23,9 +23,29 @@ def _to_float(value: Any) -> float:
     return float(np.asarray(value))
 
 
-def prepare_output_dir(path: str | Path) -> Path:
-    """Create the run's output folder and prove it is writable, before any work is done."""
+def prepare_output_dir(
+    path: str | Path,
+    inputs: dict[str, str | None] | None = None,
+    writes: tuple[str, ...] = (),
+) -> Path:
+    """Create the run's output folder and prove it is writable, before any work is done.
+
+    `inputs`: config key -> a model folder the run reads; `writes`: the subfolders of the
+    output the run writes (`sft`, `policy`, ...). An output that is, or would write into, an
+    input folder is refused: the run would overwrite the model it reads.
+    """
     out = Path(path)
+    targets = {out.resolve(): "--output"}
+    targets.update({(out / w).resolve(): f"--output/{w}" for w in writes})
+    for key, folder in (inputs or {}).items():
+        if folder is None:
+            continue
+        hit = targets.get(Path(folder).resolve())
+        if hit is not None:
+            raise RlhfJaxError(
+                f"{hit} is the folder of config key '{key}' ({folder}): the run would overwrite "
+                "the model it reads; choose another --output"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{jax.process_index()}-{os.getpid()}"  # unique per process
@@ -36,6 +56,17 @@ def prepare_output_dir(path: str | Path) -> Path:
             f"output folder {out} cannot be written ({e.strerror or e}); choose another --output"
         ) from None
     return out
+
+
+RUN_CONFIG = "run_config.json"  # not config.json: that name is a Hugging Face model's
+
+
+def write_run_config(out: Path, config_dict: dict) -> Path:
+    """The resolved config of the run, beside its outputs (process 0 writes it)."""
+    path = out / RUN_CONFIG
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(config_dict, indent=2) + "\n")
+    return path
 
 
 def _drop_partial_last_line(path: Path, block: int = 1 << 16) -> None:

@@ -1,6 +1,9 @@
 """The whole pipeline at a tiny size: every stage runs and leaves what a person looks at."""
 
 import json
+import shutil
+
+import pytest
 
 from rlhf_jax.cli import main
 
@@ -54,7 +57,7 @@ def test_run_leaves_checkpoints_metrics_and_a_picture(run_dir):
         "report.md",
         "curves.png",
         "metrics.jsonl",
-        "config.json",
+        "run_config.json",
         "sft/config.json",
         "sft/model.safetensors",
         "sft/tokenizer.json",
@@ -140,3 +143,22 @@ def test_single_stages_chain_on_user_files(run_dir, tmp_path):
 def test_stage_without_its_inputs_names_the_missing_key(tmp_path, capsys):
     assert main(["ppo", "--output", str(tmp_path)]) == 2
     assert "needs config key 'ppo.policy'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["the model folder", "its parent"])
+def test_an_output_that_would_overwrite_the_input_model_is_refused(
+    run_dir, tmp_path, where, capsys
+):
+    """`--output` equal to model.path (or writing OUT/sft into it) would replace the model
+    being read; the folder is left byte for byte as it was."""
+    model = tmp_path / "sft"
+    shutil.copytree(run_dir / "sft", model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    out = model if where == "the model folder" else tmp_path
+    data = run_dir / "data"
+    code = main(
+        ["sft", "--output", str(out), f"model.path={model}", f"sft.data={data / 'sft.jsonl'}"]
+    )
+    assert code == 2
+    assert "the run would overwrite the model it reads" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
