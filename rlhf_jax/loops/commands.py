@@ -25,6 +25,7 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.loops.checks import check_positions, check_token_ids, stage_lengths
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -92,12 +93,23 @@ def _load_lm(path: str, cfg: Config, runtime: Runtime):
     return config.replace(remat=cfg.model.remat), params
 
 
+def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str, int]) -> None:
+    """The data's token ids and the stage's sequence lengths against the model at `path`
+    (its config.json only): before the output folder, the weights or any compile."""
+    model_cfg = read_hf_config(path)
+    eos, pad = special_ids(tokenizer)
+    check_token_ids(model_cfg, path, arrays, {"EOS": eos, "pad": pad})
+    check_positions(model_cfg, path, lengths)
+
+
 def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
     model_path = _require(cfg.model.path, "model.path", "sft")
-    examples, report = load_sft(_require(cfg.sft.data, "sft.data", "sft"), cfg.data.on_error)
+    data = _require(cfg.sft.data, "sft.data", "sft")
+    examples, report = load_sft(data, cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
     arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report, pack=cfg.sft.pack)
+    _check_fit(model_path, tokenizer, {f"sft.data {data}": arrays}, stage_lengths(cfg, ("sft",)))
     out, logger, runtime = _start(cfg, out_dir, "sft")
     model_cfg, params = _load_lm(model_path, cfg, runtime)
     s = cfg.sft
@@ -125,13 +137,23 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
 def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
     init = cfg.rm.init or _require(cfg.model.path, "rm.init", "rm")
-    rankings, report = load_rankings(
-        _require(cfg.rm.data, "rm.data", "rm"), cfg.data.on_error, cfg.rm.allow_ties
-    )
+    data = _require(cfg.rm.data, "rm.data", "rm")
+    rankings, report = load_rankings(data, cfg.data.on_error, cfg.rm.allow_ties)
+    reports = [report]
+    demo_arrays = None
+    if cfg.sft.data:  # demonstrations for the bias (below), read and checked before training
+        demos, demo_report = load_sft(cfg.sft.data, cfg.data.on_error)
+        reports.append(demo_report)
     tokenizer = load_tokenizer(init)
     arrays = encode_rankings(
         rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=report
     )
+    checked = {f"rm.data {data}": arrays}
+    if cfg.sft.data:
+        demo_arrays = encode_sft(demos, tokenizer, cfg.sft.max_len, demo_report)
+        checked[f"sft.data {cfg.sft.data}"] = demo_arrays
+    lengths = stage_lengths(cfg, ("rm", "sft") if cfg.sft.data else ("rm",))
+    _check_fit(init, tokenizer, checked, lengths)
     out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = _load_lm(init, cfg, runtime)
     params = train_reward_model(
@@ -145,11 +167,15 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         StageCheckpoints(out, "rm", cfg.checkpoint),
     )
     metrics = reward_accuracy(cfg, model_cfg, params, arrays)
-    if cfg.sft.data:  # InstructGPT: shift the bias so demonstrations score 0 on average
-        demos, _ = load_sft(cfg.sft.data)
-        demo_arrays = encode_sft(demos, tokenizer, cfg.sft.max_len)
+    if demo_arrays is not None:  # InstructGPT: shift the bias so demonstrations score 0
         params = normalize_reward_bias(params, score_all(model_cfg, params, demo_arrays))
-    _finish(out, logger, [report], {"train_pairwise_accuracy": metrics["accuracy"]})
+    else:
+        logger.warn(
+            "rm: no sft.data given, so the reward model's bias was not shifted to make the "
+            "demonstrations score 0 on average (InstructGPT's normalisation); scores keep "
+            "their trained offset"
+        )
+    _finish(out, logger, reports, {"train_pairwise_accuracy": metrics["accuracy"]})
     return save_scalar_model(model_cfg, params, out / "rm", tokenizer)
 
 
@@ -171,10 +197,16 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         )
     tokenizer = load_tokenizer(policy_path)
     prompt_arrays = encode_prompts(prompts, tokenizer, cfg.ppo.max_prompt_len, prompt_report)
+    checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
     ptx_arrays = None
     if ptx_examples is not None:
         enc = encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report)
         ptx_arrays = {**enc, "loss_mask": enc["attention_mask"].astype("float32")}
+        checked[f"ptx.data {cfg.ptx.data}"] = ptx_arrays
+    lengths = stage_lengths(cfg, ("ppo",))
+    _check_fit(policy_path, tokenizer, checked, lengths)
+    if rm_path is not None:  # the RM reads the whole prompt + response
+        check_positions(read_hf_config(rm_path), rm_path, lengths)
     out, logger, runtime = _start(cfg, out_dir, "policy")
     policy_cfg, sft_params = _load_lm(policy_path, cfg, runtime)
     reward_cfg = reward_params = None

@@ -32,11 +32,13 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.checks import check_positions, check_token_ids, stage_lengths
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import (
     init_random_model,
+    random_model_config,
     reward_accuracy,
     score_all,
     train_lm,
@@ -183,8 +185,29 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     eval_arrays = encode_prompts(eval_examples, tokenizer, cfg.ppo.max_prompt_len)
     ptx_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report))
     heldout_arrays = _lm_arrays(encode_texts(heldout_examples, tokenizer, cfg.ptx.max_len))
+    user_rank_arrays = None
+    if user_rankings is not None:  # the user's rankings are encoded (and checked) up front too
+        user_rank_arrays = encode_rankings(
+            user_rankings[0],
+            tokenizer,
+            cfg.rm.max_prompt_len,
+            cfg.rm.max_completion_len,
+            report=user_rankings[1],
+        )
 
-    # Base model.
+    # Base model: its config first, to check the data against it before any weight is made.
+    model_name = cfg.model.path or "the built-in task's model (model.*)"
+    model_cfg = (
+        random_model_config(cfg.model, tokenizer) if builtin else read_hf_config(cfg.model.path)
+    )
+    checked = {
+        "sft.data": sft_arrays,
+        "ppo.prompts": prompt_arrays,
+        "ptx.data": ptx_arrays,
+        **({"rm.data": user_rank_arrays} if user_rank_arrays is not None else {}),
+    }
+    check_token_ids(model_cfg, model_name, checked, {"EOS": eos_id, "pad": pad})
+    check_positions(model_cfg, model_name, stage_lengths(cfg, ("sft", "rm", "ppo")))
     if builtin:
         model_cfg, params = init_random_model(cfg.model, tokenizer, keys["init"], runtime)
         pre = cfg.pretrain
@@ -207,7 +230,6 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
             StageCheckpoints(out, "pretrain", cfg.checkpoint),
         )
     else:
-        model_cfg = read_hf_config(cfg.model.path)
         model_cfg, params = load_hf(
             cfg.model.path,
             dtype=cfg.model.param_dtype,
@@ -246,12 +268,16 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         rankings, rank_report = load_rankings(_write_jsonl(data_dir / "rankings.jsonl", rows))
         if unranked:
             notes.append(f"{unranked} RM prompts not ranked: fewer than 2 distinct samples")
+        rank_arrays = encode_rankings(
+            rankings,
+            tokenizer,
+            cfg.rm.max_prompt_len,
+            cfg.rm.max_completion_len,
+            report=rank_report,
+        )
     else:
-        rankings, rank_report = user_rankings
+        rank_report, rank_arrays = user_rankings[1], user_rank_arrays
     reports.append(rank_report)
-    rank_arrays = encode_rankings(
-        rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=rank_report
-    )
     rm_train, rm_held = _split(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
     rm_params = train_reward_model(
         cfg,

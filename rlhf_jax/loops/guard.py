@@ -82,3 +82,20 @@ class SkipGuard:
             f"max_consecutive_skips={limit}). The weights never took those updates; {kept}. "
             "Lower the learning rate, check the data, or raise the limit."
         )
+
+    def require_learning(self, states: dict[str, Any]) -> None:
+        """End of a stage: if every update one of `states` ({prefix: TrainState}) took was
+        skipped, nothing was learned, and saving the unchanged weights as a result would
+        pass an untrained model off as a trained one: raise TrainingDiverged instead."""
+        for prefix, state in states.items():
+            opt = state.opt_state
+            if not hasattr(opt, "notfinite_count"):
+                continue
+            taken, skipped = jax.device_get((state.step, opt.notfinite_count))
+            if int(taken) > 0 and int(skipped) >= int(taken):
+                raise TrainingDiverged(
+                    f"{self.stage}: every one of its {int(taken)} updates{_which(prefix)} had "
+                    "NaN/Inf gradients and was skipped, so nothing was learned and no model is "
+                    "saved. Check the data and the model (token ids beyond the vocabulary, "
+                    "sequences beyond the position table) and the learning rate."
+                )

@@ -218,6 +218,7 @@ def train_rl(
                 guard.check(it + 1, guard.counters(metrics))
                 if checkpoints is not None:
                     checkpoints.after_step(it + 1, state, ppo.iterations)
+        guard.require_learning({"ppo/policy": state.policy})
     finally:
         if checkpoints is not None:
             checkpoints.close()  # commits a save in flight, also when an iteration raised

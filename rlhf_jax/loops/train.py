@@ -83,6 +83,7 @@ def run_train_loop(
                     checkpoints.after_step(i + 1, state, n_steps)
         if pending is not None:
             guard.check(*pending)
+        guard.require_learning({"train": state})
     finally:
         if checkpoints is not None:
             checkpoints.close()  # commits a save in flight, also when a step raised
