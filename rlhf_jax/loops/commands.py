@@ -31,6 +31,7 @@ from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, train_rl
 from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.settings import stage_settings
 from rlhf_jax.loops.stages import (
     reward_accuracy,
     score_all,
@@ -52,6 +53,10 @@ def _require(value: str | None, key: str, command: str) -> str:
     if value is None:
         raise RlhfJaxError(f"`rlhf-jax {command}` needs config key '{key}' (a path)")
     return value
+
+
+# Sections that shape every stage command's training (each adds its own).
+STAGE_SECTIONS = ("seed", "model", "data")
 
 
 # The model folders each command reads (config key -> path) and the subfolder it writes.
@@ -128,7 +133,14 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
         logger,
         cfg.log.every,
         runtime,
-        StageCheckpoints(out, "sft", cfg.checkpoint),
+        StageCheckpoints(
+            out,
+            "sft",
+            cfg.checkpoint,
+            stage_settings(
+                cfg, STAGE_SECTIONS + ("sft",), {"model.path": model_path, "sft.data": data}
+            ),
+        ),
     )
     _finish(out, logger, [report])
     return save_hf(model_cfg, params, out / "sft", tokenizer)
@@ -164,7 +176,12 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         jax.random.key(cfg.seed),
         logger,
         runtime,
-        StageCheckpoints(out, "rm", cfg.checkpoint),
+        StageCheckpoints(
+            out,
+            "rm",
+            cfg.checkpoint,
+            stage_settings(cfg, STAGE_SECTIONS + ("rm",), {"rm.init": init, "rm.data": data}),
+        ),
     )
     metrics = reward_accuracy(cfg, model_cfg, params, arrays)
     if demo_arrays is not None:  # InstructGPT: shift the bias so demonstrations score 0
@@ -231,7 +248,21 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         jax.random.key(cfg.seed),
         logger,
         runtime,
-        checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint),
+        checkpoints=StageCheckpoints(
+            out,
+            "ppo",
+            cfg.checkpoint,
+            stage_settings(
+                cfg,
+                STAGE_SECTIONS + ("ppo", "ptx"),
+                {
+                    "ppo.policy": policy_path,
+                    "ppo.reward_model": rm_path,
+                    "ppo.prompts": cfg.ppo.prompts,
+                    "ptx.data": cfg.ptx.data if cfg.ptx.coef > 0 else None,
+                },
+            ),
+        ),
         tokenizer=tokenizer,
     )
     _finish(out, logger, [r for r in (prompt_report, ptx_report) if r is not None])

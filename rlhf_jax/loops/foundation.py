@@ -36,6 +36,7 @@ from rlhf_jax.loops.checks import check_positions, check_token_ids, stage_length
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.stages import (
     init_random_model,
     random_model_config,
@@ -227,7 +228,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
             logger,
             cfg.log.every,
             runtime,
-            StageCheckpoints(out, "pretrain", cfg.checkpoint),
+            StageCheckpoints(out, "pretrain", cfg.checkpoint, pipeline_settings(cfg, "pretrain")),
         )
     else:
         model_cfg, params = load_hf(
@@ -255,7 +256,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         logger,
         cfg.log.every,
         runtime,
-        StageCheckpoints(out, "sft", cfg.checkpoint),
+        StageCheckpoints(out, "sft", cfg.checkpoint, pipeline_settings(cfg, "sft")),
     )
     save_hf(model_cfg, sft_params, out / "sft", tokenizer)
 
@@ -287,7 +288,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         keys["rm"],
         logger,
         runtime,
-        StageCheckpoints(out, "rm", cfg.checkpoint),
+        StageCheckpoints(out, "rm", cfg.checkpoint, pipeline_settings(cfg, "rm")),
     )
     held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
     demo_scores = score_all(model_cfg, rm_params, demo_arrays)

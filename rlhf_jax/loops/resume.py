@@ -10,10 +10,16 @@ run takes exactly the steps an uninterrupted one would.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+
+import jax
+from jax.experimental import multihost_utils
 
 from rlhf_jax.checkpointing import Checkpointer, abstract_state, preemption_requested
 from rlhf_jax.config import CheckpointConfig
+from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.loops.settings import differences
 
 
 class StagePaused(Exception):
@@ -28,22 +34,63 @@ class StagePaused(Exception):
 
 
 class StageCheckpoints:
-    def __init__(self, out_dir: str | Path, stage: str, cfg: CheckpointConfig):
-        self.stage, self.cfg = stage, cfg
+    """`settings` ({key: value}, see `loops.settings.stage_settings`): what shapes the stage;
+    saved with every checkpoint. A checkpoint saved under other settings is not resumed: the
+    error lists the differences and the two ways on (another --output, or
+    `checkpoint.resume=false`, which starts the stage over and replaces its checkpoints)."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        stage: str,
+        cfg: CheckpointConfig,
+        settings: dict[str, str] | None = None,
+    ):
+        self.stage, self.cfg, self.settings = stage, cfg, settings
         self.directory = Path(out_dir) / "checkpoints" / stage
+        if not cfg.resume and self.directory.exists():
+            if jax.process_index() == 0:
+                n = sum(1 for p in self.directory.iterdir() if p.name.isdigit())
+                shutil.rmtree(self.directory)
+                print(
+                    f"{stage}: checkpoint.resume=false: starting over; {n} old checkpoint(s) "
+                    f"removed from {self.directory}"
+                )
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"rlhf_jax fresh {stage}")
         self.ckpt = Checkpointer(self.directory, cfg.save_every, max(cfg.keep, 1), cfg.async_save)
         self.start = 0
         self._closed = False
 
     def restore(self, state, shardings):
         """(state, first step to run): the newest checkpoint, or `state` and 0."""
-        if not self.cfg.resume or self.ckpt.latest_step() is None:
+        step = self.ckpt.latest_step() if self.cfg.resume else None
+        if step is None:
             return state, 0
+        self._check_settings(self.ckpt.read_meta(step))
         restored, meta = self.ckpt.restore(
             target=abstract_state(state, shardings), expect={"stage": self.stage}
         )
         self.start = int(meta["step"])
+        if jax.process_index() == 0:
+            print(f"{self.stage}: resuming from step {self.start} ({self.directory})")
         return restored, self.start
+
+    def _check_settings(self, meta: dict) -> None:
+        saved = meta.get("settings")
+        if saved is None or self.settings is None:
+            return  # written before settings were recorded, or a caller that records none
+        changed = differences(saved, self.settings)
+        if changed:
+            more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise RlhfJaxError(
+                f"{self.directory} holds {self.stage} checkpoints trained with other settings: "
+                + "; ".join(changed[:6])
+                + more
+                + ". Resuming would continue (or reuse) that run. Choose another --output to "
+                "keep both, or set checkpoint.resume=false to train this stage again from "
+                "scratch (its old checkpoints are removed)"
+            )
 
     def due(self, step: int, n_steps: int) -> bool:
         """Whether `after_step(step)` will save on schedule (preemption aside)."""
@@ -56,9 +103,10 @@ class StageCheckpoints:
         stop = preemption_requested(all_processes=True) or (
             self.cfg.stop_after > 0 and step - self.start >= self.cfg.stop_after and step < n_steps
         )
-        self.ckpt.save(
-            step, state, {"stage": self.stage, "step": step}, force=stop or step == n_steps
-        )
+        meta = {"stage": self.stage, "step": step}
+        if self.settings is not None:
+            meta["settings"] = self.settings
+        self.ckpt.save(step, state, meta, force=stop or step == n_steps)
         if stop:
             self.close()
             raise StagePaused(self.stage, step, self.directory)

@@ -111,3 +111,35 @@ def test_sigterm_saves_and_exits_0(run_dir, tmp_path):
     assert "stopped: sft stopped at step" in err
     saved = [p.name for p in (out / "checkpoints" / "sft").iterdir() if p.name.isdigit()]
     assert saved and int(saved[0]) >= 2
+
+
+def test_a_rerun_with_other_settings_is_refused(run_dir, tmp_path, capsys):
+    """The same --output with another learning rate, model or data file does not silently
+    reuse the finished checkpoint; settings that do not shape training (logging) resume; and
+    checkpoint.resume=false trains again from scratch."""
+    data = run_dir / "data"
+    out = tmp_path / "run"
+    base = ["sft", "--output", str(out), *SMALL, "sft.steps=2", f"sft.data={data / 'sft.jsonl'}"]
+    model = f"model.path={run_dir / 'sft'}"
+    assert main([*base, model]) == 0
+    capsys.readouterr()
+    assert main([*base, model, "log.every=2"]) == 0  # not a setting that shapes training
+    assert "sft: resuming from step 2" in capsys.readouterr().out
+    rows = (data / "sft.jsonl").read_text().splitlines()
+    (tmp_path / "sft_less.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    for change, message in [
+        ([model, "sft.optim.lr=0.0001"], "sft.optim.lr: 0.001 -> 0.0001"),
+        ([f"model.path={run_dir / 'policy'}"], "model.path: contents changed"),
+        ([model, f"sft.data={tmp_path / 'sft_less.jsonl'}"], "sft.data: contents changed"),
+    ]:
+        assert main([*base, *change]) == 2, change
+        err = capsys.readouterr().err
+        assert "holds sft checkpoints trained with other settings" in err and message in err, err
+        assert "checkpoint.resume=false" in err
+    # starting over replaces the checkpoints and trains with the new settings
+    assert main([*base, model, "sft.optim.lr=0.0001", "checkpoint.resume=false"]) == 0
+    assert "starting over; 1 old checkpoint(s) removed" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    args = ["sft", "--output", str(fresh), *SMALL, "sft.steps=2", f"sft.data={data / 'sft.jsonl'}"]
+    assert main([*args, model, "sft.optim.lr=0.0001"]) == 0
+    _same_weights(out / "sft" / "model.safetensors", fresh / "sft" / "model.safetensors")

@@ -1,0 +1,112 @@
+"""What shapes a stage's result, stored with its checkpoints, so that a rerun with other settings
+is refused instead of silently resuming from (or reusing) a checkpoint trained on something else.
+
+A stage's settings are its config sections flattened to `key: value` (`sft.optim.lr: 0.001`)
+plus a digest of every file and model folder it reads. Keys that do not change what is trained
+(logging, checkpointing, the mesh, evaluation) are left out, so changing them never blocks a
+resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from rlhf_jax.config import Config
+
+# Sections read by nobody's training: changing them must not block a resume.
+NOT_SHAPING = ("log", "checkpoint", "mesh", "distributed", "eval", "compare")
+# Inside shaping sections: switches that change memory or speed, never the numbers.
+NOT_SHAPING_KEYS = ("model.remat",)
+_CHUNK = 1 << 16
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif prefix not in NOT_SHAPING_KEYS:
+        out[prefix] = json.dumps(value, sort_keys=True, default=str)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a data file's bytes (the loaders read it whole anyway)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def folder_digest(path: str | Path) -> str:
+    """A model folder's identity: its config.json and tokenizer files whole, and each weight
+    file's size and 16 evenly spaced 64 KiB samples of it (another model of the same shapes
+    differs there; reading gigabytes whole at every start would not be worth it)."""
+    folder = Path(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
+            if file.suffix != ".safetensors":
+                h.update(f.read())
+                continue
+            for i in range(16):
+                f.seek(max(0, (size - _CHUNK) * i // 15))
+                h.update(f.read(_CHUNK))
+    return h.hexdigest()[:16]
+
+
+def stage_settings(
+    cfg: Config, sections: tuple[str, ...], reads: dict[str, str | Path | None] | None = None
+) -> dict[str, str]:
+    """`{key: value}` of the config sections that shape a stage (dotted sub-keys such as
+    "ppo" or "seed" work too), and `{"file:<key>": digest}` of what it reads ({config key:
+    path of a file or model folder}; None entries are skipped)."""
+    whole = dataclasses.asdict(cfg)
+    out: dict[str, str] = {}
+    for name in sections:
+        if name in NOT_SHAPING:
+            raise ValueError(f"section {name!r} does not shape training")
+        _flatten(whole[name], name, out)
+    for key, path in (reads or {}).items():
+        if path is None:
+            continue
+        p = Path(path)
+        out[f"file:{key}"] = folder_digest(p) if p.is_dir() else file_digest(p)
+    return out
+
+
+def differences(saved: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Human lines for the keys whose values differ, e.g. "sft.optim.lr: 0.001 -> 0.0001"."""
+    lines = []
+    for key in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(key, "(absent)"), now.get(key, "(absent)")
+        if a != b:
+            what = "contents changed" if key.startswith("file:") else f"{a} -> {b}"
+            lines.append(f"{key.removeprefix('file:')}: {what}")
+    return lines
+
+
+# The pipeline's stages, each shaped by its own sections and all those upstream of it.
+PIPELINE_SECTIONS = {
+    "pretrain": ("seed", "model", "data", "task", "pretrain"),
+    "sft": ("seed", "model", "data", "task", "pretrain", "sft"),
+    "rm": ("seed", "model", "data", "task", "pretrain", "sft", "rm"),
+    "rl": ("seed", "model", "data", "task", "pretrain", "sft", "rm", "ppo", "ptx"),
+}
+
+
+def pipeline_settings(cfg: Config, stage: str) -> dict[str, str]:
+    """Settings of a pipeline stage ("pretrain", "sft", "rm" or "rl"), with the user's files
+    it depends on (the generated ones follow from the sections)."""
+    reads = {"model.path": cfg.model.path, "sft.data": cfg.sft.data}
+    if stage in ("rm", "rl"):
+        reads["rm.data"] = cfg.rm.data
+    if stage == "rl":
+        reads["ppo.prompts"] = cfg.ppo.prompts
+        reads["ptx.data"] = cfg.ptx.data if cfg.ptx.coef > 0 else None
+    return stage_settings(cfg, PIPELINE_SECTIONS[stage], reads)
