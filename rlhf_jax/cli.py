@@ -164,7 +164,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 STAGES = {
     "sft": ("fine-tune model.path on sft.data (writes OUTPUT/sft)", "run_sft"),
     "rm": ("train a reward model from rm.init on rm.data (writes OUTPUT/rm)", "run_rm"),
-    "ppo": ("PPO-ptx from ppo.policy against ppo.reward_model (writes OUTPUT/policy)", "run_ppo"),
+    "ppo": (
+        "RL from ppo.policy against ppo.reward_model or ppo.reward_fn: PPO-ptx by default, "
+        "GRPO, RLOO, REINFORCE++, ... by config (writes OUTPUT/policy)",
+        "run_ppo",
+    ),
 }
 
 
