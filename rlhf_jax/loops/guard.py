@@ -1,7 +1,7 @@
 """Stop a run that keeps producing non-finite gradients, with the reason and what is kept.
 
-Each optimizer skips an update whose gradients hold a NaN/Inf (optax.apply_if_finite), so the
-weights never take a bad step; the steps report how many were skipped in all and in a row.
+Each optimizer skips an update whose gradients (or result) hold a NaN/Inf (`skip_non_finite`),
+so the weights never take a bad step; the steps report how many were skipped in all and in a row.
 `SkipGuard` reads those counts on the host: every new skip is logged as a warning, and
 `limit` skips in a row raise `TrainingDiverged` (exit code 2 from the CLI) before anything is
 saved, so the newest checkpoint on disk is one written before the trouble.

@@ -33,8 +33,9 @@ class TrainState(struct.PyTreeNode):
 
 
 def skip_metrics(state: TrainState, prefix: str = "train") -> dict[str, jax.Array]:
-    """Updates skipped for non-finite gradients (optax.apply_if_finite): in total, and in a
-    row up to now (the loops stop a run when the latter reaches `max_consecutive_skips`)."""
+    """Updates skipped for non-finite gradients or updates (`optim.skip_non_finite`): in all,
+    and in a row up to now (the loops stop a run when the latter reaches
+    `max_consecutive_skips`)."""
     opt = state.opt_state
     if not hasattr(opt, "notfinite_count"):
         zero = jnp.zeros((), jnp.float32)

@@ -131,7 +131,7 @@ def summary(state, metrics, ppo_state=False):
     """Metrics and a few updated leaves (weights and Adam moments), as NumPy."""
     ts = state.policy if ppo_state else state
     params = ts.params.get("trunk", ts.params)
-    adam = ts.opt_state.inner_state[1][0]  # apply_if_finite -> chain(clip, adamw) -> adam
+    adam = ts.opt_state.inner_state[1][0]  # skip_non_finite -> chain(clip, adamw) -> adam
     out = {f"metric:{k}": np.asarray(v) for k, v in metrics.items()}
     out["param:embed"] = np.asarray(params["embed"])
     out["param:q"] = np.asarray(params["layers"]["attn"]["q"]["kernel"])

@@ -215,3 +215,17 @@ def test_packed_rows_equal_the_same_examples_unpacked():
     at = np.flatnonzero(row[0] == seg)
     n = int(plain["attention_mask"][1].sum())
     np.testing.assert_allclose(logits_packed[0, at], logits_plain[1, :n], atol=1e-5)
+
+
+def test_a_non_finite_update_from_finite_gradients_is_skipped_too():
+    """Adam with eps = 0 turns a zero gradient into 0/0: the gradients are finite, the update
+    is not. It is skipped and counted like a NaN gradient, and the weights stay finite."""
+    tx = make_optimizer(OptimConfig(lr=1e-3, eps=0.0, grad_clip=0.0), 10)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.zeros(3)}, state, params)
+    np.testing.assert_array_equal(updates["w"], 0.0)
+    assert int(state.notfinite_count) == 1 and int(state.total_notfinite) == 1
+    updates, state = tx.update({"w": jnp.ones(3)}, state, params)  # Adam's state was kept
+    np.testing.assert_allclose(updates["w"], -1e-3, rtol=1e-3)
+    assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 1
