@@ -7,6 +7,7 @@ code 2 and no traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -36,9 +37,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
+    from rlhf_jax.loops.checks import check_positions
     from rlhf_jax.models import load_hf, load_tokenizer
     from rlhf_jax.rollout import generate
 
+    # Ctrl-C ends generation at once, even inside the compiled decode loop (which gives the
+    # interpreter no chance to raise KeyboardInterrupt); SIGTERM keeps its default too.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if args.max_new_tokens < 1:
         raise RlhfJaxError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     config, params = load_hf(args.model, dtype=args.dtype)
@@ -49,6 +54,18 @@ def _run_generate(args: argparse.Namespace) -> int:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         tokenizer.pad_token_id = pad_id
     enc = tokenizer(args.prompt, return_tensors="np", padding=True)
+    lengths = enc["attention_mask"].sum(axis=1)
+    if enc["input_ids"].shape[1] == 0 or lengths.min() == 0:
+        i = int(lengths.argmin()) if lengths.size else 0
+        raise RlhfJaxError(
+            f"--prompt number {i + 1} is empty after tokenising ({args.prompt[i]!r}): the model "
+            "needs at least one token to continue"
+        )
+    check_positions(
+        config,
+        args.model,
+        {"the prompt + --max-new-tokens": int(lengths.max()) + args.max_new_tokens},
+    )
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     try:
         out = generate(
@@ -87,14 +104,32 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Handlers to put back when a command ends (the training commands' preemption handler).
+_RESTORE_SIGNALS: list = []
+
+
 def _load_config(args: argparse.Namespace):
-    """The run's config; joins a multi-process run first, before any device is touched."""
+    """A training command's config; joins a multi-process run first, before any device is
+    touched. Only then do SIGTERM/SIGINT become a request to save and stop at the next step:
+    until then (and in `generate`) they end the process as usual, so a run stuck waiting for
+    a process that never comes can be stopped."""
+    from rlhf_jax.checkpointing import install_preemption_handler
     from rlhf_jax.config import Config, load_config
     from rlhf_jax.sharding import initialize
+    from rlhf_jax.sharding.distributed import resolve
     from rlhf_jax.steps import resolve_config_parts
 
     cfg = load_config(Config, args.config, args.overrides)
+    address, n, pid = resolve(cfg.distributed)
+    if n is not None and n > 1:  # said before the wait: a run stuck there shows why
+        print(
+            f"process {pid} of {n}: joining the run at {address}; waiting until all {n} "
+            "processes have joined (SIGTERM / Ctrl-C stops the wait)",
+            file=sys.stderr,
+            flush=True,
+        )
     initialize(cfg.distributed)  # before anything touches a device (the check below does)
+    _RESTORE_SIGNALS.append(install_preemption_handler())
     # Every loss, estimator and reward function the config names, resolved now: a typo fails
     # here, not after the stages before the one that uses it have run.
     resolve_config_parts(cfg)
@@ -208,11 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    from rlhf_jax.checkpointing import install_preemption_handler
     from rlhf_jax.loops.resume import StagePaused
 
-    # SIGTERM/SIGINT only set a flag: the running stage saves at its next step and stops.
-    uninstall = install_preemption_handler()
     try:
         return args.run(args)
     except RlhfJaxError as e:
@@ -227,8 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StagePaused as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 0
+    except KeyboardInterrupt:  # a second Ctrl-C while a training stage was stopping
+        print("error: interrupted", file=sys.stderr)
+        return 130
     finally:
-        uninstall()
+        for restore in _RESTORE_SIGNALS:
+            restore()
+        _RESTORE_SIGNALS.clear()
 
 
 if __name__ == "__main__":

@@ -122,3 +122,58 @@ def test_a_folder_of_pickle_weights_is_refused_for_that_reason(checkpoint, tmp_p
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "only pickle weights found (pytorch_model.bin)" in proc.stderr
+
+
+def _start_then_signal(args, sig, after=4.0):
+    """Start `rlhf-jax ARGS`, send `sig` after `after` seconds, return (returncode, stderr)."""
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_jax.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(after)
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"{args[0]} ignored signal {sig}") from None
+    return proc.returncode, err
+
+
+def test_generate_stops_on_sigterm_and_ctrl_c(checkpoint):
+    """Only training commands turn SIGTERM/SIGINT into 'save and stop at the next step';
+    generate (here a long one) ends at once, as schedulers and IDE stop buttons expect."""
+    import signal
+
+    path, _ = checkpoint
+    args = ["generate", "--model", str(path), "--prompt", "the red fox", "--max-new-tokens", "5000"]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # 2 s: still importing, loading or compiling, long before the tokens could be done
+        code, err = _start_then_signal(args, sig, after=2.0)
+        assert code in (-sig, 130), err  # 130: Ctrl-C while Python was still importing
+        assert "Traceback" not in err
+
+
+def test_sigterm_stops_a_run_waiting_for_other_processes(tmp_path):
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "sft",
+        "--output",
+        str(tmp_path / "out"),
+        f"distributed.coordinator_address=127.0.0.1:{port}",
+        "distributed.num_processes=2",
+        "distributed.process_id=0",
+    ]
+    code, err = _start_then_signal(args, signal.SIGTERM, after=6.0)
+    assert code == -signal.SIGTERM
+    assert "process 0 of 2: joining the run at 127.0.0.1" in err
+    assert "waiting until all 2 processes have joined" in err

@@ -86,3 +86,13 @@ def stage_lengths(cfg, stages: tuple[str, ...]) -> dict[str, int]:
         if cfg.ptx.coef > 0:
             out["ptx.max_len"] = cfg.ptx.max_len
     return out
+
+
+def check_rows(rows: int, batch_size: int, key: str, what: str) -> None:
+    """RlhfJaxError naming the config key and the file when the data has fewer rows than one
+    batch (every batch has a fixed shape, so a stage could not take a single step)."""
+    if rows < batch_size:
+        raise RlhfJaxError(
+            f"config key '{key}' is {batch_size}, but {what} has only {rows} usable rows: "
+            f"lower {key} to {rows} or less, or give more data"
+        )

@@ -25,7 +25,7 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.checks import check_positions, check_token_ids, stage_lengths
+from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -115,6 +115,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     tokenizer = load_tokenizer(model_path)
     arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report, pack=cfg.sft.pack)
     _check_fit(model_path, tokenizer, {f"sft.data {data}": arrays}, stage_lengths(cfg, ("sft",)))
+    check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "sft")
     model_cfg, params = _load_lm(model_path, cfg, runtime)
     s = cfg.sft
@@ -166,6 +167,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         checked[f"sft.data {cfg.sft.data}"] = demo_arrays
     lengths = stage_lengths(cfg, ("rm", "sft") if cfg.sft.data else ("rm",))
     _check_fit(init, tokenizer, checked, lengths)
+    check_rows(len(arrays["input_ids"]), cfg.rm.batch_size, "rm.batch_size", f"rm.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = _load_lm(init, cfg, runtime)
     params = train_reward_model(
@@ -222,6 +224,19 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         checked[f"ptx.data {cfg.ptx.data}"] = ptx_arrays
     lengths = stage_lengths(cfg, ("ppo",))
     _check_fit(policy_path, tokenizer, checked, lengths)
+    check_rows(
+        len(prompt_arrays["input_ids"]),
+        cfg.ppo.rollout_batch,
+        "ppo.rollout_batch",
+        f"ppo.prompts {cfg.ppo.prompts}",
+    )
+    if ptx_arrays is not None:
+        check_rows(
+            len(ptx_arrays["input_ids"]),
+            cfg.ptx.batch_size,
+            "ptx.batch_size",
+            f"ptx.data {cfg.ptx.data}",
+        )
     if rm_path is not None:  # the RM reads the whole prompt + response
         check_positions(read_hf_config(rm_path), rm_path, lengths)
     out, logger, runtime = _start(cfg, out_dir, "policy")

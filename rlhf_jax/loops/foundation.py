@@ -32,7 +32,7 @@ from rlhf_jax.data import (
     special_ids,
 )
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.checks import check_positions, check_token_ids, stage_lengths
+from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -128,12 +128,28 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
     return rows, unranked
 
 
+def _n_heldout(arrays: dict[str, np.ndarray], fraction: float) -> int:
+    return max(1, int(round(arrays["input_ids"].shape[0] * fraction)))
+
+
 def _split(arrays: dict[str, np.ndarray], fraction: float, seed: int):
     n = arrays["input_ids"].shape[0]
     order = np.random.default_rng(seed).permutation(n)
-    n_held = max(1, int(round(n * fraction)))
+    n_held = _n_heldout(arrays, fraction)
     held, train = order[:n_held], order[n_held:]
     return ({k: v[train] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()})
+
+
+def _check_against_model(cfg: Config, model_cfg: ModelConfig, special, batches: dict) -> None:
+    """Token ids, sequence lengths and rows per batch of every file, before any weight exists.
+    batches: {config key of the file: (what to call it, arrays, batch-size key, batch size,
+    rows set aside for evaluation)}."""
+    name = cfg.model.path or "the built-in task's model (model.*)"
+    arrays = {key: entry[1] for key, entry in batches.items()}
+    check_token_ids(model_cfg, name, arrays, {"EOS": special[0], "pad": special[1]})
+    check_positions(model_cfg, name, stage_lengths(cfg, ("sft", "rm", "ppo")))
+    for key, (what, enc, batch_key, batch_size, held) in batches.items():
+        check_rows(len(enc["input_ids"]) - held, batch_size, batch_key, f"{key} {what}")
 
 
 def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
@@ -197,18 +213,20 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         )
 
     # Base model: its config first, to check the data against it before any weight is made.
-    model_name = cfg.model.path or "the built-in task's model (model.*)"
     model_cfg = (
         random_model_config(cfg.model, tokenizer) if builtin else read_hf_config(cfg.model.path)
     )
-    checked = {
-        "sft.data": sft_arrays,
-        "ppo.prompts": prompt_arrays,
-        "ptx.data": ptx_arrays,
-        **({"rm.data": user_rank_arrays} if user_rank_arrays is not None else {}),
+    batches = {
+        "sft.data": (sft_path, sft_arrays, "sft.batch_size", cfg.sft.batch_size, 0),
+        "ppo.prompts": (prompts_path, prompt_arrays, "ppo.rollout_batch", cfg.ppo.rollout_batch, 0),
     }
-    check_token_ids(model_cfg, model_name, checked, {"EOS": eos_id, "pad": pad})
-    check_positions(model_cfg, model_name, stage_lengths(cfg, ("sft", "rm", "ppo")))
+    if cfg.ptx.coef > 0:
+        batches["ptx.data"] = (ptx_path, ptx_arrays, "ptx.batch_size", cfg.ptx.batch_size, 0)
+    if user_rank_arrays is not None:  # held-out rankings are split off before training
+        n_held = _n_heldout(user_rank_arrays, cfg.rm.heldout_fraction)
+        what = f"{cfg.rm.data} (less {n_held} held out)"
+        batches["rm.data"] = (what, user_rank_arrays, "rm.batch_size", cfg.rm.batch_size, n_held)
+    _check_against_model(cfg, model_cfg, (eos_id, pad), batches)
     if builtin:
         model_cfg, params = init_random_model(cfg.model, tokenizer, keys["init"], runtime)
         pre = cfg.pretrain

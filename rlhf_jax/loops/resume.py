@@ -67,10 +67,14 @@ class StageCheckpoints:
         step = self.ckpt.latest_step() if self.cfg.resume else None
         if step is None:
             return state, 0
-        self._check_settings(self.ckpt.read_meta(step))
-        restored, meta = self.ckpt.restore(
-            target=abstract_state(state, shardings), expect={"stage": self.stage}
-        )
+        try:
+            self._check_settings(self.ckpt.read_meta(step))
+            restored, meta = self.ckpt.restore(
+                target=abstract_state(state, shardings), expect={"stage": self.stage}
+            )
+        except BaseException:
+            self.close()  # no orbax thread left running behind the error
+            raise
         self.start = int(meta["step"])
         if jax.process_index() == 0:
             print(f"{self.stage}: resuming from step {self.start} ({self.directory})")

@@ -106,6 +106,17 @@ def _host_scorer(algo: RLAlgorithm, tokenizer) -> Callable:
     return scores
 
 
+@dataclasses.dataclass
+class _Programs:
+    """The compiled programs of one RL run and what feeds them."""
+
+    experience: Callable  # (state, prompt batch, key) -> (Experience, metrics)
+    update: CompiledOnce
+    compiled: list[CompiledOnce]  # every program, for the memory figure
+    use_ptx: bool
+    n_mb: int  # minibatches per epoch
+
+
 def train_rl(
     cfg: Config,
     models: RLModels,
@@ -124,9 +135,7 @@ def train_rl(
     `tokenizer` decodes responses for a reward function (`ppo.reward_fn`)."""
     ppo = cfg.ppo
     algo = RLAlgorithm.from_config(ppo)
-    mesh, rules = runtime.mesh, runtime.rules
-    n_mb = ppo.episodes // ppo.minibatch_size
-    updates = ppo.iterations * ppo.epochs * n_mb
+    updates = ppo.iterations * ppo.epochs * (ppo.episodes // ppo.minibatch_size)
     policy_sh = runtime.param_shardings(models.policy_cfg)
     critic_cfg = critic_params = critic_sh = critic_tx = None
     if algo.needs_critic:
@@ -139,89 +148,99 @@ def train_rl(
         lambda p, c: init_rl_state(p, c, policy_tx, critic_tx, ppo),
         (models.sft_params, critic_params),
         (policy_sh, critic_sh),
-        mesh,
+        runtime.mesh,
     )
     start = 0
     if checkpoints is not None:
         state, start = checkpoints.restore(state, state_sh)
+    try:  # from here on, an error still closes the checkpoints (no orbax thread left behind)
+        use_ptx = ptx is not None and cfg.ptx.coef > 0
+        special = (eos_ids, pad_id)
+        programs = _compile(
+            cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenizer, use_ptx
+        )
+        limits = {"ppo/policy": ppo.policy_optim.max_consecutive_skips}
+        if algo.needs_critic:
+            limits["ppo/value"] = ppo.value_optim.max_consecutive_skips
+        latest = checkpoints.latest_step if checkpoints is not None else None
+        guard = SkipGuard(stage, limits, logger, latest)
+        data = (prompts, ptx)
+        state = _iterate(
+            cfg, programs, state, start, data, key, logger, runtime, stage, checkpoints, guard
+        )
+        guard.require_learning({"ppo/policy": state.policy})
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()  # commits a save in flight, also when an iteration raised
+    return state
+
+
+def _compile(cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenizer, use_ptx):
+    """The run's programs: experience (with the frozen weights placed) and update."""
+    ppo = cfg.ppo
+    policy_sh = state_sh.policy.params
     reward_sh = None
     if algo.reward_fn is None:
         reward_sh = runtime.param_shardings(models.reward_cfg, scalar=True)
     frozen_sh = Frozen(ref=policy_sh if algo.uses_reference else None, reward=reward_sh)
     frozen = Frozen(
         ref=runtime.place(models.sft_params, policy_sh) if algo.uses_reference else None,
-        reward=runtime.place(models.reward_params, reward_sh) if reward_sh is not None else None,
+        reward=None if reward_sh is None else runtime.place(models.reward_params, reward_sh),
     )
-    experience, programs = _make_experience(
-        cfg,
-        algo,
-        models,
+    experience, compiled = _make_experience(
+        cfg, algo, models, critic_cfg, (state_sh, frozen_sh), frozen, special, runtime, tokenizer
+    )
+    update_fn = make_update_fn(
+        models.policy_cfg,
         critic_cfg,
-        (state_sh, frozen_sh),
-        frozen,
-        (eos_ids, pad_id),
-        runtime,
-        tokenizer,
+        ppo,
+        algo,
+        get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
+        cfg.ptx.coef,
+        ppo.policy_optim.grad_accum,
     )
-    use_ptx = ptx is not None and cfg.ptx.coef > 0
-    update = CompiledOnce(
-        jit_update(
-            make_update_fn(
-                models.policy_cfg,
-                critic_cfg,
-                ppo,
-                algo,
-                get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
-                cfg.ptx.coef,
-                ppo.policy_optim.grad_accum,
-            ),
-            state_sh,
-            mesh,
-            rules,
-        )
-    )
-    programs.append(update)
-    # One prompt batch per iteration and epochs x minibatches ptx batches: positions from `start`.
+    update = CompiledOnce(jit_update(update_fn, state_sh, runtime.mesh, runtime.rules))
+    n_mb = ppo.episodes // ppo.minibatch_size
+    return _Programs(experience, update, [*compiled, update], use_ptx, n_mb)
+
+
+def _iterate(cfg, programs, state, start, data, key, logger, runtime, stage, checkpoints, guard):
+    """Iterations `start` .. `ppo.iterations`: experience, update, log, check, save.
+    data: (prompt arrays, ptx arrays or None)."""
+    (prompts, ptx), ppo, n_mb = data, cfg.ppo, programs.n_mb
+    # One prompt batch per iteration and epochs x minibatches ptx batches: from `start` on.
     prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2, start=start)
     ptx_iter = None
-    if use_ptx:
-        ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=start * ppo.epochs * n_mb)
-    limits = {"ppo/policy": ppo.policy_optim.max_consecutive_skips}
-    if algo.needs_critic:
-        limits["ppo/value"] = ppo.value_optim.max_consecutive_skips
-    latest = checkpoints.latest_step if checkpoints is not None else None
-    guard = SkipGuard(stage, limits, logger, latest)
-    try:
-        with logger.bar(ppo.iterations, stage) as bar:
-            bar.update(start)
-            for it in range(start, ppo.iterations):
-                t0 = time.time()
-                exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
-                batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
-                exp, exp_metrics = experience(state, batch, exp_key)
-                ptx_batch = None
-                if use_ptx:
-                    ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
-                state, upd_metrics = update(state, exp, ptx_batch, upd_key)
-                metrics = {**exp_metrics, **upd_metrics}
-                # An iteration is long enough that waiting for its metrics costs little, and
-                # every iteration's numbers are worth keeping.
-                jax.block_until_ready(metrics)
-                tokens = float(jnp.sum(exp.response_mask))
-                metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
-                # XLA's account of the largest program: a per-device peak (weights, optimizer
-                # state, activations, KV cache), the same on every iteration.
-                metrics["perf/peak_device_mib"] = max(p.peak_bytes() for p in programs) / 2**20
-                row = logger.log(stage, it + 1, metrics)
-                bar.set_postfix(short_metrics(row))
-                bar.update(1)
-                guard.check(it + 1, guard.counters(metrics))
-                if checkpoints is not None:
-                    checkpoints.after_step(it + 1, state, ppo.iterations)
-        guard.require_learning({"ppo/policy": state.policy})
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()  # commits a save in flight, also when an iteration raised
+    if programs.use_ptx:
+        ptx_start = start * ppo.epochs * n_mb
+        ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=ptx_start)
+    with logger.bar(ppo.iterations, stage) as bar:
+        bar.update(start)
+        for it in range(start, ppo.iterations):
+            t0 = time.time()
+            exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
+            batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
+            exp, exp_metrics = programs.experience(state, batch, exp_key)
+            ptx_batch = None
+            if programs.use_ptx:
+                ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
+            state, upd_metrics = programs.update(state, exp, ptx_batch, upd_key)
+            metrics = {**exp_metrics, **upd_metrics}
+            # An iteration is long enough that waiting for its metrics costs little, and
+            # every iteration's numbers are worth keeping.
+            jax.block_until_ready(metrics)
+            tokens = float(jnp.sum(exp.response_mask))
+            metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
+            # XLA's account of the largest program: a per-device peak (weights, optimizer
+            # state, activations, KV cache), the same on every iteration.
+            peak = max(p.peak_bytes() for p in programs.compiled)
+            metrics["perf/peak_device_mib"] = peak / 2**20
+            row = logger.log(stage, it + 1, metrics)
+            bar.set_postfix(short_metrics(row))
+            bar.update(1)
+            guard.check(it + 1, guard.counters(metrics))
+            if checkpoints is not None:
+                checkpoints.after_step(it + 1, state, ppo.iterations)
     return state
 
 

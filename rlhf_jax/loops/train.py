@@ -55,16 +55,16 @@ def run_train_loop(
     start = 0
     if checkpoints is not None:
         state, start = checkpoints.restore(state, shardings)
-    jitted = jit_step(step_fn, shardings, batch_sharding(mesh, runtime.rules, 1))
-    batches = make_batches(start)
-    guard = SkipGuard(
-        stage,
-        {"train": max_consecutive_skips},
-        logger,
-        checkpoints.latest_step if checkpoints is not None else None,
-    )
-    pending = None  # (step, skip counters) of the previous step, read one step late
-    try:
+    try:  # from here on, an error still closes the checkpoints (no orbax thread left behind)
+        jitted = jit_step(step_fn, shardings, batch_sharding(mesh, runtime.rules, 1))
+        batches = make_batches(start)
+        guard = SkipGuard(
+            stage,
+            {"train": max_consecutive_skips},
+            logger,
+            checkpoints.latest_step if checkpoints is not None else None,
+        )
+        pending = None  # (step, skip counters) of the previous step, read one step late
         with logger.bar(n_steps, stage) as bar:
             bar.update(start)
             for i in range(start, n_steps):

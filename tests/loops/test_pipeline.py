@@ -162,3 +162,23 @@ def test_an_output_that_would_overwrite_the_input_model_is_refused(
     assert code == 2
     assert "the run would overwrite the model it reads" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_a_batch_larger_than_the_data_names_the_key_and_file(run_dir, tmp_path, capsys):
+    """The first `rlhf-jax ppo` on a small prompt file (ppo.rollout_batch=64 by default) gets
+    the key and the file, before any model is loaded."""
+    prompts = tmp_path / "few.jsonl"
+    prompts.write_text("".join('{"prompt": "story about a red fox:"}\n' for _ in range(16)))
+    args = [
+        "ppo",
+        "--output",
+        str(tmp_path / "out"),
+        f"ppo.policy={run_dir / 'sft'}",
+        f"ppo.reward_model={run_dir / 'rm'}",
+        f"ppo.prompts={prompts}",
+        "ptx.coef=0",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"config key 'ppo.rollout_batch' is 64, but ppo.prompts {prompts} has only 16" in err
+    assert not (tmp_path / "out").exists()
