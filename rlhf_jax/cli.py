@@ -7,6 +7,7 @@ code 2 and no traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -236,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers' import-time advice ("PyTorch was not found ...") would turn every one-line
+    # error of a torch-free install (PyTorch is a test-time reference only) into two lines.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (argparse stops positionals at them)

@@ -124,6 +124,20 @@ def test_a_folder_of_pickle_weights_is_refused_for_that_reason(checkpoint, tmp_p
     assert "only pickle weights found (pytorch_model.bin)" in proc.stderr
 
 
+def test_a_truncated_weights_file_is_named(checkpoint, tmp_path, capsys):
+    """An interrupted download or copy: the file and the likely cause, no SafetensorError."""
+    import shutil
+
+    path, _ = checkpoint
+    folder = tmp_path / "truncated"
+    shutil.copytree(path, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["generate", "--model", str(folder), "--prompt", "the red fox"]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: not a readable safetensors file" in err and "truncated" in err
+
+
 def _start_then_signal(args, sig, after=4.0):
     """Start `rlhf-jax ARGS`, send `sig` after `after` seconds, return (returncode, stderr)."""
     import time

@@ -171,3 +171,15 @@ def test_values_outside_a_fields_range_name_the_key(key, cls, name, kind):
         value = kind(value) if kind is int else value
         with pytest.raises(RlhfJaxError, match=re.escape(f"config key '{key}' must be")):
             load_config(Config, None, [f"{key}={value}"])
+
+
+def test_an_empty_yaml_section_keeps_its_defaults_and_takes_overrides(tmp_path):
+    (tmp_path / "c.yaml").write_text("ppo:\nsft:\n  steps: 3\n")
+    cfg = load_config(Config, tmp_path / "c.yaml", ["ppo.beta=0.1"])
+    assert cfg.ppo.beta == 0.1 and cfg.sft.steps == 3
+    assert cfg.ppo.epochs == Config().ppo.epochs
+
+
+def test_a_config_folder_is_not_a_file(tmp_path):
+    with pytest.raises(RlhfJaxError, match="is a folder; --config takes a YAML file"):
+        load_config(Config, tmp_path)

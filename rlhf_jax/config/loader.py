@@ -65,6 +65,8 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
             )
         return value
     if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty section in YAML (`ppo:` and nothing under it)
+            value = {}
         if not isinstance(value, dict):
             raise RlhfJaxError(f"config key '{key}': expected a mapping, got {value!r}")
         base = default if isinstance(default, tp) else None
@@ -179,7 +181,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an empty section in the YAML file
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise RlhfJaxError(f"override '{item}': '{part}' is not a section")
         node[parts[-1]] = value
@@ -191,6 +195,8 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
     data: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
+        if file.is_dir():
+            raise RlhfJaxError(f"{file}: is a folder; --config takes a YAML file (see configs/)")
         if not file.is_file():
             raise RlhfJaxError(f"{file}: config file not found")
         try:

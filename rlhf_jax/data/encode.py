@@ -87,6 +87,18 @@ def _count_truncated(report: DataReport | None, n: int = 1) -> None:
         report.truncated += n
 
 
+def _distinct(seqs: list[list[int]], report: DataReport | None) -> list[int]:
+    """Indices of the sequences identical to no other one: completions that truncation made
+    equal are all left out (counted), since no ranking between equal inputs can be learned."""
+    counts: dict[tuple[int, ...], int] = {}
+    for seq in seqs:
+        counts[tuple(seq)] = counts.get(tuple(seq), 0) + 1
+    kept = [j for j, seq in enumerate(seqs) if counts[tuple(seq)] == 1]
+    if report is not None:
+        report.identical += len(seqs) - len(kept)
+    return kept
+
+
 def _none_left(report: DataReport | None, rows: list) -> None:
     if not rows:
         detail = report.summary() if report is not None else "no rows"
@@ -240,8 +252,9 @@ def encode_rankings(
     the last real token (the EOS of a complete completion). A completion longer than
     max_completion_len tokens keeps its first max_completion_len tokens and no EOS (counted).
     `rank[n, k]` is completion k's rank (0 best, ties equal); padded slots (completion_mask 0)
-    are all padding with attention_mask 0 and rank K. A prompt longer than max_prompt_len, or a
-    row with more than k_max completions, is an error.
+    are all padding with attention_mask 0 and rank K. Completions that truncation made
+    identical to another of their prompt are left out (and counted in the report). A prompt
+    longer than max_prompt_len, or a row with more than k_max completions, is an error.
     """
     _check_len("max_prompt_len", max_prompt_len, 1)
     _check_len("max_completion_len", max_completion_len, 1)
@@ -270,7 +283,8 @@ def encode_rankings(
             else:
                 c = c + [eos]
             completions.append(p + c)
-        rows.append((completions, ex.ranks))
+        kept = _distinct(completions, report)
+        rows.append(([completions[j] for j in kept], [ex.ranks[j] for j in kept]))
     _none_left(report, rows)
     n = len(rows)
     ids = np.full((n, k, length), pad, np.int32)

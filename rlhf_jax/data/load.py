@@ -44,12 +44,16 @@ class DataReport:
     truncated: completions / texts cut to their maximum token length, counted by the encoders
         (per text: a ranking row with 3 long completions counts 3; encoding the same examples
         twice with the same report counts them twice).
+    identical: ranked completions left out because, cut to their maximum length, they became
+        identical to another completion of the same prompt (one input cannot be ranked both
+        above and below another: the pair would contradict itself).
     """
 
     path: str
     rows: int = 0
     skipped: list[tuple[int | None, str]] = dataclasses.field(default_factory=list)
     truncated: int = 0
+    identical: int = 0
     on_error: OnError = "raise"
 
     def reject(self, err: RowError, line: int | None) -> None:
@@ -67,6 +71,7 @@ class DataReport:
             "skipped": len(self.skipped),
             "skipped_rows": [{"line": ln, "reason": r} for ln, r in self.skipped[:max_rows]],
             "truncated": self.truncated,
+            "identical_after_truncation": self.identical,
         }
 
     def summary(self) -> str:
@@ -78,6 +83,11 @@ class DataReport:
             shown += f"; +{more} more" if more > 0 else ""
             text += f", {len(self.skipped)} skipped ({shown})"
         text += f", {self.truncated} truncated"
+        if self.identical:
+            text += (
+                f", {self.identical} completions left out as identical to another of their "
+                "prompt after truncation (raise the length limit to keep them)"
+            )
         return text
 
 

@@ -134,6 +134,11 @@ def _string(value: object, at: str, field: str) -> str:
         raise RowError(at, f"expected a string, got {json_type(value)}", field)
     if not value.strip():
         raise RowError(at, "empty or whitespace-only string", field)
+    try:  # JSON escapes can spell half of a UTF-16 pair ("\ud800"): not text any tokenizer takes
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start : e.end].encode("unicode_escape").decode()
+        raise RowError(at, f"an unpaired surrogate ({bad}) is not text", field) from None
     return value
 
 

@@ -93,6 +93,7 @@ def check_rows(rows: int, batch_size: int, key: str, what: str) -> None:
     batch (every batch has a fixed shape, so a stage could not take a single step)."""
     if rows < batch_size:
         raise RlhfJaxError(
-            f"config key '{key}' is {batch_size}, but {what} has only {rows} usable rows: "
+            f"config key '{key}' is {batch_size}, but {what} has only {rows} usable "
+            f"row{'s' if rows != 1 else ''}: "
             f"lower {key} to {rows} or less, or give more data"
         )

@@ -46,6 +46,7 @@ from rlhf_jax.models import (
     save_scalar_model,
 )
 from rlhf_jax.models.hf import read_hf_config
+from rlhf_jax.models.hf.io import SCALAR_HEAD_FILE
 from rlhf_jax.steps import RLAlgorithm, normalize_reward_bias, resolve_config_parts
 
 
@@ -98,6 +99,17 @@ def _load_lm(path: str, cfg: Config, runtime: Runtime):
     return config.replace(remat=cfg.model.remat), params
 
 
+def _not_a_reward_model(path: str, key: str) -> str:
+    """`path`, unless it holds a reward model (a policy key given the RM folder by mistake:
+    its trunk would load as a policy with a never-trained LM head)."""
+    if (Path(path) / SCALAR_HEAD_FILE).is_file():
+        raise RlhfJaxError(
+            f"config key '{key}': {path} holds a reward model ({SCALAR_HEAD_FILE}), not a "
+            "language model; give the SFT policy's folder (e.g. OUTPUT/sft)"
+        )
+    return path
+
+
 def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str, int]) -> None:
     """The data's token ids and the stage's sequence lengths against the model at `path`
     (its config.json only): before the output folder, the weights or any compile."""
@@ -109,7 +121,7 @@ def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str,
 
 def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
-    model_path = _require(cfg.model.path, "model.path", "sft")
+    model_path = _not_a_reward_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
@@ -202,7 +214,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     """RL from `ppo.policy` against `ppo.reward_model` (or `ppo.reward_fn`); writes
     OUT/policy. The algorithm is the one the `ppo` section names (PPO by default)."""
     algo = RLAlgorithm.from_config(cfg.ppo)
-    policy_path = _require(cfg.ppo.policy, "ppo.policy", "ppo")
+    policy_path = _not_a_reward_model(_require(cfg.ppo.policy, "ppo.policy", "ppo"), "ppo.policy")
     rm_path = None
     if algo.reward_fn is None:
         rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model (or ppo.reward_fn)", "ppo")

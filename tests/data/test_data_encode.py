@@ -172,6 +172,19 @@ def test_rankings_truncate_completions_and_refuse_long_prompts(tok):
         encode_rankings([long], tok, 4, 3)
 
 
+def test_completions_identical_after_truncation_are_left_out_and_counted(tok):
+    """Two completions that differ only past max_completion_len become one input: ranking it
+    both above and below the third would be a contradictory pair, so both are left out."""
+    report = DataReport("r.jsonl", rows=1)
+    ex = RankingExample("the", (" fox fox fox owl", " owl", " fox fox fox calm"), (0, 1, 2))
+    out = encode_rankings([ex], tok, 2, 3, report=report)
+    assert report.identical == 2 and report.truncated == 2
+    assert out["completion_mask"][0].tolist() == [1, 0, 0]  # only " owl" remains
+    assert out["rank"][0, 0] == 1  # its own rank (no pair left: the prompt adds no loss)
+    assert "2 completions left out as identical" in report.summary()
+    assert report.to_dict()["identical_after_truncation"] == 2
+
+
 def test_texts_truncated_and_counted(tok):
     report = DataReport("t.jsonl", rows=2)
     out = encode_texts([TextExample("the red fox runs"), TextExample("owl")], tok, 4, report)

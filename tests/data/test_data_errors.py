@@ -57,6 +57,10 @@ EXPECTED = {
     "rank_pair_empty.jsonl": (1, "field 'rejected': empty or whitespace-only string"),
     "rank_pair_identical.jsonl": (1, "field 'rejected': identical to 'chosen'"),
     "prompts_extra_field.jsonl": (1, "field 'id': unknown field (expected 'prompt')"),
+    "prompts_lone_surrogate.jsonl": (
+        2,
+        "field 'prompt': an unpaired surrogate (\\ud800) is not text",
+    ),
     "prompts_duplicate_key.jsonl": (1, "duplicate key 'prompt' in a JSON object"),
     "prompts_not_object.jsonl": (1, "row is not a JSON object (got array)"),
     "text_null.jsonl": (1, "field 'text': expected a string, got null"),

@@ -182,3 +182,28 @@ def test_a_batch_larger_than_the_data_names_the_key_and_file(run_dir, tmp_path, 
     err = capsys.readouterr().err
     assert f"config key 'ppo.rollout_batch' is 64, but ppo.prompts {prompts} has only 16" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reward_model_folder_is_not_taken_as_the_policy(run_dir, tmp_path, capsys):
+    args = ["ppo", "--output", str(tmp_path / "o"), f"ppo.policy={run_dir / 'rm'}"]
+    args += [
+        f"ppo.reward_model={run_dir / 'rm'}",
+        f"ppo.prompts={run_dir / 'data' / 'ppo_prompts.jsonl'}",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "config key 'ppo.policy'" in err and "holds a reward model (scalar_head" in err
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(run_dir, tmp_path, capsys):
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(run_dir / "sft" / name, folder / name)
+    data = run_dir / "data" / "sft.jsonl"
+    assert (
+        main(["sft", "--output", str(tmp_path / "o"), f"model.path={folder}", f"sft.data={data}"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert f"{folder}: no tokenizer files" in err and "sentencepiece" not in err

@@ -230,6 +230,16 @@ def test_unsupported_model_type_is_refused(model_type, hf_checkpoint, tmp_path):
         load_hf(folder)
 
 
+def test_an_unsupported_rope_type_names_the_file(hf_checkpoint, tmp_path):
+    folder = tmp_path / "yarn"
+    shutil.copytree(hf_checkpoint("llama"), folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(RlhfJaxError, match=r"config.json: model_type 'llama': rope type 'yarn'"):
+        load_hf(folder)
+
+
 class _Tripwire:
     """Unpickling this object creates `marker`: proof that a pickle file was opened."""
 

@@ -141,6 +141,8 @@ def from_hf_config(d: dict[str, Any], source: str = "config.json") -> ModelConfi
         raise RlhfJaxError(
             f"{source}: field {e.args[0]!r} is missing for model_type '{model_type}'"
         ) from None
+    except RlhfJaxError as e:  # a feature we do not implement: say which file asks for it
+        raise RlhfJaxError(f"{source}: {e}") from None
 
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:

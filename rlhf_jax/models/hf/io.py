@@ -44,6 +44,18 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     return from_hf_config(data, source=str(config_file))
 
 
+def _open(file: Path):
+    """`safe_open`, with a damaged file (truncated by an interrupted download or copy, or not
+    safetensors at all) reported as the file and the reason, not a SafetensorError trace."""
+    try:
+        return safe_open(file, framework="numpy")
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise RlhfJaxError(
+            f"{file}: not a readable safetensors file ({e}); it may be truncated (an "
+            "interrupted download or copy): fetch it again"
+        ) from None
+
+
 class _TensorIndex:
     """Maps tensor names to the safetensors file holding them; opens files lazily."""
 
@@ -54,7 +66,7 @@ class _TensorIndex:
             weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
             self.file_of = {name: folder / f for name, f in weight_map.items()}
         elif single.is_file():
-            with safe_open(single, framework="numpy") as f:
+            with _open(single) as f:
                 self.file_of = {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         else:
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -75,8 +87,11 @@ class _TensorIndex:
             raise RlhfJaxError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
         file = self.file_of[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="numpy")
-        return self._handles[file].get_tensor(name)
+            self._handles[file] = _open(file)
+        try:
+            return self._handles[file].get_tensor(name)
+        except Exception as e:
+            raise RlhfJaxError(f"{file}: cannot read tensor '{name}' ({e})") from None
 
 
 def _reader(
@@ -186,6 +201,11 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenize
     return folder
 
 
+# Any of these makes a folder hold a tokenizer AutoTokenizer can load (fast, sentencepiece,
+# byte-level BPE); without one, transformers asks to install libraries that would not help.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer saved beside a checkpoint (never with trust_remote_code).
 
@@ -195,6 +215,12 @@ def load_tokenizer(path: str | os.PathLike):
 
     read_hf_config(path)
     _TensorIndex(Path(path))
+    folder = Path(path)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise RlhfJaxError(
+            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "of the model this checkpoint comes from into the folder"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -228,7 +254,7 @@ def load_scalar_model(
             f"{folder}: no {SCALAR_HEAD_FILE}; this is a language model, not a reward model "
             "saved by rlhf_jax"
         )
-    with safe_open(head_file, framework="numpy") as f:
+    with _open(head_file) as f:
         head = {k: jnp.asarray(f.get_tensor(k), DTYPES[dtype]) for k in ("kernel", "bias")}
     if head["kernel"].shape != (config.d_model,):
         raise RlhfJaxError(
