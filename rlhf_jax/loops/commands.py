@@ -1,8 +1,8 @@
 """`rlhf-jax sft | rm | ppo`: one stage of the pipeline on the user's own checkpoints and data.
 
 Each reads checkpoint folders and JSONL files named in the config, validates all data before
-compiling anything, trains, and writes a Hugging Face folder (plus `scalar_head.safetensors`
-for a reward model) into the output folder.
+compiling anything, trains, and writes a Hugging Face folder into the output folder (a reward
+model as a transformers sequence-classification model).
 """
 
 from __future__ import annotations
@@ -45,8 +45,7 @@ from rlhf_jax.models import (
     save_hf,
     save_scalar_model,
 )
-from rlhf_jax.models.hf import read_hf_config
-from rlhf_jax.models.hf.io import SCALAR_HEAD_FILE
+from rlhf_jax.models.hf import is_reward_model, read_hf_config
 from rlhf_jax.steps import RLAlgorithm, normalize_reward_bias, resolve_config_parts
 
 
@@ -102,10 +101,10 @@ def _load_lm(path: str, cfg: Config, runtime: Runtime):
 def _not_a_reward_model(path: str, key: str) -> str:
     """`path`, unless it holds a reward model (a policy key given the RM folder by mistake:
     its trunk would load as a policy with a never-trained LM head)."""
-    if (Path(path) / SCALAR_HEAD_FILE).is_file():
+    if is_reward_model(path):
         raise RlhfJaxError(
-            f"config key '{key}': {path} holds a reward model ({SCALAR_HEAD_FILE}), not a "
-            "language model; give the SFT policy's folder (e.g. OUTPUT/sft)"
+            f"config key '{key}': {path} holds a reward model (a sequence-classification "
+            "head), not a language model; give the SFT policy's folder (e.g. OUTPUT/sft)"
         )
     return path
 

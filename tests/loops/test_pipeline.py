@@ -62,7 +62,7 @@ def test_run_leaves_checkpoints_metrics_and_a_picture(run_dir):
         "sft/model.safetensors",
         "sft/tokenizer.json",
         "policy/model.safetensors",
-        "rm/scalar_head.safetensors",
+        "rm/model.safetensors",
         "data/rankings.jsonl",
     ):
         assert (run_dir / name).is_file(), name
@@ -123,7 +123,8 @@ def test_single_stages_chain_on_user_files(run_dir, tmp_path):
         )
         == 0
     )
-    assert (tmp_path / "rm" / "scalar_head.safetensors").is_file()
+    rm_config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert rm_config["architectures"][0].endswith("ForSequenceClassification")
     assert (
         main(
             [
@@ -192,7 +193,10 @@ def test_a_reward_model_folder_is_not_taken_as_the_policy(run_dir, tmp_path, cap
     ]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "config key 'ppo.policy'" in err and "holds a reward model (scalar_head" in err
+    assert (
+        "config key 'ppo.policy'" in err
+        and "holds a reward model (a sequence-classification" in err
+    )
 
 
 def test_a_model_folder_without_a_tokenizer_says_so(run_dir, tmp_path, capsys):

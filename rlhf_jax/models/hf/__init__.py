@@ -2,6 +2,7 @@
 
 from rlhf_jax.models.hf.config_map import SUPPORTED_MODEL_TYPES, from_hf_config, to_hf_config
 from rlhf_jax.models.hf.io import (
+    is_reward_model,
     load_hf,
     load_scalar_model,
     load_tokenizer,
@@ -13,6 +14,7 @@ from rlhf_jax.models.hf.io import (
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "from_hf_config",
+    "is_reward_model",
     "load_hf",
     "load_scalar_model",
     "load_tokenizer",

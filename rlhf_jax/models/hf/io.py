@@ -127,6 +127,42 @@ def _reader(
     return read
 
 
+def _read_params(
+    folder: Path, config: ModelConfig, index: _TensorIndex, shardings, extra: tuple[str, ...] = ()
+) -> dict:
+    """Every parameter of `config` from the checkpoint's tensors (optionally straight into
+    `shardings`); tensors the architecture does not use are an error, except `extra` ones
+    the caller reads itself (a reward model's `score.weight`)."""
+    sources = hf_sources(config, set(index.file_of))
+    shapes = param_shapes(config)
+    np_dtype = np.dtype(DTYPES[config.param_dtype])
+    flat_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    flat_shardings = (
+        treedef.flatten_up_to(shardings) if shardings is not None else [None] * len(flat_shapes)
+    )
+    leaves = []
+    for (key_path, shape_dtype), sharding in zip(flat_shapes, flat_shardings):
+        our_path = tuple(k.key for k in key_path)
+        read = _reader(index, sources[our_path], tuple(shape_dtype.shape), np_dtype)
+        if sharding is None:
+            leaves.append(jnp.asarray(read(())))
+        else:
+            leaves.append(jax.make_array_from_callback(shape_dtype.shape, sharding, read))
+    unused = (
+        set(index.file_of)
+        - set(extra)
+        - {s.hf_name.format(i=i) for s in sources.values() for i in range(config.n_layers)}
+    )
+    # Buffers some exporters write (GPT-2's causal `attn.bias`, rotary caches) carry no weights.
+    unused = {n for n in unused if not n.endswith((".attn.bias", ".masked_bias", "inv_freq"))}
+    if unused:
+        raise RlhfJaxError(
+            f"{folder}: tensors not used by model_type '{config.model_type}': "
+            f"{', '.join(sorted(unused)[:5])}{' ...' if len(unused) > 5 else ''}"
+        )
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def load_hf(
     path: str | os.PathLike,
     dtype: str = "float32",
@@ -145,32 +181,12 @@ def load_hf(
     folder = Path(path)
     config = read_hf_config(folder).replace(param_dtype=dtype, dtype=compute_dtype or dtype)
     index = _TensorIndex(folder)
-    sources = hf_sources(config, set(index.file_of))
-    shapes = param_shapes(config)
-    np_dtype = np.dtype(DTYPES[dtype])
-    flat_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    flat_shardings = (
-        treedef.flatten_up_to(shardings) if shardings is not None else [None] * len(flat_shapes)
-    )
-    leaves = []
-    for (key_path, shape_dtype), sharding in zip(flat_shapes, flat_shardings):
-        our_path = tuple(k.key for k in key_path)
-        read = _reader(index, sources[our_path], tuple(shape_dtype.shape), np_dtype)
-        if sharding is None:
-            leaves.append(jnp.asarray(read(())))
-        else:
-            leaves.append(jax.make_array_from_callback(shape_dtype.shape, sharding, read))
-    unused = set(index.file_of) - {
-        s.hf_name.format(i=i) for s in sources.values() for i in range(config.n_layers)
-    }
-    # Buffers some exporters write (GPT-2's causal `attn.bias`, rotary caches) carry no weights.
-    unused = {n for n in unused if not n.endswith((".attn.bias", ".masked_bias", "inv_freq"))}
-    if unused:
+    if SCORE in index.file_of:
         raise RlhfJaxError(
-            f"{folder}: tensors not used by model_type '{config.model_type}': "
-            f"{', '.join(sorted(unused)[:5])}{' ...' if len(unused) > 5 else ''}"
+            f"{folder}: holds a sequence-classification (reward) model ({SCORE}), not a "
+            "language model with an LM head"
         )
-    return config, jax.tree_util.tree_unflatten(treedef, leaves)
+    return config, _read_params(folder, config, index, shardings)
 
 
 def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenizer=None) -> Path:
@@ -228,32 +244,118 @@ def load_tokenizer(path: str | os.PathLike):
         raise RlhfJaxError(f"{path}: could not load a tokenizer ({reason})") from None
 
 
-SCALAR_HEAD_FILE = "scalar_head.safetensors"
+SCALAR_HEAD_FILE = "scalar_head.safetensors"  # reward models saved before version 0.2
+SCORE = "score.weight"  # transformers' sequence-classification head, [num_labels, d_model]
+REWARD_BIAS_KEY = "rlhf_jax_reward_bias"  # config.json: the bias transformers' head lacks
+SEQ_CLS_ARCHITECTURES = {
+    "gpt2": "GPT2ForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+    "qwen3": "Qwen3ForSequenceClassification",
+}
 
 
 def save_scalar_model(
     config: ModelConfig, params: dict, path: str | os.PathLike, tokenizer=None
 ) -> Path:
-    """A reward/value model: the trunk as a HF folder plus `scalar_head.safetensors`."""
-    folder = save_hf(config, params["trunk"], path, tokenizer)
-    if jax.process_index() == 0:
-        head = {k: np.asarray(jax.device_get(v)) for k, v in params["head"].items()}
-        save_file(head, str(folder / SCALAR_HEAD_FILE), metadata={"format": "rlhf_jax"})
+    """A reward (or value) model `{"trunk", "head"}` as a folder that transformers'
+    `AutoModelForSequenceClassification` loads (num_labels 1, the trunk under its usual names,
+    `score.weight` = the head's kernel; the trunk's unused LM head is not written).
+
+    transformers' score layer has no bias, so the head's bias (InstructGPT's shift that makes
+    the demonstrations score 0) is written to config.json as `rlhf_jax_reward_bias`:
+    rlhf_jax adds it back on load, and transformers' score equals ours minus it (a constant:
+    rankings and pairwise probabilities are the same).
+    """
+    folder = Path(path)
+    trunk = {k: v for k, v in params["trunk"].items() if k != "lm_head"}
+    host = jax.tree.map(
+        lambda x: np.asarray(
+            multihost_utils.process_allgather(x, tiled=True)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable
+            else x
+        ),
+        {"trunk": trunk, "head": params["head"]},
+    )
+    if jax.process_index() != 0:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_tensors(config.replace(tie_embeddings=True), host["trunk"])  # no LM head
+    tensors[SCORE] = np.ascontiguousarray(host["head"]["kernel"][None, :])
+    tmp = folder / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    hf_config = {
+        **to_hf_config(config),
+        "architectures": [SEQ_CLS_ARCHITECTURES[config.model_type]],
+        "num_labels": 1,
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        REWARD_BIAS_KEY: float(host["head"]["bias"]),
+    }
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (folder / SCALAR_HEAD_FILE).unlink(missing_ok=True)  # an older save in the same folder
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def is_reward_model(path: str | os.PathLike) -> bool:
+    """Whether a folder holds a reward model (either format), not a language model."""
+    folder = Path(path)
+    if (folder / SCALAR_HEAD_FILE).is_file():
+        return True
+    config_file = folder / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or [])
 
 
 def load_scalar_model(
     path: str | os.PathLike, dtype: str = "float32", compute_dtype: str | None = None
 ) -> tuple[ModelConfig, dict]:
-    """Inverse of `save_scalar_model`: (config, {"trunk", "head"})."""
+    """A reward model as (config, {"trunk", "head"}): a transformers sequence-classification
+    folder (TRL's, OpenRLHF's, a public RM, or `save_scalar_model`'s; Llama, Qwen2, Qwen3,
+    GPT-2) or an older rlhf_jax folder (a causal LM + `scalar_head.safetensors`).
+
+    The reward is read at each sequence's last real token, as transformers does when the pad
+    token differs from EOS (with pad == EOS, transformers reads the token before the EOS)."""
     folder = Path(path)
-    head_file = folder / SCALAR_HEAD_FILE
-    config, trunk = load_hf(folder, dtype=dtype, compute_dtype=compute_dtype)
-    if not head_file.is_file():
+    if (folder / SCALAR_HEAD_FILE).is_file():
+        return _load_legacy_scalar_model(folder, dtype, compute_dtype)
+    index = _TensorIndex(folder)
+    if SCORE not in index.file_of:
         raise RlhfJaxError(
-            f"{folder}: no {SCALAR_HEAD_FILE}; this is a language model, not a reward model "
-            "saved by rlhf_jax"
+            f"{folder}: not a reward model: no {SCORE} (a transformers sequence-classification "
+            f"model) and no {SCALAR_HEAD_FILE}; this looks like a language model"
         )
+    # The trunk of a scalar model never uses an LM head, and the folder has none.
+    config = read_hf_config(folder).replace(
+        param_dtype=dtype, dtype=compute_dtype or dtype, tie_embeddings=True
+    )
+    trunk = _read_params(folder, config, index, None, extra=(SCORE, "score.bias"))
+    score = index.get(SCORE)
+    if score.shape != (1, config.d_model):
+        raise RlhfJaxError(
+            f"{folder}: {SCORE} has shape {list(score.shape)}; a reward model has one label "
+            f"(shape [1, {config.d_model}])"
+        )
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    bias = float(raw.get(REWARD_BIAS_KEY, 0.0))
+    if "score.bias" in index.file_of:
+        bias += float(index.get("score.bias").reshape(-1)[0])
+    head = {
+        "kernel": jnp.asarray(score[0], DTYPES[dtype]),
+        "bias": jnp.asarray(bias, DTYPES[dtype]),
+    }
+    return config, {"trunk": trunk, "head": head}
+
+
+def _load_legacy_scalar_model(folder: Path, dtype: str, compute_dtype: str | None):
+    config, trunk = load_hf(folder, dtype=dtype, compute_dtype=compute_dtype)
+    head_file = folder / SCALAR_HEAD_FILE
     with _open(head_file) as f:
         head = {k: jnp.asarray(f.get_tensor(k), DTYPES[dtype]) for k in ("kernel", "bias")}
     if head["kernel"].shape != (config.d_model,):
