@@ -31,6 +31,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message through the tokenizer's chat template (for a "
+        "model fine-tuned on chat rows)",
+    )
     p.set_defaults(run=_run_generate)
 
 
@@ -54,7 +60,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         tokenizer.pad_token_id = pad_id
-    enc = tokenizer(args.prompt, return_tensors="np", padding=True)
+    prompts = args.prompt
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise RlhfJaxError(f"--chat: the tokenizer of {args.model} has no chat template")
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    # A chat template writes its own BOS; plain prompts get the tokenizer's special tokens.
+    enc = tokenizer(prompts, return_tensors="np", padding=True, add_special_tokens=not args.chat)
     lengths = enc["attention_mask"].sum(axis=1)
     if enc["input_ids"].shape[1] == 0 or lengths.min() == 0:
         i = int(lengths.argmin()) if lengths.size else 0

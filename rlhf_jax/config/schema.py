@@ -406,6 +406,10 @@ class DataConfig:
     # skip: bad rows (and prompts too long for their token budget) are left out and counted in
     # the run's summary (report.json / summary.json), with the line and reason of each.
     on_error: Literal["raise", "skip"] = "raise"
+    # Render every plain prompt (SFT, rankings, RL and evaluation prompts) as one user message
+    # through the tokenizer's chat template, with its generation prompt: the format a
+    # chat-tuned model expects. Rows in {"messages": [...]} form use the template anyway.
+    chat_template: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,24 +105,38 @@ def _none_left(report: DataReport | None, rows: list) -> None:
         raise RlhfJaxError(f"every row was skipped while encoding ({detail})")
 
 
-def _prompt_ids(tokenizer, examples: Sequence[SFTExample], report) -> list[list[int] | None]:
-    """Prompt ids of SFT rows: chat rows through the tokenizer's chat template when it has one
-    (`add_generation_prompt=True`), else the plain rendering already in `example.prompt`."""
+def _prompt_ids(
+    tokenizer, examples: Sequence, histories: Sequence, report, chat_template: bool = False
+) -> list[list[int] | None]:
+    """Prompt ids of `examples` (anything with `.prompt`): a chat history (((role, content),
+    ...) or None per example) goes through the tokenizer's chat template when it has one
+    (`add_generation_prompt=True`), else the plain rendering already in `example.prompt`. With
+    `chat_template` (config `data.chat_template`) a plain prompt is one user message and takes
+    the template too, so that every stage sees prompts in the format chat SFT trained on.
+    None where the template failed and the row was skipped."""
     template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not template:
+        raise RlhfJaxError(
+            "config key 'data.chat_template' is true, but the tokenizer has no chat template "
+            "(no 'chat_template' in its tokenizer_config.json)"
+        )
+    if chat_template:
+        histories = [h or (("user", e.prompt),) for e, h in zip(examples, histories)]
     out: list[list[int] | None] = [None] * len(examples)
-    plain = [i for i, e in enumerate(examples) if not (template and e.messages)]
+    plain = [i for i, h in enumerate(histories) if not (template and h)]
     for i, ids in zip(plain, _start_ids(tokenizer, [examples[i].prompt for i in plain])):
         out[i] = ids
-    for i, ex in enumerate(examples):
+    for i, (ex, history) in enumerate(zip(examples, histories)):
         if out[i] is not None:
             continue
-        history = [{"role": r, "content": c} for r, c in ex.messages[:-1]]
+        messages = [{"role": r, "content": c} for r, c in history]
         try:
             text = tokenizer.apply_chat_template(
-                history, tokenize=False, add_generation_prompt=True
+                messages, tokenize=False, add_generation_prompt=True
             )
         except Exception as e:  # a template's own raise_exception(...), any Jinja error
-            _reject(report, ex, "messages", f"the tokenizer's chat template failed: {e}")
+            field = "messages" if getattr(ex, "messages", None) else "prompt"
+            _reject(report, ex, field, f"the tokenizer's chat template failed: {e}")
             continue
         out[i] = _ids(tokenizer, [text])[0]
     return out
@@ -134,6 +148,7 @@ def encode_sft(
     max_len: int,
     report: DataReport | None = None,
     pack: bool = False,
+    chat_template: bool = False,
 ) -> dict[str, np.ndarray]:
     """Demonstrations -> `input_ids, attention_mask, loss_mask` [N, max_len] (+ `segment_ids`).
 
@@ -149,7 +164,8 @@ def encode_sft(
     _check_len("max_len", max_len, 2)
     _check_some(examples, "SFT examples")
     eos, pad = special_ids(tokenizer)
-    prompts = _prompt_ids(tokenizer, examples, report)
+    histories = [e.messages[:-1] if e.messages else None for e in examples]
+    prompts = _prompt_ids(tokenizer, examples, histories, report, chat_template)
     completions = _ids(tokenizer, [e.completion for e in examples])
     rows: list[tuple[list[int], list[int]]] = []
     for ex, p, c in zip(examples, prompts, completions):
@@ -216,14 +232,20 @@ def encode_prompts(
     tokenizer,
     max_prompt_len: int,
     report: DataReport | None = None,
+    chat_template: bool = False,
 ) -> dict[str, np.ndarray]:
     """Prompts -> `input_ids, attention_mask` [N, max_prompt_len], LEFT-padded for generation
-    (the last prompt token sits in the last column). A longer prompt is an error."""
+    (the last prompt token sits in the last column). Chat rows (and, with `chat_template`,
+    plain ones) are rendered by the tokenizer's chat template with the generation prompt. A
+    longer prompt is an error."""
     _check_len("max_prompt_len", max_prompt_len, 1)
     _check_some(examples, "prompts")
     _, pad = special_ids(tokenizer)
+    histories = [e.messages for e in examples]
     kept = []
-    for ex, p in zip(examples, _start_ids(tokenizer, [e.prompt for e in examples])):
+    for ex, p in zip(examples, _prompt_ids(tokenizer, examples, histories, report, chat_template)):
+        if p is None:  # chat template failed, row skipped
+            continue
         if len(p) > max_prompt_len:
             _reject_long_prompt(report, ex, len(p), max_prompt_len)
             continue
@@ -244,6 +266,7 @@ def encode_rankings(
     max_completion_len: int,
     k_max: int | None = None,
     report: DataReport | None = None,
+    chat_template: bool = False,
 ) -> dict[str, np.ndarray]:
     """Rankings -> `input_ids, attention_mask` [N, K, L], `completion_mask, rank` [N, K].
 
@@ -263,12 +286,14 @@ def encode_rankings(
     k = max(len(e.completions) for e in examples) if k_max is None else k_max
     _check_len("k_max", k, 2)
     length = max_prompt_len + max_completion_len + 1
-    prompt_ids = _start_ids(tokenizer, [e.prompt for e in examples])
+    prompt_ids = _prompt_ids(tokenizer, examples, [None] * len(examples), report, chat_template)
     flat = _ids(tokenizer, [c for e in examples for c in e.completions])
     rows = []
     at = 0
     for ex, p in zip(examples, prompt_ids):
         cs, at = flat[at : at + len(ex.completions)], at + len(ex.completions)
+        if p is None:  # chat template failed, row skipped
+            continue
         if len(p) > max_prompt_len:
             _reject_long_prompt(report, ex, len(p), max_prompt_len)
             continue

@@ -17,7 +17,9 @@ any other field is an error naming it):
   COMPLETION (0 best; equal ranks are ties, which form no comparison), values in 0..K-1 and
   not all equal. `ranks` without `allow_ties`, both fields at once, or a `ties` field are errors.
 - Rankings, pairwise: `{"prompt": str, "chosen": str, "rejected": str}`, the K = 2 case.
-- Prompts (PPO): `{"prompt": str}`.   Pretraining text (ptx): `{"text": str}`.
+- Prompts (RL): `{"prompt": str}`, or chat `{"messages": [...]}` (roles as for SFT, at least
+  one message, the last one the user's: the model writes the assistant's reply).
+  Pretraining text (ptx): `{"text": str}`.
 
 Every string must be non-empty and not whitespace-only; strings are kept exactly as given.
 Completions are distinct by exact string equality. Every parser raises `RowError`
@@ -79,7 +81,11 @@ class RankingExample:
 
 @dataclasses.dataclass(frozen=True)
 class PromptExample:
+    """An RL prompt. `messages` ((role, content), ...) is set for chat rows, else None; then
+    `prompt` holds their plain rendering (used by tokenizers without a chat template)."""
+
     prompt: str
+    messages: tuple[tuple[str, str], ...] | None = None
     path: str | None = dataclasses.field(**_loc)
     line: int | None = dataclasses.field(**_loc)
 
@@ -159,15 +165,22 @@ def parse_sft_row(row: dict, path: str | None = None, line: int | None = None) -
         completion = _string(row["completion"], at, "completion")
         return SFTExample(prompt, completion, None, path, line)
     _fields(row, at, ("messages",), {k: "a chat row has only 'messages'" for k in row})
-    value = row["messages"]
-    if not isinstance(value, list):
-        raise RowError(at, f"expected an array of messages, got {json_type(value)}", "messages")
-    if len(value) < 2:
+    messages = _messages(row["messages"], at, 2, "a prompt and the assistant's reply")
+    if messages[-1][0] != "assistant":
         raise RowError(
             at,
-            f"need at least 2 messages (a prompt and the assistant's reply), got {len(value)}",
-            "messages",
+            f"the last message must be the assistant's (got {messages[-1][0]!r})",
+            f"messages[{len(messages) - 1}].role",
         )
+    return SFTExample(render_plain(messages[:-1]), messages[-1][1], messages, path, line)
+
+
+def _messages(value: object, at: str, least: int, what: str) -> tuple[tuple[str, str], ...]:
+    """A validated `messages` array: ((role, content), ...), at least `least` of them."""
+    if not isinstance(value, list):
+        raise RowError(at, f"expected an array of messages, got {json_type(value)}", "messages")
+    if len(value) < least:
+        raise RowError(at, f"need at least {least} messages ({what}), got {len(value)}", "messages")
     messages = []
     for i, msg in enumerate(value):
         name = f"messages[{i}]"
@@ -185,14 +198,7 @@ def parse_sft_row(row: dict, path: str | None = None, line: int | None = None) -
                 at, f"expected one of {', '.join(ROLES)} (got {_show(role)})", f"{name}.role"
             )
         messages.append((role, _string(msg["content"], at, f"{name}.content")))
-    if messages[-1][0] != "assistant":
-        raise RowError(
-            at,
-            f"the last message must be the assistant's (got {messages[-1][0]!r})",
-            f"messages[{len(messages) - 1}].role",
-        )
-    messages = tuple(messages)
-    return SFTExample(render_plain(messages[:-1]), messages[-1][1], messages, path, line)
+    return tuple(messages)
 
 
 def _completions(value: object, at: str, field: str, max_k: int) -> tuple[str, ...]:
@@ -278,9 +284,21 @@ def parse_ranking_row(
 
 
 def parse_prompt_row(row: dict, path: str | None = None, line: int | None = None) -> PromptExample:
+    """A plain or chat prompt row -> PromptExample (raises RowError)."""
     at = location(path, line)
-    _fields(row, at, ("prompt",))
-    return PromptExample(_string(row["prompt"], at, "prompt"), path, line)
+    if "messages" not in row:
+        _fields(row, at, ("prompt",), {"role": "a chat row has only 'messages'"})
+        return PromptExample(_string(row["prompt"], at, "prompt"), None, path, line)
+    _fields(row, at, ("messages",), {k: "a chat row has only 'messages'" for k in row})
+    messages = _messages(row["messages"], at, 1, "the user's prompt")
+    if messages[-1][0] != "user":
+        raise RowError(
+            at,
+            f"the last message must be the user's: the model writes the reply (got "
+            f"{messages[-1][0]!r})",
+            f"messages[{len(messages) - 1}].role",
+        )
+    return PromptExample(render_plain(messages), messages, path, line)
 
 
 def parse_text_row(row: dict, path: str | None = None, line: int | None = None) -> TextExample:

@@ -124,7 +124,14 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
-    arrays = encode_sft(examples, tokenizer, cfg.sft.max_len, report, pack=cfg.sft.pack)
+    arrays = encode_sft(
+        examples,
+        tokenizer,
+        cfg.sft.max_len,
+        report,
+        pack=cfg.sft.pack,
+        chat_template=cfg.data.chat_template,
+    )
     _check_fit(model_path, tokenizer, {f"sft.data {data}": arrays}, stage_lengths(cfg, ("sft",)))
     check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "sft")
@@ -170,11 +177,18 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         reports.append(demo_report)
     tokenizer = load_tokenizer(init)
     arrays = encode_rankings(
-        rankings, tokenizer, cfg.rm.max_prompt_len, cfg.rm.max_completion_len, report=report
+        rankings,
+        tokenizer,
+        cfg.rm.max_prompt_len,
+        cfg.rm.max_completion_len,
+        report=report,
+        chat_template=cfg.data.chat_template,
     )
     checked = {f"rm.data {data}": arrays}
     if cfg.sft.data:
-        demo_arrays = encode_sft(demos, tokenizer, cfg.sft.max_len, demo_report)
+        demo_arrays = encode_sft(
+            demos, tokenizer, cfg.sft.max_len, demo_report, chat_template=cfg.data.chat_template
+        )
         checked[f"sft.data {cfg.sft.data}"] = demo_arrays
     lengths = stage_lengths(cfg, ("rm", "sft") if cfg.sft.data else ("rm",))
     _check_fit(init, tokenizer, checked, lengths)
@@ -226,7 +240,13 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
             _require(cfg.ptx.data, "ptx.data", "ppo"), cfg.data.on_error
         )
     tokenizer = load_tokenizer(policy_path)
-    prompt_arrays = encode_prompts(prompts, tokenizer, cfg.ppo.max_prompt_len, prompt_report)
+    prompt_arrays = encode_prompts(
+        prompts,
+        tokenizer,
+        cfg.ppo.max_prompt_len,
+        prompt_report,
+        chat_template=cfg.data.chat_template,
+    )
     checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
     ptx_arrays = None
     if ptx_examples is not None:

@@ -96,7 +96,9 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
     """Built-in task: K samples per prompt from the SFT policy, ranked by simulated labelers."""
     prompts = [r["prompt"] for r in prompt_rows]
     examples = [PromptExample(prompt=p) for p in prompts]
-    enc = encode_prompts(examples, tokenizer, cfg.rm.max_prompt_len)
+    enc = encode_prompts(
+        examples, tokenizer, cfg.rm.max_prompt_len, chat_template=cfg.data.chat_template
+    )
     ids = np.repeat(enc["input_ids"], cfg.rm.k, axis=0)
     mask = np.repeat(enc["attention_mask"], cfg.rm.k, axis=0)
     samples = ev.sample_responses(
@@ -191,15 +193,30 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     eos_id, pad = special_ids(tokenizer)
     eos = (eos_id,)
     reports = [sft_report, prompt_report, ptx_report]
-    sft_arrays = encode_sft(sft_examples, tokenizer, cfg.sft.max_len, sft_report, pack=cfg.sft.pack)
+    sft_arrays = encode_sft(
+        sft_examples,
+        tokenizer,
+        cfg.sft.max_len,
+        sft_report,
+        pack=cfg.sft.pack,
+        chat_template=cfg.data.chat_template,
+    )
     # One demonstration per row, for the RM bias normalisation (reward at each row's end).
     demo_arrays = (
-        encode_sft(sft_examples, tokenizer, cfg.sft.max_len) if cfg.sft.pack else sft_arrays
+        encode_sft(sft_examples, tokenizer, cfg.sft.max_len, chat_template=cfg.data.chat_template)
+        if cfg.sft.pack
+        else sft_arrays
     )
     prompt_arrays = encode_prompts(
-        prompt_examples, tokenizer, cfg.ppo.max_prompt_len, prompt_report
+        prompt_examples,
+        tokenizer,
+        cfg.ppo.max_prompt_len,
+        prompt_report,
+        chat_template=cfg.data.chat_template,
     )
-    eval_arrays = encode_prompts(eval_examples, tokenizer, cfg.ppo.max_prompt_len)
+    eval_arrays = encode_prompts(
+        eval_examples, tokenizer, cfg.ppo.max_prompt_len, chat_template=cfg.data.chat_template
+    )
     ptx_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report))
     heldout_arrays = _lm_arrays(encode_texts(heldout_examples, tokenizer, cfg.ptx.max_len))
     user_rank_arrays = None
@@ -210,6 +227,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
             cfg.rm.max_prompt_len,
             cfg.rm.max_completion_len,
             report=user_rankings[1],
+            chat_template=cfg.data.chat_template,
         )
 
     # Base model: its config first, to check the data against it before any weight is made.
@@ -293,6 +311,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
             cfg.rm.max_prompt_len,
             cfg.rm.max_completion_len,
             report=rank_report,
+            chat_template=cfg.data.chat_template,
         )
     else:
         rank_report, rank_arrays = user_rankings[1], user_rank_arrays

@@ -89,6 +89,39 @@ def test_sft_chat_rows_use_the_template_when_there_is_one(tok, chat_tok):
     assert tok.decode(real) == "user: hi\nassistant:  ok<eos>"
 
 
+def test_chat_prompts_and_chat_template_for_plain_prompts(tok, chat_tok):
+    """RL prompts in messages form go through the template with the generation prompt; with
+    chat_template=True plain prompts (and SFT / ranking prompts) become one user message, so
+    every stage sees the format a chat-SFT'd policy was tuned on."""
+    from rlhf_jax.data import parse_prompt_row
+
+    chat = parse_prompt_row({"messages": [{"role": "user", "content": "hi"}]})
+    plain = PromptExample("hi")
+
+    def text(out, row, t):
+        return t.decode(out["input_ids"][row][out["attention_mask"][row] > 0])
+
+    out = encode_prompts([chat, plain], chat_tok, 64)
+    assert text(out, 0, chat_tok) == "<|user|>hi\n<|assistant|>"
+    assert text(out, 1, chat_tok) == "hi"  # plain stays plain by default
+    out = encode_prompts([chat, plain], chat_tok, 64, chat_template=True)
+    assert text(out, 0, chat_tok) == text(out, 1, chat_tok) == "<|user|>hi\n<|assistant|>"
+    assert text(encode_prompts([chat], tok, 64), 0, tok) == "user: hi\nassistant: "  # no template
+    sft = encode_sft([SFTExample("hi", " ok")], chat_tok, 96, chat_template=True)
+    real = sft["input_ids"][0][sft["attention_mask"][0] > 0]
+    assert chat_tok.decode(real) == "<|user|>hi\n<|assistant|> ok<eos>"
+    rank = encode_rankings(
+        [RankingExample("hi", (" a", " b"), (0, 1))], chat_tok, 64, 4, chat_template=True
+    )
+    assert chat_tok.decode(rank["input_ids"][0, 0][rank["attention_mask"][0, 0] > 0]).startswith(
+        "<|user|>hi\n<|assistant|> a"
+    )
+    with pytest.raises(
+        RlhfJaxError, match="'data.chat_template' is true, but the tokenizer has no"
+    ):
+        encode_prompts([plain], tok, 64, chat_template=True)
+
+
 def test_chat_template_failure_names_the_row(chat_tok):
     from rlhf_jax.data import parse_sft_row
 

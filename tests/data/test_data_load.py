@@ -203,3 +203,22 @@ def test_deep_nesting_is_a_row_error(tmp_path):
     path.write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
     with pytest.raises(RlhfJaxError, match=r"deep.jsonl:1: "):
         load_prompts(path)
+
+
+def test_chat_prompts_load_and_must_end_with_the_user(tmp_path):
+    rows = [
+        {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+    ]
+    with pytest.raises(
+        RlhfJaxError,
+        match=r"data.jsonl:2: field 'messages\[1\].role': the last message must be the user's",
+    ):
+        load_prompts(write(tmp_path, rows))
+    prompts, _ = load_prompts(write(tmp_path, rows[:1]))
+    assert prompts[0].messages == (("system", "be kind"), ("user", "hi"))
+    assert prompts[0].prompt == "system: be kind\nuser: hi\nassistant: "
+    with pytest.raises(RlhfJaxError, match="field 'prompt': unknown field"):
+        load_prompts(
+            write(tmp_path, [{"messages": [{"role": "user", "content": "a"}], "prompt": "b"}])
+        )
