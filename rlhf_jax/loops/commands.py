@@ -14,10 +14,6 @@ import jax
 
 from rlhf_jax.config import Config, to_dict
 from rlhf_jax.data import (
-    encode_prompts,
-    encode_rankings,
-    encode_sft,
-    encode_texts,
     load_prompts,
     load_rankings,
     load_sft,
@@ -26,6 +22,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
+from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -124,14 +121,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
-    arrays = encode_sft(
-        examples,
-        tokenizer,
-        cfg.sft.max_len,
-        report,
-        pack=cfg.sft.pack,
-        chat_template=cfg.data.chat_template,
-    )
+    arrays = RunEncoder(cfg, tokenizer).sft(examples, report, pack=cfg.sft.pack)
     _check_fit(model_path, tokenizer, {f"sft.data {data}": arrays}, stage_lengths(cfg, ("sft",)))
     check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "sft")
@@ -176,19 +166,11 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         demos, demo_report = load_sft(cfg.sft.data, cfg.data.on_error)
         reports.append(demo_report)
     tokenizer = load_tokenizer(init)
-    arrays = encode_rankings(
-        rankings,
-        tokenizer,
-        cfg.rm.max_prompt_len,
-        cfg.rm.max_completion_len,
-        report=report,
-        chat_template=cfg.data.chat_template,
-    )
+    encode = RunEncoder(cfg, tokenizer)
+    arrays = encode.rankings(rankings, report)
     checked = {f"rm.data {data}": arrays}
     if cfg.sft.data:
-        demo_arrays = encode_sft(
-            demos, tokenizer, cfg.sft.max_len, demo_report, chat_template=cfg.data.chat_template
-        )
+        demo_arrays = encode.sft(demos, demo_report)
         checked[f"sft.data {cfg.sft.data}"] = demo_arrays
     lengths = stage_lengths(cfg, ("rm", "sft") if cfg.sft.data else ("rm",))
     _check_fit(init, tokenizer, checked, lengths)
@@ -240,18 +222,12 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
             _require(cfg.ptx.data, "ptx.data", "ppo"), cfg.data.on_error
         )
     tokenizer = load_tokenizer(policy_path)
-    prompt_arrays = encode_prompts(
-        prompts,
-        tokenizer,
-        cfg.ppo.max_prompt_len,
-        prompt_report,
-        chat_template=cfg.data.chat_template,
-    )
+    encode = RunEncoder(cfg, tokenizer)
+    prompt_arrays = encode.prompts(prompts, prompt_report)
     checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
     ptx_arrays = None
     if ptx_examples is not None:
-        enc = encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report)
-        ptx_arrays = {**enc, "loss_mask": enc["attention_mask"].astype("float32")}
+        ptx_arrays = encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report)
         checked[f"ptx.data {cfg.ptx.data}"] = ptx_arrays
     lengths = stage_lengths(cfg, ("ppo",))
     _check_fit(policy_path, tokenizer, checked, lengths)

@@ -21,10 +21,6 @@ import numpy as np
 from rlhf_jax.config import Config, to_dict
 from rlhf_jax.data import (
     PromptExample,
-    encode_prompts,
-    encode_rankings,
-    encode_sft,
-    encode_texts,
     load_prompts,
     load_rankings,
     load_sft,
@@ -33,6 +29,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
+from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -87,18 +84,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _lm_arrays(encoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Pretraining text as an LM batch: every real token is a target."""
-    return {**encoded, "loss_mask": encoded["attention_mask"].astype(np.float32)}
-
-
 def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eos, pad):
     """Built-in task: K samples per prompt from the SFT policy, ranked by simulated labelers."""
     prompts = [r["prompt"] for r in prompt_rows]
     examples = [PromptExample(prompt=p) for p in prompts]
-    enc = encode_prompts(
-        examples, tokenizer, cfg.rm.max_prompt_len, chat_template=cfg.data.chat_template
-    )
+    enc = RunEncoder(cfg, tokenizer).prompts(examples, max_len=cfg.rm.max_prompt_len)
     ids = np.repeat(enc["input_ids"], cfg.rm.k, axis=0)
     mask = np.repeat(enc["attention_mask"], cfg.rm.k, axis=0)
     samples = ev.sample_responses(
@@ -193,42 +183,17 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     eos_id, pad = special_ids(tokenizer)
     eos = (eos_id,)
     reports = [sft_report, prompt_report, ptx_report]
-    sft_arrays = encode_sft(
-        sft_examples,
-        tokenizer,
-        cfg.sft.max_len,
-        sft_report,
-        pack=cfg.sft.pack,
-        chat_template=cfg.data.chat_template,
-    )
+    encode = RunEncoder(cfg, tokenizer)
+    sft_arrays = encode.sft(sft_examples, sft_report, pack=cfg.sft.pack)
     # One demonstration per row, for the RM bias normalisation (reward at each row's end).
-    demo_arrays = (
-        encode_sft(sft_examples, tokenizer, cfg.sft.max_len, chat_template=cfg.data.chat_template)
-        if cfg.sft.pack
-        else sft_arrays
-    )
-    prompt_arrays = encode_prompts(
-        prompt_examples,
-        tokenizer,
-        cfg.ppo.max_prompt_len,
-        prompt_report,
-        chat_template=cfg.data.chat_template,
-    )
-    eval_arrays = encode_prompts(
-        eval_examples, tokenizer, cfg.ppo.max_prompt_len, chat_template=cfg.data.chat_template
-    )
-    ptx_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, cfg.ptx.max_len, ptx_report))
-    heldout_arrays = _lm_arrays(encode_texts(heldout_examples, tokenizer, cfg.ptx.max_len))
+    demo_arrays = encode.sft(sft_examples) if cfg.sft.pack else sft_arrays
+    prompt_arrays = encode.prompts(prompt_examples, prompt_report)
+    eval_arrays = encode.prompts(eval_examples)
+    ptx_arrays = encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report)
+    heldout_arrays = encode.lm_texts(heldout_examples, cfg.ptx.max_len)
     user_rank_arrays = None
     if user_rankings is not None:  # the user's rankings are encoded (and checked) up front too
-        user_rank_arrays = encode_rankings(
-            user_rankings[0],
-            tokenizer,
-            cfg.rm.max_prompt_len,
-            cfg.rm.max_completion_len,
-            report=user_rankings[1],
-            chat_template=cfg.data.chat_template,
-        )
+        user_rank_arrays = encode.rankings(*user_rankings)
 
     # Base model: its config first, to check the data against it before any weight is made.
     model_cfg = (
@@ -248,7 +213,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     if builtin:
         model_cfg, params = init_random_model(cfg.model, tokenizer, keys["init"], runtime)
         pre = cfg.pretrain
-        pre_arrays = _lm_arrays(encode_texts(ptx_examples, tokenizer, pre.max_len))
+        pre_arrays = encode.lm_texts(ptx_examples, pre.max_len)
         params = train_lm(
             "pretrain",
             model_cfg,
@@ -305,14 +270,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         rankings, rank_report = load_rankings(_write_jsonl(data_dir / "rankings.jsonl", rows))
         if unranked:
             notes.append(f"{unranked} RM prompts not ranked: fewer than 2 distinct samples")
-        rank_arrays = encode_rankings(
-            rankings,
-            tokenizer,
-            cfg.rm.max_prompt_len,
-            cfg.rm.max_completion_len,
-            report=rank_report,
-            chat_template=cfg.data.chat_template,
-        )
+        rank_arrays = encode.rankings(rankings, rank_report)
     else:
         rank_report, rank_arrays = user_rankings[1], user_rank_arrays
     reports.append(rank_report)
