@@ -25,7 +25,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompt", required=True, action="append", help="prompt text; repeat for a batch"
     )
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: 64, or fewer if the model's position table ends sooner",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -51,7 +56,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     # Ctrl-C ends generation at once, even inside the compiled decode loop (which gives the
     # interpreter no chance to raise KeyboardInterrupt); SIGTERM keeps its default too.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise RlhfJaxError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     config, params = load_hf(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
@@ -79,10 +84,11 @@ def _run_generate(args: argparse.Namespace) -> int:
             f"--prompt number {i + 1} is empty after tokenising ({args.prompt[i]!r}): the model "
             "needs at least one token to continue"
         )
+    max_new = args.max_new_tokens
+    if max_new is None:  # not asked for: stay inside the positions the model was trained on
+        max_new = max(1, min(64, config.max_position_embeddings - int(lengths.max())))
     check_positions(
-        config,
-        args.model,
-        {"the prompt + --max-new-tokens": int(lengths.max()) + args.max_new_tokens},
+        config, args.model, {"the prompt + --max-new-tokens": int(lengths.max()) + max_new}
     )
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     try:
@@ -92,7 +98,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             enc["input_ids"].astype(np.int32),
             enc["attention_mask"],
             jax.random.key(args.seed),
-            args.max_new_tokens,
+            max_new,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
