@@ -191,3 +191,23 @@ def test_sigterm_stops_a_run_waiting_for_other_processes(tmp_path):
     assert code == -signal.SIGTERM
     assert "process 0 of 2: joining the run at 127.0.0.1" in err
     assert "waiting until all 2 processes have joined" in err
+
+
+def test_transformers_advice_is_silenced_on_the_command_line(tmp_path):
+    """A torch-free install gets transformers' 'PyTorch was not found' advice on import, which
+    made every one-line error two lines; the CLI turns advisory messages off."""
+    code = (
+        "import sys\n"
+        "from rlhf_jax.cli import main\n"
+        "main(['generate', '--model', sys.argv[1], '--prompt', 'x'])\n"
+        "from transformers.utils import logging\n"
+        "logging.get_logger('transformers').warning_advice('ADVICE-LINE')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "checkpoint folder not found" in proc.stderr
+    assert "ADVICE-LINE" not in proc.stderr
