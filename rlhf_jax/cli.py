@@ -204,9 +204,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     from rlhf_jax.loops.compare import run_compare
 
     cfg = _load_config(args)
-    if not cfg.compare.algorithms:
-        raise RlhfJaxError("`rlhf-jax compare` needs config key 'compare.algorithms' (see "
-                           "configs/compare.yaml)")  # fmt: skip
+    if not cfg.compare.algorithms and not cfg.compare.preference:
+        raise RlhfJaxError("`rlhf-jax compare` needs config key 'compare.algorithms' or "
+                           "'compare.preference' (see configs/compare.yaml)")  # fmt: skip
     command = "rlhf-jax " + " ".join(sys.argv[1:]) if sys.argv else ""
     report = run_compare(cfg, args.output, command)
     print(f"report: {args.output}/report.md")
@@ -227,6 +227,12 @@ STAGES = {
         "RL from ppo.policy against ppo.reward_model or ppo.reward_fn: PPO-ptx by default, "
         "GRPO, RLOO, REINFORCE++, ... by config (writes OUTPUT/policy)",
         "run_ppo",
+    ),
+    "dpo": (
+        "offline preference optimisation from dpo.policy on the rankings of dpo.data (or "
+        "rm.data): DPO over every ranked pair by default, IPO, cDPO, robust DPO by config "
+        "(writes OUTPUT/policy)",
+        "run_dpo",
     ),
 }
 

@@ -15,6 +15,7 @@ those). The same key check runs on the configured parts when a config is loaded
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -92,6 +93,19 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
         rank[2, :3] = [0, 1, 1]  # a tie
         batch = {"rank": rank.astype(np.int32), "completion_mask": mask}
         return {"rewards": normal(3, K)}, batch, {"rewards": mask == 0}
+    if kind == "preference":
+        ks = [2, 5, 3]
+        mask = _prefix(ks, K)
+        rank = np.stack([np.concatenate([rng.permutation(k), np.zeros(K - k, int)]) for k in ks])
+        rank[2, :3] = [0, 1, 1]  # a tie
+        ref = -np.abs(normal(3, K)) * 8
+        batch = {
+            "rank": rank.astype(np.int32),
+            "completion_mask": mask,
+            "ref_logps": ref,
+            "completion_tokens": rng.integers(1, 9, size=(3, K)).astype(np.float32) * mask,
+        }
+        return {"logps": ref + normal(3, K)}, batch, {"logps": mask == 0}
     mask = _prefix(LENGTHS, T)
     pad = mask == 0
     scores = normal(B)
@@ -166,6 +180,7 @@ def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why:
     """Call `fn` once on tiny inputs holding only the `available` batch keys; an RlhfJaxError
     names the key it read that this run does not have (`why` says when such keys exist).
     Returns the keys it read."""
+    fn = _with_bound(kind, fn)
     outputs, batch, _ = sample_inputs(kind)
     recording = _Recording({k: v for k, v in batch.items() if k in available})
     noun = "advantage estimator" if kind == "advantage" else f"{kind} loss"
@@ -200,8 +215,16 @@ def _junk(values: Mapping, free: Mapping, seed: int = 1) -> dict:
     }
 
 
+def _with_bound(kind: str, fn: Callable) -> Callable:
+    """A preference loss always receives `beta` (from `dpo.beta`): bind one unless bound."""
+    if kind == "preference" and "beta" not in getattr(fn, "keywords", {}):
+        return functools.partial(fn, beta=0.5)
+    return fn
+
+
 def check_part(kind: str, fn: Callable) -> None:
     """Assert `fn` keeps the contract of parts of `kind` (see the module docstring)."""
+    fn = _with_bound(kind, fn)
     outputs, batch, free = sample_inputs(kind)
     recording = _Recording(batch)
     out = _call(kind, fn, outputs, recording)

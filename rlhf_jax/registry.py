@@ -2,7 +2,8 @@
 function, never a flag.
 
 Kinds and their signatures:
-  losses (`sft`, `reward`, `policy`, `value`, `ptx`): `fn(outputs, batch, **hparams) -> LossOut`
+  losses (`sft`, `reward`, `policy`, `value`, `ptx`, `preference`):
+    `fn(outputs, batch, **hparams) -> LossOut`
   `advantage`: `fn(batch, **hparams) -> AdvantageOut` (see `rlhf_jax.advantages`)
   `reward_fn`: `fn(prompts: list[str], completions: list[str], **hparams) -> list[float]`,
       a scorer of decoded text run on the host (see `rlhf_jax.rewards`)
@@ -27,7 +28,7 @@ from typing import Any
 
 from rlhf_jax.errors import RlhfJaxError
 
-LOSS_KINDS = ("sft", "reward", "policy", "value", "ptx")
+LOSS_KINDS = ("sft", "reward", "policy", "value", "ptx", "preference")
 KINDS = (*LOSS_KINDS, "advantage", "reward_fn")
 
 # How a kind is spoken of in messages ("unknown policy loss 'x'; available policy losses: ...").

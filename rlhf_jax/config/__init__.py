@@ -2,6 +2,7 @@
 
 from rlhf_jax.config.loader import (
     apply_overrides,
+    compare_preference_runs,
     compare_runs,
     from_dict,
     load_config,
@@ -14,6 +15,7 @@ from rlhf_jax.config.schema import (
     Config,
     DataConfig,
     DistributedConfig,
+    DPOConfig,
     EvalConfig,
     LogConfig,
     MeshConfig,
@@ -39,6 +41,7 @@ __all__ = [
     "MeshConfig",
     "ModelSpec",
     "OptimConfig",
+    "DPOConfig",
     "PPOConfig",
     "PretrainConfig",
     "PtxConfig",
@@ -46,6 +49,7 @@ __all__ = [
     "SFTConfig",
     "TaskConfig",
     "apply_overrides",
+    "compare_preference_runs",
     "compare_runs",
     "from_dict",
     "load_config",

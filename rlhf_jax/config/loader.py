@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from rlhf_jax.config.schema import MOVED_KEYS, RANGES, Config, PPOConfig
+from rlhf_jax.config.schema import MOVED_KEYS, RANGES, Config, DPOConfig, PPOConfig
 from rlhf_jax.errors import RlhfJaxError
 
 T = TypeVar("T")
@@ -233,21 +233,35 @@ def _nest_dotted(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _section_runs(cfg: Config, key: str, section: str, cls: type) -> dict[str, Config]:
+    """{name: cfg with `compare.<key>.<name>`'s changes merged into `cfg.<section>`}."""
+    runs: dict[str, Config] = {}
+    for name, changes in getattr(cfg.compare, key).items():
+        prefix = f"compare.{key}.{name}."
+        if not isinstance(changes, dict):
+            raise RlhfJaxError(f"config key '{prefix[:-1]}': expected a mapping of {section} keys")
+        try:
+            merged = from_dict(
+                cls, _nest_dotted(changes), prefix=prefix, base=getattr(cfg, section)
+            )
+            runs[name] = dataclasses.replace(cfg, **{section: merged})
+        except RlhfJaxError as e:
+            raise RlhfJaxError(f"{e} (in {prefix[:-1]})") from None
+    return runs
+
+
+def compare_preference_runs(cfg: Config) -> dict[str, Config]:
+    """The offline preference runs of `rlhf-jax compare`: for each `compare.preference` entry
+    the config with its changes merged into the `dpo` section."""
+    return _section_runs(cfg, "preference", "dpo", DPOConfig)
+
+
 def compare_runs(cfg: Config) -> dict[str, Config]:
     """The runs of `rlhf-jax compare`: for each `compare.algorithms` entry the config with its
     changes merged into the `ppo` section, then (with `compare.reward_fn`) each once more with
     that reward function as `<name>_gold`. Errors name the key, e.g.
     'compare.algorithms.grpo.samples_per_prompt'."""
-    runs: dict[str, Config] = {}
-    for name, changes in cfg.compare.algorithms.items():
-        prefix = f"compare.algorithms.{name}."
-        if not isinstance(changes, dict):
-            raise RlhfJaxError(f"config key '{prefix[:-1]}': expected a mapping of ppo keys")
-        try:
-            ppo = from_dict(PPOConfig, _nest_dotted(changes), prefix=prefix, base=cfg.ppo)
-            runs[name] = dataclasses.replace(cfg, ppo=ppo)
-        except RlhfJaxError as e:
-            raise RlhfJaxError(f"{e} (in {prefix[:-1]})") from None
+    runs = _section_runs(cfg, "algorithms", "ppo", PPOConfig)
     if cfg.compare.reward_fn is not None:
         for name, run in list(runs.items()):
             gold = dataclasses.replace(run.ppo, reward_fn=cfg.compare.reward_fn)

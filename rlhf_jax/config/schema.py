@@ -155,6 +155,27 @@ class RMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Offline preference optimisation (DPO, IPO, cDPO, robust DPO) on K-wise rankings: every
+    C(K, 2) pair of a prompt in one batch element, as the reward model learns from them."""
+
+    data: str | None = None  # JSONL rankings; None = rm.data (the pipeline: the RM's rankings)
+    policy: str | None = None  # `rlhf-jax dpo`: SFT checkpoint folder (policy and reference)
+    allow_ties: bool = False  # accept {"ranks": [...]} rows with equal ranks (no comparison)
+    steps: int = 200
+    batch_size: int = 16  # prompts per step (each with its K completions)
+    max_prompt_len: int = 16
+    max_completion_len: int = 24
+    beta: float = 0.1  # strength of the implicit KL to the reference (the loss's beta)
+    heldout_fraction: float = 0.15  # rankings held out for accuracy and KL (0 = none)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=10, schedule="linear")
+    )
+    loss: str = "default"  # dpo | ipo | robust_dpo | "package.module:function"
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """Step 3: RL from the SFT policy. InstructGPT's PPO by default (a critic, GAE, the KL
     penalty in the reward); GRPO, RLOO, REINFORCE++, Dr. GRPO, ... by naming their parts
@@ -259,6 +280,9 @@ class CompareConfig:
     # Each algorithm once more with this reward function in place of the reward model, named
     # "<name>_gold" (the built-in task's gold reward used as a verifiable reward); null = not.
     reward_fn: str | None = "topics_gold"
+    # name -> changes to the `dpo` section: offline preference runs from the same SFT policy
+    # on the rankings the reward model learns from, e.g. {"dpo": {}, "ipo": {"loss": "ipo"}}
+    preference: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +333,14 @@ RANGES: dict[str, dict[str, Range]] = {
         "max_prompt_len": AT_LEAST_1,
         "max_completion_len": AT_LEAST_1,
         "heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
+    },
+    "DPOConfig": {
+        "steps": AT_LEAST_0,
+        "batch_size": AT_LEAST_1,
+        "max_prompt_len": AT_LEAST_1,
+        "max_completion_len": AT_LEAST_1,
+        "beta": POSITIVE,
+        "heldout_fraction": Range(0, 1, hi_open=True),
     },
     "PPOConfig": {
         "iterations": AT_LEAST_0,
@@ -424,6 +456,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ptx: PtxConfig = field(default_factory=PtxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -449,6 +482,7 @@ class Config:
         for name, optim, batch in (
             ("sft", self.sft.optim, self.sft.batch_size),
             ("rm", self.rm.optim, self.rm.batch_size),
+            ("dpo", self.dpo.optim, self.dpo.batch_size),
             ("ppo.policy", p.policy_optim, p.minibatch_size),
         ):
             if optim.grad_accum < 1 or batch % optim.grad_accum:

@@ -6,7 +6,7 @@ Pipeline: `load_*(path)` reads and validates a whole file up front -> `(examples
 reading and errors: jsonl.py, load.py; tokenisation conventions: encode.py.
 """
 
-from rlhf_jax.data.batching import Batches, batches
+from rlhf_jax.data.batching import Batches, batches, heldout_rows, split_heldout
 from rlhf_jax.data.encode import (
     encode_prompts,
     encode_rankings,
@@ -47,6 +47,8 @@ __all__ = [
     "SFTExample",
     "TextExample",
     "batches",
+    "heldout_rows",
+    "split_heldout",
     "encode_prompts",
     "encode_rankings",
     "encode_sft",

@@ -124,3 +124,20 @@ def batches(
     return Batches(
         arrays, batch_size, seed, drop_last, shuffle, start, epochs, process_index, process_count
     )
+
+
+def heldout_rows(arrays: Mapping[str, np.ndarray], fraction: float) -> int:
+    """Rows set aside for evaluation: `fraction` of them, at least one (none for 0)."""
+    if fraction == 0:
+        return 0
+    return max(1, int(round(arrays["input_ids"].shape[0] * fraction)))
+
+
+def split_heldout(arrays: Mapping[str, np.ndarray], fraction: float, seed: int):
+    """`(train, heldout)`: a seeded random `heldout_rows` of the rows held out (None for 0)."""
+    n = arrays["input_ids"].shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = heldout_rows(arrays, fraction)
+    held, train = order[:n_held], order[n_held:]
+    train_arrays = {k: v[train] for k, v in arrays.items()}
+    return train_arrays, ({k: v[held] for k, v in arrays.items()} if n_held else None)

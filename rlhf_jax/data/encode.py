@@ -268,7 +268,8 @@ def encode_rankings(
     report: DataReport | None = None,
     chat_template: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Rankings -> `input_ids, attention_mask` [N, K, L], `completion_mask, rank` [N, K].
+    """Rankings -> `input_ids, attention_mask` [N, K, L], `completion_mask, rank` [N, K],
+    `completion_start` [N] (the prompt's token count: where every completion of row n begins).
 
     L = max_prompt_len + max_completion_len + 1 and K = k_max (default: the largest K of the
     examples). Row [n, k] is prompt + completion k + EOS, right-padded, so the reward is read at
@@ -309,14 +310,16 @@ def encode_rankings(
                 c = c + [eos]
             completions.append(p + c)
         kept = _distinct(completions, report)
-        rows.append(([completions[j] for j in kept], [ex.ranks[j] for j in kept]))
+        rows.append(([completions[j] for j in kept], [ex.ranks[j] for j in kept], len(p)))
     _none_left(report, rows)
     n = len(rows)
     ids = np.full((n, k, length), pad, np.int32)
     mask = np.zeros((n, k, length), np.float32)
     completion_mask = np.zeros((n, k), np.float32)
     rank = np.full((n, k), k, np.int32)
-    for i, (seqs, ranks) in enumerate(rows):
+    completion_start = np.zeros((n,), np.int32)
+    for i, (seqs, ranks, prompt_len) in enumerate(rows):
+        completion_start[i] = prompt_len
         for j, seq in enumerate(seqs):
             ids[i, j, : len(seq)] = seq
             mask[i, j, : len(seq)] = 1
@@ -327,6 +330,7 @@ def encode_rankings(
         "attention_mask": mask,
         "completion_mask": completion_mask,
         "rank": rank,
+        "completion_start": completion_start,
     }
 
 

@@ -79,6 +79,10 @@ def stage_lengths(cfg, stages: tuple[str, ...]) -> dict[str, int]:
         out["rm.max_prompt_len + rm.max_completion_len + 1"] = (
             cfg.rm.max_prompt_len + cfg.rm.max_completion_len + 1
         )
+    if "dpo" in stages:
+        out["dpo.max_prompt_len + dpo.max_completion_len + 1"] = (
+            cfg.dpo.max_prompt_len + cfg.dpo.max_completion_len + 1
+        )
     if "ppo" in stages:
         out["ppo.max_prompt_len + ppo.max_new_tokens"] = (
             cfg.ppo.max_prompt_len + cfg.ppo.max_new_tokens

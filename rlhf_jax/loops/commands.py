@@ -1,4 +1,4 @@
-"""`rlhf-jax sft | rm | ppo`: one stage of the pipeline on the user's own checkpoints and data.
+"""`rlhf-jax sft | rm | ppo | dpo`: one stage of the pipeline on your checkpoints and data.
 
 Each reads checkpoint folders and JSONL files named in the config, validates all data before
 compiling anything, trains, and writes a Hugging Face folder into the output folder (a reward
@@ -19,11 +19,18 @@ from rlhf_jax.data import (
     load_sft,
     load_texts,
     special_ids,
+    split_heldout,
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
 from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
+from rlhf_jax.loops.preference import (
+    heldout_kl,
+    preference_metrics,
+    train_preference,
+    with_reference_logps,
+)
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, train_rl
@@ -63,6 +70,7 @@ def _inputs(cfg: Config) -> dict[str, str | None]:
         "rm.init": cfg.rm.init,
         "ppo.policy": cfg.ppo.policy,
         "ppo.reward_model": cfg.ppo.reward_model,
+        "dpo.policy": cfg.dpo.policy,
     }
 
 
@@ -290,3 +298,50 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     _finish(out, logger, [r for r in (prompt_report, ptx_report) if r is not None])
     params = state.ema_params if state.ema_params is not None else state.policy.params
     return save_hf(policy_cfg, params, out / "policy", tokenizer)
+
+
+def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
+    """DPO (or the `dpo.loss` variant) from `dpo.policy` on the rankings of `dpo.data` (or
+    `rm.data`); writes OUT/policy."""
+    policy_path = _not_a_reward_model(_require(cfg.dpo.policy, "dpo.policy", "dpo"), "dpo.policy")
+    data_key = "dpo.data" if cfg.dpo.data else "rm.data"
+    data = _require(cfg.dpo.data or cfg.rm.data, "dpo.data (or rm.data)", "dpo")
+    rankings, report = load_rankings(data, cfg.data.on_error, cfg.dpo.allow_ties)
+    tokenizer = load_tokenizer(policy_path)
+    arrays = RunEncoder(cfg, tokenizer).rankings(rankings, report, section="dpo")
+    _check_fit(policy_path, tokenizer, {f"{data_key} {data}": arrays}, stage_lengths(cfg, ("dpo",)))
+    train, held = split_heldout(arrays, cfg.dpo.heldout_fraction, cfg.seed)
+    what = f"{data_key} {data}" + (f" (less {len(held['rank'])} held out)" if held else "")
+    check_rows(len(train["input_ids"]), cfg.dpo.batch_size, "dpo.batch_size", what)
+    out, logger, runtime = _start(cfg, out_dir, "policy")
+    model_cfg, ref_params = _load_lm(policy_path, cfg, runtime)
+    bs = cfg.dpo.batch_size
+    train = with_reference_logps(model_cfg, ref_params, train, bs)
+    key = jax.random.key(cfg.seed)
+    params = train_preference(
+        cfg,
+        model_cfg,
+        ref_params,
+        train,
+        key,
+        logger,
+        runtime,
+        StageCheckpoints(
+            out,
+            "dpo",
+            cfg.checkpoint,
+            stage_settings(
+                cfg, STAGE_SECTIONS + ("dpo",), {"dpo.policy": policy_path, data_key: data}
+            ),
+        ),
+    )
+    extra = {"train_accuracy": preference_metrics(cfg, model_cfg, params, train)["accuracy"]}
+    if held is not None:
+        held = with_reference_logps(model_cfg, ref_params, held, bs)
+        extra["heldout_accuracy"] = preference_metrics(cfg, model_cfg, params, held)["accuracy"]
+        eos, pad = special_ids(tokenizer)
+        extra["heldout_kl_to_reference"] = heldout_kl(
+            cfg, model_cfg, params, ref_params, held, jax.random.fold_in(key, 1), (eos,), pad
+        )
+    _finish(out, logger, [report], extra)
+    return save_hf(model_cfg, params, out / "policy", tokenizer)

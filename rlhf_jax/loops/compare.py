@@ -13,16 +13,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rlhf_jax.config import Config, compare_runs
+from rlhf_jax.config import Config, compare_preference_runs, compare_runs
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.foundation import build_foundation
+from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.pipeline import evaluate_policy, machine, run_rl
+from rlhf_jax.loops.preference import preference_metrics, train_preference, with_reference_logps
 from rlhf_jax.loops.report import (
     plot_gold_vs_kl,
     training_summary,
     write_compare_markdown,
     write_json,
 )
+from rlhf_jax.loops.resume import StageCheckpoints
+from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.models import save_hf
 
 
@@ -72,6 +75,8 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
                 for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])
             ][:4],
         }
+    for name, run in compare_preference_runs(cfg).items():
+        report["algorithms"][name] = _preference_run(cfg, run, f, name, sft_eval)
     report["eval"] = {"prompts": len(f.eval_prompts), "samples_per_prompt": cfg.eval.n_samples}
     report["training"] = training_summary(f.logger)
     report["wall_seconds"] = time.time() - t_start
@@ -81,3 +86,43 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     write_compare_markdown(f.out / "report.md", report, command)
     f.logger.close()
     return report
+
+
+def _preference_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval) -> dict:
+    """One `compare.preference` run: offline from the SFT policy on the rankings the reward
+    model was trained on, evaluated like the RL runs."""
+    stage = f"dpo_{name}"
+    t0 = time.time()
+    d = run.dpo
+    train = with_reference_logps(f.model_cfg, f.sft_params, f.rank_train, d.batch_size)
+    params = train_preference(
+        run,
+        f.model_cfg,
+        f.sft_params,
+        train,
+        f.keys["ppo"],
+        f.logger,
+        f.runtime,
+        StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(run, "dpo")),
+        stage=stage,
+    )
+    wall = time.time() - t0
+    save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
+    result = evaluate_policy(cfg, f, params)
+    kl = ev.kl_to_reference(
+        f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
+    )
+    held = with_reference_logps(f.model_cfg, f.sft_params, f.rank_heldout, d.batch_size)
+    boot, seed = cfg.eval.bootstrap, cfg.seed
+    return {
+        **ev.compare_to_reference(result, sft_eval, kl, boot, seed),
+        "wall_seconds": wall,
+        "peak_device_mib": None,
+        "reward": "rankings (offline)",
+        "heldout_pair_accuracy": preference_metrics(run, f.model_cfg, params, held)["accuracy"],
+        "setup": {"loss": d.loss, "beta": d.beta, "steps": d.steps, "batch_size": d.batch_size},
+        "samples": [
+            {"prompt": q, "response": r}
+            for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])
+        ][:4],
+    }

@@ -35,13 +35,14 @@ class RunEncoder:
         n = self.cfg.ppo.max_prompt_len if max_len is None else max_len
         return encode_prompts(examples, self.tokenizer, n, report, chat_template=self._chat)
 
-    def rankings(self, examples: Sequence, report: DataReport | None = None):
-        rm = self.cfg.rm
+    def rankings(self, examples: Sequence, report: DataReport | None = None, section: str = "rm"):
+        """Rankings at the lengths of the `section` that trains on them ("rm" or "dpo")."""
+        lengths = getattr(self.cfg, section)
         return encode_rankings(
             examples,
             self.tokenizer,
-            rm.max_prompt_len,
-            rm.max_completion_len,
+            lengths.max_prompt_len,
+            lengths.max_completion_len,
             report=report,
             chat_template=self._chat,
         )

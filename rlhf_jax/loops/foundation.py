@@ -21,11 +21,13 @@ import numpy as np
 from rlhf_jax.config import Config, to_dict
 from rlhf_jax.data import (
     PromptExample,
+    heldout_rows,
     load_prompts,
     load_rankings,
     load_sft,
     load_texts,
     special_ids,
+    split_heldout,
 )
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
@@ -70,6 +72,8 @@ class Foundation:
     heldout_arrays: dict[str, np.ndarray]  # pretraining text never trained on
     eval_prompts: list[str]
     eval_arrays: dict[str, np.ndarray]
+    rank_train: dict[str, np.ndarray]  # the rankings the RM (and offline DPO) trains on
+    rank_heldout: dict[str, np.ndarray]  # the rankings held out of both
     rm_heldout: dict[str, float]  # held-out pairwise accuracy, margin, pairs
     rm_bias_shift: float
     reports: list = dataclasses.field(default_factory=list)  # DataReports of every file
@@ -118,18 +122,6 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
         )
         rows.append({"prompt": prompt, "completions": distinct, "ranking": ranking})
     return rows, unranked
-
-
-def _n_heldout(arrays: dict[str, np.ndarray], fraction: float) -> int:
-    return max(1, int(round(arrays["input_ids"].shape[0] * fraction)))
-
-
-def _split(arrays: dict[str, np.ndarray], fraction: float, seed: int):
-    n = arrays["input_ids"].shape[0]
-    order = np.random.default_rng(seed).permutation(n)
-    n_held = _n_heldout(arrays, fraction)
-    held, train = order[:n_held], order[n_held:]
-    return ({k: v[train] for k, v in arrays.items()}, {k: v[held] for k, v in arrays.items()})
 
 
 def _check_against_model(cfg: Config, model_cfg: ModelConfig, special, batches: dict) -> None:
@@ -206,7 +198,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     if cfg.ptx.coef > 0:
         batches["ptx.data"] = (ptx_path, ptx_arrays, "ptx.batch_size", cfg.ptx.batch_size, 0)
     if user_rank_arrays is not None:  # held-out rankings are split off before training
-        n_held = _n_heldout(user_rank_arrays, cfg.rm.heldout_fraction)
+        n_held = heldout_rows(user_rank_arrays, cfg.rm.heldout_fraction)
         what = f"{cfg.rm.data} (less {n_held} held out)"
         batches["rm.data"] = (what, user_rank_arrays, "rm.batch_size", cfg.rm.batch_size, n_held)
     _check_against_model(cfg, model_cfg, (eos_id, pad), batches)
@@ -274,7 +266,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     else:
         rank_report, rank_arrays = user_rankings[1], user_rank_arrays
     reports.append(rank_report)
-    rm_train, rm_held = _split(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
+    rm_train, rm_held = split_heldout(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
     rm_params = train_reward_model(
         cfg,
         model_cfg,
@@ -305,6 +297,8 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         heldout_arrays=heldout_arrays,
         eval_prompts=[e.prompt for e in eval_examples],
         eval_arrays=eval_arrays,
+        rank_train=rm_train,
+        rank_heldout=rm_held,
         rm_heldout=held,
         rm_bias_shift=float(demo_scores.mean()),
         reports=reports,

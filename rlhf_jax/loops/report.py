@@ -138,7 +138,7 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
             row["kl_to_sft"],
             y,
             yerr=[[y - ylo], [yhi - y]],
-            fmt="o",
+            fmt="D" if row.get("reward") == "rankings (offline)" else "o",
             color=color,
             mfc="white" if gold else color,
             capsize=3,
@@ -146,13 +146,29 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
         )
     ax.set_xlabel("KL(policy || SFT) per response (nats)")
     ax.set_ylabel("gold reward on held-out prompts")
-    ax.set_title("filled: trained on the reward model; hollow: on the gold reward")
+    ax.set_title(
+        "filled: RL on the reward model; hollow: RL on the gold reward; "
+        "diamond: offline on the rankings",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", fontsize=8)  # the empty region between SFT and the runs
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _setup_text(setup: dict[str, Any]) -> str:
+    if "advantage" not in setup:  # an offline preference run
+        return (
+            f"{setup['loss']} loss (beta {setup['beta']:g}) offline on the RM's rankings, "
+            f"{setup['steps']} steps x {setup['batch_size']} prompts"
+        )
+    return (
+        f"advantage {setup['advantage']}, G={setup['samples_per_prompt']} x "
+        f"{setup['rollout_batch']} prompts, KL in {setup['kl_penalty']}, critic {setup['critic']}"
+    )
 
 
 def write_compare_markdown(path: Path, report: dict[str, Any], command: str) -> None:
@@ -185,9 +201,7 @@ def write_compare_markdown(path: Path, report: dict[str, Any], command: str) -> 
         "",
         "Setups: "
         + "; ".join(
-            f"{name}: advantage {r['setup']['advantage']}, G={r['setup']['samples_per_prompt']} x "
-            f"{r['setup']['rollout_batch']} prompts, KL in {r['setup']['kl_penalty']}, critic "
-            f"{r['setup']['critic']}"
+            f"{name}: {_setup_text(r['setup'])}"
             for name, r in report["algorithms"].items()
             if not name.endswith("_gold")
         ),

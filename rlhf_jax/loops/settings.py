@@ -97,14 +97,16 @@ PIPELINE_SECTIONS = {
     "sft": ("seed", "model", "data", "task", "pretrain", "sft"),
     "rm": ("seed", "model", "data", "task", "pretrain", "sft", "rm"),
     "rl": ("seed", "model", "data", "task", "pretrain", "sft", "rm", "ppo", "ptx"),
+    # offline preference runs train on the RM's rankings (rm.* shapes them) from SFT
+    "dpo": ("seed", "model", "data", "task", "pretrain", "sft", "rm", "dpo"),
 }
 
 
 def pipeline_settings(cfg: Config, stage: str) -> dict[str, str]:
-    """Settings of a pipeline stage ("pretrain", "sft", "rm" or "rl"), with the user's files
+    """Settings of a pipeline stage ("pretrain", "sft", "rm", "rl" or "dpo"), with the user's files
     it depends on (the generated ones follow from the sections)."""
     reads = {"model.path": cfg.model.path, "sft.data": cfg.sft.data}
-    if stage in ("rm", "rl"):
+    if stage in ("rm", "rl", "dpo"):
         reads["rm.data"] = cfg.rm.data
     if stage == "rl":
         reads["ppo.prompts"] = cfg.ppo.prompts

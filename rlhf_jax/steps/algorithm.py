@@ -15,7 +15,7 @@ import inspect
 from collections.abc import Callable
 
 from rlhf_jax import contract, registry
-from rlhf_jax.config import Config, PPOConfig, compare_runs
+from rlhf_jax.config import Config, DPOConfig, PPOConfig, compare_preference_runs, compare_runs
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.ops import REDUCTIONS
 
@@ -124,14 +124,42 @@ def _default_reduction(fn: Callable) -> str:
     return param.default
 
 
+# What a preference loss's batch holds (the ranking batch, the reference's log-probs and the
+# completions' token counts).
+PREFERENCE_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "rank",
+    "completion_mask",
+    "completion_start",
+    "ref_logps",
+    "completion_tokens",
+)
+
+
+def resolve_preference_loss(dpo: DPOConfig) -> Callable:
+    """`dpo.loss` with `dpo.beta` and its kwargs bound, called once on tiny inputs so that a
+    bad hyperparameter value or a batch key the stage lacks fails when the config loads."""
+    fn = registry.resolve("preference", dpo.loss, beta=dpo.beta, **dpo.loss_kwargs)
+    contract.dry_run("preference", fn, dpo.loss, PREFERENCE_KEYS)
+    return fn
+
+
 def resolve_config_parts(cfg: Config) -> RLAlgorithm:
-    """Resolve every part a run's config names (`sft.loss`, `rm.loss`, `ptx.loss`, the RL
-    algorithm of `ppo` and of every `compare.algorithms` run): called when a config is
+    """Resolve every part a run's config names (`sft.loss`, `rm.loss`, `ptx.loss`, `dpo.loss`
+    and those of `compare.preference`, the RL algorithm of `ppo` and of every
+    `compare.algorithms` run): called when a config is
     loaded, so a misspelt name or a hyperparameter a part does not take fails before the first
     stage runs."""
     registry.resolve("sft", cfg.sft.loss, **cfg.sft.loss_kwargs)
     registry.resolve("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
     registry.resolve("ptx", cfg.ptx.loss)
+    resolve_preference_loss(cfg.dpo)
+    for name, run in compare_preference_runs(cfg).items():
+        try:
+            resolve_preference_loss(run.dpo)
+        except RlhfJaxError as e:
+            raise RlhfJaxError(f"{e} (in compare.preference.{name})") from None
     for name, run in compare_runs(cfg).items():
         try:
             RLAlgorithm.from_config(run.ppo)

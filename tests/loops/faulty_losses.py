@@ -15,3 +15,9 @@ def nan_policy(outputs, batch):
     """A PPO policy loss that is NaN (its gradient too); the value loss stays finite."""
     loss = jnp.nan * jnp.mean(outputs["logprobs"])
     return LossOut(loss, {"ppo/policy/loss": loss})
+
+
+def nan_preference(outputs, batch, beta):
+    """A preference loss that is NaN for every batch."""
+    loss = jnp.nan * jnp.mean(outputs["logps"]) * beta
+    return LossOut(loss, {"dpo/loss": loss})

@@ -41,23 +41,28 @@ def test_compare_writes_the_table_the_json_and_the_plot(tmp_path, capsys):
         "eval.n_samples=2",
         "compare.algorithms={grpo: {advantage: grpo, samples_per_prompt: 2, rollout_batch: 4, "
         "kl_penalty: loss}}",
+        "compare.preference={dpo: {steps: 3, batch_size: 8}}",
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "grpo_gold: gold" in printed
     report = json.loads((out / "report.json").read_text())
     assert isinstance(report["sft"]["gold_reward"], float)
-    assert set(report["algorithms"]) == {"grpo", "grpo_gold"}
-    for row in report["algorithms"].values():
+    assert set(report["algorithms"]) == {"grpo", "grpo_gold", "dpo"}
+    for name, row in report["algorithms"].items():
         for key in ("gold_reward", "gold_reward_ci", "win_rate_vs_sft", "kl_to_sft"):
             assert key in row
-        assert row["wall_seconds"] > 0 and row["peak_device_mib"] > 0
+        assert row["wall_seconds"] > 0
+        assert name == "dpo" or row["peak_device_mib"] > 0
         lo, hi = row["gold_reward_ci"]
         assert lo <= row["gold_reward"] <= hi
     assert report["algorithms"]["grpo_gold"]["reward"] == "topics_gold"
     assert report["eval"] == {"prompts": 16, "samples_per_prompt": 2}
     assert (out / "gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| grpo_gold | topics_gold |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "| grpo_gold | topics_gold |" in markdown and "| dpo | rankings (offline) |" in markdown
+    assert 0 <= report["algorithms"]["dpo"]["heldout_pair_accuracy"] <= 1
+    assert (out / "policies" / "dpo" / "model.safetensors").exists()
     assert (out / "policies" / "grpo" / "model.safetensors").is_file()
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").open()}
     assert {"rl_grpo", "rl_grpo_gold"} <= stages

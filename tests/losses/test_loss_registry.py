@@ -25,7 +25,7 @@ def _policy_batch():
 
 def test_defaults_registered_for_every_kind():
     names = registered_losses()
-    assert set(names) == {"sft", "reward", "policy", "value", "ptx"}
+    assert set(names) == {"sft", "reward", "policy", "value", "ptx", "preference"}
     for kind, expected in {
         "sft": "sft_cross_entropy",
         "reward": "kwise_ranking",

@@ -1,0 +1,134 @@
+"""The offline preference stage (DPO and its variants) as a host loop over the pure step: the
+reference's log-probs once, then the training loop every supervised stage shares, then the
+held-out evaluation (implicit-reward accuracy and the KL to the reference on held-out prompts).
+
+Reference log-probs are computed before training, one forward of the reference over the
+rankings, and travel with the batches: while training only the policy and its optimizer
+state occupy the device (no second model), and the step costs one forward and backward. The
+price is that forward pass up front (cheaper than one per step as soon as a ranking is seen
+more than once) and 4 bytes per completion of host memory.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from rlhf_jax.config import Config
+from rlhf_jax.data import batches
+from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.batched import map_batches
+from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.resume import StageCheckpoints
+from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.train import run_train_loop
+from rlhf_jax.losses import get_loss
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.steps import make_optimizer
+from rlhf_jax.steps.preference import (
+    completion_token_mask,
+    make_logps_fn,
+    make_preference_step,
+)
+
+
+def _loss_fn(cfg: Config):
+    d = cfg.dpo
+    return get_loss("preference", d.loss, beta=d.beta, **d.loss_kwargs)
+
+
+def sequence_logps(model_cfg: ModelConfig, params, arrays: dict, batch_size: int) -> np.ndarray:
+    """[N, K] summed completion log-probs of every ranking row under `params`."""
+    fn = jax.jit(make_logps_fn(model_cfg))
+    return map_batches(lambda b: fn(params, b), arrays, batch_size).astype(np.float32)
+
+
+def with_reference_logps(model_cfg: ModelConfig, ref_params, arrays: dict, batch_size: int):
+    """The ranking arrays with `ref_logps` [N, K], the reference's log-probs, added."""
+    return {**arrays, "ref_logps": sequence_logps(model_cfg, ref_params, arrays, batch_size)}
+
+
+def train_preference(
+    cfg: Config,
+    model_cfg: ModelConfig,
+    policy_params,
+    train: dict[str, np.ndarray],
+    key: jax.Array,
+    logger: MetricsLogger,
+    runtime: Runtime,
+    checkpoints: StageCheckpoints | None = None,
+    stage: str = "dpo",
+):
+    """`dpo.steps` updates of the `dpo.loss` on `train` (ranking arrays with `ref_logps`),
+    from `policy_params` (left intact); returns the trained weights."""
+    d = cfg.dpo
+    if d.steps == 0:
+        return policy_params
+    step_fn = make_preference_step(model_cfg, _loss_fn(cfg), d.optim.grad_accum)
+    state = run_train_loop(
+        step_fn,
+        policy_params,
+        make_optimizer(d.optim, d.steps),
+        lambda start: batches(train, d.batch_size, cfg.seed + 3, start=start),
+        d.steps,
+        key,
+        logger,
+        stage,
+        cfg.log.every,
+        runtime,
+        runtime.param_shardings(model_cfg),
+        "dpo.batch_size",
+        checkpoints,
+        d.optim.max_consecutive_skips,
+    )
+    return state.params
+
+
+def preference_metrics(cfg: Config, model_cfg: ModelConfig, params, arrays: dict) -> dict:
+    """The loss's metrics (implicit-reward accuracy and margin, chosen/rejected log-probs)
+    over every pair of `arrays` at once (ranking arrays with `ref_logps`)."""
+    logps = sequence_logps(model_cfg, params, arrays, cfg.dpo.batch_size)
+    tokens = np.asarray(completion_token_mask(arrays))[..., 1:].sum(-1)
+    out = _loss_fn(cfg)({"logps": logps}, {**arrays, "completion_tokens": tokens})
+    return {k.removeprefix("dpo/"): float(v) for k, v in out.metrics.items()}
+
+
+def ranking_prompts(arrays: dict, max_prompt_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The prompt of every ranking row, left-padded to `max_prompt_len` for sampling."""
+    n = arrays["input_ids"].shape[0]
+    ids = np.full((n, max_prompt_len), pad_id, np.int32)
+    mask = np.zeros((n, max_prompt_len), np.float32)
+    for i, start in enumerate(arrays["completion_start"]):
+        ids[i, max_prompt_len - start :] = arrays["input_ids"][i, 0, :start]
+        mask[i, max_prompt_len - start :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def heldout_kl(
+    cfg: Config,
+    model_cfg: ModelConfig,
+    params,
+    ref_params,
+    arrays: dict,
+    key: jax.Array,
+    eos: tuple[int, ...],
+    pad: int,
+    lengths: str = "dpo",
+) -> float:
+    """Mean KL estimate `log pi(y|x) - log pi_ref(y|x)` of the policy's own samples (temperature
+    1) on the prompts of the held-out rankings, at the `lengths` section's budget."""
+    section = getattr(cfg, lengths)
+    prompts = ranking_prompts(arrays, section.max_prompt_len, pad)
+    samples = ev.sample_responses(
+        model_cfg,
+        params,
+        prompts["input_ids"],
+        prompts["attention_mask"],
+        key,
+        section.max_completion_len,
+        1.0,
+        eos,
+        pad,
+        batch_size=min(128, len(prompts["input_ids"])),
+    )
+    return float(np.mean(ev.kl_to_reference(model_cfg, params, ref_params, samples, 1.0, 128)))
