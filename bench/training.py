@@ -1,10 +1,13 @@
-"""SFT and reward-model training throughput: rlhf_jax's jitted steps vs TRL's trainers.
+"""SFT, reward-model and DPO training throughput: rlhf_jax's jitted steps vs TRL's trainers.
 
 Both sides train the same random GPT-2 checkpoint (vocabulary 8192, fp32, AdamW with
 global-norm clipping 1.0, constant learning rate, dropout 0) on the same token ids:
 - SFT: batch 8 x 256 tokens, next-token loss on every token;
 - RM: batch 8 prompts x (chosen, rejected), each 64 prompt + 64 completion tokens
-  (rlhf_jax: one [8, 2, 128] K-wise batch; TRL: 8 chosen + 8 rejected rows of 128).
+  (rlhf_jax: one [8, 2, 128] K-wise batch; TRL: 8 chosen + 8 rejected rows of 128);
+- DPO: the RM's shapes (the completion's last token is EOS), reference log-probs computed
+  before training on both sides (rlhf_jax always; TRL with `precompute_ref_log_probs=True`),
+  so a step is one policy forward and backward over 2 x 8 sequences.
 
 rlhf_jax: `make_sft_step` / `make_reward_step` with the registered default losses and
 `make_optimizer`, under `jax.jit(step, donate_argnums=0)` (the state is updated in place).
@@ -167,6 +170,71 @@ def trl_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray, vocab: int):
     return trl_setup.step_runner(trainer, model, dict(inputs))
 
 
+# ----------------------------------------------------------------------------- DPO
+
+
+def jax_dpo(folder: Path, prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray):
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax.losses import get_loss
+    from rlhf_jax.steps import TrainState
+    from rlhf_jax.steps.preference import make_logps_fn, make_preference_step
+
+    cfg, params = load_jax(folder)
+    b, p = prompt.shape
+    ids = np.stack([np.concatenate([prompt, chosen], 1), np.concatenate([prompt, rejected], 1)], 1)
+    batch = {
+        "input_ids": jnp.asarray(ids, jnp.int32),
+        "attention_mask": jnp.ones(ids.shape, jnp.int32),
+        "rank": jnp.tile(jnp.arange(2, dtype=jnp.int32), (b, 1)),
+        "completion_mask": jnp.ones((b, 2), jnp.int32),
+        "completion_start": jnp.full((b,), p, jnp.int32),
+    }
+    batch["ref_logps"] = jax.jit(make_logps_fn(cfg))(params, batch)  # before training, once
+    state = TrainState.create(params, _optimizer())
+    loss = get_loss("preference", "dpo", beta=0.1)
+    step = jax.jit(make_preference_step(cfg, loss), donate_argnums=0)
+    return _jax_runner(step, state, batch)
+
+
+def trl_dpo(folder: Path, prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, vocab: int):
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    b, p = prompt.shape
+    length = p + chosen.shape[1]
+    model = load_torch(folder, for_training=True)
+    args = DPOConfig(
+        **trl_setup.common_args(
+            per_device_train_batch_size=b,
+            max_length=length,
+            beta=0.1,
+            precompute_ref_log_probs=True,
+        )
+    )
+    # The completions end in EOS already (the last token), so TRL adds none.
+    data = {
+        "prompt": [trl_setup.text_of(r) for r in prompt],
+        "chosen": [" " + trl_setup.text_of(r[:-1]) + " <eos>" for r in chosen],
+        "rejected": [" " + trl_setup.text_of(r[:-1]) + " <eos>" for r in rejected],
+    }
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict(data),
+        processing_class=trl_setup.tokenizer(vocab),
+    )
+    trl_setup.prepare(trainer)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    if tuple(inputs["input_ids"].shape) != (2 * b, length):
+        raise RuntimeError(f"TRL DPO batch is {tuple(inputs['input_ids'].shape)}")
+    if "ref_chosen_logps" not in inputs:
+        raise RuntimeError("TRL DPO batch has no precomputed reference log-probs")
+
+    return trl_setup.step_runner(trainer, model, dict(inputs))
+
+
 # ----------------------------------------------------------------------------- main
 
 COLUMNS = (
@@ -228,7 +296,12 @@ def main(argv=None) -> dict:
         f"{sizes.rm_prompt} + {sizes.rm_completion} tokens, fp32",
         COLUMNS,
     )
-    results: dict = {"peak_flops": peak["peak"], "sft": {}, "rm": {}}
+    dpo = Table(
+        f"DPO step: {sizes.rm_batch} prompts x (chosen, rejected) of "
+        f"{sizes.rm_prompt} + {sizes.rm_completion} tokens, reference log-probs precomputed, fp32",
+        COLUMNS,
+    )
+    results: dict = {"peak_flops": peak["peak"], "sft": {}, "rm": {}, "dpo": {}}
     for shape in sizes.shapes:
         folder = build_checkpoint(shape, Path(tempfile.mkdtemp(prefix="rlhf_jax_bench_")))
         # SFT
@@ -253,6 +326,17 @@ def main(argv=None) -> dict:
         tokens = 2 * sizes.rm_batch * rm_len
         flops = train_flops(shape, 2 * sizes.rm_batch, rm_len, lm_head=False)
         results["rm"][shape.name] = _row(rm, shape, timings, tokens, flops, peak["peak"])
+        # DPO: the same sequences, the completions ending in EOS
+        chosen_c, rejected_c = comp[0].copy(), comp[1].copy()
+        chosen_c[:, -1] = rejected_c[:, -1] = trl_setup.EOS
+        sides = {
+            "rlhf_jax": jax_dpo(folder, prompt, chosen_c, rejected_c),
+            "trl": trl_dpo(folder, prompt, chosen_c, rejected_c, shape.vocab),
+        }
+        timings = alternate(sides, warmup, repeats)
+        del sides
+        flops = train_flops(shape, 2 * sizes.rm_batch, rm_len, lm_head=True)
+        results["dpo"][shape.name] = _row(dpo, shape, timings, tokens, flops, peak["peak"])
 
     peak_note = (
         f"MFU = model FLOPs of the step (forward + backward, `bench/flops.py`) / median time / "
@@ -281,7 +365,15 @@ def main(argv=None) -> dict:
         "(for K = 2 the pairwise loss); TRL: `RewardTrainer`, 2B rows (chosen then rejected) "
         "through `AutoModelForSequenceClassification` (num_labels=1). MFU counts no LM head.",
     ]
-    publish("training", [sft, rm], args.out)
+    dpo.notes += [
+        how,
+        peak_note,
+        "rlhf_jax: `make_preference_step` with the `dpo` loss (beta 0.1) on one [B, K=2, L] "
+        "batch with `ref_logps` computed before the timing; TRL: `DPOTrainer` with "
+        "`precompute_ref_log_probs=True` (its reference pass runs when the dataloader is "
+        "built, outside the timing), loss `sigmoid`, beta 0.1, its fused LM head.",
+    ]
+    publish("training", [sft, rm, dpo], args.out)
     return results
 
 

@@ -37,10 +37,10 @@ def test_training_benchmark_tiny(tmp_path):
     assert "kept" in text
     section = _section(text, "training")
     headers = _table_headers(section)
-    assert len(headers) == 2
+    assert len(headers) == 3
     for cols in headers:
         assert cols == list(training.COLUMNS)
-    for task in ("sft", "rm"):
+    for task in ("sft", "rm", "dpo"):
         (row,) = results[task].values()
         for key in ("jax_s", "trl_s", "ratio", "jax_mfu", "trl_mfu", "jax_first", "trl_first"):
             assert _finite_positive(row[key]), (task, key, row[key])
