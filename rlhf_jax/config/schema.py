@@ -289,6 +289,10 @@ class CompareConfig:
 class LogConfig:
     every: int = 10  # steps between progress-bar metric updates and JSONL lines
     tensorboard: bool = False  # also write TensorBoard event files (needs tensorboardX)
+    wandb: bool = False  # also log to Weights & Biases (pip install 'rlhf-jax[wandb]');
+    # WANDB_MODE=offline keeps the run on disk (OUTPUT/wandb) for `wandb sync` later
+    wandb_project: str = "rlhf-jax"
+    wandb_name: str | None = None  # the run's name in W&B; None = W&B's generated one
     progress: bool = True
 
 

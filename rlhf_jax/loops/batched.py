@@ -10,16 +10,18 @@ import numpy as np
 
 
 def map_batches(
-    fn: Callable[[dict[str, np.ndarray]], Any],
+    fn: Callable[..., Any],
     arrays: Mapping[str, np.ndarray],
     batch_size: int,
+    with_offset: bool = False,
 ) -> Any:
     """`fn(batch)` over consecutive slices of `batch_size` rows of `arrays`, outputs (a pytree
     of arrays whose leading axis is the batch's rows) concatenated for all N rows.
 
     The last slice is padded to `batch_size` by repeating its last row, so one compiled shape
     serves every call, and the padded rows' outputs are cut off: every row is evaluated once
-    and none is dropped.
+    and none is dropped. With `with_offset`, `fn(batch, start)` also gets the index of the
+    slice's first row (e.g. to fold it into a sampling key).
     """
     n = len(next(iter(arrays.values())))
     outs = []
@@ -28,5 +30,5 @@ def map_batches(
         short = batch_size - min(batch_size, n - start)
         if short:
             batch = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in batch.items()}
-        outs.append(jax.device_get(fn(batch)))
+        outs.append(jax.device_get(fn(batch, start) if with_offset else fn(batch)))
     return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outs)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 
-from rlhf_jax.config import Config, to_dict
+from rlhf_jax.config import Config
 from rlhf_jax.data import (
     load_prompts,
     load_rankings,
@@ -24,7 +24,7 @@ from rlhf_jax.data import (
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
 from rlhf_jax.loops.encoding import RunEncoder
-from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
+from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.preference import (
     heldout_kl,
     preference_metrics,
@@ -36,21 +36,20 @@ from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, train_rl
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.settings import stage_settings
+from rlhf_jax.loops.setup import load_model, shift_reward_bias, start_run, stop_ids
 from rlhf_jax.loops.stages import (
     reward_accuracy,
-    score_all,
     train_lm,
     train_reward_model,
 )
 from rlhf_jax.models import (
-    load_hf,
     load_scalar_model,
     load_tokenizer,
     save_hf,
     save_scalar_model,
 )
 from rlhf_jax.models.hf import is_reward_model, read_hf_config
-from rlhf_jax.steps import RLAlgorithm, normalize_reward_bias, resolve_config_parts
+from rlhf_jax.steps import RLAlgorithm
 
 
 def _require(value: str | None, key: str, command: str) -> str:
@@ -75,10 +74,7 @@ def _inputs(cfg: Config) -> dict[str, str | None]:
 
 
 def _start(cfg: Config, out_dir: str | Path, writes: str) -> tuple[Path, MetricsLogger, Runtime]:
-    resolve_config_parts(cfg)
-    out = prepare_output_dir(out_dir, _inputs(cfg), (writes,))
-    write_run_config(out, to_dict(cfg))
-    return out, MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress), Runtime.from_config(cfg)
+    return start_run(cfg, out_dir, _inputs(cfg), (writes,))
 
 
 def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None = None) -> None:
@@ -92,15 +88,6 @@ def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None 
         print(r.summary())
     for key, value in (extra or {}).items():
         print(f"{key.replace('_', ' ')}: {value:.3f}")
-
-
-def _load_lm(path: str, cfg: Config, runtime: Runtime):
-    """A checkpoint loaded straight into its shards on the run's mesh."""
-    shardings = runtime.param_shardings(read_hf_config(path))
-    config, params = load_hf(
-        path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype, shardings=shardings
-    )
-    return config.replace(remat=cfg.model.remat), params
 
 
 def _not_a_reward_model(path: str, key: str) -> str:
@@ -133,7 +120,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     _check_fit(model_path, tokenizer, {f"sft.data {data}": arrays}, stage_lengths(cfg, ("sft",)))
     check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "sft")
-    model_cfg, params = _load_lm(model_path, cfg, runtime)
+    model_cfg, params = load_model(model_path, cfg, runtime)
     s = cfg.sft
     params = train_lm(
         "sft",
@@ -184,7 +171,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     _check_fit(init, tokenizer, checked, lengths)
     check_rows(len(arrays["input_ids"]), cfg.rm.batch_size, "rm.batch_size", f"rm.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "rm")
-    model_cfg, trunk = _load_lm(init, cfg, runtime)
+    model_cfg, trunk = load_model(init, cfg, runtime)
     params = train_reward_model(
         cfg,
         model_cfg,
@@ -202,7 +189,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     )
     metrics = reward_accuracy(cfg, model_cfg, params, arrays)
     if demo_arrays is not None:  # InstructGPT: shift the bias so demonstrations score 0
-        params = normalize_reward_bias(params, score_all(model_cfg, params, demo_arrays))
+        params, _ = shift_reward_bias(model_cfg, params, demo_arrays)
     else:
         logger.warn(
             "rm: no sft.data given, so the reward model's bias was not shifted to make the "
@@ -213,6 +200,50 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     return save_scalar_model(model_cfg, params, out / "rm", tokenizer)
 
 
+def _rl_data(cfg: Config, policy_path: str, rm_path: str | None):
+    """`(tokenizer, prompt arrays, ptx arrays or None, reports)` of `rlhf-jax ppo`, every
+    file checked against the policy (and the RM's position table) before anything loads."""
+    prompts, prompt_report = load_prompts(
+        _require(cfg.ppo.prompts, "ppo.prompts", "ppo"), cfg.data.on_error
+    )
+    tokenizer = load_tokenizer(policy_path)
+    encode = RunEncoder(cfg, tokenizer)
+    prompt_arrays = encode.prompts(prompts, prompt_report)
+    checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
+    rows = [(prompt_arrays, cfg.ppo.rollout_batch, "ppo.rollout_batch", "ppo.prompts")]
+    ptx_arrays, reports = None, [prompt_report]
+    if cfg.ptx.coef > 0:
+        ptx_data = _require(cfg.ptx.data, "ptx.data", "ppo")
+        ptx_examples, ptx_report = load_texts(ptx_data, cfg.data.on_error)
+        ptx_arrays = encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report)
+        checked[f"ptx.data {ptx_data}"] = ptx_arrays
+        rows.append((ptx_arrays, cfg.ptx.batch_size, "ptx.batch_size", "ptx.data"))
+        reports.append(ptx_report)
+    lengths = stage_lengths(cfg, ("ppo",))
+    _check_fit(policy_path, tokenizer, checked, lengths)
+    for arrays, batch_size, batch_key, file_key in rows:
+        what = f"{file_key} {cfg.ppo.prompts if file_key == 'ppo.prompts' else cfg.ptx.data}"
+        check_rows(len(arrays["input_ids"]), batch_size, batch_key, what)
+    if rm_path is not None:  # the RM reads the whole prompt + response
+        check_positions(read_hf_config(rm_path), rm_path, lengths)
+    return tokenizer, prompt_arrays, ptx_arrays, reports
+
+
+def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runtime) -> RLModels:
+    policy_cfg, sft_params = load_model(policy_path, cfg, runtime)
+    if rm_path is None:
+        return RLModels(policy_cfg, sft_params)
+    reward_cfg, reward_params = load_scalar_model(
+        rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
+    )
+    if reward_cfg.vocab_size != policy_cfg.vocab_size:
+        raise RlhfJaxError(
+            f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
+            f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
+        )
+    return RLModels(policy_cfg, sft_params, reward_cfg, reward_params)
+
+
 def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     """RL from `ppo.policy` against `ppo.reward_model` (or `ppo.reward_fn`); writes
     OUT/policy. The algorithm is the one the `ppo` section names (PPO by default)."""
@@ -221,83 +252,36 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     rm_path = None
     if algo.reward_fn is None:
         rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model (or ppo.reward_fn)", "ppo")
-    prompts, prompt_report = load_prompts(
-        _require(cfg.ppo.prompts, "ppo.prompts", "ppo"), cfg.data.on_error
-    )
-    ptx_examples, ptx_report = None, None
-    if cfg.ptx.coef > 0:
-        ptx_examples, ptx_report = load_texts(
-            _require(cfg.ptx.data, "ptx.data", "ppo"), cfg.data.on_error
-        )
-    tokenizer = load_tokenizer(policy_path)
-    encode = RunEncoder(cfg, tokenizer)
-    prompt_arrays = encode.prompts(prompts, prompt_report)
-    checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
-    ptx_arrays = None
-    if ptx_examples is not None:
-        ptx_arrays = encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report)
-        checked[f"ptx.data {cfg.ptx.data}"] = ptx_arrays
-    lengths = stage_lengths(cfg, ("ppo",))
-    _check_fit(policy_path, tokenizer, checked, lengths)
-    check_rows(
-        len(prompt_arrays["input_ids"]),
-        cfg.ppo.rollout_batch,
-        "ppo.rollout_batch",
-        f"ppo.prompts {cfg.ppo.prompts}",
-    )
-    if ptx_arrays is not None:
-        check_rows(
-            len(ptx_arrays["input_ids"]),
-            cfg.ptx.batch_size,
-            "ptx.batch_size",
-            f"ptx.data {cfg.ptx.data}",
-        )
-    if rm_path is not None:  # the RM reads the whole prompt + response
-        check_positions(read_hf_config(rm_path), rm_path, lengths)
+    tokenizer, prompt_arrays, ptx_arrays, reports = _rl_data(cfg, policy_path, rm_path)
     out, logger, runtime = _start(cfg, out_dir, "policy")
-    policy_cfg, sft_params = _load_lm(policy_path, cfg, runtime)
-    reward_cfg = reward_params = None
-    if rm_path is not None:
-        reward_cfg, reward_params = load_scalar_model(
-            rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
-        )
-        if reward_cfg.vocab_size != policy_cfg.vocab_size:
-            raise RlhfJaxError(
-                f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
-                f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
-            )
-    models = RLModels(policy_cfg, sft_params, reward_cfg, reward_params)
-    eos_id, pad = special_ids(tokenizer)
+    models = _rl_models(cfg, policy_path, rm_path, runtime)
+    settings = stage_settings(
+        cfg,
+        STAGE_SECTIONS + ("ppo", "ptx"),
+        {
+            "ppo.policy": policy_path,
+            "ppo.reward_model": rm_path,
+            "ppo.prompts": cfg.ppo.prompts,
+            "ptx.data": cfg.ptx.data if cfg.ptx.coef > 0 else None,
+        },
+    )
+    eos, pad = stop_ids(tokenizer)
     state = train_rl(
         cfg,
         models,
         prompt_arrays,
         ptx_arrays,
-        (eos_id,),
+        eos,
         pad,
         jax.random.key(cfg.seed),
         logger,
         runtime,
-        checkpoints=StageCheckpoints(
-            out,
-            "ppo",
-            cfg.checkpoint,
-            stage_settings(
-                cfg,
-                STAGE_SECTIONS + ("ppo", "ptx"),
-                {
-                    "ppo.policy": policy_path,
-                    "ppo.reward_model": rm_path,
-                    "ppo.prompts": cfg.ppo.prompts,
-                    "ptx.data": cfg.ptx.data if cfg.ptx.coef > 0 else None,
-                },
-            ),
-        ),
+        checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint, settings),
         tokenizer=tokenizer,
     )
-    _finish(out, logger, [r for r in (prompt_report, ptx_report) if r is not None])
+    _finish(out, logger, reports)
     params = state.ema_params if state.ema_params is not None else state.policy.params
-    return save_hf(policy_cfg, params, out / "policy", tokenizer)
+    return save_hf(models.policy_cfg, params, out / "policy", tokenizer)
 
 
 def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
@@ -314,7 +298,7 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
     what = f"{data_key} {data}" + (f" (less {len(held['rank'])} held out)" if held else "")
     check_rows(len(train["input_ids"]), cfg.dpo.batch_size, "dpo.batch_size", what)
     out, logger, runtime = _start(cfg, out_dir, "policy")
-    model_cfg, ref_params = _load_lm(policy_path, cfg, runtime)
+    model_cfg, ref_params = load_model(policy_path, cfg, runtime)
     bs = cfg.dpo.batch_size
     train = with_reference_logps(model_cfg, ref_params, train, bs)
     key = jax.random.key(cfg.seed)
@@ -339,9 +323,9 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
     if held is not None:
         held = with_reference_logps(model_cfg, ref_params, held, bs)
         extra["heldout_accuracy"] = preference_metrics(cfg, model_cfg, params, held)["accuracy"]
-        eos, pad = special_ids(tokenizer)
+        eos, pad = stop_ids(tokenizer)
         extra["heldout_kl_to_reference"] = heldout_kl(
-            cfg, model_cfg, params, ref_params, held, jax.random.fold_in(key, 1), (eos,), pad
+            cfg, model_cfg, params, ref_params, held, jax.random.fold_in(key, 1), eos, pad
         )
     _finish(out, logger, [report], extra)
     return save_hf(model_cfg, params, out / "policy", tokenizer)

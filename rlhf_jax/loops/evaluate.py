@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.loops.batched import map_batches
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.rollout import generate
@@ -28,21 +29,15 @@ def sample_responses(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """Generate for every prompt row in batches of `batch_size` (the last one padded)."""
-    n = prompt_ids.shape[0]
-    outs = []
-    for start in range(0, n, batch_size):
-        ids = prompt_ids[start : start + batch_size]
-        mask = prompt_mask[start : start + batch_size]
-        pad_rows = batch_size - ids.shape[0]
-        if pad_rows:  # keep one compiled shape
-            ids = np.concatenate([ids, np.repeat(ids[-1:], pad_rows, 0)])
-            mask = np.concatenate([mask, np.repeat(mask[-1:], pad_rows, 0)])
+    """Generate for every prompt row in batches of `batch_size` (the last one padded); batch
+    j's key is `fold_in(key, first row of batch j)`."""
+
+    def sample(batch, start):
         gen = generate(
             cfg,
             params,
-            jnp.asarray(ids),
-            jnp.asarray(mask),
+            jnp.asarray(batch["input_ids"]),
+            jnp.asarray(batch["attention_mask"]),
             jax.random.fold_in(key, start),
             max_new_tokens,
             temperature=float(temperature),
@@ -51,8 +46,10 @@ def sample_responses(
             eos_id=tuple(eos_ids),
             pad_id=int(pad_id),
         )
-        outs.append(jax.device_get(gen._asdict()))
-    merged = {k: np.concatenate([o[k] for o in outs])[:n] for k in outs[0]}
+        return gen._asdict()
+
+    prompts = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
+    merged = map_batches(sample, prompts, batch_size, with_offset=True)
     merged["prompt_ids"], merged["prompt_mask"] = prompt_ids, prompt_mask
     return merged
 
@@ -89,18 +86,13 @@ def kl_to_reference(
 ) -> np.ndarray:
     """Per-sample log pi(y|x) - log pi_ref(y|x) on the policy's own samples (a KL estimate)."""
     fn = make_sequence_logprob_fn(cfg, temperature)
-    out = []
-    n = samples["tokens"].shape[0]
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        args = (
-            samples["prompt_ids"][sl],
-            samples["prompt_mask"][sl],
-            samples["tokens"][sl],
-            samples["mask"][sl],
-        )
-        out.append(np.asarray(fn(policy_params, *args)) - np.asarray(fn(ref_params, *args)))
-    return np.concatenate(out)
+
+    def kl(b):
+        args = (b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"])
+        return fn(policy_params, *args) - fn(ref_params, *args)
+
+    keys = ("prompt_ids", "prompt_mask", "tokens", "mask")
+    return map_batches(kl, {k: samples[k] for k in keys}, batch_size)
 
 
 def bootstrap_mean_ci(

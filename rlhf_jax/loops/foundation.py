@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rlhf_jax.config import Config, to_dict
+from rlhf_jax.config import Config
 from rlhf_jax.data import (
     PromptExample,
     heldout_rows,
@@ -26,28 +26,27 @@ from rlhf_jax.data import (
     load_rankings,
     load_sft,
     load_texts,
-    special_ids,
     split_heldout,
 )
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
 from rlhf_jax.loops.encoding import RunEncoder
-from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
+from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.settings import pipeline_settings
+from rlhf_jax.loops.setup import load_model, shift_reward_bias, start_run, stop_ids
 from rlhf_jax.loops.stages import (
     init_random_model,
     random_model_config,
     reward_accuracy,
-    score_all,
     train_lm,
     train_reward_model,
 )
-from rlhf_jax.models import ModelConfig, load_hf, load_tokenizer, save_hf, save_scalar_model
+from rlhf_jax.models import ModelConfig, load_tokenizer, save_hf, save_scalar_model
 from rlhf_jax.models.hf import read_hf_config
-from rlhf_jax.steps import normalize_reward_bias, resolve_config_parts
 from rlhf_jax.tasks import TASKS
+from rlhf_jax.tasks.labeling import rank_samples
 from rlhf_jax.tasks.tokenizer import train_tokenizer
 
 STAGE_KEYS = ("init", "pretrain", "sft", "rm_sample", "rm", "ppo", "eval")
@@ -108,20 +107,10 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
         batch_size=256,
     )
     texts = ev.decode_responses(tokenizer, samples)
-    rng = np.random.default_rng(cfg.seed + 11)
-    rows, unranked = [], 0
-    for i, prompt in enumerate(prompts):
-        completions = texts[i * cfg.rm.k : (i + 1) * cfg.rm.k]
-        # Labelers cannot rank two identical texts differently; keep distinct ones only.
-        distinct = list(dict.fromkeys(c for c in completions if c.strip()))
-        if len(distinct) < 2:
-            unranked += 1
-            continue
-        ranking = TASKS[cfg.task.name].rank_by_labelers(
-            rng, prompt, distinct, cfg.task.labeler_noise
-        )
-        rows.append({"prompt": prompt, "completions": distinct, "ranking": ranking})
-    return rows, unranked
+    k = cfg.rm.k
+    per_prompt = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+    task = TASKS[cfg.task.name]
+    return rank_samples(task, prompts, per_prompt, cfg.seed + 11, cfg.task.labeler_noise)
 
 
 def _check_against_model(cfg: Config, model_cfg: ModelConfig, special, batches: dict) -> None:
@@ -136,101 +125,146 @@ def _check_against_model(cfg: Config, model_cfg: ModelConfig, special, batches: 
         check_rows(len(enc["input_ids"]) - held, batch_size, batch_key, f"{key} {what}")
 
 
-def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
-    """Check every part the config names, write run_config.json, load and validate all data, then
-    pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm)."""
-    resolve_config_parts(cfg)
-    writes = ("sft", "rm", "policy", "data", *(f"policies/{n}" for n in cfg.compare.algorithms))
-    out = prepare_output_dir(out_dir, {"model.path": cfg.model.path}, writes)
-    write_run_config(out, to_dict(cfg))
-    logger = MetricsLogger(out, cfg.log.tensorboard, cfg.log.progress)
-    runtime = Runtime.from_config(cfg)
-    keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))
-    builtin = cfg.model.path is None
+@dataclasses.dataclass
+class _Data:
+    """Every file of a run (the built-in task's generated ones and the user's), loaded,
+    validated and encoded before any model exists."""
 
-    # Data: generate the built-in task's files, then load and validate everything up front.
+    paths: dict[str, Any]  # config key -> file read
+    task: Any  # the generated built-in task (its RM prompts are sampled for rankings)
+    tokenizer: Any
+    ptx_examples: list
+    eval_prompts: list[str]
+    arrays: dict[str, dict[str, np.ndarray]]  # sft, demo, prompts, eval, ptx, heldout, user_rank
+    reports: list
+    user_rank_report: Any = None
+
+
+def _load_data(cfg: Config, out: Path) -> _Data:
+    """Generate the built-in task's files, then load, validate and encode every file."""
     t = cfg.task
     task = TASKS[t.name].generate_task(
         cfg.seed, t.n_pretrain_texts, t.n_demonstrations, t.n_rm_prompts, t.n_eval_prompts
     )
     data_dir = out / "data"
-    sft_path = cfg.sft.data or _write_jsonl(data_dir / "sft.jsonl", task.sft)
-    prompts_path = cfg.ppo.prompts or _write_jsonl(data_dir / "ppo_prompts.jsonl", task.ppo_prompts)
-    ptx_path = cfg.ptx.data or _write_jsonl(data_dir / "pretrain.jsonl", task.pretrain)
+    paths = {
+        "sft.data": cfg.sft.data or _write_jsonl(data_dir / "sft.jsonl", task.sft),
+        "ppo.prompts": cfg.ppo.prompts
+        or _write_jsonl(data_dir / "ppo_prompts.jsonl", task.ppo_prompts),
+        "ptx.data": cfg.ptx.data or _write_jsonl(data_dir / "pretrain.jsonl", task.pretrain),
+        "rm.data": cfg.rm.data,
+    }
     heldout_path = _write_jsonl(data_dir / "pretrain_heldout.jsonl", task.pretrain_heldout)
     eval_path = _write_jsonl(data_dir / "eval_prompts.jsonl", task.eval_prompts)
     on_error = cfg.data.on_error
-    sft_examples, sft_report = load_sft(sft_path, on_error)
-    prompt_examples, prompt_report = load_prompts(prompts_path, on_error)
-    ptx_examples, ptx_report = load_texts(ptx_path, on_error)
+    sft_examples, sft_report = load_sft(paths["sft.data"], on_error)
+    prompt_examples, prompt_report = load_prompts(paths["ppo.prompts"], on_error)
+    ptx_examples, ptx_report = load_texts(paths["ptx.data"], on_error)
     heldout_examples, _ = load_texts(heldout_path)
     eval_examples, _ = load_prompts(eval_path)
     user_rankings = load_rankings(cfg.rm.data, on_error, cfg.rm.allow_ties) if cfg.rm.data else None
 
-    if builtin:
+    if cfg.model.path is None:
         texts = [e.text for e in ptx_examples] + [e.prompt + e.completion for e in sft_examples]
         tokenizer = train_tokenizer(texts, t.vocab_size)
     else:
         tokenizer = load_tokenizer(cfg.model.path)
-    eos_id, pad = special_ids(tokenizer)
-    eos = (eos_id,)
-    reports = [sft_report, prompt_report, ptx_report]
     encode = RunEncoder(cfg, tokenizer)
-    sft_arrays = encode.sft(sft_examples, sft_report, pack=cfg.sft.pack)
-    # One demonstration per row, for the RM bias normalisation (reward at each row's end).
-    demo_arrays = encode.sft(sft_examples) if cfg.sft.pack else sft_arrays
-    prompt_arrays = encode.prompts(prompt_examples, prompt_report)
-    eval_arrays = encode.prompts(eval_examples)
-    ptx_arrays = encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report)
-    heldout_arrays = encode.lm_texts(heldout_examples, cfg.ptx.max_len)
-    user_rank_arrays = None
-    if user_rankings is not None:  # the user's rankings are encoded (and checked) up front too
-        user_rank_arrays = encode.rankings(*user_rankings)
-
-    # Base model: its config first, to check the data against it before any weight is made.
-    model_cfg = (
-        random_model_config(cfg.model, tokenizer) if builtin else read_hf_config(cfg.model.path)
-    )
-    batches = {
-        "sft.data": (sft_path, sft_arrays, "sft.batch_size", cfg.sft.batch_size, 0),
-        "ppo.prompts": (prompts_path, prompt_arrays, "ppo.rollout_batch", cfg.ppo.rollout_batch, 0),
+    arrays = {
+        "sft": encode.sft(sft_examples, sft_report, pack=cfg.sft.pack),
+        "prompts": encode.prompts(prompt_examples, prompt_report),
+        "eval": encode.prompts(eval_examples),
+        "ptx": encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report),
+        "heldout": encode.lm_texts(heldout_examples, cfg.ptx.max_len),
     }
+    # One demonstration per row, for the RM bias normalisation (reward at each row's end).
+    arrays["demo"] = encode.sft(sft_examples) if cfg.sft.pack else arrays["sft"]
+    if user_rankings is not None:  # the user's rankings are encoded (and checked) up front too
+        arrays["user_rank"] = encode.rankings(*user_rankings)
+    return _Data(
+        paths,
+        task,
+        tokenizer,
+        ptx_examples,
+        [e.prompt for e in eval_examples],
+        arrays,
+        [sft_report, prompt_report, ptx_report],
+        user_rankings[1] if user_rankings is not None else None,
+    )
+
+
+def _check_data(cfg: Config, d: _Data, model_cfg: ModelConfig, eos, pad) -> None:
+    """Every file against the base model's config and its batch sizes."""
+    a, paths = d.arrays, d.paths
+    batches = {
+        "sft.data": (paths["sft.data"], a["sft"], "sft.batch_size", cfg.sft.batch_size, 0),
+        "ppo.prompts": (
+            paths["ppo.prompts"], a["prompts"], "ppo.rollout_batch", cfg.ppo.rollout_batch, 0
+        ),
+    }  # fmt: skip
     if cfg.ptx.coef > 0:
-        batches["ptx.data"] = (ptx_path, ptx_arrays, "ptx.batch_size", cfg.ptx.batch_size, 0)
-    if user_rank_arrays is not None:  # held-out rankings are split off before training
-        n_held = heldout_rows(user_rank_arrays, cfg.rm.heldout_fraction)
+        batches["ptx.data"] = (paths["ptx.data"], a["ptx"], "ptx.batch_size", cfg.ptx.batch_size, 0)
+    if "user_rank" in a:  # held-out rankings are split off before training
+        n_held = heldout_rows(a["user_rank"], cfg.rm.heldout_fraction)
         what = f"{cfg.rm.data} (less {n_held} held out)"
-        batches["rm.data"] = (what, user_rank_arrays, "rm.batch_size", cfg.rm.batch_size, n_held)
-    _check_against_model(cfg, model_cfg, (eos_id, pad), batches)
-    if builtin:
-        model_cfg, params = init_random_model(cfg.model, tokenizer, keys["init"], runtime)
-        pre = cfg.pretrain
-        pre_arrays = encode.lm_texts(ptx_examples, pre.max_len)
-        params = train_lm(
-            "pretrain",
-            model_cfg,
-            params,
-            pre_arrays,
-            pre.steps,
-            pre.batch_size,
-            pre.optim,
-            "default",
-            {},
-            keys["pretrain"],
-            cfg.seed,
-            logger,
-            cfg.log.every,
-            runtime,
-            StageCheckpoints(out, "pretrain", cfg.checkpoint, pipeline_settings(cfg, "pretrain")),
-        )
+        batches["rm.data"] = (what, a["user_rank"], "rm.batch_size", cfg.rm.batch_size, n_held)
+    _check_against_model(cfg, model_cfg, (eos[0], pad), batches)
+
+
+def _base_model(cfg: Config, d: _Data, keys, logger, runtime, out: Path):
+    """The built-in task's random model pretrained on its text, or `model.path` loaded."""
+    if cfg.model.path is not None:
+        return load_model(cfg.model.path, cfg, runtime)
+    model_cfg, params = init_random_model(cfg.model, d.tokenizer, keys["init"], runtime)
+    pre = cfg.pretrain
+    params = train_lm(
+        "pretrain",
+        model_cfg,
+        params,
+        RunEncoder(cfg, d.tokenizer).lm_texts(d.ptx_examples, pre.max_len),
+        pre.steps,
+        pre.batch_size,
+        pre.optim,
+        "default",
+        {},
+        keys["pretrain"],
+        cfg.seed,
+        logger,
+        cfg.log.every,
+        runtime,
+        StageCheckpoints(out, "pretrain", cfg.checkpoint, pipeline_settings(cfg, "pretrain")),
+    )
+    return model_cfg, params
+
+
+def _rankings(cfg: Config, d: _Data, model_cfg, sft_params, key, eos, pad, out: Path):
+    """`(ranking arrays, report, notes)`: the user's rankings, or (built-in task) K samples
+    per prompt from the SFT policy ranked by the simulated labelers."""
+    if "user_rank" in d.arrays:
+        return d.arrays["user_rank"], d.user_rank_report, []
+    rows, unranked = _sample_rankings(
+        cfg, model_cfg, sft_params, d.tokenizer, d.task.rm_prompts, key, eos, pad
+    )
+    rankings, report = load_rankings(_write_jsonl(out / "data" / "rankings.jsonl", rows))
+    notes = [f"{unranked} RM prompts not ranked: fewer than 2 distinct samples"] if unranked else []
+    return RunEncoder(cfg, d.tokenizer).rankings(rankings, report), report, notes
+
+
+def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
+    """Check every part the config names, write run_config.json, load and validate all data, then
+    pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm)."""
+    names = (*cfg.compare.algorithms, *cfg.compare.preference)
+    writes = ("sft", "rm", "policy", "data", *(f"policies/{n}" for n in names))
+    out, logger, runtime = start_run(cfg, out_dir, {"model.path": cfg.model.path}, writes)
+    keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))
+    d = _load_data(cfg, out)
+    eos, pad = stop_ids(d.tokenizer)
+    # The base model's config first, to check the data against it before any weight is made.
+    if cfg.model.path is None:
+        _check_data(cfg, d, random_model_config(cfg.model, d.tokenizer), eos, pad)
     else:
-        model_cfg, params = load_hf(
-            cfg.model.path,
-            dtype=cfg.model.param_dtype,
-            compute_dtype=cfg.model.dtype,
-            shardings=runtime.param_shardings(model_cfg),
-        )
-    model_cfg = model_cfg.replace(remat=cfg.model.remat)
+        _check_data(cfg, d, read_hf_config(cfg.model.path), eos, pad)
+    model_cfg, params = _base_model(cfg, d, keys, logger, runtime, out)
 
     # Step 1: SFT.
     s = cfg.sft
@@ -238,7 +272,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         "sft",
         model_cfg,
         params,
-        sft_arrays,
+        d.arrays["sft"],
         s.steps,
         s.batch_size,
         s.optim,
@@ -251,56 +285,41 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         runtime,
         StageCheckpoints(out, "sft", cfg.checkpoint, pipeline_settings(cfg, "sft")),
     )
-    save_hf(model_cfg, sft_params, out / "sft", tokenizer)
+    save_hf(model_cfg, sft_params, out / "sft", d.tokenizer)
 
-    # Step 2: reward model on rankings (sampled from SFT and ranked, for the built-in task).
-    notes = []
-    if user_rankings is None:
-        rows, unranked = _sample_rankings(
-            cfg, model_cfg, sft_params, tokenizer, task.rm_prompts, keys["rm_sample"], eos, pad
-        )
-        rankings, rank_report = load_rankings(_write_jsonl(data_dir / "rankings.jsonl", rows))
-        if unranked:
-            notes.append(f"{unranked} RM prompts not ranked: fewer than 2 distinct samples")
-        rank_arrays = encode.rankings(rankings, rank_report)
-    else:
-        rank_report, rank_arrays = user_rankings[1], user_rank_arrays
-    reports.append(rank_report)
+    # Step 2: the reward model on rankings (sampled from SFT and ranked, for the built-in task).
+    rank_arrays, rank_report, notes = _rankings(
+        cfg, d, model_cfg, sft_params, keys["rm_sample"], eos, pad, out
+    )
     rm_train, rm_held = split_heldout(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
+    rm_checkpoints = StageCheckpoints(out, "rm", cfg.checkpoint, pipeline_settings(cfg, "rm"))
     rm_params = train_reward_model(
-        cfg,
-        model_cfg,
-        sft_params,
-        rm_train,
-        keys["rm"],
-        logger,
-        runtime,
-        StageCheckpoints(out, "rm", cfg.checkpoint, pipeline_settings(cfg, "rm")),
+        cfg, model_cfg, sft_params, rm_train, keys["rm"], logger, runtime, rm_checkpoints
     )
     held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
-    demo_scores = score_all(model_cfg, rm_params, demo_arrays)
-    rm_params = normalize_reward_bias(rm_params, demo_scores)
-    save_scalar_model(model_cfg, rm_params, out / "rm", tokenizer)
+    rm_params, bias_shift = shift_reward_bias(model_cfg, rm_params, d.arrays["demo"])
+    save_scalar_model(model_cfg, rm_params, out / "rm", d.tokenizer)
+    a = d.arrays
     return Foundation(
         out=out,
         logger=logger,
         runtime=runtime,
         keys=keys,
-        tokenizer=tokenizer,
+        tokenizer=d.tokenizer,
         eos=eos,
         pad=pad,
         model_cfg=model_cfg,
         sft_params=sft_params,
         rm_params=rm_params,
-        prompt_arrays=prompt_arrays,
-        ptx_arrays=ptx_arrays,
-        heldout_arrays=heldout_arrays,
-        eval_prompts=[e.prompt for e in eval_examples],
-        eval_arrays=eval_arrays,
+        prompt_arrays=a["prompts"],
+        ptx_arrays=a["ptx"],
+        heldout_arrays=a["heldout"],
+        eval_prompts=d.eval_prompts,
+        eval_arrays=a["eval"],
         rank_train=rm_train,
         rank_heldout=rm_held,
         rm_heldout=held,
-        rm_bias_shift=float(demo_scores.mean()),
-        reports=reports,
+        rm_bias_shift=bias_shift,
+        reports=[*d.reports, rank_report],
         notes=notes,
     )

@@ -1,4 +1,5 @@
-"""Metrics to a JSONL file (and optionally TensorBoard), progress bars for long work.
+"""Metrics to a JSONL file (and optionally TensorBoard and Weights & Biases), progress bars for
+long work. The one host loop (`loops/train.py`) is the one caller of `MetricsLogger.log`.
 
 Only process 0 writes; every process may call these methods.
 """
@@ -93,10 +94,28 @@ def _drop_partial_last_line(path: Path, block: int = 1 << 16) -> None:
         f.truncate(0)  # one partial line and nothing else
 
 
+def _start_wandb(out_dir: Path, init_kwargs: dict[str, Any]):
+    """A W&B run writing under OUTPUT/wandb (online, or offline with WANDB_MODE=offline)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RlhfJaxError(
+            "log.wandb=true needs the wandb package: pip install 'rlhf-jax[wandb]'"
+        ) from None
+    return wandb.init(dir=str(out_dir), **init_kwargs)
+
+
 class MetricsLogger:
     """Appends `{"stage", "step", "time", <metric>: value}` lines to `metrics.jsonl`."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        tensorboard: bool = False,
+        progress: bool = True,
+        wandb: dict[str, Any] | None = None,
+    ):
+        """`wandb`: keyword arguments of `wandb.init` (project, name, config), or None."""
         self.out_dir = Path(out_dir)
         self.is_writer = jax.process_index() == 0
         self.progress = progress and self.is_writer
@@ -105,6 +124,8 @@ class MetricsLogger:
         self._start = time.time()
         self._file = None
         self._tb = None
+        self._wandb = None
+        self._wandb_stages: set[str] = set()
         if self.is_writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             path = self.out_dir / "metrics.jsonl"
@@ -118,6 +139,16 @@ class MetricsLogger:
                         "log.tensorboard=true needs tensorboardX: pip install tensorboardX"
                     ) from None
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            if wandb is not None:
+                self._wandb = _start_wandb(self.out_dir, wandb)
+
+    @classmethod
+    def from_config(cls, out_dir: str | Path, log, run_config: dict | None = None):
+        """The logger the `log` config section asks for (`run_config` goes to W&B)."""
+        wandb = None
+        if log.wandb:
+            wandb = {"project": log.wandb_project, "name": log.wandb_name, "config": run_config}
+        return cls(out_dir, log.tensorboard, log.progress, wandb)
 
     def log(self, stage: str, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         """Record one step's metrics (pulls them to the host: call every `log.every` steps)."""
@@ -130,6 +161,11 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in row.items():
                 self._tb.add_scalar(f"{stage}/{key}", value, step)
+        if self._wandb is not None:
+            if stage not in self._wandb_stages:  # each stage counts its own steps from 1
+                self._wandb.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+                self._wandb_stages.add(stage)
+            self._wandb.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in row.items()}})
         return row
 
     def warn(self, message: str) -> None:
@@ -149,3 +185,6 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

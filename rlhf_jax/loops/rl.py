@@ -21,11 +21,10 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax.config import Config
 from rlhf_jax.data import batches
-from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import short_metrics
+from rlhf_jax.loops.train import Stage, run_stage
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, init_scalar_head
 from rlhf_jax.rewards import score_texts
@@ -133,10 +132,17 @@ def train_rl(
 ):
     """RL from the SFT policy by the algorithm `cfg.ppo` names; returns the final RLState.
     `tokenizer` decodes responses for a reward function (`ppo.reward_fn`)."""
+    spec = rl_stage(cfg, models, (prompts, ptx), (eos_ids, pad_id), key, runtime, stage, tokenizer)
+    return run_stage(spec, key, logger, checkpoints)
+
+
+def rl_stage(cfg, models, data, special, key, runtime, stage="ppo", tokenizer=None) -> Stage:
+    """The RL stage for the one host loop: an iteration (experience, then the update's epochs
+    x minibatches) is one step. data: (prompt arrays, ptx arrays or None); special: (EOS ids,
+    pad id)."""
     ppo = cfg.ppo
     algo = RLAlgorithm.from_config(ppo)
     updates = ppo.iterations * ppo.epochs * (ppo.episodes // ppo.minibatch_size)
-    policy_sh = runtime.param_shardings(models.policy_cfg)
     critic_cfg = critic_params = critic_sh = critic_tx = None
     if algo.needs_critic:
         # Iteration i uses fold_in(key, i); the head key is one no iteration reaches.
@@ -144,35 +150,35 @@ def train_rl(
         critic_sh = runtime.param_shardings(critic_cfg, scalar=True)
         critic_tx = make_optimizer(ppo.value_optim, updates)
     policy_tx = make_optimizer(ppo.policy_optim, updates)
-    state, state_sh = init_sharded_state(
-        lambda p, c: init_rl_state(p, c, policy_tx, critic_tx, ppo),
-        (models.sft_params, critic_params),
-        (policy_sh, critic_sh),
-        runtime.mesh,
-    )
-    start = 0
-    if checkpoints is not None:
-        state, start = checkpoints.restore(state, state_sh)
-    try:  # from here on, an error still closes the checkpoints (no orbax thread left behind)
-        use_ptx = ptx is not None and cfg.ptx.coef > 0
-        special = (eos_ids, pad_id)
+
+    def init():
+        return init_sharded_state(
+            lambda p, c: init_rl_state(p, c, policy_tx, critic_tx, ppo),
+            (models.sft_params, critic_params),
+            (runtime.param_shardings(models.policy_cfg), critic_sh),
+            runtime.mesh,
+        )
+
+    def program(state_sh, start: int):
+        use_ptx = data[1] is not None and cfg.ptx.coef > 0
         programs = _compile(
             cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenizer, use_ptx
         )
-        limits = {"ppo/policy": ppo.policy_optim.max_consecutive_skips}
-        if algo.needs_critic:
-            limits["ppo/value"] = ppo.value_optim.max_consecutive_skips
-        latest = checkpoints.latest_step if checkpoints is not None else None
-        guard = SkipGuard(stage, limits, logger, latest)
-        data = (prompts, ptx)
-        state = _iterate(
-            cfg, programs, state, start, data, key, logger, runtime, stage, checkpoints, guard
-        )
-        guard.require_learning({"ppo/policy": state.policy})
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()  # commits a save in flight, also when an iteration raised
-    return state
+        return _iteration(cfg, programs, data, start, runtime)
+
+    limits = {"ppo/policy": ppo.policy_optim.max_consecutive_skips}
+    if algo.needs_critic:
+        limits["ppo/value"] = ppo.value_optim.max_consecutive_skips
+    return Stage(
+        stage,
+        ppo.iterations,
+        init,
+        program,
+        learned=lambda state: {"ppo/policy": state.policy},
+        limits=limits,
+        log_every=1,
+        sync=True,
+    )
 
 
 def _compile(cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenizer, use_ptx):
@@ -204,9 +210,9 @@ def _compile(cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenize
     return _Programs(experience, update, [*compiled, update], use_ptx, n_mb)
 
 
-def _iterate(cfg, programs, state, start, data, key, logger, runtime, stage, checkpoints, guard):
-    """Iterations `start` .. `ppo.iterations`: experience, update, log, check, save.
-    data: (prompt arrays, ptx arrays or None)."""
+def _iteration(cfg, programs, data, start, runtime):
+    """`step(state, it, key)`: one RL iteration, experience then update, with the prompt (and
+    ptx) batches from iteration `start` on."""
     (prompts, ptx), ppo, n_mb = data, cfg.ppo, programs.n_mb
     # One prompt batch per iteration and epochs x minibatches ptx batches: from `start` on.
     prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2, start=start)
@@ -214,34 +220,29 @@ def _iterate(cfg, programs, state, start, data, key, logger, runtime, stage, che
     if programs.use_ptx:
         ptx_start = start * ppo.epochs * n_mb
         ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=ptx_start)
-    with logger.bar(ppo.iterations, stage) as bar:
-        bar.update(start)
-        for it in range(start, ppo.iterations):
-            t0 = time.time()
-            exp_key, upd_key = jax.random.split(jax.random.fold_in(key, it))
-            batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
-            exp, exp_metrics = programs.experience(state, batch, exp_key)
-            ptx_batch = None
-            if programs.use_ptx:
-                ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
-            state, upd_metrics = programs.update(state, exp, ptx_batch, upd_key)
-            metrics = {**exp_metrics, **upd_metrics}
-            # An iteration is long enough that waiting for its metrics costs little, and
-            # every iteration's numbers are worth keeping.
-            jax.block_until_ready(metrics)
-            tokens = float(jnp.sum(exp.response_mask))
-            metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
-            # XLA's account of the largest program: a per-device peak (weights, optimizer
-            # state, activations, KV cache), the same on every iteration.
-            peak = max(p.peak_bytes() for p in programs.compiled)
-            metrics["perf/peak_device_mib"] = peak / 2**20
-            row = logger.log(stage, it + 1, metrics)
-            bar.set_postfix(short_metrics(row))
-            bar.update(1)
-            guard.check(it + 1, guard.counters(metrics))
-            if checkpoints is not None:
-                checkpoints.after_step(it + 1, state, ppo.iterations)
-    return state
+
+    def step(state, it, key):
+        t0 = time.time()
+        exp_key, upd_key = jax.random.split(key)
+        batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
+        exp, exp_metrics = programs.experience(state, batch, exp_key)
+        ptx_batch = None
+        if programs.use_ptx:
+            ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
+        state, upd_metrics = programs.update(state, exp, ptx_batch, upd_key)
+        metrics = {**exp_metrics, **upd_metrics}
+        # An iteration is long enough that waiting for its metrics costs little, and every
+        # iteration's numbers are worth keeping.
+        jax.block_until_ready(metrics)
+        tokens = float(jnp.sum(exp.response_mask))
+        metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
+        # XLA's account of the largest program: a per-device peak (weights, optimizer state,
+        # activations, KV cache), the same on every iteration.
+        peak = max(p.peak_bytes() for p in programs.compiled)
+        metrics["perf/peak_device_mib"] = peak / 2**20
+        return state, metrics
+
+    return step
 
 
 def _make_experience(

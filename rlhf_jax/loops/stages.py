@@ -6,23 +6,25 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import Config, ModelSpec, OptimConfig
 from rlhf_jax.data import batches
+from rlhf_jax.loops.batched import map_batches
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import run_train_loop
 from rlhf_jax.losses import get_loss
-from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
+from rlhf_jax.models import ModelConfig, forward, init_params, init_scalar_head
 from rlhf_jax.models.config import FAMILY_SWITCHES
+from rlhf_jax.ops import next_token_logprobs
 from rlhf_jax.sharding import init_sharded
 from rlhf_jax.steps import (
+    completion_rewards,
     make_optimizer,
-    make_reward_eval,
     make_reward_step,
-    make_sft_eval,
     make_sft_step,
     score_sequences,
 )
@@ -102,28 +104,27 @@ def train_lm(
 
 
 @functools.lru_cache(maxsize=8)
-def _sft_eval(model_cfg: ModelConfig, loss_name: str):
-    """One compiled evaluator per model and loss: the report scores several policies."""
-    return jax.jit(make_sft_eval(model_cfg, get_loss("sft", loss_name)))
+def _row_nll(model_cfg: ModelConfig):
+    """One compiled evaluator per model (the report scores several policies): per row, the
+    summed next-token loss of its target tokens and their count."""
+
+    def fn(params, batch):
+        logits = forward(model_cfg, params, batch["input_ids"], batch["attention_mask"])
+        logps = next_token_logprobs(logits, batch["input_ids"])
+        target = batch["loss_mask"][:, 1:]  # as the SFT loss: logits at t - 1 score token t
+        return -jnp.sum(logps * target, axis=1), jnp.sum(target, axis=1)
+
+    return jax.jit(fn)
 
 
 def lm_loss(
-    model_cfg: ModelConfig,
-    params,
-    arrays: dict[str, np.ndarray],
-    batch_size: int,
-    loss_name: str = "default",
+    model_cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int
 ) -> float:
-    """Mean next-token loss over every target token of `arrays` (token-weighted)."""
-    evaluate = _sft_eval(model_cfg, loss_name)
-    total, tokens = 0.0, 0.0
-    n = arrays["input_ids"].shape[0]
-    for start in range(0, n - batch_size + 1, batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in arrays.items()}
-        m = jax.device_get(evaluate(params, batch))
-        total += float(m["sft/loss"]) * float(m["sft/tokens"])
-        tokens += float(m["sft/tokens"])
-    return total / max(tokens, 1.0)
+    """Mean next-token loss over every target token of `arrays` (token-weighted, every row)."""
+    fn = _row_nll(model_cfg)
+    keys = ("input_ids", "attention_mask", "loss_mask")
+    nll, tokens = map_batches(lambda b: fn(params, b), {k: arrays[k] for k in keys}, batch_size)
+    return float(nll.sum() / max(tokens.sum(), 1.0))
 
 
 def train_reward_model(
@@ -162,21 +163,14 @@ def train_reward_model(
 
 
 def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:
-    """Pairwise accuracy / margin over all pairs of `arrays` (pair-weighted)."""
-    evaluate = jax.jit(
-        make_reward_eval(model_cfg, get_loss("reward", cfg.rm.loss, **cfg.rm.loss_kwargs))
-    )
-    n = arrays["input_ids"].shape[0]
-    bs = cfg.rm.batch_size
-    acc, margin, pairs = 0.0, 0.0, 0.0
-    for start in range(0, n, bs):
-        batch = {k: v[start : start + bs] for k, v in arrays.items()}
-        m = jax.device_get(evaluate(params, batch))
-        p = float(m["rm/pairs"])
-        acc += float(m["rm/accuracy"]) * p
-        margin += float(m["rm/margin"]) * p
-        pairs += p
-    return {"accuracy": acc / max(pairs, 1.0), "margin": margin / max(pairs, 1.0), "pairs": pairs}
+    """Pairwise accuracy / margin over every pair of `arrays` at once (pair-weighted)."""
+    fn = jax.jit(lambda p, b: completion_rewards(model_cfg, p, b))
+    keys = ("input_ids", "attention_mask")
+    rewards = map_batches(lambda b: fn(params, b), {k: arrays[k] for k in keys}, cfg.rm.batch_size)
+    loss_fn = get_loss("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
+    m = loss_fn({"rewards": rewards}, arrays).metrics
+    return {"accuracy": float(m["rm/accuracy"]), "margin": float(m["rm/margin"]),
+            "pairs": float(m["rm/pairs"])}  # fmt: skip
 
 
 def score_all(
@@ -184,16 +178,9 @@ def score_all(
 ) -> np.ndarray:
     """RM score of every row of `arrays` (input_ids, attention_mask), in batches."""
     fn = jax.jit(lambda p, i, m: score_sequences(model_cfg, p, i, m))
-    n = arrays["input_ids"].shape[0]
-    return np.concatenate(
-        [
-            np.asarray(
-                fn(
-                    params,
-                    arrays["input_ids"][s : s + batch_size],
-                    arrays["attention_mask"][s : s + batch_size],
-                )
-            )
-            for s in range(0, n, batch_size)
-        ]
+    keys = ("input_ids", "attention_mask")
+    return map_batches(
+        lambda b: fn(params, b["input_ids"], b["attention_mask"]),
+        {k: arrays[k] for k in keys},
+        batch_size,
     )

@@ -1,8 +1,21 @@
-"""The host loop shared by pretraining, SFT and RM training: jit once, feed batches, log."""
+"""The one host loop every stage runs on (pretraining, SFT, the reward model, DPO and RL),
+driven by a small description of the stage (`Stage`).
+
+The loop owns what every stage needs and none should write again: the state created in its
+shardings, resume from the newest checkpoint, one program call per step with the step's key,
+the NaN/Inf skip guard, logging and the progress bar, saving (and SIGTERM, through the
+checkpoints), and the end-of-stage check that something was learned. A stage says only how to
+build its state, how to take one step, and which optimizers to watch.
+
+Adding a stage takes a step function, a `Stage` and a row in the CLI's table of commands
+(`supervised_stage` already covers any `step(state, batch, key)` over a dataset).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 
@@ -14,11 +27,143 @@ from rlhf_jax.sharding import batch_sharding, init_sharded_state, jit_step
 from rlhf_jax.steps import TrainState
 
 # Metrics shown in the progress bar when present.
-BAR_KEYS = ("sft/loss", "rm/loss", "rm/accuracy", "objective/scores", "objective/kl")
+BAR_KEYS = (
+    "sft/loss",
+    "rm/loss",
+    "rm/accuracy",
+    "dpo/loss",
+    "dpo/accuracy",
+    "objective/scores",
+    "objective/kl",
+)
+
+StepFn = Callable[[Any, int, jax.Array], tuple[Any, dict]]
 
 
 def short_metrics(row: dict[str, float]) -> dict[str, str]:
     return {k.split("/", 1)[-1]: f"{v:.3g}" for k, v in row.items() if k in BAR_KEYS}
+
+
+@dataclasses.dataclass
+class Stage:
+    """What the host loop needs to run a stage.
+
+    init: `() -> (state, state shardings)`, the state built directly in its shardings.
+    program: `(state shardings, first step) -> step(state, i, key) -> (state, metrics)`, the
+        compiled program(s) of one step with their batches from step `first` on (a resumed
+        stage continues the data where it stopped).
+    learned: `state -> {guard prefix: TrainState}`, the optimizers whose skip counters are
+        watched (`<prefix>/skipped_updates`, `<prefix>/consecutive_skips`) and which must
+        have taken at least one real update by the end.
+    limits: `{guard prefix: max consecutive skips}`.
+    log_every: steps between metric lines. With `sync`, every step's metrics are read as soon
+        as it ends (long steps such as an RL iteration); otherwise one step late, so the
+        device never waits for the host.
+    """
+
+    name: str
+    n_steps: int
+    init: Callable[[], tuple[Any, Any]]
+    program: Callable[[Any, int], StepFn]
+    learned: Callable[[Any], dict[str, TrainState]]
+    limits: dict[str, int]
+    log_every: int = 1
+    sync: bool = False
+
+
+def run_stage(
+    stage: Stage,
+    key: jax.Array,
+    logger: MetricsLogger,
+    checkpoints: StageCheckpoints | None = None,
+):
+    """Run `stage` from its newest checkpoint (if any) to `n_steps`; returns the final state.
+    Step i gets `fold_in(key, i)`; `max consecutive skips` in a row stop the stage with
+    `TrainingDiverged` before anything after them is saved."""
+    state, shardings = stage.init()
+    start = 0
+    if checkpoints is not None:
+        state, start = checkpoints.restore(state, shardings)
+    try:  # from here on, an error still closes the checkpoints (no orbax thread left behind)
+        step = stage.program(shardings, start)
+        latest = checkpoints.latest_step if checkpoints is not None else None
+        guard = SkipGuard(stage.name, stage.limits, logger, latest)
+        state = _steps(stage, step, state, start, key, logger, checkpoints, guard)
+        guard.require_learning(stage.learned(state))
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()  # commits a save in flight, also when a step raised
+    return state
+
+
+def _steps(stage, step, state, start, key, logger, checkpoints, guard):
+    n = stage.n_steps
+    pending = None  # (step, skip counters) not yet checked
+    with logger.bar(n, stage.name) as bar:
+        bar.update(start)
+        for i in range(start, n):
+            state, metrics = step(state, i, jax.random.fold_in(key, i))
+            if pending is not None:
+                guard.check(*pending)
+            pending = (i + 1, guard.counters(metrics))
+            if (i + 1) % stage.log_every == 0 or i + 1 == n:
+                bar.set_postfix(short_metrics(logger.log(stage.name, i + 1, metrics)))
+            bar.update(1)
+            if stage.sync:  # the step's metrics are on the host already: check them now
+                guard.check(*pending)
+                pending = None
+            if checkpoints is not None:
+                if pending is not None and checkpoints.due(i + 1, n):
+                    guard.check(*pending)  # never save the step that stops us
+                checkpoints.after_step(i + 1, state, n)
+    if pending is not None:
+        guard.check(*pending)
+    return state
+
+
+def supervised_stage(
+    name: str,
+    step_fn: Callable,
+    params,
+    tx,
+    make_batches: Callable[[int], Iterator[dict]],
+    n_steps: int,
+    runtime: Runtime,
+    param_shardings,
+    batch_key: str,
+    log_every: int,
+    max_consecutive_skips: int = 10,
+) -> Stage:
+    """A stage of `step_fn(state, batch, key) -> (state, metrics)` over a `TrainState` of
+    `params` (fresh buffers: the caller's `params` survive, e.g. SFT weights that also start
+    the reward model) with batch i of `make_batches(start)`, jitted once with explicit
+    shardings and the old state donated. `batch_key` names the batch size's config key in
+    errors."""
+    mesh = runtime.mesh
+
+    def init():
+        return init_sharded_state(
+            lambda p: TrainState.create(p, tx), (params,), (param_shardings,), mesh
+        )
+
+    def program(shardings, start: int) -> StepFn:
+        jitted = jit_step(step_fn, shardings, batch_sharding(mesh, runtime.rules, 1))
+        batches = make_batches(start)
+
+        def step(state, i, key):
+            return jitted(state, runtime.global_batch(next(batches), batch_key), key)
+
+        return step
+
+    return Stage(
+        name,
+        n_steps,
+        init,
+        program,
+        learned=lambda state: {"train": state},
+        limits={"train": max_consecutive_skips},
+        log_every=log_every,
+    )
 
 
 def run_train_loop(
@@ -37,54 +182,18 @@ def run_train_loop(
     checkpoints: StageCheckpoints | None = None,
     max_consecutive_skips: int = 10,
 ):
-    """Run `n_steps` of `step_fn(state, batch, key)` on the runtime's mesh; returns the state.
-
-    The state is created directly in its shardings (fresh buffers: the caller's `params`
-    survive, e.g. SFT weights that also start the reward model), the step is jitted once with
-    explicit shardings and the old state donated, step i gets `fold_in(key, i)` and batch i of
-    `make_batches(start)`, and metrics reach the host only every `log_every` steps so the
-    device never waits on it. With `checkpoints`, the stage resumes from its newest checkpoint
-    and saves as configured. `batch_key` names the config key of the batch size in errors.
-    Updates skipped for NaN/Inf gradients are logged; `max_consecutive_skips` of them in a row
-    stop the stage with `TrainingDiverged` (nothing saved after them).
-    """
-    mesh = runtime.mesh
-    state, shardings = init_sharded_state(
-        lambda p: TrainState.create(p, tx), (params,), (param_shardings,), mesh
+    """`run_stage` of a `supervised_stage`: pretraining, SFT, the reward model, DPO."""
+    spec = supervised_stage(
+        stage,
+        step_fn,
+        params,
+        tx,
+        make_batches,
+        n_steps,
+        runtime,
+        param_shardings,
+        batch_key,
+        log_every,
+        max_consecutive_skips,
     )
-    start = 0
-    if checkpoints is not None:
-        state, start = checkpoints.restore(state, shardings)
-    try:  # from here on, an error still closes the checkpoints (no orbax thread left behind)
-        jitted = jit_step(step_fn, shardings, batch_sharding(mesh, runtime.rules, 1))
-        batches = make_batches(start)
-        guard = SkipGuard(
-            stage,
-            {"train": max_consecutive_skips},
-            logger,
-            checkpoints.latest_step if checkpoints is not None else None,
-        )
-        pending = None  # (step, skip counters) of the previous step, read one step late
-        with logger.bar(n_steps, stage) as bar:
-            bar.update(start)
-            for i in range(start, n_steps):
-                batch = runtime.global_batch(next(batches), batch_key)
-                state, metrics = jitted(state, batch, jax.random.fold_in(key, i))
-                if pending is not None:
-                    guard.check(*pending)
-                pending = (i + 1, guard.counters(metrics))
-                if (i + 1) % log_every == 0 or i + 1 == n_steps:
-                    row = logger.log(stage, i + 1, metrics)
-                    bar.set_postfix(short_metrics(row))
-                bar.update(1)
-                if checkpoints is not None:
-                    if checkpoints.due(i + 1, n_steps):  # never save the step that stops us
-                        guard.check(*pending)
-                    checkpoints.after_step(i + 1, state, n_steps)
-        if pending is not None:
-            guard.check(*pending)
-        guard.require_learning({"train": state})
-    finally:
-        if checkpoints is not None:
-            checkpoints.close()  # commits a save in flight, also when a step raised
-    return state
+    return run_stage(spec, key, logger, checkpoints)
