@@ -16,6 +16,7 @@ from rlhf_jax.steps.experience import (
     response_values,
 )
 from rlhf_jax.steps.optim import make_optimizer, make_schedule
+from rlhf_jax.steps.preference import completion_logps, make_logps_fn, make_preference_step
 from rlhf_jax.steps.reward import (
     completion_rewards,
     make_reward_eval,
@@ -36,11 +37,14 @@ __all__ = [
     "Rollout",
     "TrainState",
     "accumulate_gradients",
+    "completion_logps",
     "completion_rewards",
     "init_rl_state",
     "make_experience_fn",
     "make_finish_fn",
+    "make_logps_fn",
     "make_optimizer",
+    "make_preference_step",
     "make_reward_eval",
     "make_reward_step",
     "make_sample_fn",

@@ -21,6 +21,10 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 SIZES = [
+    "dpo.steps=2",
+    "dpo.batch_size=2",
+    "dpo.max_prompt_len=48",
+    "dpo.max_completion_len=16",
     "sft.steps=2",
     "sft.batch_size=4",
     "sft.max_len=96",
@@ -78,7 +82,7 @@ def setup(tmp_path_factory):
 
 def test_the_page_lists_the_stages_in_order():
     names = [shlex.split(c)[1] for c in documented_commands()]
-    assert names == ["sft", "rm", "ppo", "ppo", "generate"]
+    assert names == ["sft", "rm", "ppo", "ppo", "dpo", "generate"]
 
 
 def test_every_documented_command_runs(setup, monkeypatch, capsys):
@@ -95,7 +99,7 @@ def test_every_documented_command_runs(setup, monkeypatch, capsys):
             args += SIZES
         assert main(args) == 0, command
     runs = root / "runs"
-    for folder in ("me/sft", "me/policy", "grpo/policy"):
+    for folder in ("me/sft", "me/policy", "grpo/policy", "dpo/policy"):
         assert (runs / folder / "model.safetensors").is_file(), folder
     rm_config = json.loads((runs / "me" / "rm" / "config.json").read_text())
     assert rm_config["architectures"] == ["LlamaForSequenceClassification"]

@@ -47,6 +47,7 @@ from rlhf_jax.steps import (  # noqa: E402
     init_rl_state,
     make_experience_fn,
     make_optimizer,
+    make_preference_step,
     make_reward_step,
     make_sft_step,
     make_update_fn,
@@ -72,6 +73,12 @@ rm_batch = {
     "attention_mask": np.ones((8, 3, 6), np.float32),
     "completion_mask": np.ones((8, 3), np.float32),
     "rank": np.tile(np.arange(3, dtype=np.int32), (8, 1)),
+}
+# DPO on the same rankings: completions start after 2 prompt tokens; reference log-probs made up
+dpo_batch = {
+    **rm_batch,
+    "completion_start": np.full((8,), 2, np.int32),
+    "ref_logps": (-rng.uniform(8, 16, (8, 3))).astype(np.float32),
 }
 prompt_mask = np.ones((8, 4), np.float32)
 prompt_mask[:3, :2] = 0
@@ -100,6 +107,7 @@ policy_tx = make_optimizer(ppo.policy_optim, 4)
 value_tx = make_optimizer(ppo.value_optim, 4)
 sft_fn = make_sft_step(config, get_loss("sft"), grad_accum=2)
 rm_fn = make_reward_step(config, get_loss("reward"))
+dpo_fn = make_preference_step(config, get_loss("preference", "dpo", beta=0.5), grad_accum=2)
 algo = RLAlgorithm.from_config(ppo)
 exp_fn = make_experience_fn(config, config, config, ppo, algo, EOS, PAD)
 update_fn = make_update_fn(config, config, ppo, algo, get_loss("ptx"), 1.0)
@@ -152,6 +160,7 @@ def summary(state, metrics, ppo_state=False):
 def reference():
     sft = jax.jit(sft_fn)(TrainState.create(policy, sft_tx), sft_batch, KEY)
     rm = jax.jit(rm_fn)(TrainState.create(reward, rm_tx), rm_batch, KEY)
+    dpo = jax.jit(dpo_fn)(TrainState.create(policy, sft_tx), dpo_batch, KEY)
     state = init_rl_state(policy, reward, policy_tx, value_tx, ppo)
     it = ppo_iteration(
         jax.jit(exp_fn),
@@ -175,6 +184,7 @@ def reference():
     return {
         "sft": summary(*sft),
         "rm": summary(*rm),
+        "dpo": summary(*dpo),
         "ppo": summary(*it, ppo_state=True),
         "grpo": summary(*g_it, ppo_state=True),
     }
@@ -218,6 +228,12 @@ def sharded(shape):
     )
     step = jit_step(rm_fn, st_sh, rows)
     out["rm"] = summary(*step(state, make_global_batch(rm_batch, mesh, rules), KEY))
+
+    state, st_sh = init_sharded_state(
+        lambda p: TrainState.create(p, sft_tx), (policy,), (pol_sh,), mesh
+    )
+    step = jit_step(dpo_fn, st_sh, rows)
+    out["dpo"] = summary(*step(state, make_global_batch(dpo_batch, mesh, rules), KEY))
 
     state, st_sh = init_sharded_state(
         lambda p, v: init_rl_state(p, v, policy_tx, value_tx, ppo),

@@ -87,7 +87,7 @@ def test_sharded_steps_equal_one_device(mesh_runs, mesh):
     got = {k.split("|", 1)[1]: v for k, v in arrays.items() if k.startswith(mesh + "|")}
     assert set(got) == set(want)
     kinds = {name.split("|")[0] for name in want}
-    assert kinds == {"sft", "rm", "ppo", "grpo"}
+    assert kinds == {"sft", "rm", "dpo", "ppo", "grpo"}
     assert any(name.startswith("grpo|metric:ppo/kl_loss") for name in want)
     assert any(name.startswith("ppo|metric:ppo/ptx") for name in want)
     bad = {}
