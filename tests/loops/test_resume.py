@@ -79,7 +79,8 @@ def test_ppo_resumes_exactly(run_dir, tmp_path, capsys):
 
 
 def test_sigterm_saves_and_exits_0(run_dir, tmp_path):
-    """Preemption: SIGTERM mid-stage -> checkpoint at the next step, exit 0, resumable."""
+    """Preemption: SIGTERM mid-stage -> checkpoint at the next step, exit 0, resumable. The
+    stage is DPO's; every stage runs on the same host loop (`loops/train.run_stage`)."""
     import signal
     import subprocess
     import sys
@@ -90,13 +91,14 @@ def test_sigterm_saves_and_exits_0(run_dir, tmp_path):
         sys.executable,
         "-m",
         "rlhf_jax.cli",
-        "sft",
+        "dpo",
         "--output",
         str(out),
         *SMALL,
-        "sft.steps=100000",
-        f"model.path={run_dir / 'sft'}",
-        f"sft.data={run_dir / 'data' / 'sft.jsonl'}",
+        "dpo.steps=100000",
+        "dpo.batch_size=8",
+        f"dpo.policy={run_dir / 'sft'}",
+        f"dpo.data={run_dir / 'data' / 'rankings.jsonl'}",
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
@@ -108,8 +110,8 @@ def test_sigterm_saves_and_exits_0(run_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
-    assert "stopped: sft stopped at step" in err
-    saved = [p.name for p in (out / "checkpoints" / "sft").iterdir() if p.name.isdigit()]
+    assert "stopped: dpo stopped at step" in err
+    saved = [p.name for p in (out / "checkpoints" / "dpo").iterdir() if p.name.isdigit()]
     assert saved and int(saved[0]) >= 2
 
 
