@@ -121,17 +121,12 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "sft")
     model_cfg, params = load_model(model_path, cfg, runtime)
-    s = cfg.sft
     params = train_lm(
         "sft",
         model_cfg,
         params,
         arrays,
-        s.steps,
-        s.batch_size,
-        s.optim,
-        s.loss,
-        s.loss_kwargs,
+        cfg.sft,
         jax.random.key(cfg.seed),
         cfg.seed,
         logger,

@@ -120,7 +120,13 @@ def _preference_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval
         "peak_device_mib": None,
         "reward": "rankings (offline)",
         "heldout_pair_accuracy": preference_metrics(run, f.model_cfg, params, held)["accuracy"],
-        "setup": {"loss": d.loss, "beta": d.beta, "steps": d.steps, "batch_size": d.batch_size},
+        "setup": {
+            "loss": "dpo" if d.loss == "default" else d.loss,
+            "loss_kwargs": d.loss_kwargs,
+            "beta": d.beta,
+            "steps": d.steps,
+            "batch_size": d.batch_size,
+        },
         "samples": [
             {"prompt": q, "response": r}
             for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])

@@ -222,11 +222,7 @@ def _base_model(cfg: Config, d: _Data, keys, logger, runtime, out: Path):
         model_cfg,
         params,
         RunEncoder(cfg, d.tokenizer).lm_texts(d.ptx_examples, pre.max_len),
-        pre.steps,
-        pre.batch_size,
-        pre.optim,
-        "default",
-        {},
+        pre,
         keys["pretrain"],
         cfg.seed,
         logger,
@@ -267,17 +263,12 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     model_cfg, params = _base_model(cfg, d, keys, logger, runtime, out)
 
     # Step 1: SFT.
-    s = cfg.sft
     sft_params = train_lm(
         "sft",
         model_cfg,
         params,
         d.arrays["sft"],
-        s.steps,
-        s.batch_size,
-        s.optim,
-        s.loss,
-        s.loss_kwargs,
+        cfg.sft,
         keys["sft"],
         cfg.seed,
         logger,

@@ -15,16 +15,14 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import Config
-from rlhf_jax.data import batches
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.batched import map_batches
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import run_train_loop
+from rlhf_jax.loops.train import train_section
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig
-from rlhf_jax.steps import make_optimizer
 from rlhf_jax.steps.preference import (
     completion_token_mask,
     make_logps_fn,
@@ -65,23 +63,11 @@ def train_preference(
     if d.steps == 0:
         return policy_params
     step_fn = make_preference_step(model_cfg, _loss_fn(cfg), d.optim.grad_accum)
-    state = run_train_loop(
-        step_fn,
-        policy_params,
-        make_optimizer(d.optim, d.steps),
-        lambda start: batches(train, d.batch_size, cfg.seed + 3, start=start),
-        d.steps,
-        key,
-        logger,
-        stage,
-        cfg.log.every,
-        runtime,
-        runtime.param_shardings(model_cfg),
-        "dpo.batch_size",
-        checkpoints,
-        d.optim.max_consecutive_skips,
-    )
-    return state.params
+    shardings = runtime.param_shardings(model_cfg)
+    return train_section(
+        stage, d, step_fn, policy_params, train, cfg.seed + 3, key, logger, runtime, shardings,
+        cfg.log.every, checkpoints, "dpo.batch_size",
+    ).params  # fmt: skip
 
 
 def preference_metrics(cfg: Config, model_cfg: ModelConfig, params, arrays: dict) -> dict:

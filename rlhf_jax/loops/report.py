@@ -161,9 +161,10 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
 
 def _setup_text(setup: dict[str, Any]) -> str:
     if "advantage" not in setup:  # an offline preference run
+        kwargs = "".join(f", {k} {v}" for k, v in setup.get("loss_kwargs", {}).items())
         return (
-            f"{setup['loss']} loss (beta {setup['beta']:g}) offline on the RM's rankings, "
-            f"{setup['steps']} steps x {setup['batch_size']} prompts"
+            f"{setup['loss']} loss (beta {setup['beta']:g}{kwargs}) offline on the RM's "
+            f"rankings, {setup['steps']} steps x {setup['batch_size']} prompts"
         )
     return (
         f"advantage {setup['advantage']}, G={setup['samples_per_prompt']} x "

@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import Config, ModelSpec, OptimConfig
-from rlhf_jax.data import batches
+from rlhf_jax.config import Config, ModelSpec, PretrainConfig, SFTConfig
 from rlhf_jax.loops.batched import map_batches
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import run_train_loop
+from rlhf_jax.loops.train import train_section
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, forward, init_params, init_scalar_head
 from rlhf_jax.models.config import FAMILY_SWITCHES
@@ -23,7 +22,6 @@ from rlhf_jax.ops import next_token_logprobs
 from rlhf_jax.sharding import init_sharded
 from rlhf_jax.steps import (
     completion_rewards,
-    make_optimizer,
     make_reward_step,
     make_sft_step,
     score_sequences,
@@ -67,11 +65,7 @@ def train_lm(
     model_cfg: ModelConfig,
     params,
     arrays: dict[str, np.ndarray],
-    steps: int,
-    batch_size: int,
-    optim: OptimConfig,
-    loss_name: str,
-    loss_kwargs: dict,
+    section: PretrainConfig | SFTConfig,
     key: jax.Array,
     seed: int,
     logger: MetricsLogger,
@@ -79,28 +73,19 @@ def train_lm(
     runtime: Runtime,
     checkpoints: StageCheckpoints | None = None,
 ):
-    """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) for `steps`."""
-    if steps == 0:
+    """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) as the config
+    `section` says (steps, batch size, optimizer; SFT's also names its loss)."""
+    if section.steps == 0:
         return params
-    loss_fn = get_loss("sft", loss_name, **loss_kwargs)
-    step_fn = make_sft_step(model_cfg, loss_fn, optim.grad_accum)
-    state = run_train_loop(
-        step_fn,
-        params,
-        make_optimizer(optim, steps),
-        lambda start: batches(arrays, batch_size, seed, start=start),
-        steps,
-        key,
-        logger,
-        stage,
-        log_every,
-        runtime,
-        runtime.param_shardings(model_cfg),
-        f"{stage}.batch_size",
-        checkpoints,
-        optim.max_consecutive_skips,
+    loss_fn = get_loss(
+        "sft", getattr(section, "loss", "default"), **getattr(section, "loss_kwargs", {})
     )
-    return state.params
+    step_fn = make_sft_step(model_cfg, loss_fn, section.optim.grad_accum)
+    shardings = runtime.param_shardings(model_cfg)
+    return train_section(
+        stage, section, step_fn, params, arrays, seed, key, logger, runtime, shardings, log_every,
+        checkpoints,
+    ).params  # fmt: skip
 
 
 @functools.lru_cache(maxsize=8)
@@ -143,23 +128,11 @@ def train_reward_model(
     rm = cfg.rm
     loss_fn = get_loss("reward", rm.loss, **rm.loss_kwargs)
     step_fn = make_reward_step(model_cfg, loss_fn, rm.optim.grad_accum)
-    state = run_train_loop(
-        step_fn,
-        params,
-        make_optimizer(rm.optim, rm.steps),
-        lambda start: batches(train, rm.batch_size, cfg.seed + 1, start=start),
-        rm.steps,
-        train_key,
-        logger,
-        "rm",
-        cfg.log.every,
-        runtime,
-        runtime.param_shardings(model_cfg, scalar=True),
-        "rm.batch_size",
-        checkpoints,
-        rm.optim.max_consecutive_skips,
-    )
-    return state.params
+    shardings = runtime.param_shardings(model_cfg, scalar=True)
+    return train_section(
+        "rm", rm, step_fn, params, train, cfg.seed + 1, train_key, logger, runtime, shardings,
+        cfg.log.every, checkpoints,
+    ).params  # fmt: skip
 
 
 def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:

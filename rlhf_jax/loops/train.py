@@ -19,12 +19,13 @@ from typing import Any
 
 import jax
 
+from rlhf_jax.data import batches
 from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.sharding import batch_sharding, init_sharded_state, jit_step
-from rlhf_jax.steps import TrainState
+from rlhf_jax.steps import TrainState, make_optimizer
 
 # Metrics shown in the progress bar when present.
 BAR_KEYS = (
@@ -197,3 +198,39 @@ def run_train_loop(
         max_consecutive_skips,
     )
     return run_stage(spec, key, logger, checkpoints)
+
+
+def train_section(
+    stage: str,
+    section: Any,
+    step_fn: Callable,
+    params,
+    arrays: dict,
+    data_seed: int,
+    key: jax.Array,
+    logger: MetricsLogger,
+    runtime: Runtime,
+    param_shardings,
+    log_every: int,
+    checkpoints: StageCheckpoints | None = None,
+    batch_key: str | None = None,
+):
+    """`run_train_loop` for a config section with `steps`, `batch_size` and `optim` (pretrain,
+    sft, rm, dpo): Adam from `section.optim`, shuffled batches of `arrays` seeded by
+    `data_seed`. `batch_key` (default `<stage>.batch_size`) names the batch size in errors."""
+    return run_train_loop(
+        step_fn,
+        params,
+        make_optimizer(section.optim, section.steps),
+        lambda start: batches(arrays, section.batch_size, data_seed, start=start),
+        section.steps,
+        key,
+        logger,
+        stage,
+        log_every,
+        runtime,
+        param_shardings,
+        batch_key or f"{stage}.batch_size",
+        checkpoints,
+        section.optim.max_consecutive_skips,
+    )

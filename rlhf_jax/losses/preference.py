@@ -90,6 +90,15 @@ def _metrics(loss, outputs, batch, better_BKK, rewards_BK) -> dict[str, jax.Arra
     }
 
 
+def _pairwise_loss(outputs, batch, beta, weighting, per_pair) -> LossOut:
+    """`per_pair(log_ratio [B, K]) -> [B, K, K]` reduced over the ranked pairs, with the
+    implicit rewards `beta * log_ratio` in the metrics."""
+    better_BKK = _winner_loser(batch)
+    log_ratio_BK = _log_ratios(outputs, batch)
+    loss = _reduce(per_pair(log_ratio_BK), better_BKK, weighting)
+    return LossOut(loss, _metrics(loss, outputs, batch, better_BKK, beta * log_ratio_BK))
+
+
 def _check_smoothing(label_smoothing: float, hi: float, name: str) -> None:
     if not 0.0 <= float(label_smoothing) < hi:
         raise RlhfJaxError(
@@ -115,14 +124,15 @@ def dpo(
     flipped with probability eps, so the loss no longer pushes the margin to infinity.
     """
     _check_smoothing(label_smoothing, 1.0, "dpo")
-    better_BKK = _winner_loser(batch)
-    d_BKK = _pairwise(_log_ratios(outputs, batch))
-    per_pair = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * d_BKK)
-    if label_smoothing:
-        per_pair = per_pair - label_smoothing * jax.nn.log_sigmoid(-beta * d_BKK)
-    loss = _reduce(per_pair, better_BKK, weighting)
-    rewards = beta * _log_ratios(outputs, batch)
-    return LossOut(loss, _metrics(loss, outputs, batch, better_BKK, rewards))
+
+    def per_pair(log_ratio_BK):
+        d_BKK = _pairwise(log_ratio_BK)
+        out = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * d_BKK)
+        if label_smoothing:
+            out = out - label_smoothing * jax.nn.log_sigmoid(-beta * d_BKK)
+        return out
+
+    return _pairwise_loss(outputs, batch, beta, weighting, per_pair)
 
 
 @register_loss("preference", "robust_dpo", reads=READS)
@@ -139,15 +149,14 @@ def robust_dpo(
     `[-(1 - eps) log sigmoid(beta * d) + eps log sigmoid(-beta * d)] / (1 - 2 eps)`.
     """
     _check_smoothing(label_smoothing, 0.5, "robust_dpo")
-    better_BKK = _winner_loser(batch)
-    d_BKK = _pairwise(_log_ratios(outputs, batch))
     eps = label_smoothing
-    per_pair = (
-        -(1.0 - eps) * jax.nn.log_sigmoid(beta * d_BKK) + eps * jax.nn.log_sigmoid(-beta * d_BKK)
-    ) / (1.0 - 2.0 * eps)
-    loss = _reduce(per_pair, better_BKK, weighting)
-    rewards = beta * _log_ratios(outputs, batch)
-    return LossOut(loss, _metrics(loss, outputs, batch, better_BKK, rewards))
+
+    def per_pair(log_ratio_BK):
+        d_BKK = beta * _pairwise(log_ratio_BK)
+        flipped = eps * jax.nn.log_sigmoid(-d_BKK)
+        return (-(1.0 - eps) * jax.nn.log_sigmoid(d_BKK) + flipped) / (1.0 - 2.0 * eps)
+
+    return _pairwise_loss(outputs, batch, beta, weighting, per_pair)
 
 
 @register_loss("preference", "ipo", reads=READS)
@@ -156,9 +165,9 @@ def ipo(outputs: Arrays, batch: Arrays, beta: float, weighting: Weighting = "pro
     difference of the per-token mean log-ratios (each completion's summed log-ratio divided
     by its token count: the length normalisation the IPO authors used, as TRL does). The
     margin is regressed to a finite target instead of pushed without bound."""
-    better_BKK = _winner_loser(batch)
-    log_ratio_BK = _log_ratios(outputs, batch)
     tokens_BK = jnp.maximum(jnp.asarray(batch["completion_tokens"], jnp.float32), 1.0)
-    d_BKK = _pairwise(log_ratio_BK / tokens_BK)
-    loss = _reduce((d_BKK - 1.0 / (2.0 * beta)) ** 2, better_BKK, weighting)
-    return LossOut(loss, _metrics(loss, outputs, batch, better_BKK, beta * log_ratio_BK))
+
+    def per_pair(log_ratio_BK):
+        return (_pairwise(log_ratio_BK / tokens_BK) - 1.0 / (2.0 * beta)) ** 2
+
+    return _pairwise_loss(outputs, batch, beta, weighting, per_pair)
