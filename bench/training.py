@@ -60,6 +60,19 @@ def _optimizer():
     )
 
 
+def _trl_runner(trainer, model, shape: tuple[int, int], what: str, needs: tuple[str, ...] = ()):
+    """One TRL step as `Trainer.train` runs it, on a batch taken once from the trainer's own
+    dataloader, after checking that the batch has the shape (and keys) compared against."""
+    trl_setup.prepare(trainer)
+    inputs = next(iter(trainer.get_train_dataloader()))
+    if tuple(inputs["input_ids"].shape) != shape:
+        raise RuntimeError(f"TRL {what} batch is {tuple(inputs['input_ids'].shape)}")
+    missing = [k for k in needs if k not in inputs]
+    if missing:
+        raise RuntimeError(f"TRL {what} batch lacks {missing}")
+    return trl_setup.step_runner(trainer, model, dict(inputs))
+
+
 def _jax_runner(step, state, batch):
     """A callable that runs one donated step and waits for it; the state lives in a cell."""
     import jax
@@ -109,12 +122,7 @@ def trl_sft(folder: Path, ids: np.ndarray, vocab: int):
         train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}),
         processing_class=trl_setup.tokenizer(vocab),
     )
-    trl_setup.prepare(trainer)
-    inputs = next(iter(trainer.get_train_dataloader()))
-    if tuple(inputs["input_ids"].shape) != (batch, seq):
-        raise RuntimeError(f"TRL SFT batch is {tuple(inputs['input_ids'].shape)}")
-
-    return trl_setup.step_runner(trainer, model, dict(inputs))
+    return _trl_runner(trainer, model, (batch, seq), "SFT")
 
 
 # ----------------------------------------------------------------------------- RM
@@ -162,12 +170,7 @@ def trl_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray, vocab: int):
         train_dataset=datasets.Dataset.from_dict(data),
         processing_class=trl_setup.tokenizer(vocab),
     )
-    trl_setup.prepare(trainer)
-    inputs = next(iter(trainer.get_train_dataloader()))
-    if tuple(inputs["input_ids"].shape) != (2 * b, length):
-        raise RuntimeError(f"TRL RM batch is {tuple(inputs['input_ids'].shape)}")
-
-    return trl_setup.step_runner(trainer, model, dict(inputs))
+    return _trl_runner(trainer, model, (2 * b, length), "RM")
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -225,14 +228,7 @@ def trl_dpo(folder: Path, prompt: np.ndarray, chosen: np.ndarray, rejected: np.n
         train_dataset=datasets.Dataset.from_dict(data),
         processing_class=trl_setup.tokenizer(vocab),
     )
-    trl_setup.prepare(trainer)
-    inputs = next(iter(trainer.get_train_dataloader()))
-    if tuple(inputs["input_ids"].shape) != (2 * b, length):
-        raise RuntimeError(f"TRL DPO batch is {tuple(inputs['input_ids'].shape)}")
-    if "ref_chosen_logps" not in inputs:
-        raise RuntimeError("TRL DPO batch has no precomputed reference log-probs")
-
-    return trl_setup.step_runner(trainer, model, dict(inputs))
+    return _trl_runner(trainer, model, (2 * b, length), "DPO", needs=("ref_chosen_logps",))
 
 
 # ----------------------------------------------------------------------------- main
