@@ -117,7 +117,9 @@ def _preference_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval
     return {
         **ev.compare_to_reference(result, sft_eval, kl, boot, seed),
         "wall_seconds": wall,
-        "peak_device_mib": None,
+        "peak_device_mib": f.logger.history[stage][-1].get("perf/peak_device_mib")
+        if f.logger.history.get(stage)
+        else None,
         "reward": "rankings (offline)",
         "heldout_pair_accuracy": preference_metrics(run, f.model_cfg, params, held)["accuracy"],
         "setup": {

@@ -24,7 +24,7 @@ from rlhf_jax.data import batches
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import Stage, run_stage
+from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, init_scalar_head
 from rlhf_jax.rewards import score_texts
@@ -51,27 +51,6 @@ class RLModels:
     sft_params: dict
     reward_cfg: ModelConfig | None = None
     reward_params: dict | None = None
-
-
-class CompiledOnce:
-    """A jitted function compiled ahead of time on its first call's arguments, so that XLA's
-    memory analysis of the very program that runs is known without a second compile."""
-
-    def __init__(self, jitted: Callable):
-        self.jitted, self.compiled = jitted, None
-
-    def __call__(self, *args):
-        if self.compiled is None:
-            self.compiled = self.jitted.lower(*args).compile()
-        return self.compiled(*args)
-
-    def peak_bytes(self) -> int:
-        """Per device: arguments + outputs + temporaries, less what donation aliases."""
-        m = self.compiled.memory_analysis() if self.compiled is not None else None
-        if m is None:
-            return 0
-        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-        return int(total - m.alias_size_in_bytes)
 
 
 def _critic_init(models: RLModels, key: jax.Array) -> tuple[ModelConfig, dict]:
