@@ -32,3 +32,15 @@ def map_batches(
             batch = {k: np.concatenate([v, np.repeat(v[-1:], short, 0)]) for k, v in batch.items()}
         outs.append(jax.device_get(fn(batch, start) if with_offset else fn(batch)))
     return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outs)
+
+
+def map_params(
+    fn: Callable[[Any, dict], Any],
+    params: Any,
+    arrays: Mapping[str, np.ndarray],
+    keys: tuple[str, ...],
+    batch_size: int,
+) -> Any:
+    """`map_batches` of a compiled `fn(params, batch)` over the `keys` of `arrays` (only
+    those travel to the device)."""
+    return map_batches(lambda b: fn(params, b), {k: arrays[k] for k in keys}, batch_size)

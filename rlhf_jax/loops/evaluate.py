@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -62,6 +63,7 @@ def decode_responses(tokenizer, samples: dict[str, np.ndarray]) -> list[str]:
     ]
 
 
+@functools.lru_cache(maxsize=8)  # one compile per model, however many policies are scored
 def make_sequence_logprob_fn(cfg: ModelConfig, temperature: float) -> Callable:
     """`fn(params, prompt_ids, prompt_mask, tokens, mask) -> [B]` summed response log-probs."""
 

@@ -11,12 +11,14 @@ more than once) and 4 bytes per completion of host memory.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.batched import map_batches
+from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -35,10 +37,16 @@ def _loss_fn(cfg: Config):
     return get_loss("preference", d.loss, beta=d.beta, **d.loss_kwargs)
 
 
+@functools.lru_cache(maxsize=8)
+def _logps_fn(model_cfg: ModelConfig):
+    """One compiled log-prob function per model (reference, policy, held-out: one compile)."""
+    return jax.jit(make_logps_fn(model_cfg))
+
+
 def sequence_logps(model_cfg: ModelConfig, params, arrays: dict, batch_size: int) -> np.ndarray:
     """[N, K] summed completion log-probs of every ranking row under `params`."""
-    fn = jax.jit(make_logps_fn(model_cfg))
-    return map_batches(lambda b: fn(params, b), arrays, batch_size).astype(np.float32)
+    keys = ("input_ids", "attention_mask", "completion_start")
+    return map_params(_logps_fn(model_cfg), params, arrays, keys, batch_size).astype(np.float32)
 
 
 def with_reference_logps(model_cfg: ModelConfig, ref_params, arrays: dict, batch_size: int):

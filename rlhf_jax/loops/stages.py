@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import Config, ModelSpec, PretrainConfig, SFTConfig
-from rlhf_jax.loops.batched import map_batches
+from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
@@ -90,8 +90,8 @@ def train_lm(
 
 @functools.lru_cache(maxsize=8)
 def _row_nll(model_cfg: ModelConfig):
-    """One compiled evaluator per model (the report scores several policies): per row, the
-    summed next-token loss of its target tokens and their count."""
+    """Per row, the summed next-token loss of its target tokens and their count (cached per
+    model, like the evaluators below)."""
 
     def fn(params, batch):
         logits = forward(model_cfg, params, batch["input_ids"], batch["attention_mask"])
@@ -106,9 +106,8 @@ def lm_loss(
     model_cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int
 ) -> float:
     """Mean next-token loss over every target token of `arrays` (token-weighted, every row)."""
-    fn = _row_nll(model_cfg)
     keys = ("input_ids", "attention_mask", "loss_mask")
-    nll, tokens = map_batches(lambda b: fn(params, b), {k: arrays[k] for k in keys}, batch_size)
+    nll, tokens = map_params(_row_nll(model_cfg), params, arrays, keys, batch_size)
     return float(nll.sum() / max(tokens.sum(), 1.0))
 
 
@@ -137,9 +136,8 @@ def train_reward_model(
 
 def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:
     """Pairwise accuracy / margin over every pair of `arrays` at once (pair-weighted)."""
-    fn = jax.jit(lambda p, b: completion_rewards(model_cfg, p, b))
     keys = ("input_ids", "attention_mask")
-    rewards = map_batches(lambda b: fn(params, b), {k: arrays[k] for k in keys}, cfg.rm.batch_size)
+    rewards = map_params(_rewards_fn(model_cfg), params, arrays, keys, cfg.rm.batch_size)
     loss_fn = get_loss("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
     m = loss_fn({"rewards": rewards}, arrays).metrics
     return {"accuracy": float(m["rm/accuracy"]), "margin": float(m["rm/margin"]),
@@ -150,10 +148,18 @@ def score_all(
     model_cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int = 256
 ) -> np.ndarray:
     """RM score of every row of `arrays` (input_ids, attention_mask), in batches."""
-    fn = jax.jit(lambda p, i, m: score_sequences(model_cfg, p, i, m))
-    keys = ("input_ids", "attention_mask")
-    return map_batches(
-        lambda b: fn(params, b["input_ids"], b["attention_mask"]),
-        {k: arrays[k] for k in keys},
-        batch_size,
+    return map_params(
+        _score_fn(model_cfg), params, arrays, ("input_ids", "attention_mask"), batch_size
     )
+
+
+# One compiled evaluator per model: the pipeline and the comparison evaluate several weights of
+# the same model, and a fresh `jax.jit` per call would compile each time.
+@functools.lru_cache(maxsize=8)
+def _rewards_fn(model_cfg: ModelConfig):
+    return jax.jit(functools.partial(completion_rewards, model_cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _score_fn(model_cfg: ModelConfig):
+    return jax.jit(lambda p, b: score_sequences(model_cfg, p, b["input_ids"], b["attention_mask"]))

@@ -19,14 +19,13 @@ from rlhf_jax.steps.optim import make_optimizer, make_schedule
 from rlhf_jax.steps.preference import completion_logps, make_logps_fn, make_preference_step
 from rlhf_jax.steps.reward import (
     completion_rewards,
-    make_reward_eval,
     make_reward_step,
     normalize_reward_bias,
     score_sequences,
 )
 from rlhf_jax.steps.rl_state import Frozen, RLState, init_rl_state
 from rlhf_jax.steps.rl_update import make_update_fn
-from rlhf_jax.steps.sft import make_sft_eval, make_sft_step
+from rlhf_jax.steps.sft import make_sft_step
 from rlhf_jax.steps.state import TrainState, accumulate_gradients
 
 __all__ = [
@@ -45,11 +44,9 @@ __all__ = [
     "make_logps_fn",
     "make_optimizer",
     "make_preference_step",
-    "make_reward_eval",
     "make_reward_step",
     "make_sample_fn",
     "make_schedule",
-    "make_sft_eval",
     "make_sft_step",
     "make_update_fn",
     "normalize_reward_bias",

@@ -49,16 +49,6 @@ def make_reward_step(
     return make_supervised_step(compute_loss, grad_accum)
 
 
-def make_reward_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) -> Callable:
-    """`evaluate(params, batch) -> metrics` (accuracy, margin, loss) without an update."""
-
-    def evaluate(params, batch):
-        rewards = completion_rewards(model_config, params, batch)
-        return loss_fn({"rewards": rewards}, batch).metrics
-
-    return evaluate
-
-
 def normalize_reward_bias(params: dict, scores: jax.Array) -> dict:
     """Shift the head bias so `scores` (the RM's rewards of the SFT demonstrations) average 0,
     as InstructGPT does after RM training. Rankings are unaffected."""

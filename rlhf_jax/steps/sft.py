@@ -32,12 +32,3 @@ def make_sft_step(
         return out.loss, out.metrics
 
     return make_supervised_step(compute_loss, grad_accum)
-
-
-def make_sft_eval(model_config: ModelConfig, loss_fn: Callable[..., LossOut]) -> Callable:
-    """`evaluate(params, batch) -> metrics` with the same loss, no update."""
-
-    def evaluate(params, batch):
-        return loss_fn(_lm_outputs(model_config, params, batch), batch).metrics
-
-    return evaluate
