@@ -276,9 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    from rlhf_jax.loops.resume import StagePaused
-
     try:
+        # Inside the try: a Ctrl-C while jax is still importing is a plain "interrupted" too.
+        from rlhf_jax.loops.resume import StagePaused
+
         return args.run(args)
     except RlhfJaxError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -289,12 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except StagePaused as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 0
     except KeyboardInterrupt:  # a second Ctrl-C while a training stage was stopping
         print("error: interrupted", file=sys.stderr)
         return 130
+    except StagePaused as e:  # (after KeyboardInterrupt: unbound if the import was cut short)
+        print(f"stopped: {e}", file=sys.stderr)
+        return 0
     finally:
         for restore in _RESTORE_SIGNALS:
             restore()
