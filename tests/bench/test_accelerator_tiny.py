@@ -1,0 +1,48 @@
+"""bench/accelerator.sh runs end to end at --size tiny on the CPU: one table with every row,
+no row failed, and the markdown and JSON written under --out."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bench.accelerator import COLUMNS  # noqa: E402
+from bench.accelerator_common import ROWS  # noqa: E402
+
+
+def test_accelerator_tiny(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("XLA_FLAGS", None)  # a test's fake device count must not reach the check
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench" / "accelerator.sh"), "--size", "tiny", "--out", str(tmp_path)],
+        cwd=tmp_path,  # the wrapper must not depend on the caller's directory
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("**device:**") and "accelerator.sh --size tiny" in lines[0]
+    table = [ln for ln in lines if ln.startswith("|")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == list(COLUMNS)
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in table[2:]]
+    assert [r[0] for r in rows] == [row.check for row in ROWS]
+    for r in rows:
+        assert len(r) == len(COLUMNS), r
+        assert not any(c.startswith("failed:") for c in r), (r, proc.stderr[-3000:])
+    # MFU and the measured peak need a GPU: on the CPU they say so instead of failing.
+    by_check = {r[0]: r for r in rows}
+    assert by_check["3. SFT step MFU, bf16"][2].startswith("n/a on cpu")
+    assert by_check["5. peak memory, SFT step"][3].startswith("predicted ")
+    assert (tmp_path / "accelerator.md").read_text().strip() == proc.stdout.strip()
+    data = json.loads((tmp_path / "accelerator.json").read_text())
+    assert [r["id"] for r in data["rows"]] == [row.id for row in ROWS]
+    assert data["rows"][0]["values"]["logit_diff"] < 1e-4  # fp32 against transformers
+    assert data["rows"][1]["values"]["logprob_diff"] < 0.1  # bf16 against transformers bf16
