@@ -75,6 +75,10 @@ class ModelSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"  # computation
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage
     remat: bool = False  # recompute layer activations in backward (saves memory)
+    # Storage of the weights RL only reads (the reference policy, the reward model, and a
+    # LoRA policy's base, which is the reference): bfloat16 halves them. null = param_dtype.
+    # They are computed in `dtype`; log-probs, KL, advantages and losses stay float32.
+    frozen_dtype: Literal["float32", "bfloat16"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +98,9 @@ class OptimConfig:
     eps_root: float = 0.0
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step, accumulated inside the step
+    # Adam's first moment stored in bfloat16 (optax's mu_dtype; the second moment stays in
+    # the weights' dtype): 2 bytes per trained parameter less. null = the weights' dtype.
+    mu_dtype: Literal["float32", "bfloat16"] | None = None
     # An update whose gradients hold a NaN/Inf is skipped and counted; this many skipped in a
     # row stop the run with an error (the newest checkpoint, from before them, is kept).
     max_consecutive_skips: int = 10
@@ -221,6 +228,11 @@ class PPOConfig:
     kl_target: float = 6.0
     kl_horizon: int = 10000
     vf_coef: float = 0.1  # weight of the critic's loss (when there is a critic)
+    # The critic (for estimators that need one): a separate value model started from the
+    # reward model (InstructGPT), or a value head on the policy's own trunk (three models in
+    # memory instead of four, one trunk forward less per update; the head trains with the
+    # policy's optimizer, so ppo.value_optim is unused).
+    critic: Literal["separate", "shared_trunk"] = "separate"
     # A response that never emits EOS is scored `score - missing_eos_penalty` (null: no penalty).
     missing_eos_penalty: float | None = 1.0
     # Or a fixed score for such responses, replacing the RM's (takes precedence when set).
@@ -247,6 +259,26 @@ class PPOConfig:
         if self.kl_estimator is not None:
             return self.kl_estimator
         return "k3" if self.kl_penalty == "loss" else "k1"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021): the models named in `models` train only
+    adapters on their projections; their base weights stay frozen, their optimizer holds the
+    adapters' moments alone, and checkpoints hold only what trains. The weights a stage
+    writes (OUTPUT/sft, OUTPUT/rm, ...) have the adapters folded in, so transformers and the
+    next stage load them as a plain model. RL's reference policy is the base with the
+    adapters switched off: no second copy. See docs/memory.md."""
+
+    rank: int = 0  # 0 = off (full fine-tuning)
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    # Projections that get adapters: q, k, v, o (attention) and gate, up, down (MLP)
+    targets: tuple[Literal["q", "k", "v", "o", "gate", "up", "down"], ...] = (
+        "q", "k", "v", "o", "gate", "up", "down",
+    )  # fmt: skip
+    # Which models train adapters: policy (sft, dpo and the RL policy), reward (rm), critic
+    # (the RL value model). Pretraining from scratch always trains every weight.
+    models: tuple[Literal["policy", "reward", "critic"], ...] = ("policy",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +398,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "ema_decay": BELOW_1,
     },
     "PtxConfig": {"coef": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},
+    "LoraConfig": {"rank": AT_LEAST_0, "alpha": POSITIVE},
     "EvalConfig": {"n_samples": AT_LEAST_1, "temperature": AT_LEAST_0, "bootstrap": AT_LEAST_1},
     "LogConfig": {"every": AT_LEAST_1},
     # mesh axes: a size or -1 ("the rest"), checked in MeshConfig itself
@@ -461,6 +494,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     ptx: PtxConfig = field(default_factory=PtxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -478,6 +512,8 @@ class Config:
                 f"{p.episodes} responses of an iteration (ppo.rollout_batch={p.rollout_batch} x "
                 f"ppo.samples_per_prompt={p.samples_per_prompt})"
             )
+        if self.lora.rank > 0 and not self.lora.targets:
+            raise RlhfJaxError("config key 'lora.targets': LoRA needs at least one projection")
         if p.kl_penalty == "none" and p.adaptive_kl:
             raise RlhfJaxError(
                 "config key 'ppo.adaptive_kl': the KL controller needs a KL term, but "

@@ -33,7 +33,7 @@ from rlhf_jax.loops.preference import (
 )
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
-from rlhf_jax.loops.rl import RLModels, train_rl
+from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.settings import stage_settings
 from rlhf_jax.loops.setup import load_model, shift_reward_bias, start_run, stop_ids
@@ -140,6 +140,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
                 cfg, STAGE_SECTIONS + ("sft",), {"model.path": model_path, "sft.data": data}
             ),
         ),
+        cfg.lora,
     )
     _finish(out, logger, [report])
     return save_hf(model_cfg, params, out / "sft", tokenizer)
@@ -275,7 +276,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         tokenizer=tokenizer,
     )
     _finish(out, logger, reports)
-    params = state.ema_params if state.ema_params is not None else state.policy.params
+    params = final_policy(cfg, models, state)
     return save_hf(models.policy_cfg, params, out / "policy", tokenizer)
 
 

@@ -275,6 +275,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         cfg.log.every,
         runtime,
         StageCheckpoints(out, "sft", cfg.checkpoint, pipeline_settings(cfg, "sft")),
+        cfg.lora,
     )
     save_hf(model_cfg, sft_params, out / "sft", d.tokenizer)
 

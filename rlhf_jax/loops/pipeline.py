@@ -19,7 +19,7 @@ from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json, write_markdown
 from rlhf_jax.loops.resume import StageCheckpoints
-from rlhf_jax.loops.rl import RLModels, train_rl
+from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
 from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.stages import lm_loss
 from rlhf_jax.models import save_hf
@@ -44,7 +44,7 @@ def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True):
         checkpoints=StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(cfg, "rl")),
         tokenizer=f.tokenizer,
     )
-    params = state.ema_params if state.ema_params is not None else state.policy.params
+    params = final_policy(cfg, models, state)
     return params, state
 
 

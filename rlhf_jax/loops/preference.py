@@ -18,6 +18,7 @@ import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.adapters import adapter_key, announce, stage_weights
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -66,16 +67,20 @@ def train_preference(
     stage: str = "dpo",
 ):
     """`dpo.steps` updates of the `dpo.loss` on `train` (ranking arrays with `ref_logps`),
-    from `policy_params` (left intact); returns the trained weights."""
+    from `policy_params` (left intact); returns the trained weights (a LoRA policy's
+    adapters folded in)."""
     d = cfg.dpo
     if d.steps == 0:
         return policy_params
-    step_fn = make_preference_step(model_cfg, _loss_fn(cfg), d.optim.grad_accum)
-    shardings = runtime.param_shardings(model_cfg)
-    return train_section(
-        stage, d, step_fn, policy_params, train, cfg.seed + 3, key, logger, runtime, shardings,
-        cfg.log.every, checkpoints, "dpo.batch_size",
-    ).params  # fmt: skip
+    w = stage_weights(cfg.lora, "policy", model_cfg, policy_params, adapter_key(key), runtime)
+    announce(w, stage)
+    step_fn = make_preference_step(w.config, _loss_fn(cfg), d.optim.grad_accum)
+    state = train_section(
+        stage, d, step_fn, w.trained, train, cfg.seed + 3, key, logger, runtime,
+        w.trained_shardings, cfg.log.every, checkpoints, "dpo.batch_size", frozen=w.frozen,
+        frozen_shardings=w.frozen_shardings,
+    )  # fmt: skip
+    return w.finished(state.params, state.frozen)[1]
 
 
 def preference_metrics(cfg: Config, model_cfg: ModelConfig, params, arrays: dict) -> dict:

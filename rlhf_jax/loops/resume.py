@@ -20,6 +20,7 @@ from rlhf_jax.checkpointing import Checkpointer, abstract_state, preemption_requ
 from rlhf_jax.config import CheckpointConfig
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.settings import differences
+from rlhf_jax.steps.state import with_frozen_of, without_frozen
 
 
 class StagePaused(Exception):
@@ -69,9 +70,13 @@ class StageCheckpoints:
             return state, 0
         try:
             self._check_settings(self.ckpt.read_meta(step))
+            # Frozen weights (LoRA's base) are not in checkpoints: they come from the
+            # model folder the stage loaded, as `state` holds them.
             restored, meta = self.ckpt.restore(
-                target=abstract_state(state, shardings), expect={"stage": self.stage}
+                target=abstract_state(without_frozen(state), without_frozen(shardings)),
+                expect={"stage": self.stage},
             )
+            restored = with_frozen_of(restored, state)
         except BaseException:
             self.close()  # no orbax thread left running behind the error
             raise
@@ -110,7 +115,7 @@ class StageCheckpoints:
         meta = {"stage": self.stage, "step": step}
         if self.settings is not None:
             meta["settings"] = self.settings
-        self.ckpt.save(step, state, meta, force=stop or step == n_steps)
+        self.ckpt.save(step, without_frozen(state), meta, force=stop or step == n_steps)
         if stop:
             self.close()
             raise StagePaused(self.stage, step, self.directory)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +22,23 @@ from jax.experimental import multihost_utils
 
 from rlhf_jax.config import Config
 from rlhf_jax.data import batches
+from rlhf_jax.loops.adapters import StageWeights, adapter_key, adapts, announce, stage_weights
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, init_scalar_head
+from rlhf_jax.models.lora import fold_adapters, merge_trees, with_lora
 from rlhf_jax.rewards import score_texts
-from rlhf_jax.sharding import init_sharded_state, jit_experience, jit_finish, jit_sample, jit_update
+from rlhf_jax.sharding import (
+    init_sharded_state,
+    jit_experience,
+    jit_finish,
+    jit_sample,
+    jit_update,
+    shard_tree,
+)
 from rlhf_jax.steps import (
     Frozen,
     RLAlgorithm,
@@ -38,6 +48,8 @@ from rlhf_jax.steps import (
     make_optimizer,
     make_sample_fn,
     make_update_fn,
+    policy_weights,
+    policy_with,
 )
 
 
@@ -59,6 +71,18 @@ def _critic_init(models: RLModels, key: jax.Array) -> tuple[ModelConfig, dict]:
         return models.reward_cfg, models.reward_params
     head = init_scalar_head(models.policy_cfg, key)
     return models.policy_cfg, {"trunk": models.sft_params, "head": head}
+
+
+def final_policy(cfg: Config, models: RLModels, state) -> Any:
+    """The trained policy as plain weights of `models.policy_cfg`: the EMA weights when kept,
+    for a LoRA policy its adapters folded into the SFT base, without a shared value head."""
+    trained = state.ema_params if state.ema_params is not None else state.policy.params
+    trained = {k: v for k, v in trained.items() if k != "value_head"}  # ppo.critic=shared_trunk
+    if not adapts(cfg.lora, "policy"):
+        return trained
+    lora = cfg.lora
+    adapted = with_lora(models.policy_cfg, lora.rank, lora.alpha, lora.targets)
+    return fold_adapters(adapted, merge_trees(models.sft_params, trained))[1]
 
 
 def _host_scorer(algo: RLAlgorithm, tokenizer) -> Callable:
@@ -89,7 +113,7 @@ class _Programs:
     """The compiled programs of one RL run and what feeds them."""
 
     experience: Callable  # (state, prompt batch, key) -> (Experience, metrics)
-    update: CompiledOnce
+    update: Callable  # (state, experience, ptx batch, key) -> (state, metrics)
     compiled: list[CompiledOnce]  # every program, for the memory figure
     use_ptx: bool
     n_mb: int  # minibatches per epoch
@@ -122,31 +146,52 @@ def rl_stage(cfg, models, data, special, key, runtime, stage="ppo", tokenizer=No
     ppo = cfg.ppo
     algo = RLAlgorithm.from_config(ppo)
     updates = ppo.iterations * ppo.epochs * (ppo.episodes // ppo.minibatch_size)
-    critic_cfg = critic_params = critic_sh = critic_tx = None
-    if algo.needs_critic:
-        # Iteration i uses fold_in(key, i); the head key is one no iteration reaches.
-        critic_cfg, critic_params = _critic_init(models, jax.random.fold_in(key, 2**31 - 1))
-        critic_sh = runtime.param_shardings(critic_cfg, scalar=True)
+    # Iteration i uses fold_in(key, i); the keys below are ones no iteration reaches.
+    policy = stage_weights(
+        cfg.lora, "policy", models.policy_cfg, models.sft_params, adapter_key(key), runtime
+    )
+    announce(policy, stage)
+    critic = None
+    critic_tx = None
+    head_key = jax.random.fold_in(key, 2**31 - 1)
+    if algo.shared_critic:  # the value head trains with the policy, on its trunk
+        head_sh = runtime.param_shardings(models.policy_cfg, scalar=True)["head"]
+        policy = dataclasses.replace(
+            policy,
+            trained={**policy.trained, "value_head": init_scalar_head(models.policy_cfg, head_key)},
+            trained_shardings={**policy.trained_shardings, "value_head": head_sh},
+        )
+    elif algo.needs_critic:
+        critic_cfg, critic_params = _critic_init(models, head_key)
+        critic = stage_weights(
+            cfg.lora, "critic", critic_cfg, critic_params, adapter_key(key, 1), runtime, True
+        )
+        announce(critic, f"{stage} critic")
         critic_tx = make_optimizer(ppo.value_optim, updates)
     policy_tx = make_optimizer(ppo.policy_optim, updates)
+    parts = (policy, critic)
+    # A LoRA policy's steps run the adapted config; its base stays in `models.sft_params`,
+    # placed once as `Frozen.ref` (the reference too).
+    models = dataclasses.replace(models, policy_cfg=policy.config)
 
     def init():
+        c = critic or StageWeights(None, None, None)
         return init_sharded_state(
-            lambda p, c: init_rl_state(p, c, policy_tx, critic_tx, ppo),
-            (models.sft_params, critic_params),
-            (runtime.param_shardings(models.policy_cfg), critic_sh),
+            lambda p, c, cf: init_rl_state(p, c, policy_tx, critic_tx, ppo, cf),
+            (policy.trained, c.trained, c.frozen),
+            (policy.trained_shardings, c.trained_shardings, c.frozen_shardings),
             runtime.mesh,
         )
 
     def program(state_sh, start: int):
         use_ptx = data[1] is not None and cfg.ptx.coef > 0
         programs = _compile(
-            cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenizer, use_ptx
+            cfg, algo, models, parts, state_sh, special, runtime, tokenizer, use_ptx
         )
         return _iteration(cfg, programs, data, start, runtime)
 
     limits = {"ppo/policy": ppo.policy_optim.max_consecutive_skips}
-    if algo.needs_critic:
+    if critic is not None:
         limits["ppo/value"] = ppo.value_optim.max_consecutive_skips
     return Stage(
         stage,
@@ -160,17 +205,24 @@ def rl_stage(cfg, models, data, special, key, runtime, stage="ppo", tokenizer=No
     )
 
 
-def _compile(cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenizer, use_ptx):
-    """The run's programs: experience (with the frozen weights placed) and update."""
+def _compile(cfg, algo, models, parts, state_sh, special, runtime, tokenizer, use_ptx):
+    """The run's programs: experience (with the frozen weights placed) and update.
+    parts: the policy's and critic's `StageWeights` (critic None without one)."""
     ppo = cfg.ppo
-    policy_sh = state_sh.policy.params
+    policy, critic = parts
+    critic_cfg = critic.config if critic is not None else None
+    lora_policy = policy.frozen is not None
+    ref_sh = None
+    if algo.uses_reference or lora_policy:  # (not trained_shardings: it may hold a value head)
+        ref_sh = policy.frozen_shardings if lora_policy else runtime.param_shardings(policy.config)
     reward_sh = None
     if algo.reward_fn is None:
         reward_sh = runtime.param_shardings(models.reward_cfg, scalar=True)
-    frozen_sh = Frozen(ref=policy_sh if algo.uses_reference else None, reward=reward_sh)
+    frozen_sh = Frozen(ref=ref_sh, reward=reward_sh)
+    dtype = cfg.model.frozen_dtype
     frozen = Frozen(
-        ref=runtime.place(models.sft_params, policy_sh) if algo.uses_reference else None,
-        reward=None if reward_sh is None else runtime.place(models.reward_params, reward_sh),
+        ref=None if ref_sh is None else _place_frozen(models.sft_params, ref_sh, dtype),
+        reward=None if reward_sh is None else _place_frozen(models.reward_params, reward_sh, dtype),
     )
     experience, compiled = _make_experience(
         cfg, algo, models, critic_cfg, (state_sh, frozen_sh), frozen, special, runtime, tokenizer
@@ -184,9 +236,32 @@ def _compile(cfg, algo, models, critic_cfg, state_sh, special, runtime, tokenize
         cfg.ptx.coef,
         ppo.policy_optim.grad_accum,
     )
-    update = CompiledOnce(jit_update(update_fn, state_sh, runtime.mesh, runtime.rules))
+    if lora_policy:  # the update reads the policy's base in `frozen`
+        compiled_update = CompiledOnce(
+            jit_update(update_fn, state_sh, runtime.mesh, runtime.rules, frozen_shardings=frozen_sh)
+        )
+
+        def update(state, exp, ptx_batch, key):
+            return compiled_update(state, exp, ptx_batch, key, frozen)
+    else:
+        compiled_update = update = CompiledOnce(
+            jit_update(update_fn, state_sh, runtime.mesh, runtime.rules)
+        )
     n_mb = ppo.episodes // ppo.minibatch_size
-    return _Programs(experience, update, [*compiled, update], use_ptx, n_mb)
+    return _Programs(experience, update, [*compiled, compiled_update], use_ptx, n_mb)
+
+
+def _place_frozen(params, shardings, dtype: str | None):
+    """Weights RL only reads, in their shards and (with `model.frozen_dtype`) cast there:
+    a new copy, so the caller's full-precision weights (e.g. the SFT policy a LoRA policy
+    folds into at the end) stay as they are."""
+    if dtype is None:
+        return shard_tree(params, shardings)
+    cast = jax.jit(
+        lambda p: jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, p),
+        out_shardings=shardings,
+    )
+    return cast(shard_tree(params, shardings))
 
 
 def _iteration(cfg, programs, data, start, runtime):
@@ -263,7 +338,7 @@ def _make_experience(
     sample = CompiledOnce(
         jit_sample(
             make_sample_fn(models.policy_cfg, ppo, eos_ids, pad_id),
-            state_sh.policy.params,
+            policy_with(models.policy_cfg, state_sh.policy.params, frozen_sh),
             mesh,
             rules,
         )
@@ -280,7 +355,8 @@ def _make_experience(
     score = _host_scorer(algo, tokenizer)
 
     def experience(state, b, k):
-        rollout = sample(state.policy.params, b["input_ids"], b["attention_mask"], k)
+        policy = policy_weights(models.policy_cfg, state, frozen)
+        rollout = sample(policy, b["input_ids"], b["attention_mask"], k)
         scores = runtime.global_batch({"scores": score(rollout)}, "ppo.rollout_batch")["scores"]
         return finish(state, frozen, rollout, scores)
 

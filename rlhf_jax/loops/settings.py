@@ -72,6 +72,10 @@ def stage_settings(
         if name in NOT_SHAPING:
             raise ValueError(f"section {name!r} does not shape training")
         _flatten(whole[name], name, out)
+    # LoRA shapes every stage that fine-tunes (not pretraining). Recorded only when on, so
+    # checkpoints written before the section existed still resume.
+    if cfg.lora.rank > 0 and set(sections) & {"sft", "rm", "dpo", "ppo"}:
+        _flatten(whole["lora"], "lora", out)
     for key, path in (reads or {}).items():
         if path is None:
             continue

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import Config, ModelSpec, PretrainConfig, SFTConfig
+from rlhf_jax.config import Config, LoraConfig, ModelSpec, PretrainConfig, SFTConfig
+from rlhf_jax.loops.adapters import adapter_key, announce, stage_weights
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -72,20 +73,25 @@ def train_lm(
     log_every: int,
     runtime: Runtime,
     checkpoints: StageCheckpoints | None = None,
+    lora: LoraConfig | None = None,
 ):
     """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) as the config
-    `section` says (steps, batch size, optimizer; SFT's also names its loss)."""
+    `section` says (steps, batch size, optimizer; SFT's also names its loss). With `lora`
+    naming the policy, only adapters train; the weights returned have them folded in."""
     if section.steps == 0:
         return params
     loss_fn = get_loss(
         "sft", getattr(section, "loss", "default"), **getattr(section, "loss_kwargs", {})
     )
-    step_fn = make_sft_step(model_cfg, loss_fn, section.optim.grad_accum)
-    shardings = runtime.param_shardings(model_cfg)
-    return train_section(
-        stage, section, step_fn, params, arrays, seed, key, logger, runtime, shardings, log_every,
-        checkpoints,
-    ).params  # fmt: skip
+    w = stage_weights(lora or LoraConfig(), "policy", model_cfg, params, adapter_key(key), runtime)
+    announce(w, stage)
+    step_fn = make_sft_step(w.config, loss_fn, section.optim.grad_accum)
+    state = train_section(
+        stage, section, step_fn, w.trained, arrays, seed, key, logger, runtime,
+        w.trained_shardings, log_every, checkpoints, frozen=w.frozen,
+        frozen_shardings=w.frozen_shardings,
+    )  # fmt: skip
+    return w.finished(state.params, state.frozen)[1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -121,17 +127,23 @@ def train_reward_model(
     runtime: Runtime,
     checkpoints: StageCheckpoints | None = None,
 ):
-    """RM = SFT trunk + a fresh scalar head, trained on K-wise rankings."""
+    """RM = SFT trunk + a fresh scalar head, trained on K-wise rankings (with `lora.models`
+    naming the reward model: adapters on the trunk and the whole head; returned folded)."""
     head_key, train_key = jax.random.split(key)
     params = {"trunk": trunk_params, "head": init_scalar_head(model_cfg, head_key)}
     rm = cfg.rm
     loss_fn = get_loss("reward", rm.loss, **rm.loss_kwargs)
-    step_fn = make_reward_step(model_cfg, loss_fn, rm.optim.grad_accum)
-    shardings = runtime.param_shardings(model_cfg, scalar=True)
-    return train_section(
-        "rm", rm, step_fn, params, train, cfg.seed + 1, train_key, logger, runtime, shardings,
-        cfg.log.every, checkpoints,
-    ).params  # fmt: skip
+    w = stage_weights(
+        cfg.lora, "reward", model_cfg, params, adapter_key(train_key), runtime, scalar=True
+    )
+    announce(w, "rm")
+    step_fn = make_reward_step(w.config, loss_fn, rm.optim.grad_accum)
+    state = train_section(
+        "rm", rm, step_fn, w.trained, train, cfg.seed + 1, train_key, logger, runtime,
+        w.trained_shardings, cfg.log.every, checkpoints, frozen=w.frozen,
+        frozen_shardings=w.frozen_shardings,
+    )  # fmt: skip
+    return w.finished(state.params, state.frozen)[1]
 
 
 def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:

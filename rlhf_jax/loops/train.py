@@ -155,17 +155,22 @@ def supervised_stage(
     batch_key: str,
     log_every: int,
     max_consecutive_skips: int = 10,
+    frozen=None,
+    frozen_shardings=None,
 ) -> Stage:
     """A stage of `step_fn(state, batch, key) -> (state, metrics)` over a `TrainState` of
     `params` (fresh buffers: the caller's `params` survive, e.g. SFT weights that also start
     the reward model) with batch i of `make_batches(start)`, jitted once with explicit
     shardings and the old state donated. `batch_key` names the batch size's config key in
-    errors."""
+    errors. `frozen`: weights the model reads but does not train (LoRA's base)."""
     mesh = runtime.mesh
 
     def init():
         return init_sharded_state(
-            lambda p: TrainState.create(p, tx), (params,), (param_shardings,), mesh
+            lambda p, f: TrainState.create(p, tx, frozen=f),
+            (params, frozen),
+            (param_shardings, frozen_shardings),
+            mesh,
         )
 
     def program(shardings, start: int) -> StepFn:
@@ -207,6 +212,8 @@ def run_train_loop(
     batch_key: str,
     checkpoints: StageCheckpoints | None = None,
     max_consecutive_skips: int = 10,
+    frozen=None,
+    frozen_shardings=None,
 ):
     """`run_stage` of a `supervised_stage`: pretraining, SFT, the reward model, DPO."""
     spec = supervised_stage(
@@ -221,6 +228,8 @@ def run_train_loop(
         batch_key,
         log_every,
         max_consecutive_skips,
+        frozen,
+        frozen_shardings,
     )
     return run_stage(spec, key, logger, checkpoints)
 
@@ -239,10 +248,14 @@ def train_section(
     log_every: int,
     checkpoints: StageCheckpoints | None = None,
     batch_key: str | None = None,
+    frozen=None,
+    frozen_shardings=None,
 ):
     """`run_train_loop` for a config section with `steps`, `batch_size` and `optim` (pretrain,
     sft, rm, dpo): Adam from `section.optim`, shuffled batches of `arrays` seeded by
-    `data_seed`. `batch_key` (default `<stage>.batch_size`) names the batch size in errors."""
+    `data_seed`. `batch_key` (default `<stage>.batch_size`) names the batch size in errors.
+    `frozen`: weights read but not trained (LoRA's base); the returned state's
+    `model_params` joins them with the trained ones."""
     return run_train_loop(
         step_fn,
         params,
@@ -258,4 +271,6 @@ def train_section(
         batch_key or f"{stage}.batch_size",
         checkpoints,
         section.optim.max_consecutive_skips,
+        frozen,
+        frozen_shardings,
     )

@@ -5,6 +5,7 @@ from rlhf_jax.models.heads import (
     init_scalar_head,
     last_token_index,
     scalar_forward,
+    scalar_head,
     scalar_model_logical_axes,
     value_at_last_token,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "save_hf",
     "save_scalar_model",
     "scalar_forward",
+    "scalar_head",
     "scalar_model_logical_axes",
     "value_at_last_token",
 ]

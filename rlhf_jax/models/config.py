@@ -17,6 +17,11 @@ from rlhf_jax.errors import RlhfJaxError
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+# The projections an adapter can sit on (the module names in `models/layers.py`): attention
+# query, key, value and output; the MLP's gate, up and down (GPT-2 has no gate).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3 style RoPE frequency scaling (`rope_type: llama3` in Hugging Face configs)."""
@@ -62,6 +67,12 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the weights
     remat: bool = False  # recompute each layer's activations in the backward pass
     initializer_range: float = 0.02
+    # Low-rank adapters (LoRA, Hu et al. 2021) on the projections named in `lora_targets`:
+    # each gains `lora_a` [*in, r] and `lora_b` [r, *out] and computes
+    # x W + (alpha / r) (x A) B. rank 0: none. Not part of the checkpoint's config.json.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("dtype", "param_dtype"):
@@ -70,11 +81,25 @@ class ModelConfig:
                     f"model config field '{name}': {getattr(self, name)!r} is not one of "
                     f"{sorted(DTYPES)}"
                 )
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise RlhfJaxError(
+                f"LoRA targets {sorted(unknown)} are not projections of the model (one of "
+                f"{list(LORA_TARGETS)})"
+            )
         if self.n_heads % self.n_kv_heads:
             raise RlhfJaxError(
                 f"model config: n_heads={self.n_heads} is not a multiple of "
                 f"n_kv_heads={self.n_kv_heads}"
             )
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / rank: what the adapters' product is multiplied by."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    def has_adapter(self, projection: str) -> bool:
+        return self.lora_rank > 0 and projection in self.lora_targets
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -38,7 +38,11 @@ def scalar_forward(
 ) -> jax.Array:
     """Per-token scalars [B, T] (float32) read from the final hidden state of each token."""
     h_BTD = hidden_states(config, params["trunk"], input_ids, attention_mask)
-    head = params["head"]
+    return scalar_head(params["head"], h_BTD)
+
+
+def scalar_head(head: dict, h_BTD: jax.Array) -> jax.Array:
+    """The head `{"kernel": [D], "bias": []}` on hidden states [B, T, D]: float32 [B, T]."""
     out = jnp.einsum(
         "btd,d->bt",
         h_BTD,

@@ -44,6 +44,42 @@ def flat_matmul(x: jax.Array, w: jax.Array, n_contract: int, out_dtype=None) -> 
     return y.reshape(*lead, *out_shape)
 
 
+def _lora_a_init(fan_in: int):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the usual LoRA A (He-uniform with a = sqrt(5))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _adapter(
+    module: nn.Module, x: jax.Array, in_shape: tuple, in_axes: tuple, out_shape: tuple,
+    out_axes: tuple,
+) -> jax.Array | None:  # fmt: skip
+    """(alpha / r) (x A) B of this projection's LoRA adapter, or None when it has none.
+
+    A [*in, r] and B [r, *out] (B zero at the start, so an adapted model begins as its base)
+    carry the kernel's logical axes on their in / out dimensions and shard like it; the rank
+    dimension is replicated. Adapters are float32 whatever the base is stored in: they are
+    what trains. Only the two thin matmuls run, never a merged copy of W.
+    """
+    cfg = module.config
+    if not cfg.has_adapter(module.name):
+        return None
+    r = cfg.lora_rank
+    a = _param(
+        module, "lora_a", (*in_shape, r), (*in_axes, None), _lora_a_init(int(np.prod(in_shape))),
+        jnp.float32,
+    )  # fmt: skip
+    b = _param(
+        module, "lora_b", (r, *out_shape), (None, *out_axes), nn.initializers.zeros, jnp.float32
+    )
+    xa = flat_matmul(x, a.astype(cfg.compute_dtype), len(in_shape))
+    return flat_matmul(xa * jnp.asarray(cfg.lora_scale, xa.dtype), b.astype(cfg.compute_dtype), 1)
+
+
 class LayerCache(NamedTuple):
     """Keys and values of one layer: [B, K, S, E] each.
 
@@ -216,6 +252,11 @@ class Projection(nn.Module):
             cfg.weight_dtype,
         )
         y = flat_matmul(x_BTD, w.astype(cfg.compute_dtype), 1)
+        lora = _adapter(
+            self, x_BTD, shape[:1], ("embed",), shape[1:], (self.heads_axis, "head_dim")
+        )
+        if lora is not None:
+            y = y + lora
         if self.use_bias:
             b = _param(
                 self,
@@ -248,6 +289,11 @@ class OutProjection(nn.Module):
         # Contract (h, e) in the weight's own order (flattened to h * e): `einsum("bthe,hed->btd")`
         # contracts them as (e, h), and XLA then transposes the whole weight at every call.
         y = flat_matmul(x_BTHE, w.astype(cfg.compute_dtype), 2)
+        lora = _adapter(
+            self, x_BTHE, w.shape[:2], ("heads", "head_dim"), (cfg.d_model,), ("embed",)
+        )
+        if lora is not None:
+            y = y + lora
         if cfg.out_bias:
             b = _param(
                 self, "bias", (cfg.d_model,), ("embed",), nn.initializers.zeros, cfg.weight_dtype
@@ -271,6 +317,9 @@ class Dense(nn.Module):
             self, "kernel", (x.shape[-1], self.features), self.axes, _normal(cfg), cfg.weight_dtype
         )
         y = flat_matmul(x, w.astype(cfg.compute_dtype), 1)
+        lora = _adapter(self, x, w.shape[:1], self.axes[:1], w.shape[1:], self.axes[1:])
+        if lora is not None:
+            y = y + lora
         if self.use_bias:
             b = _param(
                 self,

@@ -98,17 +98,21 @@ def jit_update(
     mesh: Mesh,
     rules: Rules,
     donate: bool = True,
+    frozen_shardings: Any = None,
 ) -> Callable:
-    """Jit RL's `update(state, experience, ptx_batch, key) -> (state, metrics)`.
+    """Jit RL's `update(state, experience, ptx_batch, key) -> (state, metrics)`, or with
+    `frozen_shardings` `update(state, experience, ptx_batch, key, frozen)` (a LoRA policy
+    reads its base there; never donated).
 
     The ptx batch ([epochs, minibatches, ptx_batch, L], or None) is split along its third
     dimension; feed it with `make_global_batch(..., batch_axis=2)`.
     """
     rep = replicated(mesh)
     ptx = batch_sharding(mesh, rules, ndim=3, batch_axis=2)
+    frozen = () if frozen_shardings is None else (frozen_shardings,)
     return jax.jit(
         update_fn,
-        in_shardings=(state_shardings, experience_shardings(mesh, rules), ptx, rep),
+        in_shardings=(state_shardings, experience_shardings(mesh, rules), ptx, rep, *frozen),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,) if donate else (),
     )

@@ -23,7 +23,13 @@ from rlhf_jax.steps.reward import (
     normalize_reward_bias,
     score_sequences,
 )
-from rlhf_jax.steps.rl_state import Frozen, RLState, init_rl_state
+from rlhf_jax.steps.rl_state import (
+    Frozen,
+    RLState,
+    init_rl_state,
+    policy_weights,
+    policy_with,
+)
 from rlhf_jax.steps.rl_update import make_update_fn
 from rlhf_jax.steps.sft import make_sft_step
 from rlhf_jax.steps.state import TrainState, accumulate_gradients
@@ -39,6 +45,8 @@ __all__ = [
     "completion_logps",
     "completion_rewards",
     "init_rl_state",
+    "policy_weights",
+    "policy_with",
     "make_experience_fn",
     "make_finish_fn",
     "make_logps_fn",

@@ -30,6 +30,7 @@ class RLAlgorithm:
     reduction: str  # of the KL term in the loss: the policy loss's own reduction
     reward_fn: Callable | None  # host scorer of decoded text; None: the reward model scores
     reward_fn_name: str | None = None
+    shared_critic: bool = False  # the critic is a value head on the policy's trunk
 
     @property
     def needs_critic(self) -> bool:
@@ -73,6 +74,12 @@ class RLAlgorithm:
                 f"policy loss {ppo.policy_loss!r}: reduction {reduction!r} is not one of "
                 f"{', '.join(REDUCTIONS)}"
             )
+        shared = ppo.critic == "shared_trunk"
+        if shared and not needs_critic:
+            raise RlhfJaxError(
+                f"config key 'ppo.critic': shared_trunk puts a value head on the policy, but "
+                f"advantage estimator {ppo.advantage!r} needs no critic"
+            )
         value_loss = None
         if needs_critic:
             value_loss = registry.resolve("value", ppo.value_loss, **ppo.value_loss_kwargs)
@@ -88,6 +95,7 @@ class RLAlgorithm:
             reduction=reduction,
             reward_fn=reward_fn,
             reward_fn_name=ppo.reward_fn,
+            shared_critic=shared,
         )
         algo._check_reads(ppo)
         return algo
@@ -165,4 +173,9 @@ def resolve_config_parts(cfg: Config) -> RLAlgorithm:
             RLAlgorithm.from_config(run.ppo)
         except RlhfJaxError as e:
             raise RlhfJaxError(f"{e} (in compare.algorithms.{name})") from None
+    if cfg.ppo.critic == "shared_trunk" and cfg.lora.rank > 0 and "critic" in cfg.lora.models:
+        raise RlhfJaxError(
+            "config key 'lora.models': 'critic' has no model of its own with "
+            "ppo.critic=shared_trunk (its trunk is the policy's: list 'policy')"
+        )
     return RLAlgorithm.from_config(cfg.ppo)

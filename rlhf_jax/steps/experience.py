@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import PPOConfig
-from rlhf_jax.models import ModelConfig, hidden_states, lm_logits, scalar_forward
+from rlhf_jax.models import ModelConfig, hidden_states, lm_logits, scalar_forward, scalar_head
+from rlhf_jax.models.lora import without_lora
 from rlhf_jax.ops import (
     explained_variance,
     groups_all_equal,
@@ -37,7 +38,7 @@ from rlhf_jax.ops import (
 from rlhf_jax.rollout import generate
 from rlhf_jax.steps.algorithm import RLAlgorithm
 from rlhf_jax.steps.reward import score_sequences
-from rlhf_jax.steps.rl_state import Frozen, RLState
+from rlhf_jax.steps.rl_state import Frozen, RLState, policy_weights
 
 
 class Rollout(NamedTuple):
@@ -82,6 +83,17 @@ def response_logits(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int
 
 def response_values(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
     return scalar_forward(cfg, params, seq_ids, seq_mask)[:, prompt_len - 1 : -1]
+
+
+def response_logits_values(
+    cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int, logits: bool = True
+):
+    """`(logits, values)` at the response positions from ONE trunk forward of a policy that
+    carries its critic's head (`params["value_head"]`, `ppo.critic=shared_trunk`); logits
+    None when not asked for (the experience needs only the values)."""
+    h_BND = hidden_states(cfg, params, seq_ids, seq_mask)[:, prompt_len - 1 : -1]
+    values = scalar_head(params["value_head"], h_BND)
+    return (lm_logits(cfg, params, h_BND) if logits else None), values
 
 
 def make_sample_fn(
@@ -139,11 +151,19 @@ def make_finish_fn(
         mask = r.response_mask
         ref_logp = values = kl = None
         if algo.uses_reference:
-            ref_logits = response_logits(policy_cfg, frozen.ref, r.sequence_ids, r.sequence_mask, p)
+            # The reference is the SFT policy: for a LoRA policy, its base with adapters off.
+            ref_cfg = without_lora(policy_cfg)
+            ref_logits = response_logits(ref_cfg, frozen.ref, r.sequence_ids, r.sequence_mask, p)
             ref_logp = token_logprobs(ref_logits, r.response_ids, ppo.temperature) * mask
-        if algo.needs_critic:
+        if algo.shared_critic:  # the value head on the policy's trunk
+            policy = policy_weights(policy_cfg, state, frozen)
+            _, values = response_logits_values(
+                policy_cfg, policy, r.sequence_ids, r.sequence_mask, p, logits=False
+            )
+            values = values * mask
+        elif algo.needs_critic:
             values = response_values(
-                critic_cfg, state.critic.params, r.sequence_ids, r.sequence_mask, p
+                critic_cfg, state.critic.model_params, r.sequence_ids, r.sequence_mask, p
             )
             values = values * mask
         if scores is None:
@@ -230,6 +250,7 @@ def make_experience_fn(
     finish = make_finish_fn(policy_cfg, critic_cfg, reward_cfg, ppo, algo, eos_ids)
 
     def experience(state: RLState, frozen: Frozen, prompt_ids, prompt_mask, key):
-        return finish(state, frozen, sample(state.policy.params, prompt_ids, prompt_mask, key))
+        policy = policy_weights(policy_cfg, state, frozen)
+        return finish(state, frozen, sample(policy, prompt_ids, prompt_mask, key))
 
     return experience

@@ -86,6 +86,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
             b2=cfg.b2,
             eps=cfg.eps,
             eps_root=cfg.eps_root,
+            mu_dtype=None if cfg.mu_dtype is None else jnp.dtype(cfg.mu_dtype),
             weight_decay=cfg.weight_decay,
         )
     )

@@ -12,6 +12,8 @@ import optax
 from flax import struct
 
 from rlhf_jax.config import PPOConfig
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.models.lora import merge_trees
 from rlhf_jax.steps.state import TrainState
 
 
@@ -29,8 +31,23 @@ class RLState(struct.PyTreeNode):
 class Frozen(NamedTuple):
     """Weights RL reads but never changes; each is None when the run does not use it."""
 
-    ref: Any  # the SFT policy (None when ppo.kl_penalty is none)
+    # The SFT policy: the KL's reference and, with a LoRA policy, the base its adapters sit
+    # on (one copy for both). None when ppo.kl_penalty is none and the policy trains in full.
+    ref: Any
     reward: Any  # the reward model {"trunk", "head"} (None when ppo.reward_fn scores)
+
+
+def policy_weights(policy_cfg: ModelConfig, state: RLState, frozen: Frozen | None):
+    """The policy's whole weights: its own, or for a LoRA policy (`policy_cfg.lora_rank`)
+    its adapters joined with the frozen SFT base `frozen.ref`."""
+    return policy_with(policy_cfg, state.policy.params, frozen)
+
+
+def policy_with(policy_cfg: ModelConfig, trained, frozen: Frozen | None):
+    """`trained` (the policy's trained weights, or their EMA) as whole weights."""
+    if not policy_cfg.lora_rank:
+        return trained
+    return merge_trees(frozen.ref, trained)
 
 
 def init_rl_state(
@@ -39,17 +56,19 @@ def init_rl_state(
     policy_tx: optax.GradientTransformation,
     critic_tx: optax.GradientTransformation | None,
     ppo: PPOConfig,
+    critic_frozen: Any = None,
 ) -> RLState:
     """Fresh buffers for everything RL updates: the update donates its state, and the SFT (and
     RM) weights these start from must survive as the frozen reference (and reward model).
-    `critic_params` None: no critic."""
+    `critic_params` None: no critic. For LoRA, `policy_params` are the policy's adapters (its
+    base is `Frozen.ref`), and `critic_frozen` the critic's base trunk."""
 
     def copy(tree):
         return jax.tree.map(lambda x: jax.device_put(x, may_alias=False), tree)
 
     critic = None
     if critic_params is not None:
-        critic = TrainState.create(copy(critic_params), critic_tx)
+        critic = TrainState.create(copy(critic_params), critic_tx, frozen=copy(critic_frozen))
     return RLState(
         policy=TrainState.create(copy(policy_params), policy_tx),
         critic=critic,

@@ -15,7 +15,6 @@ values `beta` and `iteration`.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -31,8 +30,13 @@ from rlhf_jax.ops import (
     reduce_tokens,
 )
 from rlhf_jax.steps.algorithm import RLAlgorithm
-from rlhf_jax.steps.experience import Experience, response_logits, response_values
-from rlhf_jax.steps.rl_state import RLState
+from rlhf_jax.steps.experience import (
+    Experience,
+    response_logits,
+    response_logits_values,
+    response_values,
+)
+from rlhf_jax.steps.rl_state import Frozen, RLState, policy_with
 from rlhf_jax.steps.state import accumulate_gradients, skip_metrics
 from rlhf_jax.types import LossOut
 
@@ -67,10 +71,11 @@ def make_update_fn(
     ptx_coef: float = 0.0,
     grad_accum: int = 1,
 ) -> Callable:
-    """`update(state, exp, ptx_batch, key) -> (state, metrics)`.
+    """`update(state, exp, ptx_batch, key, frozen=None) -> (state, metrics)`.
 
     ptx_batch: `input_ids`, `attention_mask` of shape [epochs, n_minibatches, ptx_bs, L]
-    (one pretraining batch per minibatch), or None when ptx is off.
+    (one pretraining batch per minibatch), or None when ptx is off. frozen: RL's `Frozen`
+    weights, needed for a LoRA policy (`policy_cfg.lora_rank`: its base is `frozen.ref`).
     """
     use_ptx = ptx_loss_fn is not None and ptx_coef > 0
     kl_in_loss = algo.kl_penalty == "loss"
@@ -79,9 +84,15 @@ def make_update_fn(
         policy_params, critic_params = params
         p = mb["sequence_ids"].shape[1] - mb["response_ids"].shape[1]
         mask = mb["response_mask"]
-        logits = response_logits(
-            policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"], p
-        )
+        values = None
+        if algo.shared_critic:  # logits and values from one trunk forward
+            logits, values = response_logits_values(
+                policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"], p
+            )
+        else:
+            logits = response_logits(
+                policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"], p
+            )
         logp, entropy = policy_token_logprobs(
             logits, mb["response_ids"], ppo.temperature, ppo.top_k, ppo.top_p
         )
@@ -103,9 +114,10 @@ def make_update_fn(
             total = total + scalars["beta"] * kl_loss
             metrics["ppo/kl_loss"] = kl_loss
         if algo.needs_critic:
-            values = response_values(
-                critic_cfg, critic_params, mb["sequence_ids"], mb["sequence_mask"], p
-            )
+            if values is None:
+                values = response_values(
+                    critic_cfg, critic_params, mb["sequence_ids"], mb["sequence_mask"], p
+                )
             val = algo.value_loss({"values": values}, batch)
             total = total + ppo.vf_coef * val.loss
             metrics.update(val.metrics)
@@ -120,7 +132,7 @@ def make_update_fn(
         metrics["ppo/loss/total"] = total
         return total, metrics
 
-    def train_minibatch(state: RLState, mb: dict):
+    def train_minibatch(state: RLState, mb: dict, frozen: Frozen | None):
         critic = state.critic
         params = (state.policy.params, critic.params if critic is not None else None)
         # Global normalisers: each micro-batch's share of the minibatch's counts.
@@ -130,8 +142,16 @@ def make_update_fn(
             "beta": state.beta,
             "iteration": state.iteration,
         }
-        loss_fn = functools.partial(minibatch_loss, scalars=scalars)
-        _, grads, metrics = accumulate_gradients(loss_fn, params, mb, grad_accum)
+
+        def loss_of_trained(trained, mb):  # gradients for the trained weights only
+            policy_trained, critic_trained = trained
+            whole = (
+                policy_with(policy_cfg, policy_trained, frozen),
+                critic.with_trained(critic_trained) if critic is not None else None,
+            )
+            return minibatch_loss(whole, mb, scalars)
+
+        _, grads, metrics = accumulate_gradients(loss_of_trained, params, mb, grad_accum)
         policy = state.policy.apply_gradients(grads[0])
         if critic is not None:
             critic = critic.apply_gradients(grads[1])
@@ -141,7 +161,13 @@ def make_update_fn(
             ema = jax.tree.map(lambda e, w: d * e + (1 - d) * w, ema, policy.params)
         return state.replace(policy=policy, critic=critic, ema_params=ema), metrics
 
-    def update(state: RLState, exp: Experience, ptx_batch: dict | None, key: jax.Array):
+    def update(
+        state: RLState,
+        exp: Experience,
+        ptx_batch: dict | None,
+        key: jax.Array,
+        frozen: Frozen | None = None,
+    ):
         b = exp.response_ids.shape[0]
         n_mb = b // ppo.minibatch_size
         fields = {k: v for k, v in exp._asdict().items() if v is not None}
@@ -156,7 +182,7 @@ def make_update_fn(
                 if use_ptx:
                     mb["ptx_input_ids"] = ptx_mb["input_ids"]
                     mb["ptx_mask"] = ptx_mb["attention_mask"]
-                return train_minibatch(state, mb)
+                return train_minibatch(state, mb, frozen)
 
             return jax.lax.scan(one, state, (order, ptx_epoch))
 

@@ -10,18 +10,41 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rlhf_jax.models.lora import merge_trees
+
 
 class TrainState(struct.PyTreeNode):
-    """Parameters, optimizer state and the number of optimizer updates taken."""
+    """Parameters, optimizer state and the number of optimizer updates taken.
+
+    `frozen`: weights the model reads but the optimizer never sees (LoRA's base weights,
+    `models.lora`), or None. The model's whole tree is `model_params`: `params` and `frozen`
+    joined. Checkpoints leave `frozen` out: it is reloaded from its model folder.
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    frozen: Any = None
 
     @classmethod
-    def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+    def create(cls, params, tx: optax.GradientTransformation, frozen: Any = None) -> TrainState:
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            tx=tx,
+            frozen=frozen,
+        )
+
+    @property
+    def model_params(self):
+        """The weights a forward pass takes: the trained ones joined with the frozen ones."""
+        return self.with_trained(self.params)
+
+    def with_trained(self, params):
+        """`params` (the trained part, e.g. inside a gradient) joined with the frozen part."""
+        return merge_trees(self.frozen, params)
 
     def apply_gradients(self, grads) -> TrainState:
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
@@ -30,6 +53,28 @@ class TrainState(struct.PyTreeNode):
             params=optax.apply_updates(self.params, updates),
             opt_state=opt_state,
         )
+
+
+def _is_train_state(x) -> bool:
+    return isinstance(x, TrainState)
+
+
+def without_frozen(tree):
+    """`tree` (a state, or its shardings) with every TrainState's frozen weights left out:
+    what a checkpoint holds."""
+    return jax.tree.map(
+        lambda x: x.replace(frozen=None) if _is_train_state(x) else x, tree, is_leaf=_is_train_state
+    )
+
+
+def with_frozen_of(tree, like):
+    """`tree` (e.g. restored from a checkpoint) with the frozen weights of `like` put back."""
+    return jax.tree.map(
+        lambda x, y: x.replace(frozen=y.frozen) if _is_train_state(x) else x,
+        tree,
+        like,
+        is_leaf=_is_train_state,
+    )
 
 
 def skip_metrics(state: TrainState, prefix: str = "train") -> dict[str, jax.Array]:
@@ -98,7 +143,11 @@ def make_supervised_step(
 
     def step(state: TrainState, batch: dict, key: jax.Array):
         del key  # dropout is off in every model (N-implementation-details), nothing to sample
-        _, grads, metrics = accumulate_gradients(compute_loss, state.params, batch, grad_accum)
+
+        def loss_of_trained(params, batch):  # gradients for the trained weights only
+            return compute_loss(state.with_trained(params), batch)
+
+        _, grads, metrics = accumulate_gradients(loss_of_trained, state.params, batch, grad_accum)
         state = state.apply_gradients(grads)
         metrics = dict(metrics)
         metrics["train/grad_norm"] = optax.tree.norm(grads)
