@@ -279,6 +279,9 @@ class LoraConfig:
     # Which models train adapters: policy (sft, dpo and the RL policy), reward (rm), critic
     # (the RL value model). Pretraining from scratch always trains every weight.
     models: tuple[Literal["policy", "reward", "critic"], ...] = ("policy",)
+    # Also write the policy's adapters alone, in the layout PEFT loads onto the base model,
+    # beside the merged folder: OUT/sft_adapter, OUT/policy_adapter (Llama/Qwen families).
+    save_adapters: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

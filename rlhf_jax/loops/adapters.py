@@ -9,8 +9,10 @@ from typing import Any
 import jax
 
 from rlhf_jax.config import LoraConfig
+from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.models.hf.adapters import save_adapters
 from rlhf_jax.models.lora import (
     count_params,
     fold_adapters,
@@ -57,6 +59,12 @@ def stage_weights(
     """What a stage training `model` ("policy", "reward" or "critic") trains. `params` is the
     model's weights (`{"trunk", "head"}` when `scalar`); under LoRA they become the frozen
     base (a scalar model's head still trains in full) and `key` draws the adapters."""
+    if lora.save_adapters and model == "policy" and model_cfg.model_type == "gpt2":
+        raise RlhfJaxError(  # said before training, not after
+            "config key 'lora.save_adapters': GPT-2's attention is one fused c_attn matrix in "
+            "transformers, which separate q/k/v adapters do not map onto; the merged weights "
+            "are always written (set lora.save_adapters=false)"
+        )
     if not adapts(lora, model):
         shardings = runtime.param_shardings(model_cfg, scalar=scalar)
         return StageWeights(model_cfg, params, shardings)
@@ -73,6 +81,15 @@ def stage_weights(
         {"trunk": params["trunk"]},
         {"trunk": base_sh["trunk"]},
     )
+
+
+def save_stage_adapters(
+    lora: LoraConfig, weights: StageWeights, trained: Any, folder, base_model=None
+) -> None:
+    """With `lora.save_adapters`, the trained adapters alone (PEFT's layout) in `folder`;
+    `trained` may hold more (a value head), which is left out."""
+    if lora.save_adapters and weights.frozen is not None:
+        save_adapters(weights.config, split_adapters(trained)[1], folder, base_model)
 
 
 def adapter_key(stage_key: jax.Array, model: int = 0) -> jax.Array:

@@ -74,7 +74,7 @@ def _inputs(cfg: Config) -> dict[str, str | None]:
 
 
 def _start(cfg: Config, out_dir: str | Path, writes: str) -> tuple[Path, MetricsLogger, Runtime]:
-    return start_run(cfg, out_dir, _inputs(cfg), (writes,))
+    return start_run(cfg, out_dir, _inputs(cfg), (writes, f"{writes}_adapter"))
 
 
 def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None = None) -> None:
@@ -141,6 +141,8 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
             ),
         ),
         cfg.lora,
+        out / "sft_adapter",
+        model_path,
     )
     _finish(out, logger, [report])
     return save_hf(model_cfg, params, out / "sft", tokenizer)
@@ -276,7 +278,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         tokenizer=tokenizer,
     )
     _finish(out, logger, reports)
-    params = final_policy(cfg, models, state)
+    params = final_policy(cfg, models, state, out / "policy_adapter", policy_path)
     return save_hf(models.policy_cfg, params, out / "policy", tokenizer)
 
 
@@ -314,6 +316,8 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
                 cfg, STAGE_SECTIONS + ("dpo",), {"dpo.policy": policy_path, data_key: data}
             ),
         ),
+        adapter_dir=out / "policy_adapter",
+        base_model=policy_path,
     )
     extra = {"train_accuracy": preference_metrics(cfg, model_cfg, params, train)["accuracy"]}
     if held is not None:

@@ -250,7 +250,8 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     """Check every part the config names, write run_config.json, load and validate all data, then
     pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm)."""
     names = (*cfg.compare.algorithms, *cfg.compare.preference)
-    writes = ("sft", "rm", "policy", "data", *(f"policies/{n}" for n in names))
+    writes = ("sft", "rm", "policy", "data", "sft_adapter", "policy_adapter")
+    writes += tuple(f"policies/{n}" for n in names)
     out, logger, runtime = start_run(cfg, out_dir, {"model.path": cfg.model.path}, writes)
     keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))
     d = _load_data(cfg, out)
@@ -276,6 +277,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         runtime,
         StageCheckpoints(out, "sft", cfg.checkpoint, pipeline_settings(cfg, "sft")),
         cfg.lora,
+        out / "sft_adapter",
     )
     save_hf(model_cfg, sft_params, out / "sft", d.tokenizer)
 

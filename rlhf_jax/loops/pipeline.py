@@ -26,9 +26,10 @@ from rlhf_jax.models import save_hf
 from rlhf_jax.tasks import TASKS
 
 
-def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True):
+def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True, adapter_dir=None):
     """The RL stage of `cfg.ppo` from the foundation's SFT policy and reward model; returns
-    the weights to evaluate (the EMA when kept) and the final state."""
+    the weights to evaluate (the EMA when kept) and the final state. `adapter_dir`: where
+    `lora.save_adapters` writes a LoRA policy's adapters."""
     models = RLModels(f.model_cfg, f.sft_params, f.model_cfg, f.rm_params)
     state = train_rl(
         cfg,
@@ -44,7 +45,7 @@ def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True):
         checkpoints=StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(cfg, "rl")),
         tokenizer=f.tokenizer,
     )
-    params = final_policy(cfg, models, state)
+    params = final_policy(cfg, models, state, adapter_dir, str(f.out / "sft"))
     return params, state
 
 
@@ -81,7 +82,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     out, model_cfg = f.out, f.model_cfg
 
     # Step 3: RL (PPO-ptx by default), and the same run without ptx for the ablation.
-    policy_params, state = run_rl(cfg, f, "ppo")
+    policy_params, state = run_rl(cfg, f, "ppo", adapter_dir=out / "policy_adapter")
     save_hf(model_cfg, policy_params, out / "policy", f.tokenizer)
 
     # Evaluation on held-out prompts.

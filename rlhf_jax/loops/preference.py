@@ -12,13 +12,14 @@ more than once) and 4 bytes per completion of host memory.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.adapters import adapter_key, announce, stage_weights
+from rlhf_jax.loops.adapters import adapter_key, announce, save_stage_adapters, stage_weights
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -65,10 +66,12 @@ def train_preference(
     runtime: Runtime,
     checkpoints: StageCheckpoints | None = None,
     stage: str = "dpo",
+    adapter_dir: Path | None = None,
+    base_model: str | None = None,
 ):
     """`dpo.steps` updates of the `dpo.loss` on `train` (ranking arrays with `ref_logps`),
     from `policy_params` (left intact); returns the trained weights (a LoRA policy's
-    adapters folded in)."""
+    adapters folded in; with `lora.save_adapters` also written alone to `adapter_dir`)."""
     d = cfg.dpo
     if d.steps == 0:
         return policy_params
@@ -80,6 +83,8 @@ def train_preference(
         w.trained_shardings, cfg.log.every, checkpoints, "dpo.batch_size", frozen=w.frozen,
         frozen_shardings=w.frozen_shardings,
     )  # fmt: skip
+    if adapter_dir is not None:
+        save_stage_adapters(cfg.lora, w, state.params, adapter_dir, base_model)
     return w.finished(state.params, state.frozen)[1]
 
 

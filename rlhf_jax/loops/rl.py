@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, init_scalar_head
+from rlhf_jax.models.hf.adapters import save_adapters
 from rlhf_jax.models.lora import fold_adapters, merge_trees, with_lora
 from rlhf_jax.rewards import score_texts
 from rlhf_jax.sharding import (
@@ -73,15 +75,20 @@ def _critic_init(models: RLModels, key: jax.Array) -> tuple[ModelConfig, dict]:
     return models.policy_cfg, {"trunk": models.sft_params, "head": head}
 
 
-def final_policy(cfg: Config, models: RLModels, state) -> Any:
+def final_policy(
+    cfg: Config, models: RLModels, state, adapter_dir: Path | None = None, base_model=None
+) -> Any:
     """The trained policy as plain weights of `models.policy_cfg`: the EMA weights when kept,
-    for a LoRA policy its adapters folded into the SFT base, without a shared value head."""
+    for a LoRA policy its adapters folded into the SFT base, without a shared value head.
+    With `lora.save_adapters`, the adapters alone also go to `adapter_dir`."""
     trained = state.ema_params if state.ema_params is not None else state.policy.params
     trained = {k: v for k, v in trained.items() if k != "value_head"}  # ppo.critic=shared_trunk
     if not adapts(cfg.lora, "policy"):
         return trained
     lora = cfg.lora
     adapted = with_lora(models.policy_cfg, lora.rank, lora.alpha, lora.targets)
+    if adapter_dir is not None and lora.save_adapters:
+        save_adapters(adapted, trained, adapter_dir, base_model)
     return fold_adapters(adapted, merge_trees(models.sft_params, trained))[1]
 
 

@@ -4,13 +4,14 @@ with their evaluation helpers. The RL stage is in `loops/rl.py`."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import Config, LoraConfig, ModelSpec, PretrainConfig, SFTConfig
-from rlhf_jax.loops.adapters import adapter_key, announce, stage_weights
+from rlhf_jax.loops.adapters import adapter_key, announce, save_stage_adapters, stage_weights
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -74,10 +75,14 @@ def train_lm(
     runtime: Runtime,
     checkpoints: StageCheckpoints | None = None,
     lora: LoraConfig | None = None,
+    adapter_dir: Path | None = None,
+    base_model: str | None = None,
 ):
     """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) as the config
     `section` says (steps, batch size, optimizer; SFT's also names its loss). With `lora`
-    naming the policy, only adapters train; the weights returned have them folded in."""
+    naming the policy, only adapters train; the weights returned have them folded in, and
+    with `lora.save_adapters` the adapters alone go to `adapter_dir` (trained on
+    `base_model`)."""
     if section.steps == 0:
         return params
     loss_fn = get_loss(
@@ -91,6 +96,8 @@ def train_lm(
         w.trained_shardings, log_every, checkpoints, frozen=w.frozen,
         frozen_shardings=w.frozen_shardings,
     )  # fmt: skip
+    if adapter_dir is not None:
+        save_stage_adapters(lora, w, state.params, adapter_dir, base_model)
     return w.finished(state.params, state.frozen)[1]
 
 

@@ -1,6 +1,8 @@
 """LoRA through the CLI: RL with an adapted policy and critic checkpoints only what trains,
 resumes exactly, samples and trains on one numerics path, and writes a plain model."""
 
+import json
+
 import numpy as np
 from safetensors.numpy import load_file
 from test_algorithms import _rows, _saved
@@ -8,7 +10,7 @@ from test_resume import SMALL, _interrupted_and_whole, _metrics, _same_weights
 
 from rlhf_jax.cli import main
 
-LORA = ["lora.rank=4", "lora.alpha=8", "lora.models=[policy,critic]"]
+LORA = ["lora.rank=4", "lora.alpha=8", "lora.models=[policy,critic]", "lora.save_adapters=true"]
 
 
 def test_lora_ppo_trains_adapters_only_resumes_exactly_and_saves_a_plain_model(
@@ -54,6 +56,12 @@ def test_lora_ppo_trains_adapters_only_resumes_exactly_and_saves_a_plain_model(
     assert sft.keys() == trained.keys()
     moved = [k for k in sft if not np.array_equal(sft[k], trained[k])]
     assert moved and all("proj" in k for k in moved), moved  # only adapted projections
+
+    # The adapters alone, for PEFT (tests/models/test_lora.py loads such a folder in PEFT).
+    adapter = whole / "policy_adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    names = load_file(adapter / "adapter_model.safetensors").keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
 
     # Another rank is another run: refused, not silently resumed.
     capsys.readouterr()

@@ -133,3 +133,22 @@ def test_checkpoints_hold_only_what_trains(tmp_path):
     restored = with_frozen_of(restored, state)
     assert restored.frozen is state.frozen
     jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+
+
+def test_adapters_written_alone_load_in_peft(tmp_path):
+    """`save_adapters` writes what PEFT loads onto transformers' base model: the same logits
+    as our adapted forward."""
+    from peft import PeftModel
+
+    from rlhf_jax.models.hf.adapters import save_adapters
+
+    folder = make_tiny_checkpoint("llama", tmp_path / "base")
+    cfg, base = load_hf(folder)
+    lcfg = with_lora(cfg, 4, 16.0, ("q", "k", "o", "up", "down"))
+    adapters = _perturbed(init_adapters(lcfg, jax.random.key(3)))
+    ours = np.asarray(forward(lcfg, merge_trees(base, adapters), IDS, MASK))
+    out = save_adapters(lcfg, adapters, tmp_path / "adapter", base_model=str(folder))
+    model = PeftModel.from_pretrained(load_hf_torch(folder), str(out)).eval()
+    theirs = torch_logits(model, IDS, MASK)
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(theirs[real], ours[real], atol=2e-4, rtol=1e-4)

@@ -189,6 +189,19 @@ def load_hf(
     return config, _read_params(folder, config, index, shardings)
 
 
+def host_arrays(tree):
+    """Every array of `tree` whole on the host (gathered from all processes when sharded
+    across hosts: every process must call this)."""
+    return jax.tree.map(
+        lambda x: np.asarray(
+            multihost_utils.process_allgather(x, tiled=True)
+            if isinstance(x, jax.Array) and not x.is_fully_addressable
+            else x
+        ),
+        tree,
+    )
+
+
 def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenizer=None) -> Path:
     """Write params as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
@@ -196,14 +209,7 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenize
     only process 0 writes.
     """
     folder = Path(path)
-    host_params = jax.tree.map(
-        lambda x: np.asarray(
-            multihost_utils.process_allgather(x, tiled=True)
-            if isinstance(x, jax.Array) and not x.is_fully_addressable
-            else x
-        ),
-        params,
-    )
+    host_params = host_arrays(params)
     if jax.process_index() != 0:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
