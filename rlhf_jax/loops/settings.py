@@ -10,6 +10,7 @@ resume.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -84,11 +85,23 @@ def stage_settings(
     return out
 
 
+@functools.cache
+def _defaults() -> dict[str, str]:
+    out: dict[str, str] = {}
+    _flatten(dataclasses.asdict(Config()), "", out)
+    return out
+
+
 def differences(saved: dict[str, str], now: dict[str, str]) -> list[str]:
-    """Human lines for the keys whose values differ, e.g. "sft.optim.lr: 0.001 -> 0.0001"."""
+    """Human lines for the keys whose values differ, e.g. "sft.optim.lr: 0.001 -> 0.0001".
+    A key the saved settings lack that is now at its default is an option added since
+    (`model.frozen_dtype`, ...): at its default it reproduces the old run, so it is no
+    difference."""
     lines = []
     for key in sorted(saved.keys() | now.keys()):
         a, b = saved.get(key, "(absent)"), now.get(key, "(absent)")
+        if key not in saved and b == _defaults().get(key):
+            continue
         if a != b:
             what = "contents changed" if key.startswith("file:") else f"{a} -> {b}"
             lines.append(f"{key.removeprefix('file:')}: {what}")

@@ -145,3 +145,19 @@ def test_a_rerun_with_other_settings_is_refused(run_dir, tmp_path, capsys):
     args = ["sft", "--output", str(fresh), *SMALL, "sft.steps=2", f"sft.data={data / 'sft.jsonl'}"]
     assert main([*args, model, "sft.optim.lr=0.0001"]) == 0
     _same_weights(out / "sft" / "model.safetensors", fresh / "sft" / "model.safetensors")
+
+
+def test_options_added_since_a_checkpoint_do_not_block_its_resume():
+    """Checkpoints record their settings; an option added to the config later is absent from
+    old ones. At its default it is the same run (resumes); set to anything else it is not."""
+    from rlhf_jax.config import Config, load_config
+    from rlhf_jax.loops.settings import differences, stage_settings
+
+    sections = ("seed", "model", "sft")
+    now = stage_settings(Config(), sections)
+    old = {k: v for k, v in now.items() if k not in ("model.frozen_dtype", "sft.optim.mu_dtype")}
+    assert differences(old, now) == []
+    changed = load_config(Config, None, ["model.frozen_dtype=bfloat16"])
+    assert differences(old, stage_settings(changed, sections)) == [
+        'model.frozen_dtype: (absent) -> "bfloat16"'
+    ]
