@@ -262,8 +262,8 @@ def _place_frozen(params, shardings, dtype: str | None):
     """Weights RL only reads, in their shards and (with `model.frozen_dtype`) cast there:
     a new copy, so the caller's full-precision weights (e.g. the SFT policy a LoRA policy
     folds into at the end) stay as they are."""
-    if dtype is None:
-        return shard_tree(params, shardings)
+    if dtype is None or all(x.dtype != jnp.float32 for x in jax.tree.leaves(params)):
+        return shard_tree(params, shardings)  # the same buffers when already placed
     cast = jax.jit(
         lambda p: jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, p),
         out_shardings=shardings,

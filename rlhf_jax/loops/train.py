@@ -24,7 +24,7 @@ from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.sharding import batch_sharding, init_sharded_state, jit_step
+from rlhf_jax.sharding import batch_sharding, init_sharded_state, jit_step, shard_tree
 from rlhf_jax.steps import TrainState, make_optimizer
 
 # Metrics shown in the progress bar when present.
@@ -166,20 +166,38 @@ def supervised_stage(
     mesh = runtime.mesh
 
     def init():
-        return init_sharded_state(
-            lambda p, f: TrainState.create(p, tx, frozen=f),
-            (params, frozen),
-            (param_shardings, frozen_shardings),
-            mesh,
+        state, shardings = init_sharded_state(
+            lambda p: TrainState.create(p, tx), (params,), (param_shardings,), mesh
         )
+        if frozen is None:
+            return state, shardings
+        # The frozen weights are the caller's own buffers, placed (not copied): one copy of a
+        # LoRA base however many stages and states read it.
+        placed = shard_tree(frozen, frozen_shardings)
+        return state.replace(frozen=placed), shardings.replace(frozen=frozen_shardings)
 
     def program(shardings, start: int) -> StepFn:
-        jitted = jit_step(step_fn, shardings, batch_sharding(mesh, runtime.rules, 1))
-        compiled = CompiledOnce(jitted)
+        rows = batch_sharding(mesh, runtime.rules, 1)
+        if frozen is None:
+            compiled = CompiledOnce(jit_step(step_fn, shardings, rows))
+        else:
+            compiled = CompiledOnce(
+                jit_step(
+                    _frozen_apart(step_fn),
+                    shardings.replace(frozen=None),
+                    rows,
+                    frozen_shardings=shardings.frozen,
+                )
+            )
         batches = make_batches(start)
 
         def step(state, i, key):
-            state, metrics = compiled(state, runtime.global_batch(next(batches), batch_key), key)
+            batch = runtime.global_batch(next(batches), batch_key)
+            if frozen is None:
+                state, metrics = compiled(state, batch, key)
+            else:  # the old state is donated, its frozen weights are not
+                new, metrics = compiled(state.replace(frozen=None), state.frozen, batch, key)
+                state = new.replace(frozen=state.frozen)
             # XLA's account of the step's program: a per-device peak (weights, optimizer
             # state, activations), the same on every step.
             return state, {**metrics, "perf/peak_device_mib": compiled.peak_bytes() / 2**20}
@@ -195,6 +213,17 @@ def supervised_stage(
         limits={"train": max_consecutive_skips},
         log_every=log_every,
     )
+
+
+def _frozen_apart(step_fn: Callable) -> Callable:
+    """`step(state, batch, key)` as `step(state, frozen, batch, key)` over a state without
+    its frozen weights: what `jit_step(..., frozen_shardings=...)` compiles."""
+
+    def step(state, frozen, batch, key):
+        new, metrics = step_fn(state.replace(frozen=frozen), batch, key)
+        return new.replace(frozen=None), metrics
+
+    return step
 
 
 def run_train_loop(

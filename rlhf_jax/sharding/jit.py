@@ -31,8 +31,12 @@ def jit_step(
     batch_shardings: Any,
     donate: bool = True,
     mesh: Mesh | None = None,
+    frozen_shardings: Any = None,
 ) -> Callable:
-    """Jit `step(state, batch, key) -> (state, metrics)` (SFT, RM, or any step of that form).
+    """Jit `step(state, batch, key) -> (state, metrics)` (SFT, RM, or any step of that form),
+    or with `frozen_shardings` `step(state, frozen, batch, key)`: weights the step reads but
+    never changes (LoRA's base) as their own argument, never donated, so they stay the
+    caller's buffers instead of being copied into each new state.
 
     batch_shardings: a pytree matching the batch, or one sharding as a prefix for all of it
     (`batch_sharding(mesh, rules, 1)` splits the first dimension of arrays of any rank).
@@ -41,9 +45,10 @@ def jit_step(
     """
     mesh = mesh or _mesh_of(state_shardings)
     rep = replicated(mesh)
+    frozen = () if frozen_shardings is None else (frozen_shardings,)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_shardings, rep),
+        in_shardings=(state_shardings, *frozen, batch_shardings, rep),
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,) if donate else (),
     )

@@ -107,3 +107,24 @@ def test_shared_trunk_needs_an_estimator_with_a_critic(run_dir, tmp_path, capsys
     assert "shared_trunk puts a value head on the policy" in capsys.readouterr().err
     assert main([*args, "lora.rank=4", "lora.models=[policy,critic]"]) == 2
     assert "'critic' has no model of its own" in capsys.readouterr().err
+
+
+def test_lora_sft_resumes_exactly_with_its_base_read_in_place(run_dir, tmp_path, capsys):
+    """A supervised LoRA stage: the base is its own (never donated) argument of the step,
+    the checkpoints hold only what trains, and a paused run ends bitwise like a whole one."""
+    data = run_dir / "data"
+    command = [
+        "sft",
+        *SMALL,
+        *LORA,
+        "sft.steps=4",
+        f"model.path={run_dir / 'sft'}",
+        f"sft.data={data / 'sft.jsonl'}",
+    ]
+    paused, whole = _interrupted_and_whole(command, 2, tmp_path, capsys)
+    assert _metrics(paused, "sft") == _metrics(whole, "sft")
+    _same_weights(paused / "sft" / "model.safetensors", whole / "sft" / "model.safetensors")
+    _same_weights(
+        paused / "sft_adapter" / "adapter_model.safetensors",
+        whole / "sft_adapter" / "adapter_model.safetensors",
+    )
