@@ -252,6 +252,12 @@ def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(run=run)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from rlhf_jax.plan.command import add_plan_parser  # imports no JAX
+
+    add_plan_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-jax", description="InstructGPT-style RLHF in JAX/Flax."
@@ -262,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_stage(sub, name)
     _add_generate(sub)
+    _add_plan(sub)
     return parser
 
 

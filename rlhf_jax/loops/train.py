@@ -183,7 +183,7 @@ def supervised_stage(
         else:
             compiled = CompiledOnce(
                 jit_step(
-                    _frozen_apart(step_fn),
+                    frozen_apart(step_fn),
                     shardings.replace(frozen=None),
                     rows,
                     frozen_shardings=shardings.frozen,
@@ -215,7 +215,7 @@ def supervised_stage(
     )
 
 
-def _frozen_apart(step_fn: Callable) -> Callable:
+def frozen_apart(step_fn: Callable) -> Callable:
     """`step(state, batch, key)` as `step(state, frozen, batch, key)` over a state without
     its frozen weights: what `jit_step(..., frozen_shardings=...)` compiles."""
 

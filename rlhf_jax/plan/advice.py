@@ -1,0 +1,318 @@
+"""Which switch would make a stage fit, and by how much each would lower its peak.
+
+Every estimate is arithmetic on the planned parts (nothing is compiled again), program by
+program: a switch may shrink the update's peak and leave sampling's, so the stage's new peak
+is the largest of its programs' new peaks. A switch changes a program's peak in two ways:
+weights that live through the stage (`resident`: weights, moments, EMA, frozen copies), and,
+in a training program, the temporaries. A training program's temporaries peak either in the
+backward (activations, gradients, logits) or in the optimizer update (gradients and Adam's
+temporaries: the stage's `floor`, compiled alone by the planner); an activation switch lowers
+only the first, never below the floor. Formulas and how close they came to recompiling with
+the switch: docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from rlhf_jax.config import Config
+from rlhf_jax.models import ModelConfig
+from rlhf_jax.plan.planner import ProgramPlan, StagePlan
+from rlhf_jax.plan.programs import Forward
+from rlhf_jax.sharding import data_parallel_size
+
+LORA_RANK = 16
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+WEIGHT_PARTS = ("params", "optimizer", "ema", "frozen", "kept_weights")
+
+
+@dataclasses.dataclass
+class Suggestion:
+    switch: str  # the key=value override(s)
+    saves: int  # bytes off the stage's peak, per device
+    peak: int  # the stage's peak with the switch
+    fits: bool
+    note: str
+
+    def to_dict(self) -> dict:
+        return {
+            "switch": self.switch,
+            "saves_bytes": self.saves,
+            "peak_bytes_per_device": self.peak,
+            "fits": self.fits,
+            "note": self.note,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    cfg: Config
+    runtime: object  # loops.runtime.Runtime
+    device_memory: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """What a switch does to every program: `resident` bytes saved; in training programs,
+    `backward` bytes off the backward's temporaries (negative: more) and the floor scaled by
+    `floor_scale`."""
+
+    resident: float = 0.0
+    backward: float = 0.0
+    floor_scale: float = 1.0
+
+
+def _itemsize(m: ModelConfig) -> int:
+    return 2 if m.dtype == "bfloat16" else 4
+
+
+def lora_fraction(model: ModelConfig, rank: int = LORA_RANK, targets=ALL_TARGETS) -> float:
+    """Adapter parameters / model parameters: per layer and projection, rank x (in + out)."""
+    d, h, k, e, f = model.d_model, model.n_heads, model.n_kv_heads, model.head_dim, model.mlp_dim
+    sizes = {
+        "q": d + h * e,
+        "k": d + k * e,
+        "v": d + k * e,
+        "o": h * e + d,
+        "gate": (d + f) if model.gated_mlp else 0,
+        "up": d + f,
+        "down": f + d,
+    }
+    adapters = model.n_layers * rank * sum(sizes[t] for t in targets)
+    layer = d * (h + 2 * k) * e + h * e * d + (3 if model.gated_mlp else 2) * d * f
+    embed = model.vocab_size * d * (1 if model.tie_embeddings else 2)
+    return adapters / (model.n_layers * layer + embed)
+
+
+def residual_bytes(fw: Forward, rows: float, remat: bool) -> float:
+    """What a layer scan keeps for its backward, for `rows` rows on one device. remat off
+    (`dots_saveable`): every matmul output (q, k, v, the attention scores in float32 and its
+    output, o, the MLP's) per layer; remat on: each layer's input only."""
+    m = fw.model
+    tokens = rows * fw.length
+    if remat:
+        return m.n_layers * tokens * m.d_model * _itemsize(m)
+    width = 2 * m.n_heads * m.head_dim + 2 * m.n_kv_heads * m.head_dim + 2 * m.d_model
+    width += (2 if m.gated_mlp else 1) * m.mlp_dim
+    scores = rows * m.n_heads * fw.length * fw.length * 4
+    return m.n_layers * (tokens * width * _itemsize(m) + scores)
+
+
+def lora_residuals(fw: Forward, rows: float) -> float:
+    """What adapters add to a layer scan's residuals under `dots_saveable`: an adapted
+    projection's output is the sum of two matmuls, and the backward recomputes the sum from
+    both saved products, so the adapter's [tokens, out] product is kept too."""
+    m = fw.model
+    h, k, e, d, f = m.n_heads, m.n_kv_heads, m.head_dim, m.d_model, m.mlp_dim
+    widths = h * e + 2 * k * e + 2 * d + (2 if m.gated_mlp else 1) * f
+    return m.n_layers * rows * fw.length * widths * _itemsize(m)
+
+
+def _micro_rows(fw: Forward, ctx: Context, grad_accum: int) -> float:
+    return fw.rows / grad_accum / data_parallel_size(ctx.runtime.mesh, ctx.runtime.rules)
+
+
+def _part(stage: StagePlan, key: str) -> int:
+    return stage.build.detail.get(key, 0)
+
+
+def _training(stage: StagePlan, p: ProgramPlan) -> bool:
+    return next(x.training for x in stage.build.program_list if x.name == p.name)
+
+
+def _bound(stage: StagePlan, p: ProgramPlan, ctx: Context) -> tuple[float, float]:
+    """`(backward temporaries, optimizer-phase temporaries)` of a training program. When the
+    backward's exceed the optimizer floor, they are the program's temporaries; when the
+    optimizer update sets the peak (its temporaries are the program's), the backward's lie
+    hidden below and are estimated: gradients + residuals + logits, at most that."""
+    act = p.parts["activations"]
+    if act > 1.05 * stage.floor:
+        return act, stage.floor
+    facts = stage.build.facts
+    est = p.parts["params"]
+    for fw in facts["forwards"]:
+        rows = _micro_rows(fw, ctx, facts["grad_accum"])
+        est += residual_bytes(fw, rows, fw.model.remat)
+        est += 2 * rows * fw.logits * fw.model.vocab_size * 4  # float32 logits and their grad
+    return min(act, est), act
+
+
+def new_peak(stage: StagePlan, p: ProgramPlan, e: Effect, ctx: Context) -> float:
+    """Program `p`'s peak under the switch's effect."""
+    peak = p.peak - e.resident
+    if not _training(stage, p):
+        return peak
+    backward, optimizer = _bound(stage, p, ctx)
+    after = max(backward - e.backward, optimizer * e.floor_scale)
+    return peak - p.parts["activations"] + after
+
+
+def _lora(stage: StagePlan, ctx: Context) -> tuple[str, Effect, str] | None:
+    facts = stage.build.facts
+    model = facts["model"]
+    if model is None or facts["lora_on"]:
+        return None
+    trained = [fw for fw in facts["forwards"] if fw.model == facts["forwards"][0].model]
+    keep = lora_fraction(trained[0].model)
+    params = _part(stage, f"params/{model}")
+    resident = (1 - keep) * (_part(stage, f"optimizer/{model}") + _part(stage, f"ema/{model}"))
+    # RL: the policy's weights become the adapters (the base is the reference already, or the
+    # SFT weights the loop keeps anyway). Supervised stages: the loop copies the base into
+    # the state beside the starting weights it keeps, so the weights cost as much as before.
+    resident += (1 - keep) * params if stage.name == "ppo" else -keep * params
+    ga = facts["grad_accum"]
+    extra = sum(lora_residuals(fw, _micro_rows(fw, ctx, ga)) for fw in trained)
+    total = sum(p for k, p in stage.build.detail.items() if k.startswith("params/"))
+    floor_scale = (total - (1 - keep) * params) / total if total else 1.0
+    effect = Effect(resident, (1 - keep) * params - extra, floor_scale)
+    models = "" if model == "policy" else f" lora.models=[policy,{model}]"
+    note = (
+        f"rank-{LORA_RANK} adapters on every projection train {100 * keep:.2f}% of the "
+        f"{model}'s weights: its Adam moments and gradients shrink to theirs"
+    )
+    return f"lora.rank={LORA_RANK}{models}", effect, note
+
+
+def _shared_trunk(stage: StagePlan, ctx: Context):
+    if not stage.build.facts.get("critic"):
+        return None
+    if getattr(ctx.cfg.ppo, "critic", None) == "shared_trunk":
+        return None
+    critic, policy = _part(stage, "params/critic"), _part(stage, "params/policy")
+    effect = Effect(critic + _part(stage, "optimizer/critic"), critic, policy / (policy + critic))
+    note = "a value head on the policy's trunk: no critic weights, moments or gradients"
+    return "ppo.critic=shared_trunk", effect, note
+
+
+def _bf16(stage: StagePlan, ctx: Context):
+    if ctx.cfg.model.param_dtype != "float32":
+        return None
+    p = stage.programs[0].parts
+    weights = sum(p[k] for k in WEIGHT_PARTS)
+    # The backward keeps its size: compute stays in model.dtype, on float32 copies of the
+    # weights when that is float32.
+    note = "bf16 storage halves the weights, Adam moments and frozen copies"
+    return "model.param_dtype=bfloat16", Effect(weights / 2, 0.0, 0.5), note
+
+
+def _optim(cfg: Config, section: str):
+    """The OptimConfig at a dotted config path, e.g. "ppo.policy_optim"."""
+    obj = cfg
+    for attr in section.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+def _mu_bf16(stage: StagePlan, ctx: Context):
+    """Adam's first moment in bf16: 2 of its 8 bytes per float32 trained weight."""
+    facts = stage.build.facts
+    sections = [facts["accum_key"].removesuffix(".grad_accum")]  # e.g. "sft.optim"
+    if facts.get("critic"):
+        sections.append("ppo.value_optim")
+    weights = sum(v for k, v in stage.build.detail.items() if k.startswith("params/"))
+    if ctx.cfg.model.param_dtype != "float32" or not weights:
+        return None
+    if any(_optim(ctx.cfg, name).mu_dtype == "bfloat16" for name in sections):
+        return None
+    switch = " ".join(f"{name}.mu_dtype=bfloat16" for name in sections)
+    note = "Adam's first moment stored in bf16 (the second stays float32)"
+    return switch, Effect(weights / 4), note
+
+
+def _remat(stage: StagePlan, ctx: Context):
+    facts = stage.build.facts
+    if all(fw.model.remat for fw in facts["forwards"]):
+        return None
+    saved = 0.0
+    for fw in facts["forwards"]:
+        if not fw.model.remat:
+            rows = _micro_rows(fw, ctx, facts["grad_accum"])
+            saved += residual_bytes(fw, rows, False) - residual_bytes(fw, rows, True)
+    note = "recompute each layer in the backward instead of keeping its matmul outputs"
+    return "model.remat=true", Effect(backward=saved), note
+
+
+def _grad_accum(stage: StagePlan, ctx: Context):
+    facts = stage.build.facts
+    ga, batch = facts["grad_accum"], facts["batch_size"]
+    new = 2 * ga
+    if batch % new or (batch // new) % data_parallel_size(ctx.runtime.mesh, ctx.runtime.rules):
+        return None
+    per_micro = 0.0
+    for fw in facts["forwards"]:
+        rows = _micro_rows(fw, ctx, ga)
+        per_micro += residual_bytes(fw, rows, fw.model.remat)
+        per_micro += 2 * rows * fw.logits * fw.model.vocab_size * 4
+    # From one micro-batch to two, a gradient accumulator joins the scan's carry.
+    extra = stage.programs[-1].parts["params"] if ga == 1 else 0
+    note = f"{new} micro-batches of {batch // new} per update (the same update)"
+    return f"{facts['accum_key']}={new}", Effect(backward=per_micro / 2 - extra), note
+
+
+def _fsdp(stage: StagePlan, ctx: Context):
+    mesh = ctx.runtime.mesh
+    target, current = mesh.size // mesh.shape["tensor"], mesh.shape["fsdp"]
+    if target <= current:
+        return None
+    cut = 1 - current / target
+    p = stage.programs[0].parts
+    weights = sum(p[k] for k in WEIGHT_PARTS)
+    effect = Effect(cut * weights, cut * p["params"], current / target)
+    note = f"weights, moments and gradients split {target} ways instead of {current}"
+    return f"mesh.fsdp={target} mesh.data=1", effect, note
+
+
+def _no_ema(stage: StagePlan, ctx: Context):
+    ema = _part(stage, "ema/policy")
+    if not ema:
+        return None
+    note = "no EMA copy of the policy (it serves evaluation only)"
+    return "ppo.ema_decay=0", Effect(ema), note
+
+
+# Not among them: model.frozen_dtype=bfloat16. As the RL loop places the frozen models today
+# (`loops.rl._place_frozen`), their bf16 copies join the float32 originals it keeps, which
+# raises the peak by half the frozen models (docs/memory.md).
+SWITCHES: tuple[Callable, ...] = (
+    _lora,
+    _shared_trunk,
+    _bf16,
+    _mu_bf16,
+    _remat,
+    _grad_accum,
+    _fsdp,
+    _no_ema,
+)
+
+
+def _missing_key(cfg: Config, switch: str) -> bool:
+    """Whether a switch names a config key this version's schema does not have yet."""
+    section, _, rest = switch.split("=")[0].partition(".")
+    obj = getattr(cfg, section, None)
+    for name in rest.split("."):
+        if obj is None or not hasattr(obj, name):
+            return True
+        obj = getattr(obj, name)
+    return False
+
+
+def suggestions(stage: StagePlan, ctx: Context) -> list[Suggestion]:
+    """Every switch that lowers the stage's peak, most bytes saved first."""
+    out = []
+    for make in SWITCHES:
+        found = make(stage, ctx)
+        if found is None:
+            continue
+        switch, effect, note = found
+        peak = int(max(new_peak(stage, p, effect, ctx) for p in stage.programs))
+        if stage.peak - peak < max(2**20, stage.peak // 200):  # nothing worth a line
+            continue
+        if _missing_key(ctx.cfg, switch):
+            note += " (key not in this version's config yet)"
+        out.append(Suggestion(switch, stage.peak - peak, peak, peak <= ctx.device_memory, note))
+    return sorted(out, key=lambda s: -s.saves)
+
+
+def largest_part(parts: dict[str, int]) -> str:
+    return max(parts, key=lambda k: parts[k])

@@ -1,0 +1,207 @@
+"""The plan: which stages the config runs, each stage's programs compiled on abstract inputs,
+and XLA's memory analysis turned into the parts of a per-device peak."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import jax
+
+from rlhf_jax.config import Config
+from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.plan import abstract as ab
+from rlhf_jax.plan import programs as pg
+from rlhf_jax.plan.rl import rl
+from rlhf_jax.steps import RLAlgorithm, TrainState
+
+# Every stage reports every part (0 where absent), so the JSON has one shape. They sum to the
+# stage's peak.
+PARTS = (
+    "params",  # trainable weights (policy; + critic in RL)
+    "optimizer",  # Adam's moments and counters
+    "ema",  # RL's EMA of the policy weights
+    "frozen",  # weights read, never trained: RL's reference and reward model, LoRA's base
+    "kept_weights",  # the stage's starting weights, kept by the loop beside the state's copy
+    "kv_cache",  # the generation cache (RL's sampling)
+    "activations",  # XLA's temporaries less the cache: activations, gradients, logits, ...
+    "batch",  # the program's other inputs and outputs: batches, rollouts, metrics
+)
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    name: str
+    peak: int
+    parts: dict[str, int]
+    seconds: float  # lowering + compiling
+
+
+@dataclasses.dataclass
+class StagePlan:
+    name: str
+    programs: list[ProgramPlan]
+    build: pg.StageBuild
+    # An optimizer update's temporaries and gradients: the part of a training program's
+    # temporaries that no activation switch (remat, micro-batches) can remove.
+    floor: int = 0
+
+    @property
+    def peak_program(self) -> ProgramPlan:
+        return max(self.programs, key=lambda p: p.peak)
+
+    @property
+    def peak(self) -> int:
+        return self.peak_program.peak
+
+    @property
+    def parts(self) -> dict[str, int]:
+        return self.peak_program.parts
+
+
+def stage_names(cfg: Config) -> list[str]:
+    """The stages the config's run would execute, in order, named as the CLI names them:
+    pretraining only for the built-in task's random model, DPO only when a command runs it
+    (`rlhf-jax dpo`'s `dpo.policy`, or `compare.preference`)."""
+    names = []
+    if cfg.model.path is None and cfg.pretrain.steps > 0:
+        names.append("pretrain")
+    if cfg.sft.steps > 0:
+        names.append("sft")
+    if cfg.rm.steps > 0:
+        names.append("rm")
+    if cfg.ppo.iterations > 0:
+        names.append("ppo")
+    if cfg.dpo.steps > 0 and (cfg.dpo.policy or cfg.compare.preference):
+        names.append("dpo")
+    return names
+
+
+def _reward_cfg(cfg: Config):
+    """The reward model RL reads: `ppo.reward_model`'s folder, or (pipeline) the RM trained
+    from the SFT model; None when a reward function scores."""
+    if RLAlgorithm.from_config(cfg.ppo).reward_fn is not None:
+        return None
+    if cfg.ppo.reward_model is not None:
+        return ab.reward_model(cfg, cfg.ppo.reward_model)
+    return ab.base_model(cfg, cfg.rm.init or cfg.model.path)
+
+
+def builders(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], pg.StageBuild]]:
+    """Stage name -> a function building its programs (model configs read when called)."""
+    path = cfg.model.path
+    table = {
+        "pretrain": lambda: pg.pretrain(cfg, ab.base_model(cfg, None), runtime),
+        "sft": lambda: pg.sft(cfg, ab.base_model(cfg, path), runtime),
+        "rm": lambda: pg.rm(cfg, ab.base_model(cfg, cfg.rm.init or path), runtime),
+        "ppo": lambda: rl(
+            cfg, ab.base_model(cfg, cfg.ppo.policy or path), _reward_cfg(cfg), runtime
+        ),
+        "dpo": lambda: pg.dpo(cfg, ab.base_model(cfg, cfg.dpo.policy or path), runtime),
+    }
+    names = stage_names(cfg)
+    if not names:
+        raise RlhfJaxError(
+            "nothing to plan: every stage of this config has 0 steps (pretrain.steps, "
+            "sft.steps, rm.steps, ppo.iterations, dpo.steps)"
+        )
+    return {name: table[name] for name in names}
+
+
+def totals(detail: dict[str, int]) -> dict[str, int]:
+    """Parts summed over models: "params/policy" + "params/critic" -> "params"."""
+    out: dict[str, int] = {}
+    for key, value in detail.items():
+        part = key.split("/")[0]
+        out[part] = out.get(part, 0) + value
+    return out
+
+
+def compile_program(program: pg.Program):
+    """`(compiled executable, seconds)`: lowered and compiled on the abstract arguments."""
+    t0 = time.time()
+    compiled = program.jitted.lower(*program.args).compile()
+    return compiled, time.time() - t0
+
+
+def plan_program(program: pg.Program, resident: dict[str, int], compiled=None) -> ProgramPlan:
+    """Compile `program` (nothing is allocated) and split its per-device peak into parts.
+
+    Peak = what lives through the stage (`resident`) + this call's other arguments and
+    outputs + its temporaries: XLA's arguments + outputs + temporaries - donated aliases, with
+    the resident state counted once even when the call does not take all of it."""
+    seconds = 0.0
+    if compiled is None:
+        compiled, seconds = compile_program(program)
+    m = compiled.memory_analysis()
+    if m is None:
+        raise RlhfJaxError("this JAX backend gives no memory analysis of compiled programs")
+    in_resident = sum(
+        ab.nbytes(arg)
+        for arg, role in zip(program.args, program.roles)
+        if role in pg.RESIDENT_ROLES
+    )
+    io = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes - in_resident
+    temp = int(m.temp_size_in_bytes)
+    kv = min(program.kv_cache, temp)
+    parts = {p: int(resident.get(p, 0)) for p in PARTS}
+    parts.update(kv_cache=kv, activations=temp - kv, batch=max(int(io), 0))
+    return ProgramPlan(program.name, sum(parts.values()), parts, seconds)
+
+
+def _is_train_state(x) -> bool:
+    return isinstance(x, TrainState)
+
+
+def _apply_temps(state: TrainState, shardings: TrainState) -> int:
+    """XLA's temporaries for applying gradients to one TrainState (donated, as the steps)."""
+    apply = jax.jit(
+        lambda ts, grads: ts.apply_gradients(grads),
+        in_shardings=(shardings, shardings.params),
+        out_shardings=shardings,
+        donate_argnums=0,
+    )
+    m = apply.lower(state, state.params).compile().memory_analysis()
+    return int(m.temp_size_in_bytes) if m is not None else 0
+
+
+def optimizer_floor(state, state_sh) -> int:
+    """Per device, a lower bound of a training program's temporaries at its optimizer update:
+    every TrainState's gradients, plus the largest of their updates' own temporaries (each
+    compiled alone; Adam, clipping and the non-finite guard need several weight-sized
+    buffers at once, whatever the batch)."""
+    states = [x for x in jax.tree.leaves(state, is_leaf=_is_train_state) if _is_train_state(x)]
+    shardings = [
+        x for x in jax.tree.leaves(state_sh, is_leaf=_is_train_state) if _is_train_state(x)
+    ]
+    if not states:
+        return 0
+    temps = max(_apply_temps(ts, sh) for ts, sh in zip(states, shardings))
+    return ab.nbytes([ts.params for ts in states]) + temps
+
+
+def plan_stages(
+    cfg: Config, runtime: Runtime, progress: Callable[[str], None] = lambda _: None
+) -> list[StagePlan]:
+    """Every stage of the run, compiled program by program (`progress` hears of each). All
+    stages are built (and their batch sizes checked against the mesh) before any compiles,
+    so a bad setting fails at once."""
+    built = []
+    for build_fn in builders(cfg, runtime).values():
+        build = build_fn()
+        a, state, state_sh = build.abstract(runtime)
+        build.facts["lora_on"] = a.info["lora"]
+        built.append((build, state, state_sh))
+    plans = []
+    for i, (build, state, state_sh) in enumerate(built, 1):
+        where = f"[{i}/{len(built)}] {build.name}"
+        resident = totals(build.detail)
+        planned = []
+        for program in build.program_list:
+            progress(f"{where}: compiling {program.name} ...")
+            planned.append(plan_program(program, resident))
+            progress(f"{where}: {program.name} in {planned[-1].seconds:.1f} s")
+        plans.append(StagePlan(build.name, planned, build, optimizer_floor(state, state_sh)))
+    return plans

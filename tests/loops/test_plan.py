@@ -1,0 +1,141 @@
+"""`rlhf-jax plan`: the JSON it promises, a prediction checked against a measured run, an
+8B-shaped plan on abstract inputs, and clear errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rlhf_jax.cli import main
+from rlhf_jax.plan.measure import measure_in_subprocess
+from rlhf_jax.plan.planner import PARTS
+
+CONFIG = "configs/quickstart.yaml"
+# Batch sizes divide 8: the suite's workers may run JAX on 1, 4 or 8 CPU devices.
+SMALL = [
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.mlp_dim=128",
+    "task.vocab_size=512",
+    "pretrain.steps=0",
+    "rm.steps=0",
+    "sft.batch_size=8",
+    "ppo.rollout_batch=8",
+    "ppo.minibatch_size=8",
+    "ppo.epochs=1",
+    "ppo.max_new_tokens=8",
+    "ptx.coef=0",
+]
+LLAMA_8B = [
+    "model.d_model=4096",
+    "model.n_heads=32",
+    "model.n_kv_heads=8",
+    "model.mlp_dim=14336",
+    "task.vocab_size=128256",
+]
+
+
+def _plan_json(capsys, *args) -> dict:
+    assert main(["plan", "--config", CONFIG, *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_has_the_promised_shape_and_parts_add_up(capsys):
+    plan = _plan_json(capsys, *SMALL, "--device-memory", "1GiB")
+    assert set(plan) == {"stages", "device_memory_bytes", "fits"}
+    assert plan["device_memory_bytes"] == 2**30 and plan["fits"] is True
+    assert list(plan["stages"]) == ["sft", "ppo"]  # no pretraining or RM at 0 steps
+    for stage in plan["stages"].values():
+        parts = stage["parts"]
+        assert set(parts) == set(PARTS)
+        assert all(isinstance(v, int) and v >= 0 for v in parts.values())
+        assert sum(parts.values()) == stage["peak_bytes_per_device"]
+        assert stage["peak_bytes_per_device"] == max(stage["programs"].values())
+        assert stage["fits"] is True and stage["largest"] in PARTS
+        saves = [s["saves_bytes"] for s in stage["suggestions"]]
+        assert saves == sorted(saves, reverse=True)
+    sft, ppo = plan["stages"]["sft"], plan["stages"]["ppo"]
+    # Adam: two moments per weight; the loop keeps SFT's starting weights beside its copy.
+    weights = sft["parts"]["params"]
+    assert 2 * weights <= sft["parts"]["optimizer"] < 2 * weights + 1024
+    assert sft["parts"]["kept_weights"] == weights and sft["parts"]["frozen"] == 0
+    # PPO: policy + critic train; the reference and the reward model (a trunk like the policy,
+    # plus a head) are frozen; the EMA copies the policy; the cache lives in sampling.
+    assert set(ppo["programs"]) == {"experience", "update"}
+    d = ppo["detail"]
+    assert d["params/policy"] == d["frozen/reference"] == d["ema/policy"]
+    assert d["frozen/reward"] == d["params/critic"] > d["params/policy"]
+    assert ppo["parts"]["frozen"] == d["frozen/reference"] + d["frozen/reward"]
+
+
+def test_a_stage_that_does_not_fit_says_so_and_names_switches(capsys):
+    args = ["plan", "--config", CONFIG, *SMALL, "ppo.iterations=0", "--device-memory", "2MB"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "sft: compiling step" in captured.err  # progress, off stdout
+    out = captured.out
+    assert "1.91 MiB per device (--device-memory)" in out
+    assert "sft: " in out and "DOES NOT FIT" in out and "largest: activations" in out
+    assert "model.remat=true" in out and "sft.optim.grad_accum=2" in out
+
+
+def test_plan_is_within_20_percent_of_a_measured_step():
+    """SFT of a 4-layer, 256-wide model: the plan against the peak resident memory of one
+    real step in a fresh process (rlhf_jax.plan.measure, docs/memory.md)."""
+    overrides = [
+        "model.d_model=256",
+        "model.n_layers=4",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.mlp_dim=768",
+        "task.vocab_size=4096",
+        "sft.batch_size=16",
+        "sft.max_len=128",
+    ]
+    result = measure_in_subprocess(CONFIG, "sft", overrides, timeout=300)
+    assert result["measured_bytes"] > 100 * 2**20  # well above the noise of a process
+    assert 0.8 <= result["ratio"] <= 1.2, result
+
+
+def test_an_8b_shaped_plan_on_two_virtual_devices():
+    """Llama-3-8B widths (4 of its 32 layers, to keep the suite fast; the whole model plans in
+    about 30 s, docs/memory.md) with FSDP over two virtual CPU devices: nothing allocated."""
+    cmd = [sys.executable, "-m", "rlhf_jax.cli", "plan", "--config", CONFIG, *LLAMA_8B]
+    cmd += ["model.n_layers=4", "pretrain.steps=0", "rm.steps=0", "ppo.iterations=0"]
+    cmd += ["--devices", "2", "mesh.fsdp=2", "mesh.data=1", "--device-memory", "80GB", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    sft = json.loads(out.stdout)["stages"]["sft"]
+    d, f, kv, v = 4096, 14336, 8 * 128, 128256
+    n_params = 4 * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + 2 * v * d + d
+    assert sft["parts"]["params"] == pytest.approx(4 * n_params / 2, rel=1e-3)  # fp32, 2 shards
+    assert sft["fits"] is True
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device-memory", "lots"], "--device-memory: 'lots' is not a size"),
+        (["--devices", "0"], "--devices must be >= 1"),
+        (["model.path=/no/such/folder"], "/no/such/folder: checkpoint folder not found"),
+        (["mesh.data=3", "mesh.fsdp=5"], "config section 'mesh'"),
+        (["ppo.no_such_key=1"], "ppo.no_such_key"),
+        (["sft.steps=0", "rm.steps=0", "ppo.iterations=0", "pretrain.steps=0"], "nothing to plan"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
+    assert main(["plan", "--config", CONFIG, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+
+
+def test_devices_once_jax_runs_is_refused(capsys):
+    import jax
+
+    n = jax.device_count() + 1  # started with other devices: can no longer change
+    assert main(["plan", "--config", CONFIG, "--devices", str(n)]) == 2
+    assert "run `rlhf-jax plan` in a fresh process" in capsys.readouterr().err
+    assert jax.device_count() == n - 1
