@@ -234,6 +234,8 @@ def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runt
     reward_cfg, reward_params = load_scalar_model(
         rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
     )
+    # model.remat as for every loaded model: the critic starts as this model and trains
+    reward_cfg = reward_cfg.replace(remat=cfg.model.remat)
     if reward_cfg.vocab_size != policy_cfg.vocab_size:
         raise RlhfJaxError(
             f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
