@@ -231,8 +231,12 @@ def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runt
     policy_cfg, sft_params = load_model(policy_path, cfg, runtime)
     if rm_path is None:
         return RLModels(policy_cfg, sft_params)
+    # Straight into its shards: an 8B reward model never sits whole on one device.
     reward_cfg, reward_params = load_scalar_model(
-        rm_path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype
+        rm_path,
+        dtype=cfg.model.param_dtype,
+        compute_dtype=cfg.model.dtype,
+        shardings=lambda c: runtime.param_shardings(c, scalar=True),
     )
     # model.remat as for every loaded model: the critic starts as this model and trains
     reward_cfg = reward_cfg.replace(remat=cfg.model.remat)

@@ -42,6 +42,24 @@ SCRIPT = textwrap.dedent(
     assert shard.shape == (emb.shape[0] // 2, emb.shape[1] // 2), shard.shape
     q = sharded["layers"]["attn"]["q"]["kernel"]  # [layers, embed, heads, head_dim]
     assert q.addressable_shards[0].data.shape == (2, 16, 2, 8)
+
+    # A reward model too: its trunk shard by shard, its head placed.
+    from rlhf_jax.models import init_scalar_head, load_scalar_model, save_scalar_model
+    from rlhf_jax.models.heads import scalar_model_logical_axes
+    rm = {"trunk": params, "head": init_scalar_head(config, jax.random.key(1))}
+    save_scalar_model(config, rm, sys.argv[1] + "_rm")
+
+    def rm_shardings(cfg):
+        axes = scalar_model_logical_axes(cfg)
+        return jax.tree.map(to_sharding, axes, is_leaf=lambda x: isinstance(x, P))
+
+    _, rm_sharded = load_scalar_model(sys.argv[1] + "_rm", shardings=rm_shardings)
+    _, rm_plain = load_scalar_model(sys.argv[1] + "_rm")
+    for got, want in zip(jax.tree.leaves(rm_sharded), jax.tree.leaves(rm_plain)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    emb = rm_sharded["trunk"]["embed"]
+    assert emb.addressable_shards[0].data.shape == (emb.shape[0] // 2, emb.shape[1] // 2)
+    assert rm_sharded["head"]["kernel"].sharding == to_sharding(P("embed"))
     print("OK")
     """
 )

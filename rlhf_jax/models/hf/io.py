@@ -320,11 +320,17 @@ def is_reward_model(path: str | os.PathLike) -> bool:
 
 
 def load_scalar_model(
-    path: str | os.PathLike, dtype: str = "float32", compute_dtype: str | None = None
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    shardings=None,
 ) -> tuple[ModelConfig, dict]:
     """A reward model as (config, {"trunk", "head"}): a transformers sequence-classification
     folder (TRL's, OpenRLHF's, a public RM, or `save_scalar_model`'s; Llama, Qwen2, Qwen3,
     GPT-2) or an older rlhf_jax folder (a causal LM + `scalar_head.safetensors`).
+
+    `shardings`: `config -> {"trunk", "head"} shardings` (the config is read here), so that
+    each device receives only its shards, as `load_hf` does; default: one device.
 
     The reward is read at each sequence's last real token, as transformers does when the pad
     token differs from EOS (with pad == EOS, transformers reads the token before the EOS)."""
@@ -341,7 +347,9 @@ def load_scalar_model(
     config = read_hf_config(folder).replace(
         param_dtype=dtype, dtype=compute_dtype or dtype, tie_embeddings=True
     )
-    trunk = _read_params(folder, config, index, None, extra=(SCORE, "score.bias"))
+    placed = shardings(config) if shardings is not None else None
+    trunk_sh = placed["trunk"] if placed is not None else None
+    trunk = _read_params(folder, config, index, trunk_sh, extra=(SCORE, "score.bias"))
     score = index.get(SCORE)
     if score.shape != (1, config.d_model):
         raise RlhfJaxError(
@@ -356,6 +364,8 @@ def load_scalar_model(
         "kernel": jnp.asarray(score[0], DTYPES[dtype]),
         "bias": jnp.asarray(bias, DTYPES[dtype]),
     }
+    if placed is not None:
+        head = jax.device_put(head, placed["head"])
     return config, {"trunk": trunk, "head": head}
 
 
