@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.rollout.sampling import sample_token
+from rlhf_jax.rollout.sampling import first_argmax, sample_token
 
 LOGITS = np.array([2.0, 1.5, 0.3, 0.0, -1.0, -2.5], dtype=np.float32)
 N_DRAWS = 20_000
@@ -86,3 +86,31 @@ def test_top_k_one_is_greedy():
     tokens, logps = draw(1.0, 1, None)
     assert np.all(tokens == np.argmax(LOGITS))
     np.testing.assert_allclose(logps, 0.0, atol=1e-6)
+
+
+def test_draw_over_many_vocabulary_blocks_matches_definition():
+    """A vocabulary of 700 (not a multiple of the 128-entry CDF block) with whole blocks and
+    scattered tokens filtered out: the two-level draw must still follow exp(logp) exactly
+    and never land on a zero-probability token or past the vocabulary."""
+    v = 700
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=v).astype(np.float32)
+    logits[128:256] = -np.inf  # one whole block impossible
+    logits[rng.choice(v, 200, replace=False)] = -np.inf  # and tokens scattered everywhere
+    logits[[0, 127, 256, 699]] = [1.5, 2.0, 1.0, 2.5]  # block edges and the last token live
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    batch = jnp.broadcast_to(jnp.asarray(logits), (N_DRAWS, v))
+    tokens, logps = jax.jit(lambda lg, k: sample_token(lg, k, 1.0))(batch, jax.random.key(7))
+    tokens = np.asarray(tokens)
+    assert tokens.min() >= 0 and tokens.max() < v
+    assert np.all(p[tokens] > 0), "a zero-probability token was drawn"
+    freq = np.bincount(tokens, minlength=v) / N_DRAWS
+    stderr = np.sqrt(p * (1 - p) / N_DRAWS)
+    assert np.all(np.abs(freq - p) <= 5 * stderr + 1e-12)
+    np.testing.assert_allclose(np.asarray(logps), np.log(p[tokens]), rtol=1e-4, atol=1e-5)
+
+
+def test_first_argmax_matches_numpy_on_ties():
+    x = np.array([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -1.0, -3.0]])
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, -1))
