@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.host_memory import keep_freed_host_memory
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -276,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers' import-time advice ("PyTorch was not found ...") would turn every one-line
     # error of a torch-free install (PyTorch is a test-time reference only) into two lines.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # Before JAX starts its CPU backend: reuse freed temporaries instead of faulting them in
+    # again at every step (see host_memory).
+    keep_freed_host_memory()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (argparse stops positionals at them)
