@@ -1,6 +1,7 @@
 """`python -m bench [--size tiny|full] [--out PATH]`: every benchmark, one after another.
 
-The order puts the machine's limits first (the other tables quote them). Run it on an idle
+The order puts the machine's limits first (the other tables quote them), then the compiled
+cost of every step (no timing: it does not depend on the machine's load). Run it on an idle
 machine: the comparisons alternate their two sides, which evens out noise between them, but a
 busy machine still lowers every absolute number.
 """
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 
-ORDER = ("hardware", "generation", "training", "rl_iteration", "scaling")
+ORDER = ("hardware", "cost", "generation", "training", "rl_iteration", "scaling")
 
 
 def main(argv: list[str] | None = None) -> int:

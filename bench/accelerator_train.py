@@ -112,13 +112,14 @@ def run_sft(sizes: Sizes, workdir: Path, rec: Recorder) -> None:
 def rl_iteration_timed(sizes: Sizes, workdir: Path, algorithm: str) -> dict[str, Any]:
     """bench.rl_iteration's `JaxRL` (the jitted experience and update of one algorithm),
     both programs compiled through `CompiledOnce` so their memory analysis is at hand."""
+    from bench.models import load_jax
     from rlhf_jax.loops.train import CompiledOnce
 
     folder, _ = ensure_checkpoint(sizes.small, workdir)
     prompts = random_ids(
         np.random.default_rng(2), sizes.small.vocab, sizes.rl.prompts, sizes.rl.prompt_len
     )
-    rl = rl_iteration.JaxRL(folder, prompts, sizes.rl, algorithm)
+    rl = rl_iteration.JaxRL(*load_jax(folder), prompts, sizes.rl, algorithm)
     rl.experience, rl.update = CompiledOnce(rl.experience), CompiledOnce(rl.update)
     timing = time_one(rl.iteration, sizes.warmup, sizes.repeats)
     # The experience takes everything on the device as arguments, the reference's buffers

@@ -25,6 +25,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from rlhf_jax.host_memory import keep_freed_host_memory
+
+# Before any backend starts. Both sides of a comparison run in this process under the same
+# malloc settings: freed temporaries are reused rather than faulted in again at every step
+# (rlhf_jax.host_memory); PyTorch's large buffers take the same path, so neither side gains.
+HOST_MEMORY_KEPT = keep_freed_host_memory()
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "BENCHMARKS.md"
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "trl", "numpy")
@@ -72,6 +79,12 @@ def machine_lines() -> list[str]:
         f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs"
         + (f", {mem:.0f} GiB RAM" if mem else ""),
         f"- JAX devices: {jax_device()}",
+        "- host malloc: "
+        + (
+            "freed memory kept for reuse, both sides (`rlhf_jax.host_memory`)"
+            if HOST_MEMORY_KEPT
+            else "system default"
+        ),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
     ]

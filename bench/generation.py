@@ -23,7 +23,16 @@ import numpy as np
 
 from bench.common import Table, Timing, alternate, blocked, parser, publish, set_torch_threads
 from bench.flops import copy_bandwidth, decode_bytes_per_step
-from bench.models import GPT2_6L, GPT2_12L, LLAMA, TINY, TINY_LLAMA, Shape, build_checkpoint
+from bench.models import (
+    GPT2_6L,
+    GPT2_6L_VOCAB50K,
+    GPT2_12L,
+    LLAMA,
+    TINY,
+    TINY_LLAMA,
+    Shape,
+    build_checkpoint,
+)
 
 MODES = {"greedy": 0.0, "sampled": 1.0}
 
@@ -59,8 +68,26 @@ class Plan:
     decode_modes: tuple[str, ...] = tuple(MODES)
 
 
-FULL = Plan((GPT2_6L, GPT2_12L, LLAMA), (8, 16, 32), 32, 64, 8, 512 * 2**20)
+FULL = Plan((GPT2_6L, GPT2_12L, LLAMA, GPT2_6L_VOCAB50K), (8, 16, 32), 32, 64, 8, 512 * 2**20)
 TINY_PLAN = Plan((TINY, TINY_LLAMA), (2,), 8, 16, 2, 16 * 2**20, ("greedy",))
+
+
+def jax_generate(config, params, ids, mask, key, temperature: float, new_tokens: int):
+    """The rlhf_jax side's call: exactly `new_tokens` tokens per row (no EOS stop); the new
+    tokens [B, N]. `bench.cost` compiles the same call."""
+    from rlhf_jax.rollout import generate
+
+    out = generate(
+        config,
+        params,
+        ids,
+        mask,
+        key,
+        max_new_tokens=new_tokens,
+        temperature=temperature,
+        eos_id=None,
+    )
+    return out.tokens
 
 
 class Sides:
@@ -83,26 +110,12 @@ class Sides:
         import jax
         import jax.numpy as jnp
 
-        from rlhf_jax.rollout import generate
-
         ids = jnp.asarray(prompt, jnp.int32)
         mask = jnp.ones_like(ids)
         key = jax.random.key(0)
-
-        def run():
-            out = generate(
-                self.config,
-                self.params,
-                ids,
-                mask,
-                key,
-                max_new_tokens=new_tokens,
-                temperature=temperature,
-                eos_id=None,
-            )
-            return out.tokens
-
-        return blocked(run)
+        return blocked(
+            lambda: jax_generate(self.config, self.params, ids, mask, key, temperature, new_tokens)
+        )
 
     def torch_fn(self, prompt: np.ndarray, temperature: float, new_tokens: int):
         torch = self.torch

@@ -43,6 +43,9 @@ class Shape:
 GPT2_6L = Shape("gpt2 6L/512d", "gpt2", 6, 512, 8)
 GPT2_12L = Shape("gpt2 12L/768d", "gpt2", 12, 768, 12)
 LLAMA = Shape("llama 8L/512d gqa", "llama", 8, 512, 8, n_kv_heads=4, mlp_dim=1408)
+# GPT-2's own 50,257-token vocabulary, as a new user tries it: the LM head (25.7M weights)
+# outweighs the 6 layers (18.9M), so the head and the choice of token set the decode speed.
+GPT2_6L_VOCAB50K = Shape("gpt2 6L/512d, vocab 50257", "gpt2", 6, 512, 8, vocab=50257)
 TINY = Shape("gpt2 2L/64d (tiny)", "gpt2", 2, 64, 4, vocab=512, max_positions=256)
 TINY_LLAMA = Shape("llama 2L/64d (tiny)", "llama", 2, 64, 4, n_kv_heads=2, mlp_dim=128, vocab=512)
 

@@ -83,9 +83,10 @@ def _rl_config(s: Sizes, algorithm: str):
 
 class JaxRL:
     """The jitted experience and update functions of one algorithm, and the pieces of
-    experience for the split."""
+    experience for the split. `cfg, params`: the model every role starts from (`load_jax`);
+    `bench.cost` compiles the same functions."""
 
-    def __init__(self, folder: Path, unique_prompts: np.ndarray, sizes: Sizes, algorithm: str):
+    def __init__(self, cfg, params, unique_prompts: np.ndarray, sizes: Sizes, algorithm: str):
         import jax
         import jax.numpy as jnp
 
@@ -99,7 +100,6 @@ class JaxRL:
         )
         from rlhf_jax.steps.optim import make_optimizer
 
-        cfg, params = load_jax(folder)
         self.cfg = cfg
         ppo = self.ppo = _rl_config(sizes, algorithm)
         algo = RLAlgorithm.from_config(ppo)
@@ -272,8 +272,8 @@ def main(argv=None) -> dict:
     folder = build_checkpoint(s.shape, Path(tempfile.mkdtemp(prefix="rlhf_jax_bench_")))
 
     unique = trl_setup.random_ids(rng, s.shape.vocab, s.prompts, s.prompt_len)
-    jax_side = JaxRL(folder, unique, s, "ppo")
-    jax_grpo = JaxRL(folder, unique, s, "grpo")
+    jax_side = JaxRL(*load_jax(folder), unique, s, "ppo")
+    jax_grpo = JaxRL(*load_jax(folder), unique, s, "grpo")
     # TRL repeats each prompt num_generations times itself; the dataset holds enough prompts
     # for one batch of `prompts` unique ones.
     texts = [trl_setup.text_of(row) for row in unique]

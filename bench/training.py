@@ -90,19 +90,23 @@ def _jax_runner(step, state, batch):
 # ----------------------------------------------------------------------------- SFT
 
 
-def jax_sft(folder: Path, ids: np.ndarray):
+def jax_sft_step(cfg, params, ids: np.ndarray):
+    """(jitted step, state, batch) of the SFT comparison; `bench.cost` compiles the same."""
     import jax
     import jax.numpy as jnp
 
     from rlhf_jax.losses import get_loss
     from rlhf_jax.steps import TrainState, make_sft_step
 
-    cfg, params = load_jax(folder)
     state = TrainState.create(params, _optimizer())
     step = jax.jit(make_sft_step(cfg, get_loss("sft")), donate_argnums=0)
     ones = jnp.ones(ids.shape, jnp.int32)
     batch = {"input_ids": jnp.asarray(ids, jnp.int32), "attention_mask": ones, "loss_mask": ones}
-    return _jax_runner(step, state, batch)
+    return step, state, batch
+
+
+def jax_sft(folder: Path, ids: np.ndarray):
+    return _jax_runner(*jax_sft_step(*load_jax(folder), ids))
 
 
 def trl_sft(folder: Path, ids: np.ndarray, vocab: int):
@@ -128,7 +132,9 @@ def trl_sft(folder: Path, ids: np.ndarray, vocab: int):
 # ----------------------------------------------------------------------------- RM
 
 
-def jax_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray):
+def jax_rm_step(cfg, trunk, chosen: np.ndarray, rejected: np.ndarray):
+    """(jitted step, state, batch) of the reward-model comparison; `bench.cost` compiles the
+    same."""
     import jax
     import jax.numpy as jnp
 
@@ -136,7 +142,6 @@ def jax_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray):
     from rlhf_jax.models import init_scalar_head
     from rlhf_jax.steps import TrainState, make_reward_step
 
-    cfg, trunk = load_jax(folder)
     params = {"trunk": trunk, "head": init_scalar_head(cfg, jax.random.key(1))}
     state = TrainState.create(params, _optimizer())
     step = jax.jit(make_reward_step(cfg, get_loss("reward")), donate_argnums=0)
@@ -148,7 +153,11 @@ def jax_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray):
         "rank": jnp.tile(jnp.arange(2, dtype=jnp.int32), (b, 1)),
         "completion_mask": jnp.ones((b, 2), jnp.int32),
     }
-    return _jax_runner(step, state, batch)
+    return step, state, batch
+
+
+def jax_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray):
+    return _jax_runner(*jax_rm_step(*load_jax(folder), chosen, rejected))
 
 
 def trl_rm(folder: Path, chosen: np.ndarray, rejected: np.ndarray, vocab: int):
