@@ -468,9 +468,11 @@ NOTES = [
     "intermediate left unfused counts again each time it is written and read; a weight read "
     "by several ops counts once per op. So accessed / minimum is the traffic the compiled "
     "program implies beyond the least it could move (no cache is modelled: it is not the "
-    "DRAM traffic a machine would measure). The decode step's cache holds P + N - 1 slots, "
-    "as `generate` allocates it, and attends over all of them (masked); the minimum counts "
-    "the mean context only.",
+    "DRAM traffic a machine would measure). Two known overcounts: a gather counts its whole "
+    "table (the token-embedding lookup of a decode step counts all vocab x d_model values, "
+    "103 MB at 50257 x 512, though it reads 8 rows: most of the decode rows' excess), and "
+    "the decode step's cache holds P + N - 1 slots, as `generate` allocates it, and attends "
+    "over all of them (masked) while the minimum counts the mean context only.",
 ]
 
 
