@@ -7,7 +7,7 @@ call and frees it at the end. glibc's malloc serves a block that large with a fr
 and returns it with `munmap`, and it does so whatever `M_MMAP_MAX` says when the request
 comes from a worker thread's arena (XLA runs on worker threads): the kernel then zero-fills
 every page again on first touch, ~400,000 page faults per step. Measured on a 2-core AMD
-EPYC: that SFT step 4.43 -> 4.13 s (-7%), faults per step 407k -> 100k.
+EPYC: that SFT step 4.43 -> 4.06 s (-8%), faults per step 407k -> 0.
 
 The fix is malloc's own switches (what `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0` would set in
 the environment): one arena, no `mmap` for large blocks, and no trimming of the heap's free

@@ -2,9 +2,7 @@
 often as they run), and the tiny plan's table: compiled FLOPs near the model's, bytes above
 the stated minimum, a well-formed section."""
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from tiny_run import run_tiny  # noqa: E402
 
 from bench import cost  # noqa: E402
 
@@ -80,24 +80,9 @@ def test_data_dependent_loop_needs_its_trip_count():
 def section(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nkept text\n")
-    # A process of its own, as `python -m bench` runs it (the "Run with" line is its argv).
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.cost", "--size", "tiny", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    assert "kept text" in text
-    match = re.search(r"<!-- bench:cost -->\n(.*?)<!-- /bench:cost -->", text, re.S)
-    assert match, text
-    return match.group(1)
+    section = run_tiny("cost", out, timeout=300)
+    assert "kept text" in out.read_text()
+    return section
 
 
 def rows(section: str) -> list[dict[str, str]]:

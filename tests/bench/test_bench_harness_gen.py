@@ -2,9 +2,7 @@
 well-formed sections (markers, header columns, positive finite numbers) into BENCHMARKS.md."""
 
 import math
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,26 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tiny_run import run_tiny  # noqa: E402
+
 from bench import generation, hardware, scaling  # noqa: E402
-
-
-def run_tiny(name: str, out: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--size", "tiny", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
-    match = re.search(rf"<!-- bench:{name} -->\n(.*?)<!-- /bench:{name} -->", text, re.S)
-    assert match, text
-    return match.group(1)
 
 
 def tables(section: str) -> list[tuple[list[str], list[list[str]]]]:
