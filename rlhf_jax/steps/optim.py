@@ -49,19 +49,21 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
         )
 
     def update(grads, state, params=None):
-        def attempt(_):
-            updates, inner_state = inner.update(grads, state.inner_state, params)
-            return updates, inner_state, all_finite(updates)
+        # Two passes over the same formula. The first only reduces (are the gradients and the
+        # update they give all finite?) and stores nothing weight-sized; the second, taken
+        # only when they are, writes the update and the new moments. Selecting between whole
+        # old and new optimizer states instead kept both alive beside the update: 3.5x the
+        # trained weights in temporaries against clip + AdamW's 1.0x (docs/memory.md).
+        trial_updates, _ = inner.update(grads, state.inner_state, params)
+        ok = all_finite(grads) & all_finite(trial_updates)
 
-        def reject(_):
-            return jax.tree.map(jnp.zeros_like, grads), state.inner_state, jnp.array(False)
+        def take(_):
+            return inner.update(grads, state.inner_state, params)
 
-        updates, inner_state, out_ok = jax.lax.cond(all_finite(grads), attempt, reject, None)
-        ok = out_ok  # False whenever the gradients were not finite either
-        updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-        inner_state = jax.tree.map(
-            lambda new, old: jnp.where(ok, new, old), inner_state, state.inner_state
-        )
+        def skip(_):
+            return jax.tree.map(jnp.zeros_like, grads), state.inner_state
+
+        updates, inner_state = jax.lax.cond(ok, take, skip, None)
         one = jnp.ones([], jnp.int32)
         return updates, optax.ApplyIfFiniteState(
             notfinite_count=jnp.where(ok, 0, state.notfinite_count + one),
@@ -73,9 +75,9 @@ def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransf
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (+ global-norm clipping). Updates whose gradients or results hold a NaN/Inf are
-    skipped and counted (`skip_non_finite`) rather than corrupting the weights."""
+def make_clipped_adamw(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW on the schedule, after global-norm clipping when `cfg.grad_clip > 0`: the update
+    `make_optimizer` guards."""
     parts = []
     if cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
@@ -90,4 +92,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
             weight_decay=cfg.weight_decay,
         )
     )
-    return skip_non_finite(optax.chain(*parts))
+    return optax.chain(*parts)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (+ global-norm clipping). Updates whose gradients or results hold a NaN/Inf are
+    skipped and counted (`skip_non_finite`) rather than corrupting the weights."""
+    return skip_non_finite(make_clipped_adamw(cfg, total_steps))

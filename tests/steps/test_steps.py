@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from tiny import tiny_model
 
 from rlhf_jax.config import OptimConfig, PPOConfig
@@ -22,6 +23,7 @@ from rlhf_jax.steps import (
     make_sft_step,
     make_update_fn,
 )
+from rlhf_jax.steps.optim import make_clipped_adamw
 
 
 def sft_batch(n=4, t=8, vocab=61, seed=0):
@@ -229,3 +231,25 @@ def test_a_non_finite_update_from_finite_gradients_is_skipped_too():
     updates, state = tx.update({"w": jnp.ones(3)}, state, params)  # Adam's state was kept
     np.testing.assert_allclose(updates["w"], -1e-3, rtol=1e-3)
     assert int(state.notfinite_count) == 0 and int(state.total_notfinite) == 1
+
+
+@pytest.mark.parametrize("mu_dtype", [None, "bfloat16"])
+def test_the_non_finite_guard_needs_no_more_memory_than_the_update_it_guards(mu_dtype):
+    """Compiled alone, a guarded AdamW update (clipping on, the state donated) holds at most
+    1.2x the weights in temporaries in float32, and little more than the unguarded update with
+    a bf16 first moment: the guard only reduces before it writes and never keeps an old and a
+    new optimizer state side by side (it used to: 3.5x the weights against 1.0x)."""
+    cfg = OptimConfig(lr=1e-3, grad_clip=1.0, mu_dtype=mu_dtype)
+    params = {f"w{i}": jax.ShapeDtypeStruct((256, 1024), jnp.float32) for i in range(4)}
+    weights = 4 * 256 * 1024 * 4
+
+    def update_temps(tx) -> int:
+        state = jax.eval_shape(lambda p: TrainState.create(p, tx), params)
+        apply = jax.jit(lambda ts, g: ts.apply_gradients(g), donate_argnums=0)
+        return apply.lower(state, params).compile().memory_analysis().temp_size_in_bytes
+
+    guarded = update_temps(make_optimizer(cfg, 10))
+    unguarded = update_temps(make_clipped_adamw(cfg, 10))
+    assert guarded <= unguarded + 0.3 * weights, (guarded / weights, unguarded / weights)
+    if mu_dtype is None:
+        assert guarded <= 1.2 * weights, guarded / weights
