@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run one rlhf-jax command on one local GPU.
 #
-#   pip install -e '.[gpu]'
+#   pip install -e '.[cuda12]'    # or '.[cuda13]': the machine's CUDA major version
 #   launch/single_gpu.sh [GPU_INDEX] -- rlhf-jax pipeline --config configs/quickstart.yaml --output out/gpu
 #
 # JAX preallocates 75% of GPU memory by default; policy, reference, reward and value models
