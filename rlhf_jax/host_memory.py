@@ -21,9 +21,9 @@ larger block does not fit, so the heap grows past what is live, and the peak bec
 of the phases' peaks rather than the largest: a Qwen2.5-0.5B-shaped SFT run on a 24 GiB
 machine was killed by the out-of-memory killer at 22.1 GB resident, where malloc's defaults
 peaked at 17.3 GB. So the setting holds only while the process is far from its limit. A
-watcher thread reads the process's resident size (/proc/self/statm) and the memory still
-available (MemAvailable, or what is left under the cgroup's limit) every 50 ms; when the
-resident size passes `keep_below` (default: half the memory limit, the smaller of the
+watcher thread reads the process's resident size (/proc/self/statm) every 50 ms and the
+memory still available (MemAvailable, or what is left under the cgroup's limit) every 200 ms;
+when the resident size passes `keep_below` (default: half the memory limit, the smaller of the
 machine's memory and the cgroup's limit) or less than an eighth of the limit is left
 available, it gives every freed page back (`malloc_trim(0)`) and puts malloc back to its
 default behaviour (blocks of 32 MiB and more `mmap`ped, the heap's top trimmed) for the rest
@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib.metadata
+import itertools
 import os
 import re
 import sys
@@ -71,6 +73,7 @@ _DEFAULT_TRIM_THRESHOLD = 2 * _DEFAULT_MMAP_THRESHOLD
 _DEFAULT_MMAP_MAX = 65536
 
 KEEP_BELOW_ENV = "RLHF_JAX_MALLOC_KEEP_BELOW"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _POLL_SECONDS = 0.05
 _SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -107,45 +110,64 @@ def parse_size(text: str, what: str = KEEP_BELOW_ENV) -> int:
     return int(float(match.group(1)) * _SUFFIXES[match.group(2).upper()])
 
 
-def _meminfo(field: str) -> int | None:
+def _read(path: str | Path, size: int = 8192) -> bytes:
+    """A /proc or /sys file's bytes (b"" when it cannot be read): os-level, since the watcher
+    reads a few every poll."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        pass
-    return None
-
-
-def _cgroup_dir() -> Path | None:
-    """This process's cgroup v2 folder when it sets a memory limit."""
+        return b""
     try:
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            if line.startswith("0::"):
-                folder = Path("/sys/fs/cgroup") / line[3:].strip().lstrip("/")
-                if (folder / "memory.max").is_file():
-                    return folder
+        return os.read(fd, size)
     except OSError:
-        pass
-    return None
+        return b""
+    finally:
+        os.close(fd)
 
 
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
+def _meminfo(field: bytes) -> int | None:
+    text = _read("/proc/meminfo")
+    at = text.find(field + b":")
+    if at < 0:
         return None
+    return int(text[at + len(field) + 1 :].split(None, 1)[0]) * 1024
+
+
+def _number(path: Path) -> int | None:
+    text = _read(path, 64).strip()
     return int(text) if text.isdigit() else None  # "max": no limit
+
+
+@functools.cache
+def _cgroup_files() -> tuple[Path, Path] | None:
+    """(limit, usage) files of this process's memory cgroup: v2 (`memory.max`,
+    `memory.current`), else v1 (`memory.limit_in_bytes`, `memory.usage_in_bytes`), at the
+    path /proc/self/cgroup names or, inside a container's namespace, at the root."""
+    root = Path("/sys/fs/cgroup")
+    candidates = []
+    for line in _read("/proc/self/cgroup").decode(errors="replace").splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidates += [root / path.lstrip("/"), root]
+        elif "memory" in controllers.split(","):
+            candidates += [root / "memory" / path.lstrip("/"), root / "memory"]
+    for folder in candidates:
+        for limit, usage in (
+            ("memory.max", "memory.current"),
+            ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+        ):
+            if (folder / limit).is_file() and (folder / usage).is_file():
+                return folder / limit, folder / usage
+    return None
 
 
 def memory_limit() -> int | None:
     """The most memory this process can hold: the machine's memory, or its cgroup's limit
-    when smaller (cgroup v2, else v1)."""
-    limits = [_meminfo("MemTotal")]
-    folder = _cgroup_dir()
-    if folder is not None:
-        limits.append(_read_int(folder / "memory.max"))
-    limits.append(_read_int(Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")))
+    when smaller."""
+    limits = [_meminfo(b"MemTotal")]
+    files = _cgroup_files()
+    if files is not None:
+        limits.append(_number(files[0]))
     known = [x for x in limits if x]
     return min(known) if known else None
 
@@ -153,10 +175,10 @@ def memory_limit() -> int | None:
 def memory_available() -> int | None:
     """Memory still free for this process: the machine's MemAvailable, or what is left under
     its cgroup's limit when that is less."""
-    available = [_meminfo("MemAvailable")]
-    folder = _cgroup_dir()
-    if folder is not None:
-        limit, used = _read_int(folder / "memory.max"), _read_int(folder / "memory.current")
+    available = [_meminfo(b"MemAvailable")]
+    files = _cgroup_files()
+    if files is not None:
+        limit, used = _number(files[0]), _number(files[1])
         if limit is not None and used is not None:
             available.append(limit - used)
     known = [x for x in available if x is not None]
@@ -165,8 +187,7 @@ def memory_available() -> int | None:
 
 def resident_bytes() -> int:
     """This process's resident set size now."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
+    return int(_read("/proc/self/statm", 256).split()[1]) * _PAGE
 
 
 def released() -> str | None:
@@ -225,8 +246,10 @@ class Bound:
 
 
 def _watch(bound: Bound) -> None:
-    while True:
-        why = bound.due(resident_bytes(), memory_available())
+    # The resident size every poll (one small read); what is left available, which other
+    # processes change and costs more to read, every 4th.
+    for n in itertools.count():
+        why = bound.due(resident_bytes(), memory_available() if n % 4 == 0 else None)
         if why is not None:
             _release(why)
             bound.trimmed(resident_bytes())
