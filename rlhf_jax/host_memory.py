@@ -85,7 +85,6 @@ _ACCELERATOR_PREFIXES = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu
 _applied: bool | None = None
 _released: str | None = None
 _released_event = threading.Event()
-_lock = threading.Lock()
 _libc = None
 
 
@@ -102,12 +101,13 @@ def runs_on_cpu_only() -> bool:
 def parse_size(text: str, what: str = KEEP_BELOW_ENV) -> int:
     """`"4G"` -> 4 * 2**30; bytes when there is no suffix (K, M, G, T: powers of 1024)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.I)
-    if not match or float(match.group(1)) <= 0:
+    size = int(float(match.group(1)) * _SUFFIXES[match.group(2).upper()]) if match else 0
+    if size < 1:
         raise RlhfJaxError(
             f"{what}={text!r}: expected a positive size in bytes, or with a K, M, G or T "
             "suffix (e.g. 4G)"
         )
-    return int(float(match.group(1)) * _SUFFIXES[match.group(2).upper()])
+    return size
 
 
 def _read(path: str | Path, size: int = 8192) -> bytes:
@@ -206,15 +206,14 @@ def _release(reason: str) -> None:
     """Put malloc back to its default behaviour (the first time) and give every freed page
     back."""
     global _released
-    with _lock:
-        if _released is None:
-            _libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
-            _libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-            _libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        _libc.malloc_trim(0)
-        if _released is None:
-            _released = reason
-    _released_event.set()
+    if _released is None:
+        _libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
+        _libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        _libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    _libc.malloc_trim(0)
+    if _released is None:
+        _released = reason
+        _released_event.set()
 
 
 class Bound:

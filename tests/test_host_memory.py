@@ -10,12 +10,14 @@ import textwrap
 import pytest
 
 from rlhf_jax import host_memory
+from rlhf_jax.errors import RlhfJaxError
 
 PROBE = textwrap.dedent(
     """
     import resource, sys
     if sys.argv[1] == "keep":
         from rlhf_jax import host_memory
+from rlhf_jax.errors import RlhfJaxError
         host_memory.memory_available = lambda: None  # a busy machine must not release it
         assert host_memory.keep_freed_host_memory()
     import jax, jax.numpy as jnp
@@ -139,6 +141,12 @@ def test_bound_gives_back_when_near_the_limit_then_at_each_new_high():
 )
 def test_keep_below_sizes(text, size):
     assert host_memory.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["half", "0", "0.1", "-1G", "4X", ""])
+def test_keep_below_refuses_what_is_not_a_positive_size(text):
+    with pytest.raises(RlhfJaxError, match="expected a positive size"):
+        host_memory.parse_size(text)
 
 
 def test_bad_keep_below_is_a_one_line_error(monkeypatch, capsys):
