@@ -278,8 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # error of a torch-free install (PyTorch is a test-time reference only) into two lines.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # Before JAX starts its CPU backend: reuse freed temporaries instead of faulting them in
-    # again at every step (see host_memory).
-    keep_freed_host_memory()
+    # again at every step, while the process is far from its memory limit (see host_memory).
+    try:
+        keep_freed_host_memory()
+    except RlhfJaxError as e:  # a malformed RLHF_JAX_MALLOC_KEEP_BELOW
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may also come after options (argparse stops positionals at them)

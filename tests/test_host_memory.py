@@ -10,13 +10,16 @@ import textwrap
 import pytest
 
 from rlhf_jax import host_memory
+from rlhf_jax.errors import RlhfJaxError
 
 PROBE = textwrap.dedent(
     """
     import resource, sys
     if sys.argv[1] == "keep":
-        from rlhf_jax.host_memory import keep_freed_host_memory
-        assert keep_freed_host_memory()
+        from rlhf_jax import host_memory
+from rlhf_jax.errors import RlhfJaxError
+        host_memory.memory_available = lambda: None  # a busy machine must not release it
+        assert host_memory.keep_freed_host_memory()
     import jax, jax.numpy as jnp
 
     @jax.jit
@@ -60,3 +63,98 @@ def test_accelerator_or_opt_out_leaves_malloc_alone(monkeypatch):
     monkeypatch.setattr(host_memory, "_applied", None)
     monkeypatch.setenv("RLHF_JAX_SYSTEM_MALLOC", "1")
     assert host_memory.keep_freed_host_memory() is False
+
+
+# A heap that fragments: ten 40 MiB blocks (a "checkpoint load"), each followed by a 1 MiB
+# long-lived block, all freed, then a 100 MiB block (a "step") that fits none of the holes.
+# Under malloc's defaults every 40 MiB block is mmapped and returned; with freed memory kept
+# for the whole process (the old setting) the holes stay resident; with the bound, the process
+# waits (on the watcher's event) once its resident size passes `keep_below`, and what stays
+# resident at the end is at most what was kept until then.
+GROWTH = textwrap.dedent(
+    """
+    import ctypes, sys
+    from rlhf_jax import host_memory as hm
+    MiB = 2**20
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    base = hm.resident_bytes()
+    keep_below = base + 64 * MiB
+    if sys.argv[1] == "old":  # M_ARENA_MAX 1, M_MMAP_MAX 0, M_TRIM_THRESHOLD INT_MAX
+        assert libc.mallopt(-8, 1) and libc.mallopt(-4, 0) and libc.mallopt(-1, 2**31 - 1)
+    elif sys.argv[1] == "bound":
+        assert hm.keep_freed_host_memory(keep_below=keep_below)
+
+    def touched(n):
+        p = libc.malloc(n)
+        ctypes.memset(p, 1, n)
+        return p
+
+    blocks, pins = [], []
+    for _ in range(10):
+        blocks.append(touched(40 * MiB))
+        pins.append(libc.malloc(MiB))
+        if sys.argv[1] == "bound" and hm.resident_bytes() > keep_below:
+            assert hm.wait_released(timeout=600), "the watcher did not act"
+    for p in blocks:
+        libc.free(p)
+    libc.free(touched(100 * MiB))
+    print((hm.resident_bytes() - base) / MiB)
+    """
+)
+
+
+def retained_mib(mode: str) -> float:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_JAX_")}
+    env.update(JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", GROWTH, mode], env=env, capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc only")
+def test_freed_memory_is_given_back_past_the_bound():
+    old, bound, system = retained_mib("old"), retained_mib("bound"), retained_mib("system")
+    assert old >= 10 * 40 + 100 - 8, "kept for good, the holes and the last block stay resident"
+    assert system <= 8, system
+    # Released after the second block (base + 80 MiB > base + 64 MiB): the first two blocks'
+    # holes stay (the rest were mmapped and returned), nothing else.
+    assert bound <= 2 * 40 + 8, (bound, old)
+
+
+def test_bound_gives_back_when_near_the_limit_then_at_each_new_high():
+    bound = host_memory.Bound(keep_below=100, reserve=10, step=20)
+    assert bound.due(rss=100, available=50) is None
+    assert "resident size" in bound.due(rss=101, available=50)
+    bound.trimmed(rss=60)  # the trim gave 41 bytes back
+    assert bound.due(rss=80, available=50) is None  # within a step of the last trim
+    assert bound.due(rss=200, available=50) is not None  # a new high: trim again
+    fresh = host_memory.Bound(keep_below=100, reserve=10, step=20)
+    assert "left available" in fresh.due(rss=50, available=9)  # other processes took memory
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("1000", 1000), ("512M", 512 * 2**20), ("1.5g", 3 * 2**29), ("4GiB", 2**32)]
+)
+def test_keep_below_sizes(text, size):
+    assert host_memory.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["half", "0", "0.1", "-1G", "4X", ""])
+def test_keep_below_refuses_what_is_not_a_positive_size(text):
+    with pytest.raises(RlhfJaxError, match="expected a positive size"):
+        host_memory.parse_size(text)
+
+
+def test_bad_keep_below_is_a_one_line_error(monkeypatch, capsys):
+    from rlhf_jax import cli
+
+    monkeypatch.setattr(host_memory, "_applied", None)
+    monkeypatch.setenv("RLHF_JAX_MALLOC_KEEP_BELOW", "half")
+    assert cli.main(["plan", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: RLHF_JAX_MALLOC_KEEP_BELOW='half': expected a positive size")
+    assert err.count("\n") == 1

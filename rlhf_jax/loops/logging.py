@@ -1,5 +1,6 @@
-"""Metrics to a JSONL file (and optionally TensorBoard and Weights & Biases), progress bars for
-long work. The one host loop (`loops/train.py`) is the one caller of `MetricsLogger.log`.
+"""Metrics to a JSONL file (and optionally TensorBoard and Weights & Biases), progress for
+long work (`loops/progress.py`). The one host loop (`loops/train.py`) is the one caller of
+`MetricsLogger.log`.
 
 Only process 0 writes; every process may call these methods.
 """
@@ -18,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.loops.progress import progress_bar
 
 
 def _to_float(value: Any) -> float:
@@ -174,11 +176,11 @@ class MetricsLogger:
         if self.is_writer:
             tqdm.write(f"warning: {message}", file=sys.stderr)
 
-    def bar(self, total: int, desc: str):
-        """A tqdm progress bar (a silent one on other processes or when disabled)."""
-        return tqdm(
-            total=total, desc=desc, disable=not self.progress, dynamic_ncols=True, leave=True
-        )
+    def bar(self, total: int, desc: str, initial: int = 0):
+        """A progress bar on stderr: tqdm's on a terminal, periodic plain lines otherwise (a
+        silent one on other processes or when disabled). `initial`: steps done before a
+        resume."""
+        return progress_bar(total, desc, enabled=self.progress, initial=initial)
 
     def close(self) -> None:
         if self._file is not None:

@@ -121,8 +121,7 @@ def run_stage(
 def _steps(stage, step, state, start, key, logger, checkpoints, guard):
     n = stage.n_steps
     pending = None  # (step, skip counters) not yet checked
-    with logger.bar(n, stage.name) as bar:
-        bar.update(start)
+    with logger.bar(n, stage.name, initial=start) as bar:
         for i in range(start, n):
             state, metrics = step(state, i, jax.random.fold_in(key, i))
             if pending is not None:
