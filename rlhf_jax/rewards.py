@@ -1,8 +1,10 @@
 """Reward functions over decoded text: verifiable rewards, chosen by name (`ppo.reward_fn`).
 
 Signature: `fn(prompts: list[str], completions: list[str], **hparams) -> Sequence[float]`, one
-score per completion (the convention of TRL's `reward_funcs`). The completion is the decoded
-response up to and including its EOS, special tokens dropped. It runs on the host between
+score per completion (the convention of TRL's `reward_funcs`). The prompt is the row's prompt
+as the data file wrote it (a chat row's messages in their plain `role: content` rendering),
+never the ids decoded back through a chat template; the completion is the decoded response up
+to and including its EOS, special tokens dropped. It runs on the host between
 sampling and the rest of the experience, so it may do anything Python can: parse a number and
 compare it with a known answer, run unit tests, call a checker. When `ppo.reward_fn` is set it
 replaces the reward model in RL (the pipeline still trains one, for its report).

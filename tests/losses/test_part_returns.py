@@ -2,6 +2,8 @@
 error naming the part and what it returned, before any data or model is read. Fork parts come
 from `custom_loss_module` (next to this file), as a fork's own package would."""
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -163,6 +165,22 @@ def test_the_forks_loss_from_the_public_blocks_is_right_and_keeps_the_contract()
         "ppo/policy/approxkl",
         "ppo/policy/entropy",
     }
+
+
+def test_the_worked_example_in_the_docs_runs_and_is_this_function():
+    """docs/algorithms.md's fork example, executed from the page: the same loss as above."""
+    page = (Path(__file__).parents[2] / "docs" / "algorithms.md").read_text()
+    section = page.split("### A new policy loss from the library's blocks", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, "docs/algorithms.md", "exec"), namespace)
+    documented = namespace["clip_negatives_only"]
+    check_part("policy", documented)
+    outputs, batch, _ = contract.sample_inputs("policy", seed=3)
+    ours = registry.lookup("policy", f"{FORK}:clip_negatives_only")
+    for kwargs in ({}, {"clip_eps": 0.05, "reduction": "seq_mean_token_mean"}):
+        got, want = documented(outputs, batch, **kwargs), ours(outputs, batch, **kwargs)
+        np.testing.assert_array_equal(got.loss, want.loss)
 
 
 def test_the_forks_loss_is_configured_by_name():
