@@ -166,6 +166,8 @@ def resolve_config_parts(cfg: Config) -> RLAlgorithm:
     ):
         contract.dry_run(kind, registry.resolve(kind, name, **kwargs), name, keys)
     resolve_preference_loss(cfg.dpo)
+    if cfg.compare.reward_fn is not None:  # (also with no compare run to use it)
+        registry.lookup("reward_fn", cfg.compare.reward_fn)
     for name, run in compare_preference_runs(cfg).items():
         try:
             resolve_preference_loss(run.dpo)

@@ -67,6 +67,11 @@ def test_a_reward_loss_may_read_the_whole_ranking_batch():
     contract.dry_run("reward", length_aware, "mine", contract.REWARD_KEYS)
 
 
+def test_a_misspelt_compare_reward_function_fails_at_load_without_compare_runs():
+    with pytest.raises(RlhfJaxError, match="unknown reward function 'topics_gld'"):
+        _load("compare.reward_fn=topics_gld")
+
+
 def test_a_misspelt_value_loss_fails_at_load_without_a_critic():
     grpo = ("ppo.advantage=grpo", "ppo.samples_per_prompt=4")
     with pytest.raises(RlhfJaxError, match="unknown value loss 'clipped_valu'"):
