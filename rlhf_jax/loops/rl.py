@@ -291,10 +291,9 @@ def _iteration(cfg, programs, data, start, runtime):
         t0 = time.time()
         exp_key, upd_key = jax.random.split(key)
         host = next(prompt_iter)
-        prompt_texts = None if texts is None else [texts[i] for i in host.pop("row")]
-        batch = runtime.global_batch(
-            {k: v for k, v in host.items() if k != "row"}, "ppo.rollout_batch"
-        )
+        row = host.pop("row")
+        prompt_texts = None if texts is None else [texts[i] for i in row]
+        batch = runtime.global_batch(host, "ppo.rollout_batch")
         exp, exp_metrics = programs.experience(state, batch, exp_key, prompt_texts)
         ptx_batch = None
         if programs.use_ptx:
