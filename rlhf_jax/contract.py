@@ -3,20 +3,26 @@
     from rlhf_jax.contract import check_part
     check_part("policy", my_fork.losses.my_loss)          # raises AssertionError on a breach
     check_part("advantage", my_fork.estimators.my_est)
+    check_part("reward_fn", my_fork.rewards.exact_match)
 
 Losses: a finite scalar and flat slash-named scalar metrics; masked positions ignored (junk
 written there changes nothing and gets zero gradient); jittable; finite gradients that reach
-the real positions. Advantage estimators: [B, N] finite advantages, 0 on padding, unchanged by
+the real positions; the metrics the loops read back after training (`REQUIRED_METRICS`: a
+reward loss's `rm/accuracy`, `rm/margin`, `rm/pairs`, a preference loss's `dpo/accuracy`).
+Advantage estimators: [B, N] finite advantages, 0 on padding, unchanged by
 junk on padding; returns present exactly when the estimator declares `needs_critic`; jittable.
-Every part: it reads only batch keys the library provides (and, when it declares `reads`, only
-those). The same key check runs on the configured parts when a config is loaded
-(`dry_run`), so a loss that needs a key this run lacks fails before anything is loaded.
+Reward functions: one finite float32 number per completion, on a few tiny texts
+(`check_reward_fn`). Every part: it reads only batch keys the library provides (and, when it
+declares `reads`, only those). The same key check, and the check of what the part returns
+(types, shapes, dtypes, required metrics: `check_returned`), runs on the configured parts when
+a config is loaded (`dry_run`), so a loss that needs a key this run lacks, or returns a [B]
+loss, fails with a one-line error naming it before anything is loaded.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -48,6 +54,29 @@ POLICY_KEYS = (
     "iteration",
 )
 ADVANTAGE_KEYS = ("rewards", "response_mask", "scores", "group_ids")
+# What the critic's loss receives (with its `values` output), with or without a critic this run.
+VALUE_KEYS = ("old_values", "returns", "response_mask", "token_count", *ADVANTAGE_KEYS)
+# What the supervised stages hand their losses: SFT (`segment_ids` when rows are packed),
+# the reward model's ranking batch, the pretraining batch of ptx.
+SFT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+PACKED_SFT_KEYS = (*SFT_KEYS, "segment_ids")
+REWARD_KEYS = ("input_ids", "attention_mask", "rank", "completion_mask", "completion_start")
+PTX_KEYS = ("input_ids", "attention_mask")
+
+# Metrics the loops read back from a loss after its stage has trained: `rlhf-jax rm` and the
+# pipeline report the reward model's pairwise accuracy, margin and pair count; `rlhf-jax dpo`
+# and `compare` the implicit-reward accuracy. Required by contract (checked by `check_part` and
+# when the config is loaded), so no stage trains with a loss that would fail after training.
+# Every other metric is optional: the loops log what a loss returns and read nothing else.
+REQUIRED_METRICS = {
+    "reward": ("rm/accuracy", "rm/margin", "rm/pairs"),
+    "preference": ("dpo/accuracy",),
+}
+
+# Texts a reward function is called on by `check_part`: two prompts, one answered twice as in
+# a group, and an empty completion (a response that is EOS at once decodes to "").
+SAMPLE_PROMPTS = ("What is 2 + 3? Answer with a number.", "Name a colour.")
+SAMPLE_COMPLETIONS = (" 5", "", " Red, I think.")
 
 
 def _prefix(lengths, t):
@@ -178,21 +207,169 @@ def _call(kind: str, fn: Callable, outputs: Mapping, batch: Mapping) -> Any:
 
 def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why: str = "") -> set:
     """Call `fn` once on tiny inputs holding only the `available` batch keys; an RlhfJaxError
-    names the key it read that this run does not have (`why` says when such keys exist).
-    Returns the keys it read."""
+    names the key it read that this run does not have (`why` says when such keys exist), or
+    what it returned that breaks the contract (`check_returned`). Returns the keys it read."""
     fn = _with_bound(kind, fn)
     outputs, batch, _ = sample_inputs(kind)
+    batch = {**_stage_inputs(kind), **batch}
     recording = _Recording({k: v for k, v in batch.items() if k in available})
-    noun = "advantage estimator" if kind == "advantage" else f"{kind} loss"
+    noun = _noun(kind)
     try:
-        _call(kind, fn, outputs, recording)
+        out = _call(kind, fn, outputs, recording)
     except KeyError as e:
         key = e.args[0] if e.args else "?"
         raise RlhfJaxError(
             f"{noun} {name!r} reads batch key {key!r}, which this run does not provide"
             f"{'; ' + why if why else ''} (available: {', '.join(sorted(available))})"
         ) from None
+    check_returned(kind, name, out, batch, registry.info(fn))
     return recording.read
+
+
+def _noun(kind: str) -> str:
+    return "advantage estimator" if kind == "advantage" else f"{kind} loss"
+
+
+def _stage_inputs(kind: str) -> dict:
+    """Batch keys a stage hands its loss beyond the contract's sample inputs (the tokens the
+    model read), so that a loss reading them passes the load-time dry run."""
+    rng = np.random.default_rng(2)
+    if kind in ("reward", "preference"):  # the ranking batch: [3, K, L] rows, prompt lengths
+        length = 8
+        return {
+            "input_ids": rng.integers(0, V, size=(3, K, length)).astype(np.int32),
+            "attention_mask": np.ones((3, K, length), np.float32),
+            "completion_start": np.array([2, 3, 4], np.int32),
+        }
+    if kind == "sft":  # packed rows: one sequence per row here
+        return {"segment_ids": np.ones((3, T), np.int32)}
+    return {}
+
+
+def _shape(x: Any) -> tuple | None:
+    try:
+        return tuple(jnp.shape(x))
+    except TypeError:
+        return None
+
+
+def _is_float(x: Any) -> bool:
+    try:
+        return bool(jnp.issubdtype(jnp.result_type(x), jnp.floating))
+    except TypeError:
+        return False
+
+
+def _check_metrics(what: str, kind: str, metrics: Any) -> None:
+    if not isinstance(metrics, Mapping):
+        raise RlhfJaxError(
+            f"{what} returned metrics of type {type(metrics).__name__}; metrics are a dict of "
+            "scalars with slash names"
+        )
+    for key, value in metrics.items():
+        if not isinstance(key, str) or "/" not in key:
+            raise RlhfJaxError(
+                f"{what} returned metric name {key!r}; metric names have a slash "
+                "('section/name', e.g. 'ppo/policy/clipfrac')"
+            )
+        try:
+            dtype = jnp.result_type(value)
+        except TypeError:
+            dtype = None
+        if dtype is None or not (jnp.issubdtype(dtype, jnp.number) or dtype == jnp.bool_):
+            raise RlhfJaxError(
+                f"{what} returned metric {key!r} of type {type(value).__name__}; a metric is "
+                "a number"
+            )
+        if _shape(value) != ():
+            raise RlhfJaxError(
+                f"{what} returned metric {key!r} of shape {_shape(value)}; a metric is a "
+                "scalar (reduce it over the batch)"
+            )
+    missing = [m for m in REQUIRED_METRICS.get(kind, ()) if m not in metrics]
+    if missing:
+        raise RlhfJaxError(
+            f"{what} returns no metric {', '.join(map(repr, missing))}, which the stage reads "
+            f"after training (its accuracy in summary.json and the report); return "
+            f"{', '.join(REQUIRED_METRICS[kind])} (see docs/losses.md)"
+        )
+
+
+def check_returned(
+    kind: str, name: str, out: Any, batch: Mapping, facts: Mapping | None = None
+) -> None:
+    """RlhfJaxError, one line naming the part, unless `out` (what the part of `kind` returned
+    on `batch`) has the contract's types, shapes and dtypes: a loss `LossOut` with a float
+    scalar loss and slash-named scalar metrics including `REQUIRED_METRICS[kind]`; an estimator
+    `AdvantageOut` with float [B, N] advantages and [B, N] returns exactly when it declares
+    `needs_critic` (`facts`, from `registry.info`)."""
+    what = f"{_noun(kind)} {name!r}"
+    if kind == "advantage":
+        _check_advantage_returned(what, out, batch, facts or {})
+        return
+    if not isinstance(out, LossOut):
+        raise RlhfJaxError(
+            f"{what} returned {type(out).__name__}; a loss returns "
+            "rlhf_jax.types.LossOut(loss, metrics)"
+        )
+    if _shape(out.loss) != ():
+        raise RlhfJaxError(
+            f"{what} returned a loss of shape {_shape(out.loss)}; a loss is a scalar (reduce "
+            "it over the batch, e.g. with rlhf_jax.ops.reduce_tokens)"
+        )
+    if not _is_float(out.loss):
+        raise RlhfJaxError(
+            f"{what} returned a loss of dtype {jnp.result_type(out.loss)}; a loss is a float "
+            "(gradients are taken of it)"
+        )
+    _check_metrics(what, kind, out.metrics)
+
+
+def _check_advantage_returned(what: str, out: Any, batch: Mapping, facts: Mapping) -> None:
+    from rlhf_jax.advantages import AdvantageOut  # (it imports the registry: no cycle at load)
+
+    if not isinstance(out, AdvantageOut):
+        raise RlhfJaxError(
+            f"{what} returned {type(out).__name__}; an estimator returns "
+            "rlhf_jax.advantages.AdvantageOut(advantages, returns, metrics)"
+        )
+    want = tuple(np.shape(batch["response_mask"]))
+    for field in ("advantages", "returns"):
+        value = getattr(out, field)
+        if value is None:
+            continue
+        if _shape(value) != want:
+            raise RlhfJaxError(
+                f"{what} returned {field} of shape {_shape(value)}; they are [B, N] like the "
+                f"response mask, {want}"
+            )
+        if not _is_float(value):
+            raise RlhfJaxError(
+                f"{what} returned {field} of dtype {jnp.result_type(value)}; they are floats"
+            )
+    needs_critic = bool(facts.get("needs_critic", False))
+    if needs_critic and out.returns is None:
+        raise RlhfJaxError(
+            f"{what} declares needs_critic but returned no returns (the critic's targets)"
+        )
+    if not needs_critic and out.returns is not None:
+        raise RlhfJaxError(
+            f"{what} returned returns (the critic's targets) but does not declare "
+            "needs_critic=True, so no critic would train on them"
+        )
+    _check_metrics(what, "advantage", out.metrics)
+
+
+def check_reward_fn(fn: Callable, name: str, prompts: Sequence[str] = SAMPLE_PROMPTS):
+    """Call the reward function `fn` once on tiny texts: the first two of `prompts` (the run's
+    own prompts at load, so that a function looking up its answers by prompt finds them),
+    one answered twice, with `SAMPLE_COMPLETIONS` (one of them empty). RlhfJaxError, one line
+    naming it, when it raises or does not return one finite float32 number per completion.
+    Returns its float32 scores."""
+    from rlhf_jax.rewards import score_texts  # (it imports the registry: no cycle at load)
+
+    first, last = prompts[0], prompts[min(1, len(prompts) - 1)]
+    return score_texts(fn, [first, first, last], list(SAMPLE_COMPLETIONS), name)
 
 
 def _assert_loss_out(out: Any) -> None:
@@ -224,10 +401,14 @@ def _with_bound(kind: str, fn: Callable) -> Callable:
 
 def check_part(kind: str, fn: Callable) -> None:
     """Assert `fn` keeps the contract of parts of `kind` (see the module docstring)."""
+    if kind == "reward_fn":
+        _check_reward_fn_part(fn)
+        return
     fn = _with_bound(kind, fn)
     outputs, batch, free = sample_inputs(kind)
     recording = _Recording(batch)
     out = _call(kind, fn, outputs, recording)
+    _assert_returned(kind, fn, out, batch)
     declared = registry.info(fn).get("reads")
     if declared is not None:
         undeclared = recording.read - set(declared)
@@ -276,3 +457,26 @@ def _check_advantage(fn, out, batch, free) -> None:
     np.testing.assert_allclose(junk_out.advantages, adv, rtol=1e-5, atol=1e-5)
     jitted = jax.jit(fn)(batch)
     np.testing.assert_allclose(jitted.advantages, adv, rtol=1e-5, atol=1e-5)
+
+
+def _assert_returned(kind: str, fn: Callable, out: Any, batch: Mapping) -> None:
+    """`check_returned` as an assertion, for `check_part`."""
+    try:
+        check_returned(kind, _name(fn), out, batch, registry.info(fn))
+    except RlhfJaxError as e:
+        raise AssertionError(str(e)) from None
+
+
+def _check_reward_fn_part(fn: Callable) -> None:
+    """A reward function's contract: one finite float32 number per completion of the sample
+    texts (`check_reward_fn`), as an assertion."""
+    try:
+        check_reward_fn(fn, _name(fn))
+    except RlhfJaxError as e:
+        raise AssertionError(str(e)) from None
+
+
+def _name(fn: Callable) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)

@@ -1,8 +1,10 @@
 """Reward functions over decoded text: verifiable rewards, chosen by name (`ppo.reward_fn`).
 
 Signature: `fn(prompts: list[str], completions: list[str], **hparams) -> Sequence[float]`, one
-score per completion (the convention of TRL's `reward_funcs`). The completion is the decoded
-response up to and including its EOS, special tokens dropped. It runs on the host between
+score per completion (the convention of TRL's `reward_funcs`). The prompt is the row's prompt
+as the data file wrote it (a chat row's messages in their plain `role: content` rendering),
+never the ids decoded back through a chat template; the completion is the decoded response up
+to and including its EOS, special tokens dropped. It runs on the host between
 sampling and the rest of the experience, so it may do anything Python can: parse a number and
 compare it with a known answer, run unit tests, call a checker. When `ppo.reward_fn` is set it
 replaces the reward model in RL (the pipeline still trains one, for its report).
@@ -14,6 +16,7 @@ A fork registers its own with `@register_reward_fn("name")`, or names a function
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,28 +40,53 @@ def get_reward_fn(name: str, **hparams: Any) -> RewardFn:
 
 def score_texts(fn: RewardFn, prompts: list[str], completions: list[str], name: str) -> np.ndarray:
     """`fn(prompts, completions)` as a float32 [B] array, checked: one finite number per
-    completion, or an RlhfJaxError naming the function and what it returned."""
-    out = fn(prompts, completions)
+    completion (finite in float32, the dtype the scores train in), or a one-line RlhfJaxError
+    naming the function and what it returned, or what it raised and where."""
     try:
-        scores = np.asarray(out, dtype=np.float64)
+        out = fn(prompts, completions)
+    except Exception as e:  # the user's code: any error becomes one line naming it
+        raise RlhfJaxError(
+            f"reward function {name!r} raised {_described(e)} when called on "
+            f"{len(completions)} completions (the first: prompt {prompts[0]!r:.80}, "
+            f"completion {completions[0]!r:.80})"
+        ) from e
+    try:
+        scores = np.asarray(out)
     except (TypeError, ValueError):
         scores = None
-    if scores is None or scores.ndim != 1:
+    if scores is None or scores.ndim != 1 or scores.dtype.kind not in "biuf":
         raise RlhfJaxError(
-            f"reward function {name!r} must return one number per completion, got {out!r:.200}"
+            f"reward function {name!r} must return one number per completion, got "
+            f"{_one_line(repr(out))[:200]}"
         )
     if scores.shape[0] != len(completions):
         raise RlhfJaxError(
             f"reward function {name!r} returned {scores.shape[0]} scores for "
             f"{len(completions)} completions"
         )
-    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    with np.errstate(over="ignore"):  # a score past float32's range becomes inf: refused below
+        scores32 = scores.astype(np.float32)
+    bad = [i for i, s in enumerate(scores32) if not math.isfinite(s)]
     if bad:
+        i = bad[0]
+        what = "a non-finite score" if not math.isfinite(scores[i]) else "a score past float32"
         raise RlhfJaxError(
-            f"reward function {name!r} returned a non-finite score ({scores[bad[0]]}) for "
-            f"completion {bad[0]}: {completions[bad[0]]!r:.200}"
+            f"reward function {name!r} returned {what} ({scores[i]}) for completion {i}: "
+            f"{completions[i]!r:.200}"
         )
-    return scores.astype(np.float32)
+    return scores32
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _described(e: BaseException) -> str:
+    """`TypeName: message (file:line)`, the line where it was raised, on one line."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    message = _one_line(str(e))
+    return f"{type(e).__name__}{': ' + message[:200] if message else ''}{where}"
 
 
 @register_reward_fn("topics_gold")

@@ -24,6 +24,8 @@ def test_topics_gold_is_the_tasks_gold_reward():
         ([1.0, float("nan")], "returned a non-finite score (nan) for completion 1: 'b'"),
         (["x", "y"], "must return one number per completion"),
         (None, "must return one number per completion"),
+        (["1.0", "2.0"], "must return one number per completion, got ['1.0', '2.0']"),
+        ([1e39, 0.0], "returned a score past float32 (1e+39) for completion 0: 'a'"),
     ],
 )
 def test_what_a_reward_function_returns_is_checked(returned, message):

@@ -8,6 +8,7 @@ reading and errors: jsonl.py, load.py; tokenisation conventions: encode.py.
 
 from rlhf_jax.data.batching import Batches, batches, heldout_rows, split_heldout
 from rlhf_jax.data.encode import (
+    encode_prompt_rows,
     encode_prompts,
     encode_rankings,
     encode_sft,
@@ -49,6 +50,7 @@ __all__ = [
     "batches",
     "heldout_rows",
     "split_heldout",
+    "encode_prompt_rows",
     "encode_prompts",
     "encode_rankings",
     "encode_sft",

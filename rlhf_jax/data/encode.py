@@ -238,25 +238,40 @@ def encode_prompts(
     (the last prompt token sits in the last column). Chat rows (and, with `chat_template`,
     plain ones) are rendered by the tokenizer's chat template with the generation prompt. A
     longer prompt is an error."""
+    return encode_prompt_rows(examples, tokenizer, max_prompt_len, report, chat_template)[0]
+
+
+def encode_prompt_rows(
+    examples: Sequence[PromptExample],
+    tokenizer,
+    max_prompt_len: int,
+    report: DataReport | None = None,
+    chat_template: bool = False,
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """`encode_prompts` and, for each encoded row, the index of the example it came from (a
+    row skipped for a failing template or a long prompt under `data.on_error=skip` has none):
+    what a reward function needs to receive each prompt as the data file wrote it."""
     _check_len("max_prompt_len", max_prompt_len, 1)
     _check_some(examples, "prompts")
     _, pad = special_ids(tokenizer)
     histories = [e.messages for e in examples]
-    kept = []
-    for ex, p in zip(examples, _prompt_ids(tokenizer, examples, histories, report, chat_template)):
+    kept, rows = [], []
+    prompt_ids = _prompt_ids(tokenizer, examples, histories, report, chat_template)
+    for i, (ex, p) in enumerate(zip(examples, prompt_ids)):
         if p is None:  # chat template failed, row skipped
             continue
         if len(p) > max_prompt_len:
             _reject_long_prompt(report, ex, len(p), max_prompt_len)
             continue
         kept.append(p)
+        rows.append(i)
     _none_left(report, kept)
     ids = np.full((len(kept), max_prompt_len), pad, np.int32)
     mask = np.zeros((len(kept), max_prompt_len), np.float32)
     for i, p in enumerate(kept):
         ids[i, max_prompt_len - len(p) :] = p
         mask[i, max_prompt_len - len(p) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": mask}, rows
 
 
 def encode_rankings(

@@ -49,7 +49,7 @@ from rlhf_jax.models import (
     save_scalar_model,
 )
 from rlhf_jax.models.hf import is_reward_model, read_hf_config
-from rlhf_jax.steps import RLAlgorithm
+from rlhf_jax.steps import RLAlgorithm, check_reward_fns
 
 
 def _require(value: str | None, key: str, command: str) -> str:
@@ -170,7 +170,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     check_rows(len(arrays["input_ids"]), cfg.rm.batch_size, "rm.batch_size", f"rm.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = load_model(init, cfg, runtime)
-    params = train_reward_model(
+    trained = train_reward_model(
         cfg,
         model_cfg,
         trunk,
@@ -185,28 +185,33 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
             stage_settings(cfg, STAGE_SECTIONS + ("rm",), {"rm.init": init, "rm.data": data}),
         ),
     )
-    metrics = reward_accuracy(cfg, model_cfg, params, arrays)
+    params = trained
     if demo_arrays is not None:  # InstructGPT: shift the bias so demonstrations score 0
-        params, _ = shift_reward_bias(model_cfg, params, demo_arrays)
+        params, _ = shift_reward_bias(model_cfg, trained, demo_arrays)
     else:
         logger.warn(
             "rm: no sft.data given, so the reward model's bias was not shifted to make the "
             "demonstrations score 0 on average (InstructGPT's normalisation); scores keep "
             "their trained offset"
         )
+    # Saved before anything is read back from the loss's metrics: nothing after training
+    # can lose the trained model.
+    folder = save_scalar_model(model_cfg, params, out / "rm", tokenizer)
+    metrics = reward_accuracy(cfg, model_cfg, trained, arrays)  # (the shift changes no pair)
     _finish(out, logger, reports, {"train_pairwise_accuracy": metrics["accuracy"]})
-    return save_scalar_model(model_cfg, params, out / "rm", tokenizer)
+    return folder
 
 
 def _rl_data(cfg: Config, policy_path: str, rm_path: str | None):
-    """`(tokenizer, prompt arrays, ptx arrays or None, reports)` of `rlhf-jax ppo`, every
-    file checked against the policy (and the RM's position table) before anything loads."""
+    """`(tokenizer, (prompt arrays, prompt texts), ptx arrays or None, reports)` of `rlhf-jax
+    ppo`, every file checked against the policy (and the RM's position table) and every reward
+    function called once on the prompts, before anything loads."""
     prompts, prompt_report = load_prompts(
         _require(cfg.ppo.prompts, "ppo.prompts", "ppo"), cfg.data.on_error
     )
     tokenizer = load_tokenizer(policy_path)
     encode = RunEncoder(cfg, tokenizer)
-    prompt_arrays = encode.prompts(prompts, prompt_report)
+    prompt_arrays, prompt_texts = encode.rl_prompts(prompts, prompt_report)
     checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
     rows = [(prompt_arrays, cfg.ppo.rollout_batch, "ppo.rollout_batch", "ppo.prompts")]
     ptx_arrays, reports = None, [prompt_report]
@@ -224,7 +229,8 @@ def _rl_data(cfg: Config, policy_path: str, rm_path: str | None):
         check_rows(len(arrays["input_ids"]), batch_size, batch_key, what)
     if rm_path is not None:  # the RM reads the whole prompt + response
         check_positions(read_hf_config(rm_path), rm_path, lengths)
-    return tokenizer, prompt_arrays, ptx_arrays, reports
+    check_reward_fns(cfg, prompt_texts)
+    return tokenizer, (prompt_arrays, prompt_texts), ptx_arrays, reports
 
 
 def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runtime) -> RLModels:
@@ -256,7 +262,9 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     rm_path = None
     if algo.reward_fn is None:
         rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model (or ppo.reward_fn)", "ppo")
-    tokenizer, prompt_arrays, ptx_arrays, reports = _rl_data(cfg, policy_path, rm_path)
+    tokenizer, (prompt_arrays, prompt_texts), ptx_arrays, reports = _rl_data(
+        cfg, policy_path, rm_path
+    )
     out, logger, runtime = _start(cfg, out_dir, "policy")
     models = _rl_models(cfg, policy_path, rm_path, runtime)
     settings = stage_settings(
@@ -282,6 +290,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         runtime,
         checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint, settings),
         tokenizer=tokenizer,
+        prompt_texts=prompt_texts,
     )
     _finish(out, logger, reports)
     params = final_policy(cfg, models, state, out / "policy_adapter", policy_path)
@@ -325,6 +334,9 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
         adapter_dir=out / "policy_adapter",
         base_model=policy_path,
     )
+    # Saved before anything is read back from the loss's metrics: nothing after training
+    # can lose the trained policy.
+    folder = save_hf(model_cfg, params, out / "policy", tokenizer)
     extra = {"train_accuracy": preference_metrics(cfg, model_cfg, params, train)["accuracy"]}
     if held is not None:
         held = with_reference_logps(model_cfg, ref_params, held, bs)
@@ -334,4 +346,4 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
             cfg, model_cfg, params, ref_params, held, jax.random.fold_in(key, 1), eos, pad
         )
     _finish(out, logger, [report], extra)
-    return save_hf(model_cfg, params, out / "policy", tokenizer)
+    return folder

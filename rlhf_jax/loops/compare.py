@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rlhf_jax import registry
 from rlhf_jax.config import Config, compare_preference_runs, compare_runs
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.foundation import Foundation, build_foundation
@@ -68,7 +69,7 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
                 "rollout_batch": p.rollout_batch,
                 "kl_penalty": p.kl_penalty,
                 "policy_loss": p.policy_loss,
-                "critic": "yes" if "ppo/value/loss" in last else "no",
+                "critic": "yes" if _needs_critic(p.advantage) else "no",
             },
             "samples": [
                 {"prompt": q, "response": r}
@@ -134,3 +135,9 @@ def _preference_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval
             for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])
         ][:4],
     }
+
+
+def _needs_critic(advantage: str) -> bool:
+    """Whether the estimator trains a critic (what it declares, not a metric a custom value
+    loss may name otherwise)."""
+    return bool(registry.info(registry.lookup("advantage", advantage)).get("needs_critic"))

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax.config import Config
-from rlhf_jax.data import DataReport, encode_prompts, encode_rankings, encode_sft, encode_texts
+from rlhf_jax.data import (
+    DataReport,
+    encode_prompt_rows,
+    encode_prompts,
+    encode_rankings,
+    encode_sft,
+    encode_texts,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +41,16 @@ class RunEncoder:
         """Prompts, left-padded to `max_len` (default `ppo.max_prompt_len`)."""
         n = self.cfg.ppo.max_prompt_len if max_len is None else max_len
         return encode_prompts(examples, self.tokenizer, n, report, chat_template=self._chat)
+
+    def rl_prompts(
+        self, examples: Sequence, report: DataReport | None = None
+    ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """RL prompts at `ppo.max_prompt_len`, with each encoded row's prompt as the data file
+        wrote it (a chat row's messages as `role: content` lines), for a reward function."""
+        arrays, rows = encode_prompt_rows(
+            examples, self.tokenizer, self.cfg.ppo.max_prompt_len, report, self._chat
+        )
+        return arrays, [examples[i].prompt for i in rows]
 
     def rankings(self, examples: Sequence, report: DataReport | None = None, section: str = "rm"):
         """Rankings at the lengths of the `section` that trains on them ("rm" or "dpo")."""

@@ -45,6 +45,7 @@ from rlhf_jax.loops.stages import (
 )
 from rlhf_jax.models import ModelConfig, load_tokenizer, save_hf, save_scalar_model
 from rlhf_jax.models.hf import read_hf_config
+from rlhf_jax.steps import check_reward_fns
 from rlhf_jax.tasks import TASKS
 from rlhf_jax.tasks.labeling import rank_samples
 from rlhf_jax.tasks.tokenizer import train_tokenizer
@@ -67,6 +68,7 @@ class Foundation:
     sft_params: Any
     rm_params: Any
     prompt_arrays: dict[str, np.ndarray]  # RL prompts
+    prompt_texts: list[str]  # each RL prompt row as the data file wrote it (reward functions)
     ptx_arrays: dict[str, np.ndarray]  # pretraining text for PPO-ptx
     heldout_arrays: dict[str, np.ndarray]  # pretraining text never trained on
     eval_prompts: list[str]
@@ -136,6 +138,7 @@ class _Data:
     ptx_examples: list
     eval_prompts: list[str]
     arrays: dict[str, dict[str, np.ndarray]]  # sft, demo, prompts, eval, ptx, heldout, user_rank
+    prompt_texts: list[str]  # the RL prompts as the file wrote them, row by row of "prompts"
     reports: list
     user_rank_report: Any = None
 
@@ -170,9 +173,10 @@ def _load_data(cfg: Config, out: Path) -> _Data:
     else:
         tokenizer = load_tokenizer(cfg.model.path)
     encode = RunEncoder(cfg, tokenizer)
+    prompt_arrays, prompt_texts = encode.rl_prompts(prompt_examples, prompt_report)
     arrays = {
         "sft": encode.sft(sft_examples, sft_report, pack=cfg.sft.pack),
-        "prompts": encode.prompts(prompt_examples, prompt_report),
+        "prompts": prompt_arrays,
         "eval": encode.prompts(eval_examples),
         "ptx": encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report),
         "heldout": encode.lm_texts(heldout_examples, cfg.ptx.max_len),
@@ -188,6 +192,7 @@ def _load_data(cfg: Config, out: Path) -> _Data:
         ptx_examples,
         [e.prompt for e in eval_examples],
         arrays,
+        prompt_texts,
         [sft_report, prompt_report, ptx_report],
         user_rankings[1] if user_rankings is not None else None,
     )
@@ -255,6 +260,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     out, logger, runtime = start_run(cfg, out_dir, {"model.path": cfg.model.path}, writes)
     keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))
     d = _load_data(cfg, out)
+    check_reward_fns(cfg, d.prompt_texts)  # before any model is made or trained
     eos, pad = stop_ids(d.tokenizer)
     # The base model's config first, to check the data against it before any weight is made.
     if cfg.model.path is None:
@@ -290,9 +296,11 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     rm_params = train_reward_model(
         cfg, model_cfg, sft_params, rm_train, keys["rm"], logger, runtime, rm_checkpoints
     )
-    held = reward_accuracy(cfg, model_cfg, rm_params, rm_held)
-    rm_params, bias_shift = shift_reward_bias(model_cfg, rm_params, d.arrays["demo"])
+    trained_rm = rm_params
+    rm_params, bias_shift = shift_reward_bias(model_cfg, trained_rm, d.arrays["demo"])
     save_scalar_model(model_cfg, rm_params, out / "rm", d.tokenizer)
+    # Read back from the loss's metrics only once the model is saved (the shift changes no pair).
+    held = reward_accuracy(cfg, model_cfg, trained_rm, rm_held)
     a = d.arrays
     return Foundation(
         out=out,
@@ -306,6 +314,7 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         sft_params=sft_params,
         rm_params=rm_params,
         prompt_arrays=a["prompts"],
+        prompt_texts=d.prompt_texts,
         ptx_arrays=a["ptx"],
         heldout_arrays=a["heldout"],
         eval_prompts=d.eval_prompts,

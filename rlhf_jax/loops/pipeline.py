@@ -44,6 +44,7 @@ def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True, adapter_dir
         stage=stage,
         checkpoints=StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(cfg, "rl")),
         tokenizer=f.tokenizer,
+        prompt_texts=f.prompt_texts,
     )
     params = final_policy(cfg, models, state, adapter_dir, str(f.out / "sft"))
     return params, state

@@ -92,25 +92,24 @@ def final_policy(
     return fold_adapters(adapted, merge_trees(models.sft_params, trained))[1]
 
 
-def _host_scorer(algo: RLAlgorithm, tokenizer) -> Callable:
-    """`scores(rollout) -> [B] float32`: decode every response (all processes see all rows) and
-    score it with the reward function."""
+def _host_scorer(algo: RLAlgorithm, tokenizer, samples_per_prompt: int) -> Callable:
+    """`scores(rollout, prompts) -> [B] float32`: decode every response (all processes see all
+    rows) and score it with the reward function, next to its prompt as the data file wrote it
+    (`prompts`: one per prompt row of the batch; the rollout answers each `samples_per_prompt`
+    times, consecutively), not the ids decoded back: a chat template's markup, a tokenizer's
+    normalisation or a truncation never reach the reward function."""
 
     def gather(x):
         if jax.process_count() == 1:
             return np.asarray(x)
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-    def scores(rollout) -> np.ndarray:
-        seq, seq_mask = gather(rollout.sequence_ids), gather(rollout.sequence_mask)
+    def scores(rollout, prompts: list[str]) -> np.ndarray:
         tokens, mask = gather(rollout.response_ids), gather(rollout.response_mask)
-        p = seq.shape[1] - tokens.shape[1]
         decode = tokenizer.decode
-        prompts = [
-            decode(s[:p][m[:p] > 0], skip_special_tokens=True) for s, m in zip(seq, seq_mask)
-        ]
         texts = [decode(t[k > 0], skip_special_tokens=True) for t, k in zip(tokens, mask)]
-        return score_texts(algo.reward_fn, prompts, texts, algo.reward_fn_name)
+        repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+        return score_texts(algo.reward_fn, repeated, texts, algo.reward_fn_name)
 
     return scores
 
@@ -139,17 +138,20 @@ def train_rl(
     stage: str = "ppo",
     checkpoints: StageCheckpoints | None = None,
     tokenizer=None,
+    prompt_texts: list[str] | None = None,
 ):
     """RL from the SFT policy by the algorithm `cfg.ppo` names; returns the final RLState.
-    `tokenizer` decodes responses for a reward function (`ppo.reward_fn`)."""
-    spec = rl_stage(cfg, models, (prompts, ptx), (eos_ids, pad_id), key, runtime, stage, tokenizer)
+    `tokenizer` decodes responses and `prompt_texts` (each prompt row as the data file wrote
+    it) are the prompts for a reward function (`ppo.reward_fn`)."""
+    data = (prompts, ptx, prompt_texts)
+    spec = rl_stage(cfg, models, data, (eos_ids, pad_id), key, runtime, stage, tokenizer)
     return run_stage(spec, key, logger, checkpoints)
 
 
 def rl_stage(cfg, models, data, special, key, runtime, stage="ppo", tokenizer=None) -> Stage:
     """The RL stage for the one host loop: an iteration (experience, then the update's epochs
-    x minibatches) is one step. data: (prompt arrays, ptx arrays or None); special: (EOS ids,
-    pad id)."""
+    x minibatches) is one step. data: (prompt arrays, ptx arrays or None, prompt texts or
+    None: needed with a reward function); special: (EOS ids, pad id)."""
     ppo = cfg.ppo
     algo = RLAlgorithm.from_config(ppo)
     updates = ppo.iterations * ppo.epochs * (ppo.episodes // ppo.minibatch_size)
@@ -274,9 +276,12 @@ def _place_frozen(params, shardings, dtype: str | None):
 def _iteration(cfg, programs, data, start, runtime):
     """`step(state, it, key)`: one RL iteration, experience then update, with the prompt (and
     ptx) batches from iteration `start` on."""
-    (prompts, ptx), ppo, n_mb = data, cfg.ppo, programs.n_mb
+    (prompts, ptx, texts), ppo, n_mb = data, cfg.ppo, programs.n_mb
     # One prompt batch per iteration and epochs x minibatches ptx batches: from `start` on.
-    prompt_iter = batches(prompts, ppo.rollout_batch, cfg.seed + 2, start=start)
+    # Each batch carries its rows' indices (host only), to give a reward function the texts;
+    # the order depends only on the row count and the seed, so the batches are unchanged.
+    rows = {"row": np.arange(len(prompts["input_ids"]))}
+    prompt_iter = batches({**prompts, **rows}, ppo.rollout_batch, cfg.seed + 2, start=start)
     ptx_iter = None
     if programs.use_ptx:
         ptx_start = start * ppo.epochs * n_mb
@@ -285,8 +290,11 @@ def _iteration(cfg, programs, data, start, runtime):
     def step(state, it, key):
         t0 = time.time()
         exp_key, upd_key = jax.random.split(key)
-        batch = runtime.global_batch(next(prompt_iter), "ppo.rollout_batch")
-        exp, exp_metrics = programs.experience(state, batch, exp_key)
+        host = next(prompt_iter)
+        row = host.pop("row")
+        prompt_texts = None if texts is None else [texts[i] for i in row]
+        batch = runtime.global_batch(host, "ppo.rollout_batch")
+        exp, exp_metrics = programs.experience(state, batch, exp_key, prompt_texts)
         ptx_batch = None
         if programs.use_ptx:
             ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
@@ -336,7 +344,7 @@ def _make_experience(
             )
         )
 
-        def experience(state, b, k):
+        def experience(state, b, k, prompt_texts=None):
             return fn(state, frozen, b["input_ids"], b["attention_mask"], k)
 
         return experience, [fn]
@@ -359,12 +367,15 @@ def _make_experience(
             rules,
         )
     )
-    score = _host_scorer(algo, tokenizer)
+    score = _host_scorer(algo, tokenizer, ppo.samples_per_prompt)
 
-    def experience(state, b, k):
+    def experience(state, b, k, prompt_texts):
+        if prompt_texts is None:
+            raise ValueError("a reward function over text needs the prompts' texts")
         policy = policy_weights(models.policy_cfg, state, frozen)
         rollout = sample(policy, b["input_ids"], b["attention_mask"], k)
-        scores = runtime.global_batch({"scores": score(rollout)}, "ppo.rollout_batch")["scores"]
+        host_scores = score(rollout, prompt_texts)
+        scores = runtime.global_batch({"scores": host_scores}, "ppo.rollout_batch")["scores"]
         return finish(state, frozen, rollout, scores)
 
     return experience, [sample, finish]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.blocks import clip_range, clipped_surrogate, policy_inputs, policy_metrics
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, reduce_tokens
 from rlhf_jax.types import LossOut
@@ -23,53 +24,10 @@ from rlhf_jax.types import LossOut
 READS = ("old_logprobs", "advantages", "response_mask", "token_count", "sequence_count")
 
 
-def _inputs(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(mask_BT, log_ratio_BT, adv_BT)`, sanitised: padded positions get log-ratio 0 and
-    advantage 0 before any exp, so garbage there (a huge or NaN log-prob) reaches neither the
-    loss nor its gradient."""
-    mask_BT = jnp.asarray(batch["response_mask"], jnp.float32)
-    real_BT = mask_BT != 0
-    logp_BT = jnp.asarray(outputs["logprobs"], jnp.float32)
-    old_BT = jnp.asarray(batch["old_logprobs"], jnp.float32)
-    log_ratio_BT = jnp.where(real_BT, logp_BT - old_BT, 0.0)
-    adv_BT = jnp.where(real_BT, jnp.asarray(batch["advantages"], jnp.float32), 0.0)
-    return mask_BT, log_ratio_BT, adv_BT
-
-
 def _reduce(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays, reduction: str) -> jax.Array:
     return reduce_tokens(
         x_BT, mask_BT, reduction, batch.get("token_count"), batch.get("sequence_count")
     )
-
-
-def _range(clip_eps: float, low: float | None, high: float | None) -> tuple[float, float]:
-    """`(1 - eps_low, 1 + eps_high)`; each side defaults to the symmetric clip_eps."""
-    return 1.0 - (clip_eps if low is None else low), 1.0 + (clip_eps if high is None else high)
-
-
-def _metrics(
-    loss: jax.Array,
-    outputs: Arrays,
-    mask_BT: jax.Array,
-    log_ratio_BT: jax.Array,
-    clipped_on_BT: jax.Array,
-) -> dict[str, jax.Array]:
-    metrics = {
-        "ppo/policy/loss": loss,
-        "ppo/policy/clipfrac": masked_mean(clipped_on_BT, mask_BT),
-        # 0.5 E[(log pi - log pi_old)^2], the k2 estimator (lm-human-preference-details' approxkl).
-        "ppo/policy/approxkl": 0.5 * masked_mean(jnp.square(log_ratio_BT), mask_BT),
-    }
-    if "entropy" in outputs:
-        metrics["ppo/policy/entropy"] = masked_mean(outputs["entropy"], mask_BT)
-    return metrics
-
-
-def _clipped_surrogate(ratio_BT, adv_BT, lo: float, hi: float):
-    """Per-token `max(-A r, -A clip(r, lo, hi))` and where the clipped term is the larger."""
-    unclipped_BT = -adv_BT * ratio_BT
-    clipped_BT = -adv_BT * jnp.clip(ratio_BT, lo, hi)
-    return jnp.maximum(unclipped_BT, clipped_BT), clipped_BT > unclipped_BT
 
 
 @register_loss("policy", "default", reads=READS)
@@ -91,11 +49,11 @@ def ppo_clip(
     probability. outputs: logprobs [B, T], optional entropy [B, T] (metric only).
     batch: old_logprobs, advantages, response_mask [B, T].
     """
-    mask_BT, log_ratio_BT, adv_BT = _inputs(outputs, batch)
-    lo, hi = _range(clip_eps, clip_eps_low, clip_eps_high)
-    per_token_BT, clipped_on_BT = _clipped_surrogate(jnp.exp(log_ratio_BT), adv_BT, lo, hi)
+    mask_BT, log_ratio_BT, adv_BT = policy_inputs(outputs, batch)
+    lo, hi = clip_range(clip_eps, clip_eps_low, clip_eps_high)
+    per_token_BT, clipped_on_BT = clipped_surrogate(jnp.exp(log_ratio_BT), adv_BT, lo, hi)
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "ppo_dual_clip", reads=READS)
@@ -115,14 +73,14 @@ def ppo_dual_clip(
     `L_t = min(max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), -c A)` if A < 0, else the
     PPO-clip term. clipfrac counts either clip being active.
     """
-    mask_BT, log_ratio_BT, adv_BT = _inputs(outputs, batch)
-    lo, hi = _range(clip_eps, clip_eps_low, clip_eps_high)
-    ppo_BT, clipped_on_BT = _clipped_surrogate(jnp.exp(log_ratio_BT), adv_BT, lo, hi)
+    mask_BT, log_ratio_BT, adv_BT = policy_inputs(outputs, batch)
+    lo, hi = clip_range(clip_eps, clip_eps_low, clip_eps_high)
+    ppo_BT, clipped_on_BT = clipped_surrogate(jnp.exp(log_ratio_BT), adv_BT, lo, hi)
     capped_BT = jnp.minimum(ppo_BT, -dual_clip * adv_BT)
     per_token_BT = jnp.where(adv_BT < 0, capped_BT, ppo_BT)
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
     clipped_on_BT = clipped_on_BT | (per_token_BT < ppo_BT)
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "gspo", reads=READS)
@@ -143,16 +101,16 @@ def gspo(
     the default `seq_mean_token_mean` reduction and one advantage per sequence (GRPO, RLOO) the
     loss and its gradient are exactly the sequence-level GSPO objective.
     """
-    mask_BT, log_ratio_BT, adv_BT = _inputs(outputs, batch)
+    mask_BT, log_ratio_BT, adv_BT = policy_inputs(outputs, batch)
     seq_log_ratio_B1 = masked_mean(log_ratio_BT, mask_BT, axis=1)[:, None]
     log_s_BT = jax.lax.stop_gradient(seq_log_ratio_B1) + (
         log_ratio_BT - jax.lax.stop_gradient(log_ratio_BT)
     )
-    per_token_BT, clipped_on_BT = _clipped_surrogate(
+    per_token_BT, clipped_on_BT = clipped_surrogate(
         jnp.exp(log_s_BT), adv_BT, 1.0 - clip_eps_low, 1.0 + clip_eps_high
     )
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "cispo", reads=READS)
@@ -171,11 +129,11 @@ def cispo(
     MiniMax set no lower bound in practice (eps_low = 1: the weight is only capped above).
     Only the gradient is meaningful; the value is not a surrogate of the return.
     """
-    mask_BT, log_ratio_BT, adv_BT = _inputs(outputs, batch)
+    mask_BT, log_ratio_BT, adv_BT = policy_inputs(outputs, batch)
     real_BT = mask_BT != 0
     logp_BT = jnp.where(real_BT, jnp.asarray(outputs["logprobs"], jnp.float32), 0.0)
     ratio_BT = jnp.exp(log_ratio_BT)
     weight_BT = jax.lax.stop_gradient(jnp.clip(ratio_BT, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
     loss = _reduce(-weight_BT * adv_BT * logp_BT, mask_BT, batch, reduction)
     clipped_on_BT = weight_BT != ratio_BT
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))

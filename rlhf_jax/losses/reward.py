@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.blocks import pairwise, ranked_pairs
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean
 from rlhf_jax.types import LossOut
@@ -25,11 +26,7 @@ def _pairs(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array]:
     """
     real_BK = jnp.asarray(batch["completion_mask"]) != 0
     rewards_BK = jnp.where(real_BK, jnp.asarray(outputs["rewards"], jnp.float32), 0.0)
-    rank_BK = jnp.asarray(batch["rank"])
-    both_real_BKK = real_BK[:, :, None] & real_BK[:, None, :]
-    better_BKK = (both_real_BKK & (rank_BK[:, :, None] < rank_BK[:, None, :])).astype(jnp.float32)
-    diff_BKK = rewards_BK[:, :, None] - rewards_BK[:, None, :]
-    return better_BKK, diff_BKK
+    return ranked_pairs(batch), pairwise(rewards_BK)
 
 
 def _metrics(loss: jax.Array, better_BKK: jax.Array, diff_BKK: jax.Array) -> dict[str, jax.Array]:

@@ -5,7 +5,7 @@ RL is assembled from parts (`RLAlgorithm`): `make_experience_fn` (or `make_sampl
 `make_finish_fn` around a host reward function) and `make_update_fn`.
 """
 
-from rlhf_jax.steps.algorithm import RLAlgorithm, resolve_config_parts
+from rlhf_jax.steps.algorithm import RLAlgorithm, check_reward_fns, resolve_config_parts
 from rlhf_jax.steps.experience import (
     Experience,
     Rollout,
@@ -42,6 +42,7 @@ __all__ = [
     "Rollout",
     "TrainState",
     "accumulate_gradients",
+    "check_reward_fns",
     "completion_logps",
     "completion_rewards",
     "init_rl_state",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from rlhf_jax import contract, registry
 from rlhf_jax.config import Config, DPOConfig, PPOConfig, compare_preference_runs, compare_runs
@@ -80,9 +80,12 @@ class RLAlgorithm:
                 f"config key 'ppo.critic': shared_trunk puts a value head on the policy, but "
                 f"advantage estimator {ppo.advantage!r} needs no critic"
             )
-        value_loss = None
-        if needs_critic:
-            value_loss = registry.resolve("value", ppo.value_loss, **ppo.value_loss_kwargs)
+        # Resolved (and dry-run below) with or without a critic: a misspelt name fails at load
+        # even in a run that does not use it, not in the next run that does.
+        value_loss = registry.resolve("value", ppo.value_loss, **ppo.value_loss_kwargs)
+        contract.dry_run("value", value_loss, ppo.value_loss, contract.VALUE_KEYS)
+        if not needs_critic:
+            value_loss = None
         reward_fn = None
         if ppo.reward_fn is not None:
             reward_fn = registry.resolve("reward_fn", ppo.reward_fn, **ppo.reward_fn_kwargs)
@@ -115,10 +118,6 @@ class RLAlgorithm:
         contract.dry_run("policy", self.policy_loss, ppo.policy_loss, policy_keys, "; ".join(why))
         advantage_keys = contract.ADVANTAGE_KEYS + (("values",) if self.needs_critic else ())
         contract.dry_run("advantage", self.advantage, ppo.advantage, advantage_keys)
-        if self.value_loss is not None:
-            value_keys = ("old_values", "returns", "response_mask", "token_count")
-            value_keys += contract.ADVANTAGE_KEYS
-            contract.dry_run("value", self.value_loss, ppo.value_loss, value_keys)
 
 
 def _default_reduction(fn: Callable) -> str:
@@ -159,10 +158,16 @@ def resolve_config_parts(cfg: Config) -> RLAlgorithm:
     `compare.algorithms` run): called when a config is
     loaded, so a misspelt name or a hyperparameter a part does not take fails before the first
     stage runs."""
-    registry.resolve("sft", cfg.sft.loss, **cfg.sft.loss_kwargs)
-    registry.resolve("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
-    registry.resolve("ptx", cfg.ptx.loss)
+    sft_keys = contract.PACKED_SFT_KEYS if cfg.sft.pack else contract.SFT_KEYS
+    for kind, name, kwargs, keys in (
+        ("sft", cfg.sft.loss, cfg.sft.loss_kwargs, sft_keys),
+        ("reward", cfg.rm.loss, cfg.rm.loss_kwargs, contract.REWARD_KEYS),
+        ("ptx", cfg.ptx.loss, {}, contract.PTX_KEYS),
+    ):
+        contract.dry_run(kind, registry.resolve(kind, name, **kwargs), name, keys)
     resolve_preference_loss(cfg.dpo)
+    if cfg.compare.reward_fn is not None:  # (also with no compare run to use it)
+        registry.lookup("reward_fn", cfg.compare.reward_fn)
     for name, run in compare_preference_runs(cfg).items():
         try:
             resolve_preference_loss(run.dpo)
@@ -179,3 +184,25 @@ def resolve_config_parts(cfg: Config) -> RLAlgorithm:
             "ppo.critic=shared_trunk (its trunk is the policy's: list 'policy')"
         )
     return RLAlgorithm.from_config(cfg.ppo)
+
+
+def check_reward_fns(cfg: Config, prompts: Sequence[str]) -> None:
+    """Call every reward function the config names (`ppo.reward_fn` and those of the
+    `compare.algorithms` runs) once on the first of the run's `prompts` (as in the data file)
+    with tiny completions: one that raises, or returns anything but one finite number per
+    completion, fails with a one-line error naming it, before any model is loaded or trained.
+    The run's own prompts, not made-up ones, so that a function looking up its answers by
+    prompt finds them."""
+    named = {"ppo": cfg.ppo}
+    named |= {f"compare.algorithms.{n}": r.ppo for n, r in compare_runs(cfg).items()}
+    checked = set()
+    for where, ppo in named.items():
+        if ppo.reward_fn is None or (ppo.reward_fn, repr(ppo.reward_fn_kwargs)) in checked:
+            continue
+        checked.add((ppo.reward_fn, repr(ppo.reward_fn_kwargs)))
+        fn = registry.resolve("reward_fn", ppo.reward_fn, **ppo.reward_fn_kwargs)
+        try:
+            contract.check_reward_fn(fn, ppo.reward_fn, prompts)
+        except RlhfJaxError as e:
+            suffix = "" if where == "ppo" else f", in {where}"
+            raise RlhfJaxError(f"{e} (a test call before any model loads{suffix})") from None

@@ -266,3 +266,31 @@ def test_empty_inputs_and_bad_lengths(tok):
         encode_prompts([], tok, 4)
     with pytest.raises(RlhfJaxError, match="max_len must be an integer >= 2"):
         encode_sft([SFTExample("a", "b")], tok, 1)
+
+
+def test_rl_prompts_keep_each_rows_text_as_the_file_wrote_it(chat_tok):
+    """What a reward function receives as the prompt: the file's text, row by row of the
+    encoded arrays (skipped rows leave no gap), not the chat template decoded back."""
+    from rlhf_jax.config import Config, load_config
+    from rlhf_jax.data import parse_prompt_row
+    from rlhf_jax.loops.encoding import RunEncoder
+
+    examples = [
+        PromptExample("What is 2 + 2?"),
+        PromptExample("fox " * 80),  # longer than ppo.max_prompt_len: skipped
+        parse_prompt_row(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "hi"},
+                ]
+            }
+        ),
+    ]
+    report = DataReport("mem.jsonl", rows=3, on_error="skip")
+    cfg = load_config(Config, None, ["data.chat_template=true", "ppo.max_prompt_len=50"])
+    arrays, texts = RunEncoder(cfg, chat_tok).rl_prompts(examples, report)
+    assert texts == ["What is 2 + 2?", "system: Be brief.\nuser: hi\nassistant: "]
+    assert len(arrays["input_ids"]) == 2 and len(report.skipped) == 1
+    decoded = chat_tok.decode(arrays["input_ids"][0][arrays["attention_mask"][0] > 0])
+    assert decoded == "<|user|>What is 2 + 2?\n<|assistant|>"  # what the policy reads
