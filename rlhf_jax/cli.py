@@ -7,6 +7,7 @@ code 2 and no traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.host_memory import keep_freed_host_memory
+from rlhf_jax.loops.output_lock import release_output_locks
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -131,13 +133,36 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 # Handlers to put back when a command ends (the training commands' preemption handler).
 _RESTORE_SIGNALS: list = []
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
+
+
+def _exit_interrupted() -> None:
+    """A second Ctrl-C while a stage was stopping: end the process now, as a kill would
+    (committed checkpoints are kept, a save in flight is dropped and cleaned up by the next
+    run). Not by raising KeyboardInterrupt: that would unwind through orbax's wait for the
+    save (which logs it as a failed save, with its traceback) and then tear the interpreter
+    down while the save's threads still run."""
+    _end_process(INTERRUPTED, "error: interrupted")
+
+
+def _end_process(code: int, line: str | None = None) -> None:
+    """Flush what was printed, write `line` to stderr, and end the process with `code`,
+    skipping the interpreter's teardown. Safe inside a signal handler."""
+    for stream in (sys.stdout, sys.stderr):
+        # a closed or hung-up stream; RuntimeError: the signal came in the middle of a write
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            stream.flush()
+    if line is not None:
+        with contextlib.suppress(OSError):
+            os.write(2, (line + "\n").encode())  # not print: no buffer to re-enter
+    os._exit(code)
 
 
 def _load_config(args: argparse.Namespace):
     """A training command's config; joins a multi-process run first, before any device is
-    touched. Only then do SIGTERM/SIGINT become a request to save and stop at the next step:
-    until then (and in `generate`) they end the process as usual, so a run stuck waiting for
-    a process that never comes can be stopped."""
+    touched. Only then do SIGTERM/SIGINT/SIGHUP become a request to save and stop at the next
+    step: until then (and in `generate`) they end the process as usual, so a run stuck
+    waiting for a process that never comes can be stopped."""
     from rlhf_jax.checkpointing import install_preemption_handler
     from rlhf_jax.config import Config, load_config
     from rlhf_jax.sharding import initialize
@@ -154,7 +179,7 @@ def _load_config(args: argparse.Namespace):
             flush=True,
         )
     initialize(cfg.distributed)  # before anything touches a device (the check below does)
-    _RESTORE_SIGNALS.append(install_preemption_handler())
+    _RESTORE_SIGNALS.append(install_preemption_handler(second_interrupt=_exit_interrupted))
     # Every loss, estimator and reward function the config names, resolved now: a typo fails
     # here, not after the stages before the one that uses it have run.
     resolve_config_parts(cfg)
@@ -305,9 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C while a training stage was stopping
+    except KeyboardInterrupt:  # Ctrl-C before a training command took over SIGINT
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except StagePaused as e:  # (after KeyboardInterrupt: unbound if the import was cut short)
         print(f"stopped: {e}", file=sys.stderr)
         return 0
@@ -315,7 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for restore in _RESTORE_SIGNALS:
             restore()
         _RESTORE_SIGNALS.clear()
+        release_output_locks()
+
+
+def console() -> None:
+    """The `rlhf-jax` program: `main`, then exit with its code. After a Ctrl-C the process
+    ends at once (os._exit), skipping the interpreter's teardown, which would run while JAX's
+    compile and orbax's save threads may still be at work."""
+    code = main()
+    if code == INTERRUPTED:
+        _end_process(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

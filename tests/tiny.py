@@ -25,3 +25,28 @@ def tiny_config(**changes) -> ModelConfig:
 def tiny_model(seed: int = 0, **changes):
     config = tiny_config(**changes)
     return config, init_params(config, jax.random.key(seed))
+
+
+def tiny_sft_inputs(folder):
+    """`(model folder, demonstrations file)` for a real `rlhf-jax sft` run in a few seconds:
+    a tiny random Hugging Face checkpoint with its own small tokenizer, and 16 rows."""
+    import json
+    from pathlib import Path
+
+    from rlhf_jax.models import save_hf
+    from rlhf_jax.tasks.tokenizer import train_tokenizer
+
+    folder = Path(folder)
+    tokenizer = train_tokenizer(
+        ["the red fox runs near the river.", "a calm owl sings."] * 20, vocab_size=300
+    )
+    config = tiny_config(
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    save_hf(config, init_params(config, jax.random.key(0)), folder / "model", tokenizer)
+    demos = folder / "demos.jsonl"
+    row = {"prompt": "the red fox", "completion": " runs near the river."}
+    demos.write_text((json.dumps(row) + "\n") * 16)
+    return folder / "model", demos

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -20,6 +23,51 @@ FORMAT = 1  # bump when the layout of `state` / `meta` changes
 
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
+
+
+# How tensorstore (orbax's array writer) reports the OS error under its own message.
+_TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
+
+
+def _os_errno(err: BaseException) -> int | None:
+    """The OS error number behind a failed save (an OSError anywhere in the chain, or the
+    code tensorstore quotes), or None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno:
+            return err.errno
+        found = _TENSORSTORE_ERRNO.search(str(err))
+        if found:
+            return int(found.group(1))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _save_reason(err: BaseException) -> str:
+    """One line: the OS's reason and errno (`No space left on device (ENOSPC, errno 28)`),
+    or the first line of the error when it carries none."""
+    code = _os_errno(err)
+    if code is not None:
+        return f"{os.strerror(code)} ({errno.errorcode.get(code, '?')}, errno {code})"
+    first = (_describe(err).splitlines() or [""])[0]
+    return "(disk full or folder not writable?) " + (
+        first if len(first) <= 300 else first[:297] + "..."
+    )
+
+
+class _DropReportedOrbaxFailures(logging.Filter):
+    """Orbax logs each failure of a save with its traceback (one log from each thread the
+    failure passes through: 300 lines for one full disk), then raises it, and the
+    Checkpointer turns what it raises into one line. Those logs (orbax errors that carry a
+    traceback) are dropped; other orbax messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info)
+
+
+_ORBAX_FILTER = _DropReportedOrbaxFailures()
 
 
 class Checkpointer:
@@ -59,6 +107,9 @@ class Checkpointer:
             raise RlhfJaxError(f"checkpoint folder {self.directory} does not exist")
         if not read_only:
             self._check_writable()
+        absl_logger = logging.getLogger("absl")  # orbax logs through absl
+        if _ORBAX_FILTER not in absl_logger.filters:
+            absl_logger.addFilter(_ORBAX_FILTER)
         self._pending: int | None = None  # step of an async save not waited for yet
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -156,8 +207,8 @@ class Checkpointer:
             kept = f"the latest checkpoint is still step {latest}"
         what = "a checkpoint" if step is None else f"checkpoint step {step}"
         return RlhfJaxError(
-            f"could not save {what} to {self.directory} (disk full or folder not "
-            f"writable?): {_describe(err)}; the training state is unchanged and {kept}"
+            f"could not save {what} to {self.directory}: {_save_reason(err)}; the training "
+            f"state is unchanged and {kept}"
         )
 
     def wait(self) -> None:

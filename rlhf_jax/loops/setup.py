@@ -11,6 +11,7 @@ import numpy as np
 from rlhf_jax.config import Config, to_dict
 from rlhf_jax.data import special_ids
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
+from rlhf_jax.loops.output_lock import lock_output
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import score_all
 from rlhf_jax.models import ModelConfig, load_hf
@@ -23,10 +24,12 @@ def start_run(
 ) -> tuple[Path, MetricsLogger, Runtime]:
     """Check every part the config names, prepare the output folder (refusing one that is or
     would write into an input model folder: `inputs` maps config keys to those folders,
-    `writes` names the subfolders the run writes), write run_config.json, and start the
-    logger and the device runtime."""
+    `writes` names the subfolders the run writes), lock it against other runs (held until
+    the command ends, see `output_lock`), write run_config.json, and start the logger and
+    the device runtime."""
     resolve_config_parts(cfg)
     out = prepare_output_dir(out_dir, inputs, writes)
+    lock_output(out)  # before anything in the folder is written or removed
     run_config = to_dict(cfg)
     write_run_config(out, run_config)
     return out, MetricsLogger.from_config(out, cfg.log, run_config), Runtime.from_config(cfg)

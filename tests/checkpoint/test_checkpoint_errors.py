@@ -2,6 +2,9 @@
 an incompatible or missing checkpoint, an unwritable folder, a full disk; a failed save
 leaves the training state and the previous checkpoint untouched."""
 
+import errno
+import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -143,6 +146,37 @@ def test_disk_full_during_async_save(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "OK"
     error = next(line for line in lines if line.startswith("ERROR"))
-    assert f"could not save checkpoint step 2 to {tmp_path}" in error
-    assert "File too large" in error and "the latest checkpoint is still step 1" in error
+    # One line with the folder and the OS's reason, not orbax's 300 lines of tracebacks.
+    assert error == (
+        f"ERROR could not save checkpoint step 2 to {tmp_path}: File too large (EFBIG, errno "
+        "27); the training state is unchanged and the latest checkpoint is still step 1"
+    )
+    assert "Traceback" not in proc.stderr and "absl" not in proc.stderr, proc.stderr[:2000]
     assert sorted(p.name for p in Path(tmp_path).iterdir() if p.name.isdigit()) == ["1"]
+
+
+def test_no_space_left_names_the_folder_and_errno_in_one_line(tmp_path, monkeypatch, caplog):
+    """ENOSPC raised inside orbax's save threads (here by the meta writer): the error says
+    the folder, the reason and the errno; orbax's own tracebacks of it are not logged."""
+    import orbax.checkpoint as ocp
+
+    async def disk_full(self, item, directory):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
+    state = model()
+    ckpt.save(1, state, {})
+    ckpt.wait()
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", disk_full)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(RlhfJaxError) as err:
+        ckpt.save(2, state, {})
+        ckpt.wait()
+    assert str(err.value) == (
+        f"could not save checkpoint step 2 to {tmp_path}: No space left on device (ENOSPC, "
+        "errno 28); the training state is unchanged and the latest checkpoint is still step 1"
+    )
+    assert [r.getMessage()[:200] for r in caplog.records if r.exc_info] == []
+    monkeypatch.undo()
+    ckpt.close()
+    assert Checkpointer(tmp_path, save_every=1, keep=1).latest_step() == 1
