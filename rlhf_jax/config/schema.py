@@ -204,7 +204,7 @@ class PPOConfig:
     max_prompt_len: int = 16
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling; also divides logits wherever log-probs are taken
-    top_k: int | None = None  # sampling; the trainer's log-probs use the same truncation
+    top_k: int | None = None  # sampling; every log-prob then over the kept set (algorithms.md)
     top_p: float | None = None
     policy_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=3e-4, schedule="linear", final_lr_ratio=0.0)

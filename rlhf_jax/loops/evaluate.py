@@ -47,7 +47,7 @@ def sample_responses(
             eos_id=tuple(eos_ids),
             pad_id=int(pad_id),
         )
-        return gen._asdict()
+        return {k: v for k, v in gen._asdict().items() if v is not None}  # no support asked
 
     prompts = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
     merged = map_batches(sample, prompts, batch_size, with_offset=True)

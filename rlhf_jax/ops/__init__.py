@@ -22,9 +22,13 @@ from rlhf_jax.ops.kl import (
 from rlhf_jax.ops.logprobs import (
     entropy_from_logits,
     filter_logits,
+    kept_tokens,
     next_token_logprobs,
+    pack_support,
     policy_token_logprobs,
     token_logprobs,
+    truncates,
+    unpack_support,
 )
 from rlhf_jax.ops.masked import (
     REDUCTIONS,
@@ -50,6 +54,7 @@ __all__ = [
     "group_size",
     "group_std",
     "groups_all_equal",
+    "kept_tokens",
     "kl_estimate",
     "last_token_onehot",
     "leave_one_out_mean",
@@ -58,8 +63,11 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "next_token_logprobs",
+    "pack_support",
     "per_token_rewards",
     "policy_token_logprobs",
     "reduce_tokens",
     "token_logprobs",
+    "truncates",
+    "unpack_support",
 ]

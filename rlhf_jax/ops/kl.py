@@ -37,7 +37,12 @@ KL_ESTIMATORS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def kl_estimate(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str = "k1") -> jax.Array:
+def kl_estimate(
+    logp_BT: jax.Array,
+    ref_logp_BT: jax.Array,
+    kind: str = "k1",
+    mask_BT: jax.Array | None = None,
+) -> jax.Array:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL
     divergence", 2020), with `d = log pi(y_t) - log pi_ref(y_t)`:
 
@@ -45,12 +50,21 @@ def kl_estimate(logp_BT: jax.Array, ref_logp_BT: jax.Array, kind: str = "k1") ->
       k2:  d^2 / 2                   (biased, low variance)
       k3:  exp(-d) - 1 + d           (unbiased, non-negative)
       abs: |d|
+
+    With `mask_BT`, d is set to 0 on masked positions *before* the estimator, so every
+    estimator is exactly 0 there and whatever those positions hold (a huge or non-finite
+    log-prob) reaches neither the value nor the gradient. Zeroing the estimate afterwards
+    (`where(mask, k3(d), 0)`) is not enough: the forward is finite, but the backward
+    multiplies the zero cotangent by k3's infinite derivative and gives NaN.
     """
     if kind not in KL_ESTIMATORS:
         raise RlhfJaxError(
             f"unknown KL estimator {kind!r}; available: {', '.join(sorted(KL_ESTIMATORS))}"
         )
-    return KL_ESTIMATORS[kind](logp_BT - ref_logp_BT)
+    d_BT = logp_BT - ref_logp_BT
+    if mask_BT is not None:
+        d_BT = jnp.where(jnp.asarray(mask_BT) != 0, d_BT, 0.0)
+    return KL_ESTIMATORS[kind](d_BT)
 
 
 def last_token_onehot(mask_BT: jax.Array) -> jax.Array:
@@ -78,8 +92,7 @@ def per_token_rewards(
     """
     mask_BT = jnp.asarray(mask_BT, jnp.float32)
     real_BT = mask_BT != 0
-    kl_BT = kl_estimate(logp_BT, ref_logp_BT, kl_kind).astype(jnp.float32)
-    kl_BT = jnp.where(real_BT, kl_BT, 0.0)
+    kl_BT = kl_estimate(logp_BT, ref_logp_BT, kl_kind, mask_BT).astype(jnp.float32)
     score_B = jnp.asarray(score_B, jnp.float32)
     rewards_BT = -beta * kl_BT + score_B[:, None] * last_token_onehot(mask_BT)
     return jnp.where(real_BT, rewards_BT, 0.0), kl_BT

@@ -118,31 +118,85 @@ def filter_logits(logits_BV: jax.Array, top_k: int | None, top_p: float | None) 
     return logits_BV
 
 
+def truncates(top_k: int | None, top_p: float | None, vocab_size: int) -> bool:
+    """Whether top-k / top-p remove any token of a `vocab_size` vocabulary."""
+    return (top_k is not None and top_k < vocab_size) or (top_p is not None and top_p < 1.0)
+
+
+def kept_tokens(logits_BV: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:
+    """bool [..., V]: the tokens `filter_logits` keeps (the support of the sampling step)."""
+    v = logits_BV.shape[-1]
+    kept = filter_logits(logits_BV.reshape(-1, v), top_k, top_p)
+    return (kept > jnp.finfo(kept.dtype).min).reshape(logits_BV.shape)
+
+
+_WORD = 32  # tokens per uint32 word of a packed support
+
+
+def support_width(vocab_size: int) -> int:
+    """uint32 words per token of a packed support: ceil(V / 32)."""
+    return -(-vocab_size // _WORD)
+
+
+def pack_support(keep_BTV: jax.Array) -> jax.Array:
+    """bool [..., V] -> uint32 [..., ceil(V / 32)]: token v is bit v % 32 of word v // 32.
+
+    A recorded support costs V / 8 bytes per token (1/32 of its float32 logits)."""
+    v = keep_BTV.shape[-1]
+    w = support_width(v)
+    pad = [(0, 0)] * (keep_BTV.ndim - 1) + [(0, w * _WORD - v)]
+    bits = jnp.pad(keep_BTV, pad).reshape(*keep_BTV.shape[:-1], w, _WORD).astype(jnp.uint32)
+    shifts = jnp.arange(_WORD, dtype=jnp.uint32)
+    return jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)  # distinct bits: sum == or
+
+
+def unpack_support(words_BTW: jax.Array, vocab_size: int) -> jax.Array:
+    """uint32 [..., W] -> bool [..., vocab_size], the inverse of `pack_support`."""
+    shifts = jnp.arange(_WORD, dtype=jnp.uint32)
+    bits = (words_BTW[..., None] >> shifts) & jnp.uint32(1)
+    return bits.reshape(*words_BTW.shape[:-1], -1)[..., :vocab_size] != 0
+
+
 def policy_token_logprobs(
     logits_BTV: jax.Array,
     tokens_BT: jax.Array,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    support_BTW: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Log-probs [B, T] and entropies [B, T] of tokens under the distribution they were
-    *sampled* from: logits / temperature, then top-k and top-p (`filter_logits`).
+    sampled from: `z = logits / temperature` renormalised over the sampling step's support K,
 
-    The trainer takes the policy's log-probs with this function, so they are the same function
-    of the weights as the rollout's (`rollout.sampling.sampling_log_probs`), and the ratio
-    pi / pi_old is exactly 1 before the first update. Without top-k / top-p this is
-    `token_logprobs` (its fused gradient); with them, the kept set is chosen without gradient
-    and the filtered logits get none.
+      `log q(y_t) = z_t[y_t] - logsumexp_{v in K_t u {y_t}} z_t[v]`
+
+    (docs/algorithms.md, "Log-probs under top-k / top-p"). `support_BTW` is K as recorded by
+    the sampler (`pack_support`); the trainer and the reference always pass it, so every
+    log-prob of a rollout, whatever the weights, is over the same tokens. Without it, K is
+    taken from these logits with `top_k` / `top_p` (what the sampler does at each step); with
+    neither, K is the whole vocabulary and this is `token_logprobs` (its fused gradient).
+
+    The token itself is always in K: a real token was drawn from K, and a padded position's
+    token (outside it) then gets a finite log-prob rather than -inf, so nothing downstream
+    (a KL, a ratio) overflows in the forward or the backward pass. K carries no gradient.
     """
-    if top_k is None and (top_p is None or top_p >= 1.0):
+    v = logits_BTV.shape[-1]
+    if support_BTW is None and not truncates(top_k, top_p, v):
         return (
             token_logprobs(logits_BTV, tokens_BT, temperature),
             entropy_from_logits(logits_BTV, temperature),
         )
     z_BTV = _scaled(logits_BTV, temperature)
-    v = z_BTV.shape[-1]
-    kept_BTV = filter_logits(jax.lax.stop_gradient(z_BTV).reshape(-1, v), top_k, top_p)
-    keep_BTV = (kept_BTV > jnp.finfo(kept_BTV.dtype).min).reshape(z_BTV.shape)
+    if support_BTW is None:
+        keep_BTV = kept_tokens(jax.lax.stop_gradient(z_BTV), top_k, top_p)
+    else:
+        keep_BTV = unpack_support(support_BTW, v)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, z_BTV.shape, z_BTV.ndim - 1)
+    keep_BTV = keep_BTV | (vocab == tokens_BT[..., None].astype(jnp.int32))
+    # Sanitised before the exp: a dropped token's logit becomes the dtype's lowest finite
+    # value (probability exactly 0, gradient exactly 0), never -inf.
     z_BTV = jnp.where(keep_BTV, z_BTV, jnp.finfo(z_BTV.dtype).min)
-    logp_BT, _ = _plain_token_logprobs(z_BTV, tokens_BT, 1.0)
-    return logp_BT, entropy_from_logits(z_BTV, 1.0)
+    logp_BT, lse_BT = _plain_token_logprobs(z_BTV, tokens_BT, 1.0)
+    p_BTV = jnp.exp(z_BTV - lse_BT[..., None])
+    entropy_BT = lse_BT - jnp.sum(p_BTV * jnp.where(keep_BTV, z_BTV, 0.0), axis=-1)
+    return logp_BT, entropy_BT

@@ -25,7 +25,8 @@ from rlhf_jax.models.transformer import (
     positions_from_mask,
     split_layers,
 )
-from rlhf_jax.rollout.sampling import sample_token
+from rlhf_jax.ops.logprobs import support_width, truncates
+from rlhf_jax.rollout.sampling import sample_token_and_support
 
 
 class GenerateOutput(NamedTuple):
@@ -34,11 +35,15 @@ class GenerateOutput(NamedTuple):
     tokens:   [B, N] int32, `pad_id` after a row's first EOS.
     logprobs: [B, N] float32, log-prob of each token under the sampling distribution, 0 on padding.
     mask:     [B, N] float32, 1 for generated tokens up to and including the first EOS.
+    support:  [B, N, ceil(V / 32)] uint32, the tokens each one was drawn from, packed
+              (`ops.pack_support`; all zero on padding); only with `record_support` and a
+              top-k / top-p that truncates, else None.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
+    support: jax.Array | None = None
 
 
 class _DecodeState(NamedTuple):
@@ -51,6 +56,7 @@ class _DecodeState(NamedTuple):
     tokens_BN: jax.Array
     logprobs_BN: jax.Array
     mask_BN: jax.Array
+    support_BNW: jax.Array | None
 
 
 @functools.partial(
@@ -63,6 +69,7 @@ class _DecodeState(NamedTuple):
         "top_p",
         "eos_ids",
         "pad_id",
+        "record_support",
     ),
 )
 def _generate(
@@ -78,6 +85,7 @@ def _generate(
     top_p,
     eos_ids,
     pad_id,
+    record_support,
 ) -> GenerateOutput:
     b, p = prompt_ids_BP.shape
     n = max_new_tokens
@@ -105,10 +113,14 @@ def _generate(
         logits_index_B=last_token_index(prompt_mask_BP),
     )
     eos_arr = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    v = logits_B1V.shape[-1]
+    support_BNW = None
+    if record_support and temperature != 0 and truncates(top_k, top_p, v):
+        support_BNW = jnp.zeros((b, n, support_width(v)), jnp.uint32)
 
     def choose(s: _DecodeState):
         """Pick token `s.step` from the current logits and record it."""
-        token_B, logp_B = sample_token(
+        token_B, logp_B, support_BW = sample_token_and_support(
             s.logits_BV, jax.random.fold_in(rng, s.step), temperature, top_k, top_p
         )
         alive_B = ~s.done_B
@@ -119,15 +131,21 @@ def _generate(
             s.logprobs_BN, jnp.where(alive_B, logp_B, 0.0)[:, None], col
         )
         mask_BN = jax.lax.dynamic_update_slice(s.mask_BN, alive_B.astype(jnp.float32)[:, None], col)
+        support_BNW = s.support_BNW
+        if support_BNW is not None:
+            support_BW = jnp.where(alive_B[:, None], support_BW, jnp.uint32(0))
+            support_BNW = jax.lax.dynamic_update_slice(
+                support_BNW, support_BW[:, None], (0, s.step, 0)
+            )
         done_B = s.done_B | (alive_B & jnp.isin(token_B, eos_arr))
-        return token_B, done_B, tokens_BN, logprobs_BN, mask_BN
+        return token_B, done_B, tokens_BN, logprobs_BN, mask_BN, support_BNW
 
     def cond(s: _DecodeState):
         # The last token is chosen after the loop: it needs no forward pass of its own.
         return (s.step < n - 1) & ~jnp.all(s.done_B)
 
     def body(s: _DecodeState) -> _DecodeState:
-        token_B, done_B, tokens_BN, logprobs_BN, mask_BN = choose(s)
+        token_B, done_B, tokens_BN, logprobs_BN, mask_BN, support_BNW = choose(s)
         slot = p + s.step
         kv_mask_BS = jax.lax.dynamic_update_slice(
             s.kv_mask_BS, jnp.ones((b, 1), jnp.int32), (0, slot)
@@ -145,6 +163,7 @@ def _generate(
             tokens_BN,
             logprobs_BN,
             mask_BN,
+            support_BNW,
         )
 
     init = _DecodeState(
@@ -157,12 +176,13 @@ def _generate(
         tokens_BN=jnp.full((b, n), pad_id, jnp.int32),
         logprobs_BN=jnp.zeros((b, n), jnp.float32),
         mask_BN=jnp.zeros((b, n), jnp.float32),
+        support_BNW=support_BNW,
     )
     final = jax.lax.while_loop(cond, body, init)
     # Token N - 1 (or, after an early exit, the next one: every row is done, so it writes
     # padding with mask 0, exactly what the loop would have written).
-    _, _, tokens_BN, logprobs_BN, mask_BN = choose(final)
-    return GenerateOutput(tokens_BN, logprobs_BN, mask_BN)
+    _, _, tokens_BN, logprobs_BN, mask_BN, support_BNW = choose(final)
+    return GenerateOutput(tokens_BN, logprobs_BN, mask_BN, support_BNW)
 
 
 def generate(
@@ -177,6 +197,7 @@ def generate(
     top_p: float | None = None,
     eos_id: int | Sequence[int] | None = None,
     pad_id: int | None = None,
+    record_support: bool = False,
 ) -> GenerateOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
 
@@ -188,6 +209,8 @@ def generate(
       eos_id: one id or several; a row stops after emitting one (it is kept, mask 1).
         None: never stop early.
       pad_id: token written after a row stops (default: the first EOS id, else 0).
+      record_support: also return the set of tokens each one was drawn from (`support`),
+        which RL needs to take every log-prob over the sampling distribution's support.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -217,4 +240,5 @@ def generate(
         top_p=None if top_p is None else float(top_p),
         eos_ids=eos_ids,
         pad_id=int(pad_id),
+        record_support=bool(record_support),
     )

@@ -10,13 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops.logprobs import filter_logits
+from rlhf_jax.ops.logprobs import filter_logits, pack_support, truncates
 
 __all__ = [
     "filter_logits",
     "first_argmax",
     "inverse_cdf_sample",
     "sample_token",
+    "sample_token_and_support",
     "sampling_log_probs",
 ]
 
@@ -121,3 +122,25 @@ def sample_token(
     logp_BV = sampling_log_probs(logits_BV, temperature, top_k, top_p)
     token_B = inverse_cdf_sample(rng, logp_BV).astype(jnp.int32)
     return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+
+
+def sample_token_and_support(
+    logits_BV: jax.Array,
+    rng: jax.Array,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`sample_token`'s (token [B], log-prob [B]) and the support the token was drawn from,
+    packed (`ops.pack_support`, uint32 [B, ceil(V / 32)]); None when nothing is truncated
+    (greedy, or no top-k / top-p), the support then being the whole vocabulary.
+
+    The same draw as `sample_token` (same key, same token). The trainer and the reference
+    renormalise over this recorded support (docs/algorithms.md)."""
+    if temperature == 0 or not truncates(top_k, top_p, logits_BV.shape[-1]):
+        return (*sample_token(logits_BV, rng, temperature, top_k, top_p), None)
+    filtered_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k, top_p)
+    logp_BV = jax.nn.log_softmax(filtered_BV, axis=-1)
+    token_B = inverse_cdf_sample(rng, logp_BV).astype(jnp.int32)
+    logp_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+    return token_B, logp_B, pack_support(filtered_BV > jnp.finfo(filtered_BV.dtype).min)

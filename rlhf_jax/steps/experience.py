@@ -10,9 +10,11 @@ values, per-token rewards, advantages.
                                                       reward when configured, then the estimator
   experience = finish(sample(...), scores=None)       one compiled call when the RM scores
 
-The rollout's own log-probs are the old policy's (no second forward). Reference log-probs are
-under the temperature alone; the policy's under the sampling distribution (temperature, top-k,
-top-p), the same function the trainer uses, so the first ratio pi / pi_old is exactly 1.
+The rollout's own log-probs are the old policy's (no second forward). Every log-prob of a
+rollout (the old policy's, the reference's, and the trainer's) is over the support each token
+was sampled from: the whole vocabulary, or with top-k / top-p the kept set the sampler records
+(`Rollout.support`), so the first ratio pi / pi_old is exactly 1, the KL compares two
+distributions over the same tokens, and no log-prob is ever -inf (docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from rlhf_jax.ops import (
     last_token_onehot,
     masked_mean,
     per_token_rewards,
-    token_logprobs,
+    policy_token_logprobs,
 )
 from rlhf_jax.rollout import generate
 from rlhf_jax.steps.algorithm import RLAlgorithm
@@ -50,6 +52,9 @@ class Rollout(NamedTuple):
     response_mask: jax.Array  # [B, N] 1 up to and including the first EOS
     logprobs: jax.Array  # [B, N] under the sampling distribution (the "old" policy)
     group_ids: jax.Array  # [B] int32: responses to the same prompt share an id
+    # [B, N, ceil(V / 32)] uint32: the kept set each token was drawn from (ops.pack_support),
+    # with top-k / top-p only
+    support: jax.Array | None = None
 
 
 class Experience(NamedTuple):
@@ -68,6 +73,7 @@ class Experience(NamedTuple):
     scores: jax.Array  # [B] sequence score (after the missing-EOS rule)
     kl: jax.Array | None  # [B, N] per-token KL estimate to the reference, with one only
     group_ids: jax.Array  # [B]
+    support: jax.Array | None = None  # the rollout's, with top-k / top-p only
 
 
 def response_logits(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
@@ -119,6 +125,7 @@ def make_sample_fn(
             top_p=ppo.top_p,
             eos_id=tuple(eos_ids),
             pad_id=pad_id,
+            record_support=True,
         )
         mask = gen.mask
         return Rollout(
@@ -128,6 +135,7 @@ def make_sample_fn(
             response_mask=mask,
             logprobs=gen.logprobs,
             group_ids=jnp.arange(prompt_ids.shape[0], dtype=jnp.int32) // g,
+            support=gen.support,
         )
 
     return sample
@@ -154,7 +162,10 @@ def make_finish_fn(
             # The reference is the SFT policy: for a LoRA policy, its base with adapters off.
             ref_cfg = without_lora(policy_cfg)
             ref_logits = response_logits(ref_cfg, frozen.ref, r.sequence_ids, r.sequence_mask, p)
-            ref_logp = token_logprobs(ref_logits, r.response_ids, ppo.temperature) * mask
+            ref_logp, _ = policy_token_logprobs(
+                ref_logits, r.response_ids, ppo.temperature, support_BTW=r.support
+            )
+            ref_logp = ref_logp * mask
         if algo.shared_critic:  # the value head on the policy's trunk
             policy = policy_weights(policy_cfg, state, frozen)
             _, values = response_logits_values(
@@ -182,7 +193,7 @@ def make_finish_fn(
         else:
             rewards = jnp.asarray(scores, jnp.float32)[:, None] * last_token_onehot(mask)
             if ref_logp is not None:
-                kl = jnp.where(mask != 0, kl_estimate(r.logprobs, ref_logp, algo.kl_estimator), 0)
+                kl = kl_estimate(r.logprobs, ref_logp, algo.kl_estimator, mask)
         adv = algo.advantage(
             {
                 "rewards": rewards,
@@ -206,6 +217,7 @@ def make_finish_fn(
             scores=scores,
             kl=kl,
             group_ids=r.group_ids,
+            support=r.support,
         )
         return exp, _metrics(state, exp, has_eos, kl_in_reward, ppo.samples_per_prompt, adv)
 

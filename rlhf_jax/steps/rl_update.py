@@ -93,8 +93,10 @@ def make_update_fn(
             logits = response_logits(
                 policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"], p
             )
+        # Over the support the rollout recorded (with top-k / top-p), not this policy's own
+        # top-k: a sampled token stays in it whatever the update does to the weights.
         logp, entropy = policy_token_logprobs(
-            logits, mb["response_ids"], ppo.temperature, ppo.top_k, ppo.top_p
+            logits, mb["response_ids"], ppo.temperature, support_BTW=mb.get("support")
         )
         batch = loss_batch(mb, scalars)
         pol = algo.policy_loss({"logprobs": logp, "entropy": entropy}, batch)
@@ -106,8 +108,7 @@ def make_update_fn(
         metrics["rollout/logprob_mismatch_mean"] = masked_mean(gap, mask)
         metrics["rollout/logprob_mismatch_max"] = jnp.max(gap)
         if kl_in_loss:
-            kl = kl_estimate(logp, mb["ref_logprobs"], algo.kl_estimator)
-            kl = jnp.where(mask != 0, kl, 0.0)
+            kl = kl_estimate(logp, mb["ref_logprobs"], algo.kl_estimator, mask)
             kl_loss = reduce_tokens(
                 kl, mask, algo.reduction, scalars["token_count"], scalars["sequence_count"]
             )

@@ -111,3 +111,37 @@ def test_adaptive_kl_in_compiled_state():
     # Two steps up by (1 + 0.2 * 0.064), one down by (1 - 0.2 * 0.064).
     want = 0.1 * 1.0128**2 * 0.9872
     np.testing.assert_allclose(final.beta, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "abs"])
+def test_masked_positions_reach_neither_value_nor_gradient(kind):
+    """Garbage on a masked position (a log-prob of -1e30, or -inf) gives an estimate of
+    exactly 0 there and a zero gradient, not the 0 * inf = NaN of `where(mask, k(d), 0)`."""
+    logp = jnp.asarray([[-1.0, -1e30, -jnp.inf]])
+    ref = jnp.asarray([[-2.0, -1.0, -1.0]])
+    mask = jnp.asarray([[1.0, 0.0, 0.0]])
+
+    def total(lp, rf):
+        return jnp.sum(kl_estimate(lp, rf, kind, mask))
+
+    value = kl_estimate(logp, ref, kind, mask)
+    d = 1.0
+    want = {"k1": d, "k2": d * d / 2, "k3": math.exp(-d) - 1 + d, "abs": d}[kind]
+    np.testing.assert_allclose(value, [[want, 0.0, 0.0]], rtol=1e-6)
+    g_logp, g_ref = jax.grad(total, argnums=(0, 1))(logp, ref)
+    dk = {"k1": 1.0, "k2": d, "k3": 1 - math.exp(-d), "abs": 1.0}[kind]
+    np.testing.assert_allclose(g_logp, [[dk, 0.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(g_ref, [[-dk, 0.0, 0.0]], rtol=1e-6)
+
+
+def test_per_token_rewards_ignore_garbage_on_masked_positions():
+    rewards, kl = per_token_rewards(
+        jnp.asarray([2.0]),
+        jnp.asarray([[-1.0, -1e30]]),
+        jnp.asarray([[-2.0, -1.0]]),
+        jnp.asarray([[1.0, 0.0]]),
+        0.5,
+        "k3",
+    )
+    np.testing.assert_allclose(kl, [[math.exp(-1), 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(rewards, [[2.0 - 0.5 * math.exp(-1), 0.0]], rtol=1e-6)

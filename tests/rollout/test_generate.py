@@ -100,3 +100,34 @@ def test_bad_arguments_are_refused(kwargs):
     args = dict(max_new_tokens=4) | kwargs
     with pytest.raises(ValueError):
         generate(config, params, ids, mask, jax.random.key(0), **args)
+
+
+def test_recorded_support_is_the_kept_set_each_token_was_drawn_from():
+    """`record_support`: the same draw, plus each step's kept set (top-3 of the decode logits,
+    which a teacher-forced forward reproduces), holding the token; zero after EOS; None when
+    nothing is truncated or the caller does not ask."""
+    config, params = tiny_model()
+    ids, mask = prompts(True)
+    kw = dict(temperature=0.9, top_k=3, eos_id=(3, 4, 5, 6, 7, 8), pad_id=0)
+    plain = generate(config, params, ids, mask, jax.random.key(2), 6, **kw)
+    out = generate(config, params, ids, mask, jax.random.key(2), 6, record_support=True, **kw)
+    assert plain.support is None
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    np.testing.assert_array_equal(out.logprobs, plain.logprobs)
+    v = config.vocab_size
+    as_bytes = np.ascontiguousarray(np.asarray(out.support, "<u4")).view(np.uint8)
+    support = np.unpackbits(as_bytes, axis=-1, bitorder="little")[..., :v].astype(bool)
+    real = np.asarray(out.mask) > 0
+    assert not real.all() and not support[~real].any()
+    seq = np.concatenate([ids, np.asarray(out.tokens)], axis=1)
+    seq_mask = np.concatenate([mask, real.astype(np.int32)], axis=1)
+    logits = np.asarray(forward(config, params, seq, seq_mask))[:, ids.shape[1] - 1 : -1]
+    tokens = np.asarray(out.tokens)
+    for b, t in zip(*np.nonzero(real)):
+        top3 = set(np.argsort(-logits[b, t])[:3].tolist())
+        assert set(np.flatnonzero(support[b, t]).tolist()) == top3
+        assert tokens[b, t] in top3
+    untruncated = generate(
+        config, params, ids, mask, jax.random.key(2), 6, record_support=True, temperature=0.9
+    )
+    assert untruncated.support is None
