@@ -42,6 +42,7 @@ from rlhf_jax.loops.stages import (
     train_lm,
     train_reward_model,
 )
+from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import (
     load_scalar_model,
     load_tokenizer,
@@ -112,6 +113,7 @@ def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str,
 
 def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
+    refuse_unread(cfg, "sft")
     model_path = _not_a_reward_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
@@ -150,6 +152,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
 
 def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
+    refuse_unread(cfg, "rm")
     init = cfg.rm.init or _require(cfg.model.path, "rm.init", "rm")
     data = _require(cfg.rm.data, "rm.data", "rm")
     rankings, report = load_rankings(data, cfg.data.on_error, cfg.rm.allow_ties)
@@ -251,6 +254,7 @@ def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runt
 def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     """RL from `ppo.policy` against `ppo.reward_model` (or `ppo.reward_fn`); writes
     OUT/policy. The algorithm is the one the `ppo` section names (PPO by default)."""
+    refuse_unread(cfg, "ppo")
     algo = RLAlgorithm.from_config(cfg.ppo)
     policy_path = _not_a_reward_model(_require(cfg.ppo.policy, "ppo.policy", "ppo"), "ppo.policy")
     rm_path = None
@@ -291,6 +295,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
 def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
     """DPO (or the `dpo.loss` variant) from `dpo.policy` on the rankings of `dpo.data` (or
     `rm.data`); writes OUT/policy."""
+    refuse_unread(cfg, "dpo")
     policy_path = _not_a_reward_model(_require(cfg.dpo.policy, "dpo.policy", "dpo"), "dpo.policy")
     data_key = "dpo.data" if cfg.dpo.data else "rm.data"
     data = _require(cfg.dpo.data or cfg.rm.data, "dpo.data (or rm.data)", "dpo")

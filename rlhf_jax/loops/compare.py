@@ -26,11 +26,13 @@ from rlhf_jax.loops.report import (
 )
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.settings import pipeline_settings
+from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
 
 
 def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     """Build the foundation once, run every algorithm of `compare.algorithms` from it."""
+    refuse_unread(cfg, "compare")
     t_start = time.time()
     runs = compare_runs(cfg)
     f = build_foundation(cfg, out_dir)

@@ -22,6 +22,7 @@ from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
 from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.stages import lm_loss
+from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
 from rlhf_jax.tasks import TASKS
 
@@ -77,6 +78,7 @@ def machine() -> dict[str, str]:
 
 def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     """Run every stage, write checkpoints, metrics, report.json/.md and curves.png."""
+    refuse_unread(cfg, "pipeline")
     t_start = time.time()
     f = build_foundation(cfg, out_dir)
     out, model_cfg = f.out, f.model_cfg
