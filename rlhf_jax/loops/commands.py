@@ -22,7 +22,13 @@ from rlhf_jax.data import (
     split_heldout,
 )
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
+from rlhf_jax.loops.checks import (
+    check_positions,
+    check_rows,
+    check_token_ids,
+    require_language_model,
+    stage_lengths,
+)
 from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.preference import (
@@ -49,7 +55,7 @@ from rlhf_jax.models import (
     save_hf,
     save_scalar_model,
 )
-from rlhf_jax.models.hf import is_reward_model, read_hf_config
+from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.steps import RLAlgorithm
 
 
@@ -91,17 +97,6 @@ def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None 
         print(f"{key.replace('_', ' ')}: {value:.3f}")
 
 
-def _not_a_reward_model(path: str, key: str) -> str:
-    """`path`, unless it holds a reward model (a policy key given the RM folder by mistake:
-    its trunk would load as a policy with a never-trained LM head)."""
-    if is_reward_model(path):
-        raise RlhfJaxError(
-            f"config key '{key}': {path} holds a reward model (a sequence-classification "
-            "head), not a language model; give the SFT policy's folder (e.g. OUTPUT/sft)"
-        )
-    return path
-
-
 def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str, int]) -> None:
     """The data's token ids and the stage's sequence lengths against the model at `path`
     (its config.json only): before the output folder, the weights or any compile."""
@@ -114,7 +109,7 @@ def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str,
 def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
     refuse_unread(cfg, "sft")
-    model_path = _not_a_reward_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
+    model_path = require_language_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
@@ -153,7 +148,10 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
 def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
     refuse_unread(cfg, "rm")
-    init = cfg.rm.init or _require(cfg.model.path, "rm.init", "rm")
+    init_key = "rm.init" if cfg.rm.init else "model.path"
+    init = require_language_model(
+        cfg.rm.init or _require(cfg.model.path, "rm.init", "rm"), init_key
+    )
     data = _require(cfg.rm.data, "rm.data", "rm")
     rankings, report = load_rankings(data, cfg.data.on_error, cfg.rm.allow_ties)
     reports = [report]
@@ -170,14 +168,17 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         checked[f"sft.data {cfg.sft.data}"] = demo_arrays
     lengths = stage_lengths(cfg, ("rm", "sft") if cfg.sft.data else ("rm",))
     _check_fit(init, tokenizer, checked, lengths)
-    check_rows(len(arrays["input_ids"]), cfg.rm.batch_size, "rm.batch_size", f"rm.data {data}")
+    # rm.heldout_fraction of the prompts (as in the pipeline) scores the trained model only
+    train, held = split_heldout(arrays, cfg.rm.heldout_fraction, cfg.seed)
+    what = f"rm.data {data}" + (f" (less {len(held['input_ids'])} held out)" if held else "")
+    check_rows(len(train["input_ids"]), cfg.rm.batch_size, "rm.batch_size", what)
     out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = load_model(init, cfg, runtime)
     params = train_reward_model(
         cfg,
         model_cfg,
         trunk,
-        arrays,
+        train,
         jax.random.key(cfg.seed),
         logger,
         runtime,
@@ -188,7 +189,11 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
             stage_settings(cfg, STAGE_SECTIONS + ("rm",), {"rm.init": init, "rm.data": data}),
         ),
     )
-    metrics = reward_accuracy(cfg, model_cfg, params, arrays)
+    extra = {"train_pairwise_accuracy": reward_accuracy(cfg, model_cfg, params, train)["accuracy"]}
+    if held is not None:
+        extra["heldout_pairwise_accuracy"] = reward_accuracy(cfg, model_cfg, params, held)[
+            "accuracy"
+        ]
     if demo_arrays is not None:  # InstructGPT: shift the bias so demonstrations score 0
         params, _ = shift_reward_bias(model_cfg, params, demo_arrays)
     else:
@@ -197,7 +202,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
             "demonstrations score 0 on average (InstructGPT's normalisation); scores keep "
             "their trained offset"
         )
-    _finish(out, logger, reports, {"train_pairwise_accuracy": metrics["accuracy"]})
+    _finish(out, logger, reports, extra)
     return save_scalar_model(model_cfg, params, out / "rm", tokenizer)
 
 
@@ -256,7 +261,9 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     OUT/policy. The algorithm is the one the `ppo` section names (PPO by default)."""
     refuse_unread(cfg, "ppo")
     algo = RLAlgorithm.from_config(cfg.ppo)
-    policy_path = _not_a_reward_model(_require(cfg.ppo.policy, "ppo.policy", "ppo"), "ppo.policy")
+    policy_path = require_language_model(
+        _require(cfg.ppo.policy, "ppo.policy", "ppo"), "ppo.policy"
+    )
     rm_path = None
     if algo.reward_fn is None:
         rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model (or ppo.reward_fn)", "ppo")
@@ -296,7 +303,9 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
     """DPO (or the `dpo.loss` variant) from `dpo.policy` on the rankings of `dpo.data` (or
     `rm.data`); writes OUT/policy."""
     refuse_unread(cfg, "dpo")
-    policy_path = _not_a_reward_model(_require(cfg.dpo.policy, "dpo.policy", "dpo"), "dpo.policy")
+    policy_path = require_language_model(
+        _require(cfg.dpo.policy, "dpo.policy", "dpo"), "dpo.policy"
+    )
     data_key = "dpo.data" if cfg.dpo.data else "rm.data"
     data = _require(cfg.dpo.data or cfg.rm.data, "dpo.data (or rm.data)", "dpo")
     rankings, report = load_rankings(data, cfg.data.on_error, cfg.dpo.allow_ties)

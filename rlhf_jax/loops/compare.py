@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rlhf_jax.config import Config, compare_preference_runs, compare_runs
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.checks import require_language_model
 from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.pipeline import evaluate_policy, machine, run_rl
 from rlhf_jax.loops.preference import preference_metrics, train_preference, with_reference_logps
@@ -32,6 +33,8 @@ from rlhf_jax.models import save_hf
 
 def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     """Build the foundation once, run every algorithm of `compare.algorithms` from it."""
+    if cfg.model.path is not None:
+        require_language_model(cfg.model.path, "model.path")
     refuse_unread(cfg, "compare")
     t_start = time.time()
     runs = compare_runs(cfg)

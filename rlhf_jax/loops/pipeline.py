@@ -16,6 +16,7 @@ import jax
 
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.checks import require_language_model
 from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json, write_markdown
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -78,6 +79,8 @@ def machine() -> dict[str, str]:
 
 def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     """Run every stage, write checkpoints, metrics, report.json/.md and curves.png."""
+    if cfg.model.path is not None:
+        require_language_model(cfg.model.path, "model.path")
     refuse_unread(cfg, "pipeline")
     t_start = time.time()
     f = build_foundation(cfg, out_dir)
