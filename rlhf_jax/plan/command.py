@@ -24,8 +24,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--device-memory",
-        metavar="BYTES",
-        help="memory per device, e.g. 80GB or 80GiB (default: detected; on CPU, the host's RAM)",
+        metavar="SIZE",
+        help="memory per device with its unit, e.g. 80GB or 80GiB (default: detected; on CPU, "
+        "the host's RAM)",
     )
     p.add_argument(
         "--devices",
