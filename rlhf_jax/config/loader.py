@@ -284,21 +284,21 @@ def nest_dotted(data: dict[Any, Any], prefix: str = "") -> dict[Any, Any]:
         nested: Any = value
         for part in reversed(parts[1:]):
             nested = {part: nested}
-        _merge_into(out, parts[0], nested, prefix, f"{prefix}{key}")
+        _merge_into(out, parts[0], nested, prefix)
     return out
 
 
-def _merge_into(node: dict, key: Any, value: Any, prefix: str, spelt: str) -> None:
+def _merge_into(node: dict, key: Any, value: Any, prefix: str) -> None:
     old = node.get(key)
     if key not in node or (old is None and isinstance(value, dict)):  # `ppo:` left empty
         node[key] = value
     elif isinstance(old, dict) and isinstance(value, dict):
         for k, v in value.items():
-            _merge_into(old, k, v, f"{prefix}{key}.", spelt)
+            _merge_into(old, k, v, f"{prefix}{key}.")
     else:
         raise RlhfJaxError(
-            f"config key '{prefix}{key}' is set twice (as a dotted key and inside its section, "
-            f"'{spelt}' among them); keep one"
+            f"config key '{prefix}{key}' is set twice, as a dotted key and inside its section; "
+            "keep one"
         )
 
 

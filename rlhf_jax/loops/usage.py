@@ -59,7 +59,7 @@ RL = (
     ),
     Unread(
         ("ppo.value_optim", "ppo.vf_coef", "ppo.value_loss", "ppo.value_loss_kwargs"),
-        "the advantage estimator needs no critic, so none exists",
+        "the estimator ppo.advantage names needs no critic, so none exists",
         lambda c: not _needs_critic(c),
     ),
     Unread(
