@@ -11,7 +11,10 @@ sections and checks that each set field is read or refused here.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
+
+import jax
 
 from rlhf_jax import registry
 from rlhf_jax.config import Config
@@ -33,6 +36,10 @@ class Unread:
     keys: tuple[str, ...]
     why: str
     when: Callable[[Config], bool] = lambda cfg: True
+    # Said in a warning instead of refused: settings that one config file legitimately
+    # holds for several algorithms (configs/byo.yaml tunes the critic's optimizer for PPO,
+    # and docs/byo.md runs GRPO from the same file with ppo.advantage=grpo).
+    warn_only: bool = False
 
 
 def _needs_critic(cfg: Config) -> bool:
@@ -61,11 +68,13 @@ RL = (
         ("ppo.value_optim", "ppo.vf_coef", "ppo.value_loss", "ppo.value_loss_kwargs"),
         "the estimator ppo.advantage names needs no critic, so none exists",
         lambda c: not _needs_critic(c),
+        warn_only=True,
     ),
     Unread(
         ("ppo.value_optim",),
         "with ppo.critic=shared_trunk the value head trains with ppo.policy_optim",
         lambda c: c.ppo.critic == "shared_trunk",
+        warn_only=True,
     ),
     Unread(
         ("ppo.kl_target", "ppo.kl_horizon"),
@@ -220,9 +229,9 @@ def _rules(command: str) -> tuple[Unread, ...]:
     return (*RULES[command], *EVERY_COMMAND)
 
 
-def unread_settings(cfg: Config, command: str) -> list[tuple[str, str]]:
-    """`[(key, why)]` of the keys set in `cfg` (unlike the defaults) that `rlhf-jax
-    <command>` owns but does not read, as configured."""
+def unread_settings(cfg: Config, command: str) -> list[tuple[str, str, bool]]:
+    """`[(key, why, warn_only)]` of the keys set in `cfg` (unlike the defaults) that
+    `rlhf-jax <command>` owns but does not read, as configured."""
     now, default = _fields(cfg), _fields(Config())
     out = []
     for key, value in now.items():
@@ -232,15 +241,16 @@ def unread_settings(cfg: Config, command: str) -> list[tuple[str, str]]:
             continue
         rule = next((r for r in _rules(command) if _covers(r.keys, key) and r.when(cfg)), None)
         if rule is not None:
-            out.append((key, rule.why))
+            out.append((key, rule.why, rule.warn_only))
     if command == "compare":
         out += _unread_in_rows(cfg)
     return out
 
 
-def _unread_in_rows(cfg: Config) -> list[tuple[str, str]]:
+def _unread_in_rows(cfg: Config) -> list[tuple[str, str, bool]]:
     """Keys a compare row sets that its run does not read: ROW_UNREAD, and the RL rules
-    applied to each algorithm's own config (a GRPO row's critic settings, ...)."""
+    applied to each algorithm's own config (a GRPO row's critic settings, ...). A row's key
+    is that row's alone, so each is refused."""
     from rlhf_jax.config import compare_runs
     from rlhf_jax.config.loader import nest_dotted
 
@@ -254,24 +264,32 @@ def _unread_in_rows(cfg: Config) -> list[tuple[str, str]]:
         for name, changes in rows.items():
             for key in nest_dotted(changes):
                 if key in keys:
-                    out.append((f"compare.{kind}.{name}.{key}", why))
+                    out.append((f"compare.{kind}.{name}.{key}", why, False))
                 elif kind == "algorithms":
                     rule = next(
                         (r for r in RL if _covers(r.keys, f"ppo.{key}") and r.when(runs[name])),
                         None,
                     )
                     if rule is not None:
-                        out.append((f"compare.algorithms.{name}.{key}", rule.why))
+                        out.append((f"compare.algorithms.{name}.{key}", rule.why, False))
     return out
 
 
 def refuse_unread(cfg: Config, command: str) -> None:
-    """Raise on the first key `unread_settings` finds (naming how many more there are)."""
+    """Raise on the first key `unread_settings` finds (naming the others); keys of a
+    warn-only rule are said on stderr, one line each."""
     unread = unread_settings(cfg, command)
-    if unread:
-        key, why = unread[0]
-        more = f" (also unread: {', '.join(k for k, _ in unread[1:])})" if len(unread) > 1 else ""
+    refused = [(k, why) for k, why, warn_only in unread if not warn_only]
+    if refused:
+        key, why = refused[0]
+        more = f" (also unread: {', '.join(k for k, _ in refused[1:])})" if len(refused) > 1 else ""
         raise RlhfJaxError(
             f"config key '{key}' is set, but `rlhf-jax {command}` does not read it: {why}. "
             f"Remove it{more}"
         )
+    if jax.process_index() == 0:
+        for key, why, _ in unread:
+            print(
+                f"warning: config key '{key}' is not read by `rlhf-jax {command}`: {why}",
+                file=sys.stderr,
+            )
