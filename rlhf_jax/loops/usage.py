@@ -3,9 +3,10 @@
 A config file is shared between commands (configs/byo.yaml serves `sft`, `rm`, `ppo` and
 `dpo`), so a section another command reads is never an error. But a key of a command's own
 sections that this command, as configured, never reads is: `ppo.reward_model` beside
-`ppo.reward_fn`, `lora.alpha` with LoRA off, a critic's optimizer for GRPO. Each rule names
-the keys and says why they are unread; tests/loops/test_usage.py walks every command's
-sections and checks that each set field is read or refused here.
+`ppo.reward_fn`, `lora.alpha` with LoRA off, `ptx.data` with ptx off (a warning only for
+the critic's settings without a critic, see `Unread.warn_only`). Each rule names the keys and
+says why they are unread; tests/loops/test_usage.py walks every command's sections and checks
+that each set field is read or refused here.
 """
 
 from __future__ import annotations
