@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_jax.config import Config, load_config
-from rlhf_jax.config.schema import RANGES
+from rlhf_jax.config import Config, compare_runs, load_config
+from rlhf_jax.config.schema import PATHS, RANGES
 from rlhf_jax.errors import RlhfJaxError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -183,3 +183,111 @@ def test_an_empty_yaml_section_keeps_its_defaults_and_takes_overrides(tmp_path):
 def test_a_config_folder_is_not_a_file(tmp_path):
     with pytest.raises(RlhfJaxError, match="is a folder; --config takes a YAML file"):
         load_config(Config, tmp_path)
+
+
+def test_a_key_set_twice_in_yaml_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the second of two equal keys and drops the first silently: a section, a
+    key or a compare row written twice is refused, naming the file and both lines."""
+    cases = {
+        "section.yaml": ("ppo:\n  beta: 0.1\nsft:\n  steps: 3\nppo:\n  epochs: 1\n", 5, 1, "ppo"),
+        "key.yaml": ("sft:\n  steps: 3\n  batch_size: 8\n  steps: 4\n", 4, 2, "steps"),
+        "row.yaml": (
+            "compare:\n  algorithms:\n    g: {advantage: grpo}\n    g: {advantage: rloo}\n",
+            4,
+            3,
+            "g",
+        ),
+    }
+    for name, (text, again, first, key) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(RlhfJaxError) as e:
+            load_config(Config, tmp_path / name)
+        assert str(e.value).startswith(
+            f"{tmp_path / name}:{again}: key '{key}' is set twice in the same mapping (first "
+            f"at line {first})"
+        ), str(e.value)
+    # YAML merge keys (`<<: *anchor`) repeat keys on purpose and still work
+    (tmp_path / "merge.yaml").write_text(
+        "base: &b {steps: 3, batch_size: 8}\nsft:\n  <<: *b\n  steps: 5\n".replace("base", "x")
+    )
+    with pytest.raises(RlhfJaxError, match="'x' is unknown"):  # only the unknown key fails
+        load_config(Config, tmp_path / "merge.yaml")
+
+
+def test_dotted_keys_in_yaml_mean_what_the_same_override_means(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "ppo.beta: 0.2\nsft.optim.lr: 0.01\nppo:\n  iterations: 3\n"
+        "compare:\n  algorithms:\n    g: {advantage: grpo, policy_loss_kwargs.clip_eps: 0.3}\n"
+    )
+    cfg = load_config(Config, tmp_path / "c.yaml")
+    assert (cfg.ppo.beta, cfg.ppo.iterations, cfg.sft.optim.lr) == (0.2, 3, 0.01)
+    assert cfg.sft.optim.warmup_steps == Config().sft.optim.warmup_steps  # SFT's own default
+    assert cfg.compare.algorithms["g"] == {
+        "advantage": "grpo",
+        "policy_loss_kwargs": {"clip_eps": 0.3},
+    }
+    assert load_config(Config, tmp_path / "c.yaml", ["ppo.beta=0.5"]).ppo.beta == 0.5
+    (tmp_path / "twice.yaml").write_text("ppo.beta: 0.2\nppo:\n  beta: 0.3\n")
+    with pytest.raises(RlhfJaxError, match=r"twice.yaml: config key 'ppo.beta' is set twice"):
+        load_config(Config, tmp_path / "twice.yaml")
+    (tmp_path / "typo.yaml").write_text("ppo.betta: 0.2\n")
+    with pytest.raises(RlhfJaxError, match=r"'ppo.betta' is unknown; did you mean 'ppo.beta'"):
+        load_config(Config, tmp_path / "typo.yaml")
+
+
+def test_paths_expand_home_and_an_empty_one_names_its_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "c.yaml").write_text("sft:\n  data: ~/demos.jsonl\n")
+    assert load_config(Config, tmp_path / "c.yaml").sft.data == str(tmp_path / "demos.jsonl")
+    assert load_config(Config, None, ["ppo.policy=~/sft"]).ppo.policy == str(tmp_path / "sft")
+    sections = {
+        type(getattr(Config(), f.name)).__name__: f.name for f in dataclasses.fields(Config)
+    }
+    assert set(PATHS) <= set(sections)
+    for cls_name, names in PATHS.items():
+        for name in names:
+            key = f"{sections[cls_name]}.{name}"
+            with pytest.raises(
+                RlhfJaxError, match=re.escape(f"config key '{key}' is an empty path")
+            ):
+                load_config(Config, None, [f"{key}="])
+    (tmp_path / "blank.yaml").write_text('ppo:\n  prompts: "  "\n')
+    with pytest.raises(RlhfJaxError, match="blank.yaml: config key 'ppo.prompts' is an empty"):
+        load_config(Config, tmp_path / "blank.yaml")
+    with pytest.raises(
+        RlhfJaxError, match=re.escape("'compare.algorithms.g.prompts' is an empty path")
+    ):
+        compare_runs(load_config(Config, None, ["compare.algorithms={g: {prompts: ''}}"]))
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (
+            "compare.algorithms={ppo: {}, ppo_gold: {}}",
+            "'ppo_gold' is also the gold-reward twin of compare.algorithms.ppo",
+        ),
+        (
+            "compare.algorithms={ppo_gold: {}, ppo: {}}",
+            "'ppo_gold' is also the gold-reward twin of compare.algorithms.ppo",
+        ),
+        ("compare.algorithms={x: {}}", "'x' is also compare.preference.x"),
+        ("compare.algorithms={'../up': {}}", "row name '../up' is not a plain folder name"),
+        ("compare.algorithms={'a/b': {}}", "row name 'a/b' is not a plain folder name"),
+        ("compare.algorithms={'.hidden': {}}", "row name '.hidden' is not a plain folder name"),
+        ("compare.algorithms={'': {}}", "row name '' is not a plain folder name"),
+    ],
+)
+def test_compare_row_names_are_plain_and_unique_across_every_map(rows, message):
+    """A row's name is a folder (OUT/policies/<name>), a checkpoint stage and a report row:
+    a name that escapes the output folder, or that two rows share (a user's row and a gold
+    twin, an algorithm and a preference run) is refused when the config loads."""
+    with pytest.raises(RlhfJaxError, match=re.escape(message)):
+        load_config(Config, None, [rows, "compare.preference={x: {}}"])
+
+
+def test_gold_twins_are_only_reserved_when_compare_adds_them():
+    cfg = load_config(
+        Config, None, ["compare.algorithms={ppo: {}, ppo_gold: {}}", "compare.reward_fn=null"]
+    )
+    assert set(compare_runs(cfg)) == {"ppo", "ppo_gold"}

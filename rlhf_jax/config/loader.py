@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from rlhf_jax.config.schema import MOVED_KEYS, RANGES, Config, DPOConfig, PPOConfig
+from rlhf_jax.config.schema import MOVED_KEYS, PATHS, RANGES, Config, DPOConfig, PPOConfig
 from rlhf_jax.errors import RlhfJaxError
 
 T = TypeVar("T")
@@ -144,6 +145,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | No
             raise _unknown_key(prefix + str(key), names)
         default = _default_of(cls, key, base)
         kwargs[key] = _coerce(value, hints[key], prefix + key, default)
+        if key in PATHS.get(cls.__name__, ()) and kwargs[key] is not None:
+            kwargs[key] = _path(kwargs[key], prefix + key)
     for key in kwargs:
         _check_range(cls, key, kwargs[key], prefix)
     try:
@@ -152,6 +155,17 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", base: T | No
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise RlhfJaxError(f"config section '{prefix.rstrip('.') or 'top'}': {e}") from None
+
+
+def _path(value: str, key: str) -> str:
+    """A file or folder path as the user means it: `~` expanded (YAML and key=value overrides
+    never pass through a shell that would); an empty one names its key here, not as a bare
+    "No such file: ''" later."""
+    if not value.strip():
+        raise RlhfJaxError(
+            f"config key '{key}' is an empty path; name a file or folder, or set null for none"
+        )
+    return os.path.expanduser(value)
 
 
 def _check_range(cls: type, name: str, value: Any, prefix: str) -> None:
@@ -190,6 +204,50 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys in a mapping and drops the first without a
+    word; a config that sets a section, a key or a compare row twice is refused instead."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, by design
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        with contextlib.suppress(TypeError):  # an unhashable key fails in PyYAML's own way
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _read_yaml(file: Path) -> Any:
+    try:
+        return yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise RlhfJaxError(
+            f"{file}:{e.again}: key '{e.key}' is set twice in the same mapping (first at line "
+            f"{e.first}); YAML would keep only the second. Merge the two into one"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else str(file)
+        raise RlhfJaxError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise RlhfJaxError(f"{file}: not UTF-8 text") from None
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
     """Read YAML file `path` (or defaults when None), apply overrides, validate into `cls`."""
     data: dict[str, Any] = {}
@@ -199,16 +257,13 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
             raise RlhfJaxError(f"{file}: is a folder; --config takes a YAML file (see configs/)")
         if not file.is_file():
             raise RlhfJaxError(f"{file}: config file not found")
-        try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{file}:{mark.line + 1}" if mark else str(file)
-            raise RlhfJaxError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        except UnicodeDecodeError:
-            raise RlhfJaxError(f"{file}: not UTF-8 text") from None
+        data = _read_yaml(file) or {}
         if not isinstance(data, dict):
             raise RlhfJaxError(f"{file}: the top level must be a mapping of sections")
+        try:  # `ppo.beta: 0.1` in the file means what the override ppo.beta=0.1 means
+            data = nest_dotted(data)
+        except RlhfJaxError as e:
+            raise RlhfJaxError(f"{file}: {e}") from None
     data = apply_overrides(data, list(overrides))
     try:
         return from_dict(cls, data)
@@ -218,19 +273,33 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
         raise
 
 
-def _nest_dotted(data: dict[str, Any]) -> dict[str, Any]:
-    """`{"a.b": 1, "c": {"d": 2}}` -> `{"a": {"b": 1}, "c": {"d": 2}}`."""
-    out: dict[str, Any] = {}
+def nest_dotted(data: dict[Any, Any], prefix: str = "") -> dict[Any, Any]:
+    """`{"a.b": 1, "c": {"d": 2}}` -> `{"a": {"b": 1}, "c": {"d": 2}}`, at every level. A key
+    given twice (`a.b` beside `a: {b: ...}`) is refused: neither spelling silently wins."""
+    out: dict[Any, Any] = {}
     for key, value in data.items():
-        node = out
-        *parents, leaf = str(key).split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf].update(_nest_dotted(value))
-        else:
-            node[leaf] = _nest_dotted(value) if isinstance(value, dict) else value
+        parts = key.split(".") if isinstance(key, str) else [key]
+        if isinstance(value, dict):
+            value = nest_dotted(value, f"{prefix}{key}.")
+        nested: Any = value
+        for part in reversed(parts[1:]):
+            nested = {part: nested}
+        _merge_into(out, parts[0], nested, prefix)
     return out
+
+
+def _merge_into(node: dict, key: Any, value: Any, prefix: str) -> None:
+    old = node.get(key)
+    if key not in node or (old is None and isinstance(value, dict)):  # `ppo:` left empty
+        node[key] = value
+    elif isinstance(old, dict) and isinstance(value, dict):
+        for k, v in value.items():
+            _merge_into(old, k, v, f"{prefix}{key}.")
+    else:
+        raise RlhfJaxError(
+            f"config key '{prefix}{key}' is set twice, as a dotted key and inside its section; "
+            "keep one"
+        )
 
 
 def _section_runs(cfg: Config, key: str, section: str, cls: type) -> dict[str, Config]:
@@ -241,9 +310,7 @@ def _section_runs(cfg: Config, key: str, section: str, cls: type) -> dict[str, C
         if not isinstance(changes, dict):
             raise RlhfJaxError(f"config key '{prefix[:-1]}': expected a mapping of {section} keys")
         try:
-            merged = from_dict(
-                cls, _nest_dotted(changes), prefix=prefix, base=getattr(cfg, section)
-            )
+            merged = from_dict(cls, nest_dotted(changes), prefix=prefix, base=getattr(cfg, section))
             runs[name] = dataclasses.replace(cfg, **{section: merged})
         except RlhfJaxError as e:
             raise RlhfJaxError(f"{e} (in {prefix[:-1]})") from None

@@ -7,6 +7,7 @@ step, RNG) is state. Configs never enter `jax.jit`: step factories close over th
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 from rlhf_jax.errors import RlhfJaxError
@@ -319,6 +320,37 @@ class CompareConfig:
     # on the rankings the reward model learns from, e.g. {"dpo": {}, "ipo": {"loss": "ipo"}}
     preference: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Each row's name becomes a folder (OUT/policies/<name>), a checkpoint stage and a
+        report row: it must be a plain name, and one name must never stand for two rows."""
+        claims: list[tuple[str, str]] = []  # (row name, what it stands for): user rows first
+        for key, rows in (("algorithms", self.algorithms), ("preference", self.preference)):
+            for name in rows:
+                if not isinstance(name, str) or not ROW_NAME.fullmatch(name):
+                    raise RlhfJaxError(
+                        f"config key 'compare.{key}': row name {name!r} is not a plain folder "
+                        "name (it names OUT/policies/<name>): use 1-64 letters, digits, '_' or "
+                        "'-', starting with a letter or digit"
+                    )
+                claims.append((name, f"compare.{key}.{name}"))
+        if self.reward_fn is not None:
+            for name in self.algorithms:
+                twin = f"the gold-reward twin of compare.algorithms.{name} (compare.reward_fn "
+                claims.append((f"{name}_gold", twin + "adds '<name>_gold' for every algorithm)"))
+        seen: dict[str, str] = {}
+        for name, what in claims:
+            if name in seen:
+                raise RlhfJaxError(
+                    f"config key '{seen[name]}': the row name '{name}' is also {what}; one row "
+                    f"would train and then be overwritten by the other (OUT/policies/{name}, "
+                    "its checkpoints, its report row). Rename one"
+                )
+            seen[name] = what
+
+
+# A compare row's name: it names a folder, a checkpoint stage and a report row.
+ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
 
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
@@ -330,6 +362,17 @@ class LogConfig:
     wandb_name: str | None = None  # the run's name in W&B; None = W&B's generated one
     progress: bool = True
 
+
+# The fields that hold a file or folder path, per section: `~` is expanded and an empty path
+# is refused when the config loads.
+PATHS: dict[str, tuple[str, ...]] = {
+    "ModelSpec": ("path",),
+    "SFTConfig": ("data",),
+    "RMConfig": ("data", "init"),
+    "DPOConfig": ("data", "policy"),
+    "PPOConfig": ("prompts", "policy", "reward_model"),
+    "PtxConfig": ("data",),
+}
 
 # The range of every numeric field, checked when a config is loaded (the loader names the key);
 # tests/test_config.py walks the schema to prove that no numeric field is missing here.

@@ -14,6 +14,27 @@ import numpy as np
 
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.models.hf import is_reward_model
+
+
+def language_models(cfg) -> dict[str, str]:
+    """{config key: folder} of the set keys that name a language model (a policy or the
+    trunk a reward model starts from)."""
+    keys = {"model.path": cfg.model.path, "rm.init": cfg.rm.init, "ppo.policy": cfg.ppo.policy}
+    keys["dpo.policy"] = cfg.dpo.policy
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+def require_language_model(path: str, key: str) -> str:
+    """`path`, unless it holds a reward model (a policy or trunk key given an RM folder by
+    mistake: its trunk would load with a never-trained LM head). Reads config.json only, so
+    every command (and `plan`) refuses it before creating or loading anything."""
+    if is_reward_model(path):
+        raise RlhfJaxError(
+            f"config key '{key}': {path} holds a reward model (a sequence-classification "
+            "head), not a language model; give the SFT policy's folder (e.g. OUTPUT/sft)"
+        )
+    return path
 
 
 def check_token_ids(

@@ -22,7 +22,13 @@ from rlhf_jax.data import (
     split_heldout,
 )
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
+from rlhf_jax.loops.checks import (
+    check_positions,
+    check_rows,
+    check_token_ids,
+    require_language_model,
+    stage_lengths,
+)
 from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.preference import (
@@ -42,13 +48,14 @@ from rlhf_jax.loops.stages import (
     train_lm,
     train_reward_model,
 )
+from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import (
     load_scalar_model,
     load_tokenizer,
     save_hf,
     save_scalar_model,
 )
-from rlhf_jax.models.hf import is_reward_model, read_hf_config
+from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.steps import RLAlgorithm, check_reward_fns
 
 
@@ -90,17 +97,6 @@ def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None 
         print(f"{key.replace('_', ' ')}: {value:.3f}")
 
 
-def _not_a_reward_model(path: str, key: str) -> str:
-    """`path`, unless it holds a reward model (a policy key given the RM folder by mistake:
-    its trunk would load as a policy with a never-trained LM head)."""
-    if is_reward_model(path):
-        raise RlhfJaxError(
-            f"config key '{key}': {path} holds a reward model (a sequence-classification "
-            "head), not a language model; give the SFT policy's folder (e.g. OUTPUT/sft)"
-        )
-    return path
-
-
 def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str, int]) -> None:
     """The data's token ids and the stage's sequence lengths against the model at `path`
     (its config.json only): before the output folder, the weights or any compile."""
@@ -112,7 +108,8 @@ def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str,
 
 def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
-    model_path = _not_a_reward_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
+    refuse_unread(cfg, "sft")
+    model_path = require_language_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
@@ -150,7 +147,11 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
 
 def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
-    init = cfg.rm.init or _require(cfg.model.path, "rm.init", "rm")
+    refuse_unread(cfg, "rm")
+    init_key = "rm.init" if cfg.rm.init else "model.path"
+    init = require_language_model(
+        cfg.rm.init or _require(cfg.model.path, "rm.init", "rm"), init_key
+    )
     data = _require(cfg.rm.data, "rm.data", "rm")
     rankings, report = load_rankings(data, cfg.data.on_error, cfg.rm.allow_ties)
     reports = [report]
@@ -167,14 +168,17 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         checked[f"sft.data {cfg.sft.data}"] = demo_arrays
     lengths = stage_lengths(cfg, ("rm", "sft") if cfg.sft.data else ("rm",))
     _check_fit(init, tokenizer, checked, lengths)
-    check_rows(len(arrays["input_ids"]), cfg.rm.batch_size, "rm.batch_size", f"rm.data {data}")
+    # rm.heldout_fraction of the prompts (as in the pipeline) scores the trained model only
+    train, held = split_heldout(arrays, cfg.rm.heldout_fraction, cfg.seed)
+    what = f"rm.data {data}" + (f" (less {len(held['input_ids'])} held out)" if held else "")
+    check_rows(len(train["input_ids"]), cfg.rm.batch_size, "rm.batch_size", what)
     out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = load_model(init, cfg, runtime)
     trained = train_reward_model(
         cfg,
         model_cfg,
         trunk,
-        arrays,
+        train,
         jax.random.key(cfg.seed),
         logger,
         runtime,
@@ -197,8 +201,13 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     # Saved before anything is read back from the loss's metrics: nothing after training
     # can lose the trained model.
     folder = save_scalar_model(model_cfg, params, out / "rm", tokenizer)
-    metrics = reward_accuracy(cfg, model_cfg, trained, arrays)  # (the shift changes no pair)
-    _finish(out, logger, reports, {"train_pairwise_accuracy": metrics["accuracy"]})
+    # (the bias shift changes no pair's order, so the accuracies are taken on `trained`)
+    extra = {"train_pairwise_accuracy": reward_accuracy(cfg, model_cfg, trained, train)["accuracy"]}
+    if held is not None:
+        extra["heldout_pairwise_accuracy"] = reward_accuracy(cfg, model_cfg, trained, held)[
+            "accuracy"
+        ]
+    _finish(out, logger, reports, extra)
     return folder
 
 
@@ -257,8 +266,11 @@ def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runt
 def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     """RL from `ppo.policy` against `ppo.reward_model` (or `ppo.reward_fn`); writes
     OUT/policy. The algorithm is the one the `ppo` section names (PPO by default)."""
+    refuse_unread(cfg, "ppo")
     algo = RLAlgorithm.from_config(cfg.ppo)
-    policy_path = _not_a_reward_model(_require(cfg.ppo.policy, "ppo.policy", "ppo"), "ppo.policy")
+    policy_path = require_language_model(
+        _require(cfg.ppo.policy, "ppo.policy", "ppo"), "ppo.policy"
+    )
     rm_path = None
     if algo.reward_fn is None:
         rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model (or ppo.reward_fn)", "ppo")
@@ -300,7 +312,10 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
 def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
     """DPO (or the `dpo.loss` variant) from `dpo.policy` on the rankings of `dpo.data` (or
     `rm.data`); writes OUT/policy."""
-    policy_path = _not_a_reward_model(_require(cfg.dpo.policy, "dpo.policy", "dpo"), "dpo.policy")
+    refuse_unread(cfg, "dpo")
+    policy_path = require_language_model(
+        _require(cfg.dpo.policy, "dpo.policy", "dpo"), "dpo.policy"
+    )
     data_key = "dpo.data" if cfg.dpo.data else "rm.data"
     data = _require(cfg.dpo.data or cfg.rm.data, "dpo.data (or rm.data)", "dpo")
     rankings, report = load_rankings(data, cfg.data.on_error, cfg.dpo.allow_ties)

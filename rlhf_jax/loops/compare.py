@@ -16,22 +16,23 @@ from pathlib import Path
 from rlhf_jax import registry
 from rlhf_jax.config import Config, compare_preference_runs, compare_runs
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.checks import require_language_model
+from rlhf_jax.loops.compare_rows import RowFacts
 from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.pipeline import evaluate_policy, machine, run_rl
 from rlhf_jax.loops.preference import preference_metrics, train_preference, with_reference_logps
-from rlhf_jax.loops.report import (
-    plot_gold_vs_kl,
-    training_summary,
-    write_compare_markdown,
-    write_json,
-)
+from rlhf_jax.loops.report import plot_gold_vs_kl, write_compare_markdown, write_json
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.settings import pipeline_settings
+from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
 
 
 def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     """Build the foundation once, run every algorithm of `compare.algorithms` from it."""
+    if cfg.model.path is not None:
+        require_language_model(cfg.model.path, "model.path")
+    refuse_unread(cfg, "compare")
     t_start = time.time()
     runs = compare_runs(cfg)
     f = build_foundation(cfg, out_dir)
@@ -45,22 +46,20 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
         "rm": {"heldout_accuracy": f.rm_heldout["accuracy"]},
         "algorithms": {},
     }
+    facts = RowFacts(f.out / "compare_rows.json", f.logger)
     for name, run in runs.items():
         stage = f"rl_{name}"
-        t0 = time.time()
-        params, state = run_rl(run, f, stage, ptx=run.ptx.coef > 0)
-        wall = time.time() - t0
+        with facts.training(name, stage):
+            params, state = run_rl(run, f, stage, ptx=run.ptx.coef > 0)
         save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
         result = evaluate_policy(cfg, f, params)
         kl = ev.kl_to_reference(
             f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
         )
-        last = f.logger.history[stage][-1] if f.logger.history.get(stage) else {}
         p = run.ppo
         report["algorithms"][name] = {
             **ev.compare_to_reference(result, sft_eval, kl, boot, seed),
-            "wall_seconds": wall,
-            "peak_device_mib": last.get("perf/peak_device_mib"),
+            **facts.of(name),
             "final_beta": float(state.beta),
             "reward": p.reward_fn or "reward model",
             "setup": {
@@ -77,9 +76,9 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
             ][:4],
         }
     for name, run in compare_preference_runs(cfg).items():
-        report["algorithms"][name] = _preference_run(cfg, run, f, name, sft_eval)
+        report["algorithms"][name] = _preference_run(cfg, run, f, name, sft_eval, facts)
     report["eval"] = {"prompts": len(f.eval_prompts), "samples_per_prompt": cfg.eval.n_samples}
-    report["training"] = training_summary(f.logger)
+    report["training"] = facts.training_summary()
     report["wall_seconds"] = time.time() - t_start
     report["machine"] = machine()
     write_json(f.out / "report.json", report)
@@ -89,25 +88,26 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     return report
 
 
-def _preference_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval) -> dict:
+def _preference_run(
+    cfg: Config, run: Config, f: Foundation, name: str, sft_eval, facts: RowFacts
+) -> dict:
     """One `compare.preference` run: offline from the SFT policy on the rankings the reward
     model was trained on, evaluated like the RL runs."""
     stage = f"dpo_{name}"
-    t0 = time.time()
     d = run.dpo
-    train = with_reference_logps(f.model_cfg, f.sft_params, f.rank_train, d.batch_size)
-    params = train_preference(
-        run,
-        f.model_cfg,
-        f.sft_params,
-        train,
-        f.keys["ppo"],
-        f.logger,
-        f.runtime,
-        StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(run, "dpo")),
-        stage=stage,
-    )
-    wall = time.time() - t0
+    with facts.training(name, stage):
+        train = with_reference_logps(f.model_cfg, f.sft_params, f.rank_train, d.batch_size)
+        params = train_preference(
+            run,
+            f.model_cfg,
+            f.sft_params,
+            train,
+            f.keys["ppo"],
+            f.logger,
+            f.runtime,
+            StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(run, "dpo")),
+            stage=stage,
+        )
     save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
     result = evaluate_policy(cfg, f, params)
     kl = ev.kl_to_reference(
@@ -117,10 +117,7 @@ def _preference_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval
     boot, seed = cfg.eval.bootstrap, cfg.seed
     return {
         **ev.compare_to_reference(result, sft_eval, kl, boot, seed),
-        "wall_seconds": wall,
-        "peak_device_mib": f.logger.history[stage][-1].get("perf/peak_device_mib")
-        if f.logger.history.get(stage)
-        else None,
+        **facts.of(name),
         "reward": "rankings (offline)",
         "heldout_pair_accuracy": preference_metrics(run, f.model_cfg, params, held)["accuracy"],
         "setup": {

@@ -16,12 +16,14 @@ import jax
 
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.checks import require_language_model
 from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json, write_markdown
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
 from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.stages import lm_loss
+from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
 from rlhf_jax.tasks import TASKS
 
@@ -78,6 +80,9 @@ def machine() -> dict[str, str]:
 
 def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     """Run every stage, write checkpoints, metrics, report.json/.md and curves.png."""
+    if cfg.model.path is not None:
+        require_language_model(cfg.model.path, "model.path")
+    refuse_unread(cfg, "pipeline")
     t_start = time.time()
     f = build_foundation(cfg, out_dir)
     out, model_cfg = f.out, f.model_cfg

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_jax.config import Config
+from rlhf_jax.config.schema import PATHS
 
 # Sections read by nobody's training: changing them must not block a resume.
 NOT_SHAPING = ("log", "checkpoint", "mesh", "distributed", "eval", "compare")
@@ -25,10 +26,25 @@ NOT_SHAPING_KEYS = ("model.remat",)
 _CHUNK = 1 << 16
 
 
+def _path_keys() -> frozenset[str]:
+    """`model.path`, `sft.data`, ...: every key that names a file or folder. Their spelling
+    (relative or absolute, from which working folder) never shapes training; what they hold
+    does, and is recorded as `file:<key>`."""
+    sections = {
+        type(getattr(Config(), f.name)).__name__: f.name for f in dataclasses.fields(Config)
+    }
+    return frozenset(f"{sections[cls]}.{name}" for cls, names in PATHS.items() for name in names)
+
+
+PATH_KEYS = _path_keys()
+
+
 def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif prefix in PATH_KEYS and value is not None:  # recorded for people, absolute
+        out[prefix] = json.dumps(str(Path(value).resolve()))
     elif prefix not in NOT_SHAPING_KEYS:
         out[prefix] = json.dumps(value, sort_keys=True, default=str)
 
@@ -96,9 +112,12 @@ def differences(saved: dict[str, str], now: dict[str, str]) -> list[str]:
     """Human lines for the keys whose values differ, e.g. "sft.optim.lr: 0.001 -> 0.0001".
     A key the saved settings lack that is now at its default is an option added since
     (`model.frozen_dtype`, ...): at its default it reproduces the old run, so it is no
-    difference."""
+    difference. Paths are compared by what they hold (`file:<key>`), not by how they are
+    spelt."""
     lines = []
     for key in sorted(saved.keys() | now.keys()):
+        if key in PATH_KEYS:  # the same files spelt otherwise; their contents are compared
+            continue
         a, b = saved.get(key, "(absent)"), now.get(key, "(absent)")
         if key not in saved and b == _defaults().get(key):
             continue

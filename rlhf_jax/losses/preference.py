@@ -42,10 +42,15 @@ def _pairwise_loss(outputs, batch, beta, weighting, per_pair) -> LossOut:
     return LossOut(loss, preference_metrics(loss, outputs, batch, better_BKK, beta * log_ratio_BK))
 
 
-def _check_smoothing(label_smoothing: float, hi: float, name: str) -> None:
-    if not 0.0 <= float(label_smoothing) < hi:
+def _check_smoothing(label_smoothing: float, name: str) -> None:
+    """eps is the probability that a label is flipped: at 0.5 the labels carry no signal (the
+    loss only pulls the margin to 0), above it they are assumed mostly wrong and the policy
+    would learn the reverse of the rankings."""
+    if not 0.0 <= float(label_smoothing) < 0.5:
         raise RlhfJaxError(
-            f"{name}: label_smoothing must be in [0, {hi:g}), got {label_smoothing!r}"
+            f"{name}: label_smoothing must be in [0, 0.5) (the probability that a ranking is "
+            f"wrong; at 0.5 or more the labels carry no signal or the reverse one), got "
+            f"{label_smoothing!r}"
         )
 
 
@@ -66,7 +71,7 @@ def dpo(
     `label_smoothing` eps > 0 is conservative DPO (cDPO, Mitchell 2023): each label is assumed
     flipped with probability eps, so the loss no longer pushes the margin to infinity.
     """
-    _check_smoothing(label_smoothing, 1.0, "dpo")
+    _check_smoothing(label_smoothing, "dpo")
 
     def per_pair(log_ratio_BK):
         d_BKK = pairwise(log_ratio_BK)
@@ -91,7 +96,7 @@ def robust_dpo(
 
     `[-(1 - eps) log sigmoid(beta * d) + eps log sigmoid(-beta * d)] / (1 - 2 eps)`.
     """
-    _check_smoothing(label_smoothing, 0.5, "robust_dpo")
+    _check_smoothing(label_smoothing, "robust_dpo")
     eps = label_smoothing
 
     def per_pair(log_ratio_BK):

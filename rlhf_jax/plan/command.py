@@ -24,8 +24,9 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument(
         "--device-memory",
-        metavar="BYTES",
-        help="memory per device, e.g. 80GB or 80GiB (default: detected; on CPU, the host's RAM)",
+        metavar="SIZE",
+        help="memory per device with its unit, e.g. 80GB or 80GiB (default: detected; on CPU, "
+        "the host's RAM)",
     )
     p.add_argument(
         "--devices",
@@ -50,12 +51,15 @@ def run_plan(args: argparse.Namespace) -> int:
     import jax
 
     from rlhf_jax.config import Config, load_config
+    from rlhf_jax.loops.checks import language_models, require_language_model
     from rlhf_jax.loops.runtime import Runtime
     from rlhf_jax.plan.advice import Context
     from rlhf_jax.plan.planner import plan_stages
     from rlhf_jax.plan.report import fmt_bytes, plan_json, render_table
 
     cfg = load_config(Config, args.config, args.overrides)
+    for key, path in language_models(cfg).items():  # the check `sft`, `rm`, ... make
+        require_language_model(path, key)
     runtime = Runtime.from_config(cfg)
     memory, source = device_memory(given)
     stages = plan_stages(cfg, runtime, _progress)

@@ -19,7 +19,6 @@ import re
 from rlhf_jax.errors import RlhfJaxError
 
 _UNITS = {
-    "": 1,
     "b": 1,
     "kb": 10**3,
     "mb": 10**6,
@@ -30,20 +29,30 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+# A device's memory is never outside these: a value outside is a slip (a unit forgotten or
+# mistyped), refused rather than planned against.
+MIN_DEVICE_MEMORY, MAX_DEVICE_MEMORY = 2**20, 2**50
 
 
 def parse_bytes(text: str) -> int:
-    """`"80GB"` (10^9), `"80GiB"` (2^30), `"512MiB"`, `"1.5e9"` or `"85899345920"` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
-    if m is None or m.group(2) not in _UNITS:
+    """`"80GB"` (10^9), `"80GiB"` (2^30), `"512MiB"`, `"1.5e9B"` -> bytes. The unit is
+    required: a bare `80` is ambiguous (80 bytes? 80 GB? GiB?) and was once taken as bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if m is None or (m.group(2) and m.group(2) not in _UNITS):
         raise RlhfJaxError(
-            f"--device-memory: {text!r} is not a size; write e.g. 80GB, 80GiB, 512MiB or a "
-            "number of bytes"
+            f"--device-memory: {text!r} is not a size; write e.g. 80GB, 80GiB or 512MiB"
         )
-    value = int(float(m.group(1)) * _UNITS[m.group(2)])
-    if value <= 0:
-        raise RlhfJaxError(f"--device-memory: {text!r} must be more than 0 bytes")
-    return value
+    if not m.group(2):
+        raise RlhfJaxError(
+            f"--device-memory: {text!r} has no unit; write {m.group(1)}GB (10^9 bytes), "
+            f"{m.group(1)}GiB (2^30 bytes), or {m.group(1)}B for bytes"
+        )
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if not MIN_DEVICE_MEMORY <= value <= MAX_DEVICE_MEMORY:  # also inf (1e999GB)
+        raise RlhfJaxError(
+            f"--device-memory: {text!r} is not a device's memory; give between 1MiB and 1024TiB"
+        )
+    return int(value)
 
 
 def use_virtual_devices(n: int) -> None:

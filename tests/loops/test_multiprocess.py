@@ -30,7 +30,7 @@ ALGORITHMS = {
 
 def _ppo_args(run_dir, out, extra):
     data = run_dir / "data"
-    return [
+    args = [
         sys.executable,
         "-m",
         "rlhf_jax.cli",
@@ -51,6 +51,10 @@ def _ppo_args(run_dir, out, extra):
         f"ptx.data={data / 'pretrain.jsonl'}",
         *extra,
     ]
+    # what the extra settings make unread is left out (the command would refuse it)
+    unread = ("ppo.reward_model=",) if any(a.startswith("ppo.reward_fn=") for a in extra) else ()
+    unread += ("ptx.batch_size=", "ptx.data=") if "ptx.coef=0" in extra else ()
+    return [a for a in args if not a.startswith(unread)]
 
 
 def _rows(folder):

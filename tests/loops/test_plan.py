@@ -119,6 +119,11 @@ def test_an_8b_shaped_plan_on_two_virtual_devices():
     "args, message",
     [
         (["--device-memory", "lots"], "--device-memory: 'lots' is not a size"),
+        # a bare number was taken as bytes ("18258526% of memory"): a unit is required
+        (["--device-memory", "80"], "--device-memory: '80' has no unit; write 80GB (10^9"),
+        (["--device-memory", "1e999GB"], "'1e999GB' is not a device's memory; give between"),
+        (["--device-memory", "80KB"], "'80KB' is not a device's memory"),
+        (["--device-memory", "2PiB"], "--device-memory: '2PiB' is not a size"),
         (["--devices", "0"], "--devices must be >= 1"),
         (["model.path=/no/such/folder"], "/no/such/folder: checkpoint folder not found"),
         (["mesh.data=3", "mesh.fsdp=5"], "config section 'mesh'"),

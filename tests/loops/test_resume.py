@@ -161,3 +161,28 @@ def test_options_added_since_a_checkpoint_do_not_block_its_resume():
     assert differences(old, stage_settings(changed, sections)) == [
         'model.frozen_dtype: (absent) -> "bfloat16"'
     ]
+
+
+def test_the_same_files_spelt_otherwise_resume(tmp_path, monkeypatch):
+    """A rerun naming the same files relatively instead of absolutely, or from another
+    working folder, is the same run; other contents under the same name are not."""
+    from rlhf_jax.config import Config, load_config
+    from rlhf_jax.loops.settings import differences, stage_settings
+
+    (tmp_path / "a").mkdir()
+    data = tmp_path / "a" / "demos.jsonl"
+    data.write_text('{"prompt": "p", "completion": "c"}\n')
+    sections = ("seed", "model", "sft")
+
+    def settings(spelt):
+        cfg = load_config(Config, None, [f"sft.data={spelt}"])
+        return stage_settings(cfg, sections, {"sft.data": cfg.sft.data})
+
+    monkeypatch.chdir(tmp_path / "a")
+    saved = settings("demos.jsonl")
+    assert differences(saved, settings(str(data))) == []
+    monkeypatch.chdir(tmp_path)
+    assert differences(saved, settings("a/demos.jsonl")) == []
+    assert differences(saved, settings("./a/../a/demos.jsonl")) == []
+    data.write_text('{"prompt": "p", "completion": "other"}\n')
+    assert differences(saved, settings("a/demos.jsonl")) == ["sft.data: contents changed"]

@@ -212,6 +212,9 @@ def test_a_bad_preference_setting_fails_when_the_config_loads():
         (["dpo.loss=dpoo"], "unknown preference loss 'dpoo'"),
         (["dpo.loss=robust_dpo", "dpo.loss_kwargs={label_smoothing: 0.6}"], "label_smoothing"),
         (["dpo.loss_kwargs={weighting: prompts}"], "weighting"),
+        # cDPO's eps is a flip probability: 0.5 and above learn nothing or the reverse
+        (["dpo.loss_kwargs={label_smoothing: 0.5}"], r"dpo: label_smoothing must be in \[0, 0.5\)"),
+        (["compare.preference={c: {loss_kwargs: {label_smoothing: 0.9}}}"], "label_smoothing"),
         (["compare.preference={x: {loss: ipo, loss_kwargs: {eps: 1}}}"], "compare.preference.x"),
     ):
         with pytest.raises(RlhfJaxError, match=message):
