@@ -3,9 +3,9 @@ GSPO and CISPO.
 
 Every policy loss takes `reduction` (see `ops.reduce_tokens`): how per-token terms become one
 number. The RL update passes `ppo.loss_reduction` (when set) and the minibatch's global counts
-(`token_count`, `sequence_count`), so accumulating micro-batches of unequal lengths gives exactly
-the whole minibatch's gradient. Called alone (tests, a fork's notebook) the counts default to
-those of the given batch.
+(`token_count`, `sequence_count`; `losses.accumulation`), so the sum over micro-batches of
+unequal lengths is exactly the whole minibatch's loss, gradient and metrics. Called alone
+(tests, a fork's notebook) the counts default to those of the given batch.
 
 Notation: r_t = pi(y_t) / pi_old(y_t), A_t the advantage, all [B, T] over the response.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.accumulation import count_or_local
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, reduce_tokens
 from rlhf_jax.types import LossOut
@@ -50,18 +51,21 @@ def _range(clip_eps: float, low: float | None, high: float | None) -> tuple[floa
 def _metrics(
     loss: jax.Array,
     outputs: Arrays,
+    batch: Arrays,
     mask_BT: jax.Array,
     log_ratio_BT: jax.Array,
     clipped_on_BT: jax.Array,
 ) -> dict[str, jax.Array]:
+    """Token means over the whole minibatch (`token_count`), whatever the loss's reduction."""
+    n = count_or_local(batch, "token_count", jnp.sum(mask_BT))
     metrics = {
         "ppo/policy/loss": loss,
-        "ppo/policy/clipfrac": masked_mean(clipped_on_BT, mask_BT),
+        "ppo/policy/clipfrac": masked_mean(clipped_on_BT, mask_BT, count=n),
         # 0.5 E[(log pi - log pi_old)^2], the k2 estimator (lm-human-preference-details' approxkl).
-        "ppo/policy/approxkl": 0.5 * masked_mean(jnp.square(log_ratio_BT), mask_BT),
+        "ppo/policy/approxkl": 0.5 * masked_mean(jnp.square(log_ratio_BT), mask_BT, count=n),
     }
     if "entropy" in outputs:
-        metrics["ppo/policy/entropy"] = masked_mean(outputs["entropy"], mask_BT)
+        metrics["ppo/policy/entropy"] = masked_mean(outputs["entropy"], mask_BT, count=n)
     return metrics
 
 
@@ -95,7 +99,7 @@ def ppo_clip(
     lo, hi = _range(clip_eps, clip_eps_low, clip_eps_high)
     per_token_BT, clipped_on_BT = _clipped_surrogate(jnp.exp(log_ratio_BT), adv_BT, lo, hi)
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, _metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "ppo_dual_clip", reads=READS)
@@ -122,7 +126,7 @@ def ppo_dual_clip(
     per_token_BT = jnp.where(adv_BT < 0, capped_BT, ppo_BT)
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
     clipped_on_BT = clipped_on_BT | (per_token_BT < ppo_BT)
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, _metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "gspo", reads=READS)
@@ -152,7 +156,7 @@ def gspo(
         jnp.exp(log_s_BT), adv_BT, 1.0 - clip_eps_low, 1.0 + clip_eps_high
     )
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, _metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "cispo", reads=READS)
@@ -178,4 +182,4 @@ def cispo(
     weight_BT = jax.lax.stop_gradient(jnp.clip(ratio_BT, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
     loss = _reduce(-weight_BT * adv_BT * logp_BT, mask_BT, batch, reduction)
     clipped_on_BT = weight_BT != ratio_BT
-    return LossOut(loss, _metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, _metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))

@@ -10,7 +10,9 @@ is exactly DPO on chosen/rejected pairs.
 outputs: `logps` [B, K], the policy's summed completion log-probs (the only input with a
 gradient). batch: `ref_logps` [B, K] (the reference's, computed before training),
 `completion_tokens` [B, K] (tokens each completion scores), `rank` [B, K] (0 best, ties
-allowed), `completion_mask` [B, K] (0 on padded slots). `beta` is bound from `dpo.beta`.
+allowed), `completion_mask` [B, K] (0 on padded slots), and, from the step, the whole
+batch's `pair_count` / `prompt_count` (`losses.accumulation`: exact under gradient
+accumulation; else the given batch's). `beta` is bound from `dpo.beta`.
 """
 
 from __future__ import annotations
@@ -21,20 +23,20 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.losses.accumulation import count_or_local, ranked_pairs
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean
 from rlhf_jax.types import LossOut
 
-READS = ("ref_logps", "completion_tokens", "rank", "completion_mask")
+READS = (
+    "ref_logps",
+    "completion_tokens",
+    "rank",
+    "completion_mask",
+    "pair_count",
+    "prompt_count",
+)
 Weighting = Literal["prompt", "pair"]
-
-
-def _winner_loser(batch: Arrays) -> jax.Array:
-    """better[b, i, j] = 1 when completion i is ranked strictly above j and both are real."""
-    real_BK = jnp.asarray(batch["completion_mask"]) != 0
-    rank_BK = jnp.asarray(batch["rank"])
-    both_BKK = real_BK[:, :, None] & real_BK[:, None, :]
-    return (both_BKK & (rank_BK[:, :, None] < rank_BK[:, None, :])).astype(jnp.float32)
 
 
 def _log_ratios(outputs: Arrays, batch: Arrays) -> jax.Array:
@@ -50,26 +52,35 @@ def _pairwise(x_BK: jax.Array) -> jax.Array:
     return x_BK[:, :, None] - x_BK[:, None, :]
 
 
-def _reduce(per_pair_BKK: jax.Array, better_BKK: jax.Array, weighting: Weighting) -> jax.Array:
-    """'prompt': the mean over each prompt's pairs, then over the prompts that have any (each
-    prompt weighs the same, InstructGPT's treatment of rankings); 'pair': the mean over every
-    pair of the batch (prompts with more completions weigh more)."""
+def _pair_count(batch: Arrays, better_BKK: jax.Array) -> jax.Array:
+    return count_or_local(batch, "pair_count", jnp.sum(better_BKK))
+
+
+def _reduce(
+    per_pair_BKK: jax.Array, better_BKK: jax.Array, weighting: Weighting, batch: Arrays
+) -> jax.Array:
+    """'prompt': the mean over each prompt's pairs, then over the prompts of the whole batch
+    that have any (`prompt_count`: each prompt weighs the same, InstructGPT's treatment of
+    rankings); 'pair': the mean over every pair of the whole batch (`pair_count`: prompts with
+    more completions weigh more)."""
     if weighting == "pair":
-        return masked_mean(per_pair_BKK, better_BKK)
+        return masked_mean(per_pair_BKK, better_BKK, count=_pair_count(batch, better_BKK))
     if weighting != "prompt":
         raise RlhfJaxError(
             f"preference loss: weighting must be 'prompt' or 'pair', not {weighting!r}"
         )
     per_prompt_B = masked_mean(per_pair_BKK, better_BKK, axis=(1, 2))
     has_pairs_B = (jnp.sum(better_BKK, axis=(1, 2)) > 0).astype(jnp.float32)
-    return masked_mean(per_prompt_B, has_pairs_B)
+    n_prompts = count_or_local(batch, "prompt_count", jnp.sum(has_pairs_B))
+    return masked_mean(per_prompt_B, has_pairs_B, count=n_prompts)
 
 
 def _metrics(loss, outputs, batch, better_BKK, rewards_BK) -> dict[str, jax.Array]:
-    """TRL's DPO metrics, over every pair of the batch: for K = 2 "chosen" and "rejected" are
-    the pair's two completions; for K > 2 the winner and loser side of every pair."""
+    """TRL's DPO metrics, over every pair of the whole batch: for K = 2 "chosen" and
+    "rejected" are the pair's two completions; for K > 2 the winner and loser side of every
+    pair."""
     logps_BK = jnp.where(jnp.asarray(batch["completion_mask"]) != 0, outputs["logps"], 0.0)
-    pairs = jnp.sum(better_BKK)
+    pairs = _pair_count(batch, better_BKK)
 
     def winner_mean(x_BK):
         return jnp.sum(better_BKK * x_BK[:, :, None]) / jnp.maximum(pairs, 1.0)
@@ -80,22 +91,22 @@ def _metrics(loss, outputs, batch, better_BKK, rewards_BK) -> dict[str, jax.Arra
     margin_BKK = _pairwise(rewards_BK)
     return {
         "dpo/loss": loss,
-        "dpo/accuracy": masked_mean(margin_BKK > 0, better_BKK),
-        "dpo/margin": masked_mean(margin_BKK, better_BKK),
+        "dpo/accuracy": masked_mean(margin_BKK > 0, better_BKK, count=pairs),
+        "dpo/margin": masked_mean(margin_BKK, better_BKK, count=pairs),
         "dpo/rewards_chosen": winner_mean(rewards_BK),
         "dpo/rewards_rejected": loser_mean(rewards_BK),
         "dpo/logps_chosen": winner_mean(logps_BK),
         "dpo/logps_rejected": loser_mean(logps_BK),
-        "dpo/pairs": pairs,
+        "dpo/pairs": jnp.sum(better_BKK),
     }
 
 
 def _pairwise_loss(outputs, batch, beta, weighting, per_pair) -> LossOut:
     """`per_pair(log_ratio [B, K]) -> [B, K, K]` reduced over the ranked pairs, with the
     implicit rewards `beta * log_ratio` in the metrics."""
-    better_BKK = _winner_loser(batch)
+    better_BKK = ranked_pairs(batch)
     log_ratio_BK = _log_ratios(outputs, batch)
-    loss = _reduce(per_pair(log_ratio_BK), better_BKK, weighting)
+    loss = _reduce(per_pair(log_ratio_BK), better_BKK, weighting, batch)
     return LossOut(loss, _metrics(loss, outputs, batch, better_BKK, beta * log_ratio_BK))
 
 
