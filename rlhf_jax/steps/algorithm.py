@@ -17,6 +17,7 @@ from collections.abc import Callable
 from rlhf_jax import contract, registry
 from rlhf_jax.config import Config, DPOConfig, PPOConfig, compare_preference_runs, compare_runs
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.losses.accumulation import KIND_COUNT_KEYS
 from rlhf_jax.ops import REDUCTIONS
 
 
@@ -113,12 +114,18 @@ class RLAlgorithm:
         else:
             why.append(f"values only with a critic (advantage {ppo.advantage!r} needs none)")
         contract.dry_run("policy", self.policy_loss, ppo.policy_loss, policy_keys, "; ".join(why))
+        if ppo.policy_optim.grad_accum > 1:
+            accum = "ppo.policy_optim.grad_accum"
+            contract.require_exact_accumulation("policy", self.policy_loss, ppo.policy_loss, accum)
         advantage_keys = contract.ADVANTAGE_KEYS + (("values",) if self.needs_critic else ())
         contract.dry_run("advantage", self.advantage, ppo.advantage, advantage_keys)
         if self.value_loss is not None:
             value_keys = ("old_values", "returns", "response_mask", "token_count")
             value_keys += contract.ADVANTAGE_KEYS
             contract.dry_run("value", self.value_loss, ppo.value_loss, value_keys)
+            if ppo.policy_optim.grad_accum > 1:
+                accum = "ppo.policy_optim.grad_accum"
+                contract.require_exact_accumulation("value", self.value_loss, ppo.value_loss, accum)
 
 
 def _default_reduction(fn: Callable) -> str:
@@ -142,6 +149,7 @@ PREFERENCE_KEYS = (
     "completion_start",
     "ref_logps",
     "completion_tokens",
+    *KIND_COUNT_KEYS["preference"],
 )
 
 
@@ -150,6 +158,8 @@ def resolve_preference_loss(dpo: DPOConfig) -> Callable:
     bad hyperparameter value or a batch key the stage lacks fails when the config loads."""
     fn = registry.resolve("preference", dpo.loss, beta=dpo.beta, **dpo.loss_kwargs)
     contract.dry_run("preference", fn, dpo.loss, PREFERENCE_KEYS)
+    if dpo.optim.grad_accum > 1:
+        contract.require_exact_accumulation("preference", fn, dpo.loss, "dpo.optim.grad_accum")
     return fn
 
 
@@ -159,9 +169,16 @@ def resolve_config_parts(cfg: Config) -> RLAlgorithm:
     `compare.algorithms` run): called when a config is
     loaded, so a misspelt name or a hyperparameter a part does not take fails before the first
     stage runs."""
-    registry.resolve("sft", cfg.sft.loss, **cfg.sft.loss_kwargs)
-    registry.resolve("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
-    registry.resolve("ptx", cfg.ptx.loss)
+    sft = registry.resolve("sft", cfg.sft.loss, **cfg.sft.loss_kwargs)
+    reward = registry.resolve("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
+    ptx = registry.resolve("ptx", cfg.ptx.loss)
+    for kind, fn, name, accum, key in (
+        ("sft", sft, cfg.sft.loss, cfg.sft.optim.grad_accum, "sft.optim.grad_accum"),
+        ("reward", reward, cfg.rm.loss, cfg.rm.optim.grad_accum, "rm.optim.grad_accum"),
+        ("ptx", ptx, cfg.ptx.loss, cfg.ppo.policy_optim.grad_accum, "ppo.policy_optim.grad_accum"),
+    ):
+        if accum > 1:
+            contract.require_exact_accumulation(kind, fn, name, key)
     resolve_preference_loss(cfg.dpo)
     for name, run in compare_preference_runs(cfg).items():
         try:
