@@ -8,7 +8,11 @@
 Losses: a finite scalar and flat slash-named scalar metrics; masked positions ignored (junk
 written there changes nothing and gets zero gradient); jittable; finite gradients that reach
 the real positions; the metrics the loops read back after training (`REQUIRED_METRICS`: a
-reward loss's `rm/accuracy`, `rm/margin`, `rm/pairs`, a preference loss's `dpo/accuracy`).
+reward loss's `rm/accuracy`, `rm/margin`, `rm/pairs`, a preference loss's `dpo/accuracy`);
+exact under gradient accumulation (`check_accumulation`: over 2 and 4 micro-batches of unequal
+counts, each given the whole batch's counts, the summed loss, gradient and metrics are the
+whole batch's; `losses.accumulation`). When a config loads with a `grad_accum` above 1, a
+fork's loss gets the same check (`require_exact_accumulation`).
 Advantage estimators: [B, N] finite advantages, 0 on padding, unchanged by
 junk on padding; returns present exactly when the estimator declares `needs_critic`; jittable.
 Reward functions: one finite float32 number per completion, on a few tiny texts
@@ -31,11 +35,16 @@ import numpy as np
 
 from rlhf_jax import registry
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.losses import accumulation
 from rlhf_jax.types import LossOut
 
 B, T, V, K = 4, 6, 7, 5
 GROUP_IDS = np.array([0, 0, 1, 1], np.int32)  # two prompts, two samples each
-LENGTHS = [6, 3, 1, 4]  # response lengths: unequal, one of a single token
+# Response lengths: unequal, one of a single token; rows (0, 2) and (1, 3), the two strided
+# micro-batches of the accumulation check, hold 11 and 3 tokens.
+LENGTHS = [6, 1, 5, 2]
+ROWS = 4  # rows of every sample batch: split into 2 and 4 micro-batches by the accumulation check
+T_LM = 10  # positions of the sft and ptx samples
 
 # Batch keys the RL update hands a policy loss, beyond what every loss of that kind gets:
 # these exist only with a reference model (a KL term) or a critic.
@@ -91,6 +100,11 @@ def _shifted_free(target_mask_BT):
     return free
 
 
+def _counts(kind: str, batch: Mapping) -> dict[str, np.ndarray]:
+    """The whole sample batch's counts of `kind`, as the steps pass them."""
+    return {k: np.asarray(v) for k, v in accumulation.KIND_COUNTS[kind](batch).items()}
+
+
 def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
     """`(outputs, batch, free)` of small random inputs for a part of `kind`, with every batch
     key the library may provide; free[key] marks the output entries the part must ignore.
@@ -101,40 +115,40 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
         return rng.normal(size=shape).astype(np.float32)
 
     if kind in ("sft", "ptx"):
-        ids = rng.integers(0, V, size=(3, T)).astype(np.int32)
-        attn = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1] * 6], np.float32)
-        outputs = {"logits": normal(3, T, V) * 2}
+        ids = rng.integers(0, V, size=(ROWS, T_LM)).astype(np.int32)
+        # Left padding, right padding, none, and a row of one real token (nothing to score).
+        attn = _prefix([T_LM, 7, T_LM, 1], T_LM)
+        attn[2, :2] = 0
+        outputs = {"logits": normal(ROWS, T_LM, V) * 2}
         batch = {"input_ids": ids, "attention_mask": attn}
         if kind == "sft":
-            loss_mask = np.zeros((3, T), np.float32)
-            loss_mask[0, 4:6] = loss_mask[1, 2:4] = loss_mask[2, 1:6] = 1.0
+            # 9, 3, 8 and 0 target tokens: micro-batches of 17 and 3 (or 9, 3, 8, 0).
+            loss_mask = np.zeros((ROWS, T_LM), np.float32)
+            loss_mask[0, 1:] = loss_mask[1, 4:7] = loss_mask[2, 2:] = 1.0
             batch["loss_mask"] = loss_mask
             free = _shifted_free(loss_mask)
         else:
-            pairs = np.zeros((3, T), np.float32)
+            pairs = np.zeros((ROWS, T_LM), np.float32)
             pairs[:, 1:] = attn[:, :-1] * attn[:, 1:]  # token t is scored from a real context
             free = _shifted_free(pairs)
+        batch.update(_counts(kind, batch))
         return outputs, batch, {"logits": free[..., None].repeat(V, -1)}
-    if kind == "reward":
-        ks = [2, 5, 3]
+    if kind in ("reward", "preference"):
+        # 10, 0 (a tie), 2 and 2 ranked pairs: micro-batches of 12 and 2 pairs (or 10, 0, 2, 2).
+        ks = [5, 2, 3, 3]
         mask = _prefix(ks, K)
         rank = np.stack([np.concatenate([rng.permutation(k), np.zeros(K - k, int)]) for k in ks])
-        rank[2, :3] = [0, 1, 1]  # a tie
+        rank[1, :2] = 0
+        rank[2, :3] = rank[3, :3] = [0, 1, 1]
         batch = {"rank": rank.astype(np.int32), "completion_mask": mask}
-        return {"rewards": normal(3, K)}, batch, {"rewards": mask == 0}
-    if kind == "preference":
-        ks = [2, 5, 3]
-        mask = _prefix(ks, K)
-        rank = np.stack([np.concatenate([rng.permutation(k), np.zeros(K - k, int)]) for k in ks])
-        rank[2, :3] = [0, 1, 1]  # a tie
-        ref = -np.abs(normal(3, K)) * 8
-        batch = {
-            "rank": rank.astype(np.int32),
-            "completion_mask": mask,
-            "ref_logps": ref,
-            "completion_tokens": rng.integers(1, 9, size=(3, K)).astype(np.float32) * mask,
-        }
-        return {"logps": ref + normal(3, K)}, batch, {"logps": mask == 0}
+        if kind == "reward":
+            batch.update(_counts(kind, batch))
+            return {"rewards": normal(ROWS, K)}, batch, {"rewards": mask == 0}
+        ref = -np.abs(normal(ROWS, K)) * 8
+        batch["ref_logps"] = ref
+        batch["completion_tokens"] = rng.integers(1, 9, size=(ROWS, K)).astype(np.float32) * mask
+        batch.update(_counts(kind, batch))
+        return {"logps": ref + normal(ROWS, K)}, batch, {"logps": mask == 0}
     mask = _prefix(LENGTHS, T)
     pad = mask == 0
     scores = normal(B)
@@ -160,10 +174,9 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
             "ref_logprobs": old + 0.1 * normal(B, T),
             "old_values": normal(B, T),
             "returns": normal(B, T),
-            "token_count": np.float32(mask.sum()),
-            "sequence_count": np.float32(B),
             "beta": np.float32(0.05),
             "iteration": np.int32(3),
+            **_counts(kind, common),
         }
         return outputs, batch, {"logprobs": pad, "entropy": pad}
     if kind == "value":
@@ -173,7 +186,7 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
             **common,
             "old_values": old_values,
             "returns": normal(B, T),
-            "token_count": np.float32(mask.sum()),
+            **_counts(kind, common),
         }
         return outputs, batch, {"values": pad}
     raise ValueError(f"no sample inputs for kind {kind!r}")
@@ -201,6 +214,15 @@ class _Recording(Mapping):
         return len(self._data)
 
 
+def _declared_counts(kind: str, fn: Callable, batch: Mapping) -> dict:
+    """The whole sample batch's counts a loss declares (`@declare(counts=fn)`), as the steps
+    compute them; {} for an estimator or a loss that declares none."""
+    if kind == "advantage" or registry.info(fn).get("counts") is None:
+        return {}
+    counts = accumulation.batch_counts(kind, fn, batch)
+    return {k: np.asarray(v) for k, v in counts.items() if k not in batch}
+
+
 def _call(kind: str, fn: Callable, outputs: Mapping, batch: Mapping) -> Any:
     return fn(batch) if kind == "advantage" else fn(outputs, batch)
 
@@ -212,7 +234,10 @@ def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why:
     fn = _with_bound(kind, fn)
     outputs, batch, _ = sample_inputs(kind)
     batch = {**_stage_inputs(kind), **batch}
-    recording = _Recording({k: v for k, v in batch.items() if k in available})
+    declared = _declared_counts(kind, fn, batch)  # the step computes these for the loss too
+    # Every loss of a kind also gets its kind's whole-batch counts (`losses.accumulation`).
+    available = (*available, *accumulation.KIND_COUNT_KEYS.get(kind, ()), *declared)
+    recording = _Recording({k: v for k, v in {**batch, **declared}.items() if k in available})
     noun = _noun(kind)
     try:
         out = _call(kind, fn, outputs, recording)
@@ -234,15 +259,15 @@ def _stage_inputs(kind: str) -> dict:
     """Batch keys a stage hands its loss beyond the contract's sample inputs (the tokens the
     model read), so that a loss reading them passes the load-time dry run."""
     rng = np.random.default_rng(2)
-    if kind in ("reward", "preference"):  # the ranking batch: [3, K, L] rows, prompt lengths
+    if kind in ("reward", "preference"):  # the ranking batch: [ROWS, K, L], prompt lengths
         length = 8
         return {
-            "input_ids": rng.integers(0, V, size=(3, K, length)).astype(np.int32),
-            "attention_mask": np.ones((3, K, length), np.float32),
-            "completion_start": np.array([2, 3, 4], np.int32),
+            "input_ids": rng.integers(0, V, size=(ROWS, K, length)).astype(np.int32),
+            "attention_mask": np.ones((ROWS, K, length), np.float32),
+            "completion_start": np.array([2, 3, 4, 2], np.int32),
         }
     if kind == "sft":  # packed rows: one sequence per row here
-        return {"segment_ids": np.ones((3, T), np.int32)}
+        return {"segment_ids": np.ones((ROWS, T_LM), np.int32)}
     return {}
 
 
@@ -406,6 +431,7 @@ def check_part(kind: str, fn: Callable) -> None:
         return
     fn = _with_bound(kind, fn)
     outputs, batch, free = sample_inputs(kind)
+    batch = {**batch, **_declared_counts(kind, fn, batch)}
     recording = _Recording(batch)
     out = _call(kind, fn, outputs, recording)
     _assert_returned(kind, fn, out, batch)
@@ -417,6 +443,7 @@ def check_part(kind: str, fn: Callable) -> None:
         _check_advantage(fn, out, batch, free)
     else:
         _check_loss(fn, out, outputs, batch, free)
+        check_accumulation(kind, fn, outputs, batch)
 
 
 def _check_loss(fn, out, outputs, batch, free) -> None:
@@ -480,3 +507,100 @@ def _name(fn: Callable) -> str:
     while isinstance(fn, functools.partial):
         fn = fn.func
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+def _rows(tree: Mapping, rows: int) -> tuple[dict, dict]:
+    """`(per_row, other)`: the entries with `rows` leading rows, and the rest (scalars)."""
+    per_row = {k: v for k, v in tree.items() if np.ndim(v) >= 1 and np.shape(v)[0] == rows}
+    return per_row, {k: v for k, v in tree.items() if k not in per_row}
+
+
+def require_exact_accumulation(kind: str, fn: Callable, name: str, setting: str) -> None:
+    """When a config loads with `setting` (a `grad_accum` key) above 1: a fork's loss (one
+    defined outside this library) must pass `check_accumulation`, or the run would silently
+    train on another loss than with grad_accum=1. An RlhfJaxError says why, in one line."""
+    fn = _with_bound(kind, fn)
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    if getattr(inner, "__module__", "").split(".")[0] == "rlhf_jax":
+        return  # the library's own losses: checked by its test suite
+    outputs, batch, _ = sample_inputs(kind)
+    try:
+        check_accumulation(kind, fn, outputs, batch)
+    except AssertionError as e:
+        raise RlhfJaxError(
+            f"{kind} loss {name!r} is not exact under gradient accumulation ({setting} > 1): "
+            f"{e}; or set {setting}=1"
+        ) from None
+
+
+def _n_rows(outputs: Mapping) -> int:
+    return np.shape(next(iter(outputs.values())))[0]
+
+
+def _accumulated(kind: str, fn: Callable, n: int, batch: Mapping) -> Callable:
+    """`f(outputs) -> (loss, metrics)` summed over `n` strided micro-batches, each given the
+    whole batch's counts: what a step with `grad_accum = n` computes."""
+    counts = accumulation.batch_counts(kind, fn, batch)
+
+    def f(outputs):
+        per_row, other = _rows(batch, _n_rows(outputs))
+        micro_out = accumulation.micro_batches(dict(outputs), n)
+        micro_in = accumulation.micro_batches(per_row, n)
+        loss, metrics = 0.0, None
+        for j in range(n):
+            mb = {k: v[j] for k, v in micro_in.items()} | other | counts
+            out = fn({k: v[j] for k, v in micro_out.items()}, mb)
+            loss = loss + out.loss
+            if metrics is None:
+                metrics = out.metrics
+            else:
+                metrics = accumulation.combine_metrics(metrics, out.metrics)
+        return loss, metrics
+
+    return f
+
+
+def check_accumulation(kind: str, fn: Callable, outputs: Mapping, batch: Mapping) -> None:
+    """Assert that `fn` (a loss of `kind`) gives the same loss, gradient and metrics whether the
+    batch is taken whole or as 2 or 4 micro-batches of unequal counts, each given the whole
+    batch's counts, their results summed (`losses.accumulation`)."""
+    outputs = jax.tree.map(jnp.asarray, dict(outputs))
+    whole = _accumulated(kind, fn, 1, batch)
+    (loss, metrics), grads = jax.value_and_grad(whole, has_aux=True)(outputs)
+    per_row, _ = _rows(batch, _n_rows(outputs))
+    for n in (2, 4):
+        (acc_loss, acc_metrics), acc_grads = jax.value_and_grad(
+            _accumulated(kind, fn, n, batch), has_aux=True
+        )(outputs)
+        micro = accumulation.micro_batches(per_row, n)
+        sizes = [
+            accumulation.KIND_COUNTS[kind]({k: v[j] for k, v in micro.items()}) for j in range(n)
+        ]
+        where = f"over {n} micro-batches ({_describe(sizes)})"
+        hint = (
+            "divide by the whole batch's counts the step puts in the batch ("
+            + ", ".join(sorted(accumulation.batch_counts(kind, fn, batch)))
+            + "), never by a count of the micro-batch at hand (docs/losses.md)"
+        )
+        _assert_close(acc_loss, loss, f"the loss summed {where}", hint)
+        for key, value in metrics.items():
+            how = "maximised" if key.endswith("_max") else "summed"
+            _assert_close(acc_metrics[key], value, f"metric {key!r} {how} {where}", hint)
+        for key in grads:
+            _assert_close(
+                acc_grads[key], grads[key], f"the gradient of {key!r} summed {where}", hint
+            )
+
+
+def _describe(sizes: list[dict]) -> str:
+    keys = sorted(sizes[0])
+    return "; ".join(f"{k} " + ", ".join(f"{float(s[k]):g}" for s in sizes) for k in keys)
+
+
+def _assert_close(got, want, what: str, hint: str) -> None:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(float(np.max(np.abs(want), initial=0.0)), 1e-3)
+    off = float(np.max(np.abs(got - want), initial=0.0)) / scale
+    assert off <= 1e-5 + 1e-6 / scale, f"{what} is {off:.1%} off the whole batch's; {hint}"

@@ -11,10 +11,12 @@ response):
   `policy_metrics`     the metrics every built-in policy loss logs (`ppo/policy/loss`,
                        `clipfrac`, `approxkl`, `entropy`).
 Preference losses over K ranked completions per prompt ([B, K], `losses/preference.py`):
-  `ranked_pairs`       better[b, i, j] = 1 when completion i is ranked above j, both real;
+  `ranked_pairs`       better[b, i, j] = 1 when completion i is ranked above j, both real
+                       (defined with the counts, in `losses.accumulation`);
   `pairwise`           x[b, i] - x[b, j] as [B, K, K];
   `preference_log_ratios`  log pi - log pi_ref per completion, 0 on padded slots;
-  `reduce_pairs`       the mean over each prompt's pairs then prompts, or over every pair;
+  `reduce_pairs`       the mean over each prompt's pairs then prompts, or over every pair,
+                       normalised by the whole batch's counts;
   `preference_metrics` TRL's DPO metrics (`dpo/accuracy`, the one the stage reads back, ...).
 """
 
@@ -27,7 +29,20 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.losses.accumulation import count_or_local, ranked_pairs
 from rlhf_jax.ops import masked_mean
+
+__all__ = [
+    "clip_range",
+    "clipped_surrogate",
+    "pairwise",
+    "policy_inputs",
+    "policy_metrics",
+    "preference_log_ratios",
+    "preference_metrics",
+    "ranked_pairs",
+    "reduce_pairs",
+]
 
 Arrays = Mapping[str, jax.Array]
 Weighting = Literal["prompt", "pair"]
@@ -66,31 +81,26 @@ def clipped_surrogate(
 def policy_metrics(
     loss: jax.Array,
     outputs: Arrays,
+    batch: Arrays,
     mask_BT: jax.Array,
     log_ratio_BT: jax.Array,
     clipped_on_BT: jax.Array,
 ) -> dict[str, jax.Array]:
     """The metrics of the built-in policy losses: `ppo/policy/loss`, `ppo/policy/clipfrac`
     (the fraction of real tokens where `clipped_on_BT`), `ppo/policy/approxkl` and, when the
-    outputs hold it, `ppo/policy/entropy`."""
+    outputs hold it, `ppo/policy/entropy`. Token means over the whole minibatch
+    (`batch["token_count"]`, `losses.accumulation`), whatever the loss's reduction, so they
+    are exact under gradient accumulation."""
+    n = count_or_local(batch, "token_count", jnp.sum(mask_BT))
     metrics = {
         "ppo/policy/loss": loss,
-        "ppo/policy/clipfrac": masked_mean(clipped_on_BT, mask_BT),
+        "ppo/policy/clipfrac": masked_mean(clipped_on_BT, mask_BT, count=n),
         # 0.5 E[(log pi - log pi_old)^2], the k2 estimator (lm-human-preference-details' approxkl).
-        "ppo/policy/approxkl": 0.5 * masked_mean(jnp.square(log_ratio_BT), mask_BT),
+        "ppo/policy/approxkl": 0.5 * masked_mean(jnp.square(log_ratio_BT), mask_BT, count=n),
     }
     if "entropy" in outputs:
-        metrics["ppo/policy/entropy"] = masked_mean(outputs["entropy"], mask_BT)
+        metrics["ppo/policy/entropy"] = masked_mean(outputs["entropy"], mask_BT, count=n)
     return metrics
-
-
-def ranked_pairs(batch: Arrays) -> jax.Array:
-    """better[b, i, j] = 1.0 when completion i is ranked strictly above j (`batch["rank"]`, 0
-    best) and both are real (`batch["completion_mask"]`); ties and padded slots form no pair."""
-    real_BK = jnp.asarray(batch["completion_mask"]) != 0
-    rank_BK = jnp.asarray(batch["rank"])
-    both_BKK = real_BK[:, :, None] & real_BK[:, None, :]
-    return (both_BKK & (rank_BK[:, :, None] < rank_BK[:, None, :])).astype(jnp.float32)
 
 
 def pairwise(x_BK: jax.Array) -> jax.Array:
@@ -107,30 +117,37 @@ def preference_log_ratios(outputs: Arrays, batch: Arrays) -> jax.Array:
     return jnp.where(real_BK, logps - ref, 0.0)
 
 
-def reduce_pairs(per_pair_BKK: jax.Array, better_BKK: jax.Array, weighting: Weighting) -> jax.Array:
-    """'prompt': the mean over each prompt's pairs, then over the prompts that have any (each
-    prompt weighs the same, InstructGPT's treatment of rankings); 'pair': the mean over every
-    pair of the batch (prompts with more completions weigh more)."""
+def reduce_pairs(
+    per_pair_BKK: jax.Array, better_BKK: jax.Array, weighting: Weighting, batch: Arrays
+) -> jax.Array:
+    """'prompt': the mean over each prompt's pairs, then over the prompts of the whole batch
+    that have any (`batch["prompt_count"]`: each prompt weighs the same, InstructGPT's
+    treatment of rankings); 'pair': the mean over every pair of the whole batch
+    (`batch["pair_count"]`: prompts with more completions weigh more). Without those counts
+    (a loss called alone) the batch at hand is the whole batch."""
     if weighting == "pair":
-        return masked_mean(per_pair_BKK, better_BKK)
+        n_pairs = count_or_local(batch, "pair_count", jnp.sum(better_BKK))
+        return masked_mean(per_pair_BKK, better_BKK, count=n_pairs)
     if weighting != "prompt":
         raise RlhfJaxError(
             f"preference loss: weighting must be 'prompt' or 'pair', not {weighting!r}"
         )
     per_prompt_B = masked_mean(per_pair_BKK, better_BKK, axis=(1, 2))
     has_pairs_B = (jnp.sum(better_BKK, axis=(1, 2)) > 0).astype(jnp.float32)
-    return masked_mean(per_prompt_B, has_pairs_B)
+    n_prompts = count_or_local(batch, "prompt_count", jnp.sum(has_pairs_B))
+    return masked_mean(per_prompt_B, has_pairs_B, count=n_prompts)
 
 
 def preference_metrics(
     loss: jax.Array, outputs: Arrays, batch: Arrays, better_BKK: jax.Array, rewards_BK: jax.Array
 ) -> dict[str, jax.Array]:
-    """TRL's DPO metrics over every pair of the batch, from the implicit rewards `rewards_BK`
-    (`beta * log-ratio`): for K = 2 "chosen" and "rejected" are the pair's two completions;
-    for K > 2 the winner and loser side of every pair. `dpo/accuracy` is the metric the stage
-    reads back after training (contract.REQUIRED_METRICS)."""
+    """TRL's DPO metrics over every pair of the whole batch (`batch["pair_count"]`), from the
+    implicit rewards `rewards_BK` (`beta * log-ratio`): for K = 2 "chosen" and "rejected" are
+    the pair's two completions; for K > 2 the winner and loser side of every pair.
+    `dpo/accuracy` is the metric the stage reads back after training
+    (contract.REQUIRED_METRICS)."""
     logps_BK = jnp.where(jnp.asarray(batch["completion_mask"]) != 0, outputs["logps"], 0.0)
-    pairs = jnp.sum(better_BKK)
+    pairs = count_or_local(batch, "pair_count", jnp.sum(better_BKK))
 
     def winner_mean(x_BK):
         return jnp.sum(better_BKK * x_BK[:, :, None]) / jnp.maximum(pairs, 1.0)
@@ -141,11 +158,11 @@ def preference_metrics(
     margin_BKK = pairwise(rewards_BK)
     return {
         "dpo/loss": loss,
-        "dpo/accuracy": masked_mean(margin_BKK > 0, better_BKK),
-        "dpo/margin": masked_mean(margin_BKK, better_BKK),
+        "dpo/accuracy": masked_mean(margin_BKK > 0, better_BKK, count=pairs),
+        "dpo/margin": masked_mean(margin_BKK, better_BKK, count=pairs),
         "dpo/rewards_chosen": winner_mean(rewards_BK),
         "dpo/rewards_rejected": loser_mean(rewards_BK),
         "dpo/logps_chosen": winner_mean(logps_BK),
         "dpo/logps_rejected": loser_mean(logps_BK),
-        "dpo/pairs": pairs,
+        "dpo/pairs": jnp.sum(better_BKK),  # this micro-batch's share: the shares add up
     }

@@ -3,9 +3,9 @@ GSPO and CISPO.
 
 Every policy loss takes `reduction` (see `ops.reduce_tokens`): how per-token terms become one
 number. The RL update passes `ppo.loss_reduction` (when set) and the minibatch's global counts
-(`token_count`, `sequence_count`), so accumulating micro-batches of unequal lengths gives exactly
-the whole minibatch's gradient. Called alone (tests, a fork's notebook) the counts default to
-those of the given batch.
+(`token_count`, `sequence_count`; `losses.accumulation`), so the sum over micro-batches of
+unequal lengths is exactly the whole minibatch's loss, gradient and metrics. Called alone
+(tests, a fork's notebook) the counts default to those of the given batch.
 
 Notation: r_t = pi(y_t) / pi_old(y_t), A_t the advantage, all [B, T] over the response.
 """
@@ -53,7 +53,7 @@ def ppo_clip(
     lo, hi = clip_range(clip_eps, clip_eps_low, clip_eps_high)
     per_token_BT, clipped_on_BT = clipped_surrogate(jnp.exp(log_ratio_BT), adv_BT, lo, hi)
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
-    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "ppo_dual_clip", reads=READS)
@@ -80,7 +80,7 @@ def ppo_dual_clip(
     per_token_BT = jnp.where(adv_BT < 0, capped_BT, ppo_BT)
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
     clipped_on_BT = clipped_on_BT | (per_token_BT < ppo_BT)
-    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "gspo", reads=READS)
@@ -110,7 +110,7 @@ def gspo(
         jnp.exp(log_s_BT), adv_BT, 1.0 - clip_eps_low, 1.0 + clip_eps_high
     )
     loss = _reduce(per_token_BT, mask_BT, batch, reduction)
-    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 @register_loss("policy", "cispo", reads=READS)
@@ -136,4 +136,4 @@ def cispo(
     weight_BT = jax.lax.stop_gradient(jnp.clip(ratio_BT, 1.0 - clip_eps_low, 1.0 + clip_eps_high))
     loss = _reduce(-weight_BT * adv_BT * logp_BT, mask_BT, batch, reduction)
     clipped_on_BT = weight_BT != ratio_BT
-    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))

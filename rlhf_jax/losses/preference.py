@@ -10,7 +10,9 @@ is exactly DPO on chosen/rejected pairs.
 outputs: `logps` [B, K], the policy's summed completion log-probs (the only input with a
 gradient). batch: `ref_logps` [B, K] (the reference's, computed before training),
 `completion_tokens` [B, K] (tokens each completion scores), `rank` [B, K] (0 best, ties
-allowed), `completion_mask` [B, K] (0 on padded slots). `beta` is bound from `dpo.beta`.
+allowed), `completion_mask` [B, K] (0 on padded slots), and, from the step, the whole
+batch's `pair_count` / `prompt_count` (`losses.accumulation`: exact under gradient
+accumulation; else the given batch's). `beta` is bound from `dpo.beta`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from rlhf_jax.losses.blocks import (
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.types import LossOut
 
-READS = ("ref_logps", "completion_tokens", "rank", "completion_mask")
+READS = (
+    "ref_logps",
+    "completion_tokens",
+    "rank",
+    "completion_mask",
+    "pair_count",
+    "prompt_count",
+)
 
 
 def _pairwise_loss(outputs, batch, beta, weighting, per_pair) -> LossOut:
@@ -38,7 +47,7 @@ def _pairwise_loss(outputs, batch, beta, weighting, per_pair) -> LossOut:
     implicit rewards `beta * log_ratio` in the metrics."""
     better_BKK = ranked_pairs(batch)
     log_ratio_BK = preference_log_ratios(outputs, batch)
-    loss = reduce_pairs(per_pair(log_ratio_BK), better_BKK, weighting)
+    loss = reduce_pairs(per_pair(log_ratio_BK), better_BKK, weighting, batch)
     return LossOut(loss, preference_metrics(loss, outputs, batch, better_BKK, beta * log_ratio_BK))
 
 

@@ -1,15 +1,20 @@
-"""Step 1: next-token cross-entropy on the demonstration's completion tokens."""
+"""Step 1: next-token cross-entropy on the demonstration's completion tokens.
+
+Denominators are the whole batch's `token_count` / `sequence_count` when the step passes them
+(`losses.accumulation`: exact under gradient accumulation), else the given batch's.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.accumulation import count_or_local, sft_target_mask
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, next_token_logprobs
 from rlhf_jax.types import LossOut
 
-READS = ("input_ids", "loss_mask")
+READS = ("input_ids", "loss_mask", "token_count", "sequence_count")
 
 
 def _targets(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -21,7 +26,7 @@ def _targets(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array, jax.
     logits_BTV = outputs["logits"]
     input_ids_BT = batch["input_ids"]
     logp_BT = next_token_logprobs(logits_BTV, input_ids_BT)
-    mask_BT = jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:]
+    mask_BT = sft_target_mask(batch)
     hit_BT = jnp.argmax(logits_BTV[:, :-1], axis=-1) == input_ids_BT[:, 1:]
     return logp_BT, mask_BT, hit_BT
 
@@ -30,34 +35,37 @@ def _targets(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array, jax.
 @register_loss("sft", "sft_cross_entropy", reads=READS)
 def sft_cross_entropy(outputs: Arrays, batch: Arrays) -> LossOut:
     """`L = -1/N sum_{target tokens t} log pi(x_t | x_<t)`, N = number of target tokens in the
-    batch (token mean: long completions weigh more, as in the usual SFT recipe).
+    whole batch (`token_count`; token mean: long completions weigh more, as in the usual SFT
+    recipe).
 
     outputs: logits [B, T, V]. batch: input_ids [B, T], loss_mask [B, T] (target tokens).
     """
     logp_BT, mask_BT, hit_BT = _targets(outputs, batch)
-    loss = -masked_mean(logp_BT, mask_BT)
-    metrics = {
+    n = count_or_local(batch, "token_count", jnp.sum(mask_BT))
+    loss = -masked_mean(logp_BT, mask_BT, count=n)
+    return LossOut(loss, _metrics(loss, mask_BT, hit_BT, n))
+
+
+def _metrics(loss: jax.Array, mask_BT, hit_BT, n_tokens: jax.Array) -> dict[str, jax.Array]:
+    return {
         "sft/loss": loss,
         "sft/tokens": jnp.sum(mask_BT),
-        "sft/accuracy": masked_mean(hit_BT, mask_BT),
+        "sft/accuracy": masked_mean(hit_BT, mask_BT, count=n_tokens),
     }
-    return LossOut(loss, metrics)
 
 
 @register_loss("sft", "sft_sequence_mean", reads=READS)
 def sft_sequence_mean(outputs: Arrays, batch: Arrays) -> LossOut:
     """`L = -1/B' sum_b (1/N_b sum_{t in b} log pi(x_t | x_<t))`: each sequence's token mean,
-    then the mean over the B' sequences that have targets, so every demonstration weighs the
-    same whatever its length. Same inputs and metric names as `sft_cross_entropy`
-    ("sft/loss" is this loss; accuracy stays a token mean).
+    then the mean over the B' sequences (rows) of the whole batch that have targets
+    (`sequence_count`), so every demonstration weighs the same whatever its length. Same
+    inputs and metric names as `sft_cross_entropy` ("sft/loss" is this loss; accuracy stays a
+    token mean).
     """
     logp_BT, mask_BT, hit_BT = _targets(outputs, batch)
     per_seq_B = masked_mean(logp_BT, mask_BT, axis=1)
     has_targets_B = (jnp.sum(mask_BT, axis=1) > 0).astype(jnp.float32)
-    loss = -masked_mean(per_seq_B, has_targets_B)
-    metrics = {
-        "sft/loss": loss,
-        "sft/tokens": jnp.sum(mask_BT),
-        "sft/accuracy": masked_mean(hit_BT, mask_BT),
-    }
-    return LossOut(loss, metrics)
+    n_seqs = count_or_local(batch, "sequence_count", jnp.sum(has_targets_B))
+    loss = -masked_mean(per_seq_B, has_targets_B, count=n_seqs)
+    n_tokens = count_or_local(batch, "token_count", jnp.sum(mask_BT))
+    return LossOut(loss, _metrics(loss, mask_BT, hit_BT, n_tokens))

@@ -1,7 +1,8 @@
 """Value-function (critic) losses over response tokens: a token mean over the response mask.
 
-The RL update passes the minibatch's global `token_count`, so micro-batch accumulation gives
-exactly the whole minibatch's gradient; called alone the count is the given batch's.
+The RL update passes the minibatch's global `token_count` (`losses.accumulation`), so the sum
+over micro-batches is exactly the whole minibatch's loss, gradient and metrics; called alone
+the count is the given batch's.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.accumulation import count_or_local
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, reduce_tokens
 from rlhf_jax.types import LossOut
@@ -32,6 +34,11 @@ def _token_mean(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays) -> jax.Array
     return reduce_tokens(x_BT, mask_BT, "token_mean", batch.get("token_count"))
 
 
+def _metric_mean(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays) -> jax.Array:
+    """A token mean over the whole minibatch, for metrics."""
+    return masked_mean(x_BT, mask_BT, count=count_or_local(batch, "token_count", jnp.sum(mask_BT)))
+
+
 @register_loss("value", "default", reads=READS)
 @register_loss("value", "clipped_value", reads=READS)
 def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> LossOut:
@@ -49,8 +56,8 @@ def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> Lo
     loss = 0.5 * _token_mean(jnp.maximum(unclipped_sq_BT, clipped_sq_BT), mask_BT, batch)
     metrics = {
         "ppo/value/loss": loss,
-        "ppo/value/clipfrac": masked_mean(clipped_sq_BT > unclipped_sq_BT, mask_BT),
-        "ppo/value/mean": masked_mean(values_BT, mask_BT),
+        "ppo/value/clipfrac": _metric_mean(clipped_sq_BT > unclipped_sq_BT, mask_BT, batch),
+        "ppo/value/mean": _metric_mean(values_BT, mask_BT, batch),
     }
     return LossOut(loss, metrics)
 
@@ -63,6 +70,6 @@ def unclipped_value(outputs: Arrays, batch: Arrays) -> LossOut:
     loss = 0.5 * _token_mean(jnp.square(values_BT - returns_BT), mask_BT, batch)
     metrics = {
         "ppo/value/loss": loss,
-        "ppo/value/mean": masked_mean(values_BT, mask_BT),
+        "ppo/value/mean": _metric_mean(values_BT, mask_BT, batch),
     }
     return LossOut(loss, metrics)

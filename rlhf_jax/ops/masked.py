@@ -31,15 +31,19 @@ def masked_sum(x: jax.Array, mask: jax.Array, axis: Axis = None) -> jax.Array:
     return jnp.sum(jnp.where(mask != 0, x * mask, 0.0), axis=axis)
 
 
-def masked_mean(x: jax.Array, mask: jax.Array, axis: Axis = None) -> jax.Array:
+def masked_mean(
+    x: jax.Array, mask: jax.Array, axis: Axis = None, count: jax.Array | None = None
+) -> jax.Array:
     """`sum_i mask_i x_i / sum_i mask_i` over `axis`.
 
-    Denominator: the sum of the mask over `axis` (the number of real entries for a 0/1 mask).
-    Where that is 0 (everything masked) the result is 0, not NaN.
+    Denominator: the sum of the mask over `axis` (the number of real entries for a 0/1 mask),
+    or `count` when given: the count of a whole batch of which `x` is one micro-batch, so that
+    the micro-batches' results sum to the whole batch's mean (`losses.accumulation`).
+    Where the denominator is 0 (everything masked) the result is 0, not NaN.
     """
     x, mask = _prepare(x, mask)
     total = masked_sum(x, mask, axis)
-    count = jnp.sum(mask, axis=axis)
+    count = jnp.sum(mask, axis=axis) if count is None else jnp.asarray(count, total.dtype)
     safe = jnp.where(count > 0, count, 1.0)
     return jnp.where(count > 0, total / safe, 0.0)
 

@@ -11,12 +11,14 @@ provide (reference log-probs without a KL term, values without a critic) are err
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 
 from rlhf_jax import contract, registry
 from rlhf_jax.config import Config, DPOConfig, PPOConfig, compare_preference_runs, compare_runs
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.losses.accumulation import KIND_COUNT_KEYS
 from rlhf_jax.ops import REDUCTIONS
 
 
@@ -86,6 +88,9 @@ class RLAlgorithm:
         contract.dry_run("value", value_loss, ppo.value_loss, contract.VALUE_KEYS)
         if not needs_critic:
             value_loss = None
+        elif ppo.policy_optim.grad_accum > 1:
+            accum_key = "ppo.policy_optim.grad_accum"
+            contract.require_exact_accumulation("value", value_loss, ppo.value_loss, accum_key)
         reward_fn = None
         if ppo.reward_fn is not None:
             reward_fn = registry.resolve("reward_fn", ppo.reward_fn, **ppo.reward_fn_kwargs)
@@ -116,6 +121,9 @@ class RLAlgorithm:
         else:
             why.append(f"values only with a critic (advantage {ppo.advantage!r} needs none)")
         contract.dry_run("policy", self.policy_loss, ppo.policy_loss, policy_keys, "; ".join(why))
+        if ppo.policy_optim.grad_accum > 1:
+            accum = "ppo.policy_optim.grad_accum"
+            contract.require_exact_accumulation("policy", self.policy_loss, ppo.policy_loss, accum)
         advantage_keys = contract.ADVANTAGE_KEYS + (("values",) if self.needs_critic else ())
         contract.dry_run("advantage", self.advantage, ppo.advantage, advantage_keys)
 
@@ -141,6 +149,7 @@ PREFERENCE_KEYS = (
     "completion_start",
     "ref_logps",
     "completion_tokens",
+    *KIND_COUNT_KEYS["preference"],
 )
 
 
@@ -149,6 +158,8 @@ def resolve_preference_loss(dpo: DPOConfig) -> Callable:
     bad hyperparameter value or a batch key the stage lacks fails when the config loads."""
     fn = registry.resolve("preference", dpo.loss, beta=dpo.beta, **dpo.loss_kwargs)
     contract.dry_run("preference", fn, dpo.loss, PREFERENCE_KEYS)
+    if dpo.optim.grad_accum > 1:
+        contract.require_exact_accumulation("preference", fn, dpo.loss, "dpo.optim.grad_accum")
     return fn
 
 
@@ -159,12 +170,15 @@ def resolve_config_parts(cfg: Config) -> RLAlgorithm:
     loaded, so a misspelt name or a hyperparameter a part does not take fails before the first
     stage runs."""
     sft_keys = contract.PACKED_SFT_KEYS if cfg.sft.pack else contract.SFT_KEYS
-    for kind, name, kwargs, keys in (
-        ("sft", cfg.sft.loss, cfg.sft.loss_kwargs, sft_keys),
-        ("reward", cfg.rm.loss, cfg.rm.loss_kwargs, contract.REWARD_KEYS),
-        ("ptx", cfg.ptx.loss, {}, contract.PTX_KEYS),
+    for kind, name, kwargs, keys, accum_key in (
+        ("sft", cfg.sft.loss, cfg.sft.loss_kwargs, sft_keys, "sft.optim.grad_accum"),
+        ("reward", cfg.rm.loss, cfg.rm.loss_kwargs, contract.REWARD_KEYS, "rm.optim.grad_accum"),
+        ("ptx", cfg.ptx.loss, {}, contract.PTX_KEYS, "ppo.policy_optim.grad_accum"),
     ):
-        contract.dry_run(kind, registry.resolve(kind, name, **kwargs), name, keys)
+        fn = registry.resolve(kind, name, **kwargs)
+        contract.dry_run(kind, fn, name, keys)
+        if functools.reduce(getattr, accum_key.split("."), cfg) > 1:
+            contract.require_exact_accumulation(kind, fn, name, accum_key)
     resolve_preference_loss(cfg.dpo)
     if cfg.compare.reward_fn is not None:  # (also with no compare run to use it)
         registry.lookup("reward_fn", cfg.compare.reward_fn)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.steps.state import make_supervised_step
@@ -59,15 +60,20 @@ def make_preference_step(
 
     batch: the ranking batch (`input_ids`, `attention_mask` [B, K, L]; `rank`,
     `completion_mask` [B, K]; `completion_start` [B]) and `ref_logps` [B, K].
-    `loss_fn(outputs, batch)` receives `{"logps": [B, K]}` and the batch with
-    `completion_tokens` [B, K] added; `beta` and the loss's hyperparameters are bound.
+    `loss_fn(outputs, batch)` receives `{"logps": [B, K]}` and the (micro-)batch with
+    `completion_tokens` [B, K] and the whole batch's `pair_count` and `prompt_count` added
+    (`losses.accumulation`); `beta` and the loss's hyperparameters are bound.
     """
 
     def compute_loss(params, batch):
         out = _loss_out(model_config, loss_fn, params, batch)
         return out.loss, out.metrics
 
-    return make_supervised_step(compute_loss, grad_accum)
+    def counts(batch):  # what the loss sees, on the whole batch (completion_tokens included)
+        tokens = jnp.sum(completion_token_mask(batch)[..., 1:], axis=-1)
+        return batch_counts("preference", loss_fn, {**batch, "completion_tokens": tokens})
+
+    return make_supervised_step(compute_loss, grad_accum, counts)
 
 
 def make_logps_fn(model_config: ModelConfig) -> Callable:

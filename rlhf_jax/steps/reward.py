@@ -7,11 +7,13 @@ so a completion is not re-encoded K-1 times and each prompt counts once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.models import ModelConfig, scalar_forward, value_at_last_token
 from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
@@ -40,13 +42,17 @@ def make_reward_step(
 
     batch: `input_ids`, `attention_mask` [B, K, L]; `rank` [B, K] (0 best);
     `completion_mask` [B, K] (prompts with fewer than K completions are padded).
+    `loss_fn(outputs, batch)` receives `{"rewards": [B, K]}` and the (micro-)batch with the
+    whole batch's `pair_count` and `prompt_count` added (`losses.accumulation`).
     """
 
     def compute_loss(params, batch):
         out = loss_fn({"rewards": completion_rewards(model_config, params, batch)}, batch)
         return out.loss, out.metrics
 
-    return make_supervised_step(compute_loss, grad_accum)
+    return make_supervised_step(
+        compute_loss, grad_accum, functools.partial(batch_counts, "reward", loss_fn)
+    )
 
 
 def normalize_reward_bias(params: dict, scores: jax.Array) -> dict:

@@ -3,10 +3,11 @@
 Each minibatch is one optimizer update of the policy (and of the critic, when there is one):
 loss = policy loss (+ beta * KL when `ppo.kl_penalty=loss`) (+ vf_coef * critic loss)
 (+ ptx_coef * pretraining loss), accumulated into ONE gradient (as InstructGPT's PPO-ptx, not a
-separate optimizer step). Micro-batches (`policy_optim.grad_accum`) are normalised by the
-minibatch's global token and sequence counts, so their mean is exactly the minibatch's loss
-and gradient even when they hold different numbers of tokens. The KL controller then updates
-beta in compiled code.
+separate optimizer step). Every term of a micro-batch (`policy_optim.grad_accum`) is
+normalised by the whole minibatch's counts (`losses.accumulation`; the ptx term by its own
+batch's), so the sum over micro-batches is exactly the minibatch's loss, gradient and metrics
+even when they hold different numbers of tokens. The KL controller then updates beta in
+compiled code.
 
 Every loss sees the whole minibatch: the batch keys of `contract.POLICY_KEYS` (plus
 `ref_logprobs` with a KL term, `old_values` and `returns` with a critic), and the dynamic
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import PPOConfig
+from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.ops import (
     adaptive_kl_update,
@@ -80,7 +82,7 @@ def make_update_fn(
     use_ptx = ptx_loss_fn is not None and ptx_coef > 0
     kl_in_loss = algo.kl_penalty == "loss"
 
-    def minibatch_loss(params, mb, scalars):
+    def minibatch_loss(params, mb, scalars, ptx_counts):
         policy_params, critic_params = params
         p = mb["sequence_ids"].shape[1] - mb["response_ids"].shape[1]
         mask = mb["response_mask"]
@@ -105,7 +107,9 @@ def make_update_fn(
         # The trainer recomputes what the sampler computed: on the first minibatch (weights
         # still those that sampled) the two must agree to float rounding.
         gap = jnp.where(mask != 0, jnp.abs(logp - mb["logprobs"]), 0.0)
-        metrics["rollout/logprob_mismatch_mean"] = masked_mean(gap, mask)
+        metrics["rollout/logprob_mismatch_mean"] = masked_mean(
+            gap, mask, count=scalars["token_count"]
+        )
         metrics["rollout/logprob_mismatch_max"] = jnp.max(gap)
         if kl_in_loss:
             kl = kl_estimate(logp, mb["ref_logprobs"], algo.kl_estimator, mask)
@@ -124,6 +128,7 @@ def make_update_fn(
             metrics.update(val.metrics)
         if use_ptx:
             ptx_batch = {"input_ids": mb["ptx_input_ids"], "attention_mask": mb["ptx_mask"]}
+            ptx_batch.update(ptx_counts)
             ptx_logits = forward(
                 policy_cfg, policy_params, ptx_batch["input_ids"], ptx_batch["attention_mask"]
             )
@@ -136,13 +141,19 @@ def make_update_fn(
     def train_minibatch(state: RLState, mb: dict, frozen: Frozen | None):
         critic = state.critic
         params = (state.policy.params, critic.params if critic is not None else None)
-        # Global normalisers: each micro-batch's share of the minibatch's counts.
+        # The whole minibatch's normalisers, computed before it is split into micro-batches
+        # (`losses.accumulation`); the micro-batches' losses and gradients are then summed.
+        whole_mb = loss_batch(mb, {})
         scalars = {
-            "token_count": jnp.sum(mb["response_mask"]) / grad_accum,
-            "sequence_count": jnp.asarray(mb["response_mask"].shape[0] / grad_accum, jnp.float32),
+            **batch_counts("policy", algo.policy_loss, whole_mb),
+            **(batch_counts("value", algo.value_loss, whole_mb) if algo.needs_critic else {}),
             "beta": state.beta,
             "iteration": state.iteration,
         }
+        ptx_counts = {}
+        if use_ptx:
+            ptx_whole = {"input_ids": mb["ptx_input_ids"], "attention_mask": mb["ptx_mask"]}
+            ptx_counts = batch_counts("ptx", ptx_loss_fn, ptx_whole)
 
         def loss_of_trained(trained, mb):  # gradients for the trained weights only
             policy_trained, critic_trained = trained
@@ -150,7 +161,7 @@ def make_update_fn(
                 policy_with(policy_cfg, policy_trained, frozen),
                 critic.with_trained(critic_trained) if critic is not None else None,
             )
-            return minibatch_loss(whole, mb, scalars)
+            return minibatch_loss(whole, mb, scalars, ptx_counts)
 
         _, grads, metrics = accumulate_gradients(loss_of_trained, params, mb, grad_accum)
         policy = state.policy.apply_gradients(grads[0])

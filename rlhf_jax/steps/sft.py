@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
@@ -24,11 +26,15 @@ def make_sft_step(
 
     batch: `input_ids`, `attention_mask`, `loss_mask` ([B, T]; loss_mask marks target tokens),
     and `segment_ids` when several sequences are packed into each row.
-    `loss_fn(outputs, batch)` receives `{"logits": [B, T, V]}`; hyperparameters are bound.
+    `loss_fn(outputs, batch)` receives `{"logits": [B, T, V]}` and the (micro-)batch with the
+    whole batch's `token_count` and `sequence_count` added (`losses.accumulation`: exact under
+    `grad_accum`); hyperparameters are bound.
     """
 
     def compute_loss(params, batch):
         out = loss_fn(_lm_outputs(model_config, params, batch), batch)
         return out.loss, out.metrics
 
-    return make_supervised_step(compute_loss, grad_accum)
+    return make_supervised_step(
+        compute_loss, grad_accum, functools.partial(batch_counts, "sft", loss_fn)
+    )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rlhf_jax.losses.accumulation import combine_metrics, micro_batches
 from rlhf_jax.models.lora import merge_trees
 
 
@@ -97,12 +98,14 @@ def accumulate_gradients(
     batch: dict,
     n_micro: int,
 ):
-    """Mean loss, gradients and metrics over `n_micro` equal slices of the batch (metrics named
-    `*_max` take the maximum instead).
+    """Loss, gradients and metrics summed over `n_micro` equal slices of the batch (metrics
+    named `*_max` take the maximum instead).
 
-    The slices run in a `lax.scan`, so memory is that of one micro-batch; the result equals a
-    full-batch step when the loss is a mean over equally sized micro-batches, or when each
-    micro-batch's loss is normalised by its share of the whole batch's counts (the RL update).
+    The sum is the whole batch's loss and gradient when `loss_fn` divides by the WHOLE batch's
+    counts (`losses.accumulation`: the steps compute them before calling this and close
+    `loss_fn` over them), whatever the number of tokens or pairs in each slice. The slices
+    (rows j, j + n, ...: `accumulation.micro_batches`) run in a `lax.scan`, so memory is that
+    of one micro-batch.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -112,40 +115,36 @@ def accumulate_gradients(
 
     if n_micro == 1:
         return micro_step(batch)
-    # Micro-batch j takes rows j, j + n, j + 2n, ...: a strided split keeps every device's rows
-    # on that device when the batch is sharded along its rows (a contiguous split would move
-    # them), and the mean over equal micro-batches is the same.
-    micro = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // n_micro, n_micro, *x.shape[1:]).swapaxes(0, 1), batch
-    )
+    micro = micro_batches(batch, n_micro)
     shapes = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(acc, mb):
         loss, grads, metrics = micro_step(mb)
         acc_loss, acc_grads, acc_metrics = acc
-        metrics = {
-            k: jnp.maximum(acc_metrics[k], v) if k.endswith("_max") else acc_metrics[k] + v
-            for k, v in metrics.items()
-        }
+        metrics = combine_metrics(acc_metrics, metrics)
         return (acc_loss + loss, jax.tree.map(jnp.add, acc_grads, grads), metrics), None
 
     (loss, grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-    metrics = {k: v if k.endswith("_max") else v / n_micro for k, v in metrics.items()}
-    return loss / n_micro, jax.tree.map(lambda x: x / n_micro, grads), metrics
+    return loss, grads, metrics
 
 
 def make_supervised_step(
-    compute_loss: Callable[[Any, dict], tuple[jax.Array, dict]], grad_accum: int
+    compute_loss: Callable[[Any, dict], tuple[jax.Array, dict]],
+    grad_accum: int,
+    counts_fn: Callable[[dict], dict],
 ) -> Callable:
     """`step(state, batch, key) -> (state, metrics)` for a loss of (params, batch): one
-    optimizer update per call, over `grad_accum` micro-batches."""
+    optimizer update per call, over `grad_accum` micro-batches. `counts_fn(batch)` gives the
+    whole batch's normalisers (`accumulation.batch_counts`), computed before the batch is
+    split and added to every micro-batch."""
 
     def step(state: TrainState, batch: dict, key: jax.Array):
         del key  # dropout is off in every model (N-implementation-details), nothing to sample
+        counts = counts_fn(batch)
 
-        def loss_of_trained(params, batch):  # gradients for the trained weights only
-            return compute_loss(state.with_trained(params), batch)
+        def loss_of_trained(params, mb):  # gradients for the trained weights only
+            return compute_loss(state.with_trained(params), {**mb, **counts})
 
         _, grads, metrics = accumulate_gradients(loss_of_trained, state.params, batch, grad_accum)
         state = state.apply_gradients(grads)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.blocks import clip_range, clipped_surrogate, policy_inputs, policy_metrics
-from rlhf_jax.ops import masked_mean, reduce_tokens
+from rlhf_jax.ops import masked_mean, next_token_logprobs, reduce_tokens
 from rlhf_jax.registry import declare
 from rlhf_jax.types import LossOut
 
@@ -18,6 +18,14 @@ def my_loss(outputs, batch, scale: float = 1.0) -> LossOut:
     logp = jnp.where(mask != 0, outputs["logprobs"], 0.0)
     loss = -scale * masked_mean(batch["advantages"] * logp, mask)
     return LossOut(loss, {"custom/loss": loss})
+
+
+def local_sft(outputs, batch) -> LossOut:
+    """Cross-entropy averaged over the target tokens of the batch it is given: not exact when
+    a step splits the batch into micro-batches (it ignores the whole batch's token_count)."""
+    logp = next_token_logprobs(outputs["logits"], batch["input_ids"])
+    loss = -masked_mean(logp, jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:])
+    return LossOut(loss, {"sft/loss": loss})
 
 
 NOT_A_FUNCTION = 3
@@ -43,7 +51,7 @@ def clip_negatives_only(
         per_token_BT, mask_BT, reduction, batch["token_count"], batch["sequence_count"]
     )
     clipped_on_BT = clipped_on_BT & (adv_BT <= 0)
-    return LossOut(loss, policy_metrics(loss, outputs, mask_BT, log_ratio_BT, clipped_on_BT))
+    return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
 # Parts that break the contract in what they return (tests/losses/test_part_returns.py).

@@ -4,7 +4,10 @@ must be fixed before JAX starts):
     python parity_script.py TESTS_DIR OUT.npz ref            # plain jit on one device
     python parity_script.py TESTS_DIR OUT.npz 8x1x1 1x8x1    # sharded on these meshes
 
-Each run does one SFT step (2 accumulated micro-batches), one RM step, one PPO iteration
+Each run does one SFT step (2 accumulated micro-batches of 25 and 6 target tokens; the
+one-device reference takes the batch whole, grad_accum=1: accumulation and data parallelism
+together must give the whole batch's step), one RM step, one DPO step (pair weighting, 2
+micro-batches of 12 and 6 pairs against a whole-batch reference), one PPO iteration
 (experience + update, with ptx and EMA) and one GRPO iteration (2 samples per prompt, KL in the
 loss, no critic, 2 micro-batches of unequal token counts) from the same weights, batches and
 keys, saves the
@@ -65,13 +68,21 @@ rng = np.random.default_rng(0)
 sft_batch = {
     "input_ids": rng.integers(3, 64, (8, 8)).astype(np.int32),
     "attention_mask": np.ones((8, 8), np.float32),
-    "loss_mask": (np.arange(8) >= 3).astype(np.float32)[None].repeat(8, 0),
+    # Targets from these positions on: rows 0, 2, 4, 6 (micro-batch 0) hold 25 target
+    # tokens, rows 1, 3, 5, 7 hold 6.
+    "loss_mask": (np.arange(8)[None] >= np.array([[1], [7], [2], [6], [3], [7], [1], [6]])).astype(
+        np.float32
+    ),
 }
 rm_ids = rng.integers(3, 64, (8, 3, 6)).astype(np.int32)
 rm_batch = {
     "input_ids": rm_ids,
     "attention_mask": np.ones((8, 3, 6), np.float32),
-    "completion_mask": np.ones((8, 3), np.float32),
+    # Prompts with 3 completions (3 pairs) and with 2 (1 pair): the DPO micro-batches
+    # (rows 0, 2, 4, 6 and 1, 3, 5, 7) hold 12 and 6 pairs.
+    "completion_mask": (np.arange(3)[None] < np.array([[3, 2, 3, 2, 3, 3, 3, 2]]).T).astype(
+        np.float32
+    ),
     "rank": np.tile(np.arange(3, dtype=np.int32), (8, 1)),
 }
 # DPO on the same rankings: completions start after 2 prompt tokens; reference log-probs made up
@@ -106,8 +117,11 @@ ppo = PPOConfig(
 policy_tx = make_optimizer(ppo.policy_optim, 4)
 value_tx = make_optimizer(ppo.value_optim, 4)
 sft_fn = make_sft_step(config, get_loss("sft"), grad_accum=2)
+sft_whole_fn = make_sft_step(config, get_loss("sft"), grad_accum=1)
 rm_fn = make_reward_step(config, get_loss("reward"))
-dpo_fn = make_preference_step(config, get_loss("preference", "dpo", beta=0.5), grad_accum=2)
+dpo_loss = get_loss("preference", "dpo", beta=0.5, weighting="pair")
+dpo_fn = make_preference_step(config, dpo_loss, grad_accum=2)
+dpo_whole_fn = make_preference_step(config, dpo_loss, grad_accum=1)
 algo = RLAlgorithm.from_config(ppo)
 exp_fn = make_experience_fn(config, config, config, ppo, algo, EOS, PAD)
 update_fn = make_update_fn(config, config, ppo, algo, get_loss("ptx"), 1.0)
@@ -158,9 +172,9 @@ def summary(state, metrics, ppo_state=False):
 
 
 def reference():
-    sft = jax.jit(sft_fn)(TrainState.create(policy, sft_tx), sft_batch, KEY)
+    sft = jax.jit(sft_whole_fn)(TrainState.create(policy, sft_tx), sft_batch, KEY)
     rm = jax.jit(rm_fn)(TrainState.create(reward, rm_tx), rm_batch, KEY)
-    dpo = jax.jit(dpo_fn)(TrainState.create(policy, sft_tx), dpo_batch, KEY)
+    dpo = jax.jit(dpo_whole_fn)(TrainState.create(policy, sft_tx), dpo_batch, KEY)
     state = init_rl_state(policy, reward, policy_tx, value_tx, ppo)
     it = ppo_iteration(
         jax.jit(exp_fn),

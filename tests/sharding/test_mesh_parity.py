@@ -1,7 +1,9 @@
 """Acceptance of the scale-out: on 8 simulated devices, meshes (data, fsdp, tensor) =
 (8,1,1), (1,8,1), (2,2,2), (1,2,4) give the metrics and updated weights of one device for an
-SFT step, an RM step, a PPO iteration and a critic-free GRPO iteration (groups, KL in the
-loss, unequal micro-batches); FSDP really splits weights and Adam moments.
+SFT step, an RM step, a DPO step, a PPO iteration and a critic-free GRPO iteration (groups,
+KL in the loss, unequal micro-batches); the sharded SFT and DPO steps accumulate 2
+micro-batches of unequal counts and must equal one device taking the batch whole (the counts
+are global sums, nothing per device); FSDP really splits weights and Adam moments.
 
 The device count is fixed before JAX starts, so the work runs in subprocesses
 (`parity_script.py`): the one-device reference and two halves of the meshes, concurrently.

@@ -11,6 +11,7 @@ import pytest
 from tiny import tiny_model
 
 from rlhf_jax.config import OptimConfig, PPOConfig
+from rlhf_jax.losses import get_loss
 from rlhf_jax.models import init_scalar_head
 from rlhf_jax.steps import (
     Experience,
@@ -54,13 +55,16 @@ def setup(**changes):
     return config, ppo, algo, state, frozen, ids * (mask > 0), mask
 
 
-def run(config, ppo, algo, state, frozen, ids, mask, grad_accum=1, exp=None):
+def run(config, ppo, algo, state, frozen, ids, mask, grad_accum=1, exp=None, ptx=None):
     critic_cfg = config if algo.needs_critic else None
     if exp is None:
         exp_fn = jax.jit(make_experience_fn(config, critic_cfg, config, ppo, algo, (2,), 0))
         exp, exp_metrics = exp_fn(state, frozen, ids, mask, jax.random.key(0))
-    update = jax.jit(make_update_fn(config, critic_cfg, ppo, algo, grad_accum=grad_accum))
-    new_state, metrics = update(state, exp, None, jax.random.key(1))
+    ptx_parts = (get_loss("ptx"), 1.0) if ptx is not None else ()
+    update = jax.jit(
+        make_update_fn(config, critic_cfg, ppo, algo, *ptx_parts, grad_accum=grad_accum)
+    )
+    new_state, metrics = update(state, exp, ptx, jax.random.key(1))
     return exp, new_state, metrics
 
 
@@ -143,6 +147,15 @@ def test_the_trainer_recomputes_the_samplers_log_probs_under_top_k_top_p():
     assert float(metrics["ppo/policy/entropy"]) < np.log(5) + 1e-5
 
 
+def _unequal_ptx_batch(length=7, seed=1):
+    """One pretraining batch [epochs 1, minibatches 1, 4, length] whose rows score 6, 1, 5 and
+    2 tokens (right padding): the micro-batches (rows 0, 2 and 1, 3) hold 11 and 3."""
+    rng = np.random.default_rng(seed)
+    real = (np.arange(length)[None] < np.array([[7], [2], [6], [3]])).astype(np.float32)
+    ids = rng.integers(3, 61, (4, length)).astype(np.int32) * (real > 0)
+    return {"input_ids": ids[None, None], "attention_mask": real[None, None]}
+
+
 def _synthetic_experience(algo, b=8, p=4, n=5, seed=0):
     """An Experience of random tokens whose responses have uneven lengths: the strided
     micro-batches of the update (rows j, j + 2, ...) hold different numbers of tokens."""
@@ -179,11 +192,14 @@ def _synthetic_experience(algo, b=8, p=4, n=5, seed=0):
         {"loss_reduction": "seq_mean_token_mean", "advantage": "grpo", "samples_per_prompt": 2},
         {"loss_reduction": "seq_mean_token_sum_norm", "advantage": "dr_grpo",
          "samples_per_prompt": 2, "kl_penalty": "loss"},
+        {"ptx": True},  # the pretraining term: 4 rows of 6, 1, 5 and 2 scored tokens
     ],
 )  # fmt: skip
 def test_accumulating_unequal_micro_batches_equals_the_whole_minibatch(changes):
-    """The gradient (plain SGD, lr 1: the weight change is minus the gradient) of two
-    micro-batches holding 17 and 5 tokens equals the whole minibatch's."""
+    """The gradient (plain SGD, lr 1: the weight change is minus the gradient) and the
+    metrics of two micro-batches holding 17 and 5 tokens (and, with ptx, 11 and 3 pretraining
+    tokens) equal the whole minibatch's."""
+    ptx = _unequal_ptx_batch() if changes.pop("ptx", False) else None
     changes = {"rollout_batch": 8 // changes.get("samples_per_prompt", 1), **changes}
     config, ppo, algo, state, frozen, ids, mask = setup(**changes)
     sgd = optax.sgd(1.0)
@@ -192,9 +208,13 @@ def test_accumulating_unequal_micro_batches_equals_the_whole_minibatch(changes):
         state = state.replace(critic=TrainState.create(state.critic.params, sgd))
     exp = _synthetic_experience(algo)
     micro = dataclasses.replace(ppo, policy_optim=dataclasses.replace(OPTIM, grad_accum=2))
-    _, whole, m1 = run(config, ppo, algo, state, frozen, ids, mask, exp=exp)
-    _, accum, m2 = run(config, micro, algo, state, frozen, ids, mask, grad_accum=2, exp=exp)
-    np.testing.assert_allclose(m2["ppo/loss/total"], m1["ppo/loss/total"], rtol=1e-5)
+    _, whole, m1 = run(config, ppo, algo, state, frozen, ids, mask, exp=exp, ptx=ptx)
+    _, accum, m2 = run(
+        config, micro, algo, state, frozen, ids, mask, grad_accum=2, exp=exp, ptx=ptx
+    )
+    assert set(m2) == set(m1) and ("ppo/ptx/loss" in m1) == (ptx is not None)
+    for key in m1:
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
     for name in ("policy", "critic") if algo.needs_critic else ("policy",):
         before = getattr(state, name).params
         step_whole = jax.tree.map(jnp.subtract, getattr(whole, name).params, before)

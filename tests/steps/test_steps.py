@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from tiny import tiny_model
 
@@ -19,6 +20,7 @@ from rlhf_jax.steps import (
     init_rl_state,
     make_experience_fn,
     make_optimizer,
+    make_preference_step,
     make_reward_step,
     make_sft_step,
     make_update_fn,
@@ -35,20 +37,84 @@ def sft_batch(n=4, t=8, vocab=61, seed=0):
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
+def unequal_sft_batch(vocab=61, seed=0):
+    """4 rows of 10, 2, 7 and 1 target tokens: the strided micro-batches of grad_accum=2
+    (rows 0, 2 and 1, 3) hold 17 and 3 (a mean of their means is 43% off the batch's)."""
+    batch = sft_batch(n=4, t=12, vocab=vocab, seed=seed)
+    batch["loss_mask"] = (np.arange(12)[None] >= np.array([[2], [10], [5], [11]])).astype(
+        np.float32
+    )
+    return batch
+
+
+def sgd_step(step, params, batch):
+    """`(weight change, metrics)` of one plain SGD step with lr 1: the change is minus the
+    gradient."""
+    state, metrics = jax.jit(step)(TrainState.create(params, optax.sgd(1.0)), batch, None)
+    return jax.tree.map(jnp.subtract, state.params, params), metrics
+
+
+def assert_same_step(got, want):
+    """Same gradient and same metrics (the whole batch's) as the reference step."""
+    (update, metrics), (want_update, want_metrics) = got, want
+    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(want_update)) > 1e-3
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), update, want_update
+    )
+    assert set(metrics) == set(want_metrics)
+    for key in want_metrics:
+        np.testing.assert_allclose(metrics[key], want_metrics[key], rtol=1e-5, err_msg=key)
+
+
 def test_gradient_accumulation_equals_full_batch():
     config, params = tiny_model()
-    tx = make_optimizer(OptimConfig(lr=1e-2, grad_clip=0.0), 10)
-    batch = sft_batch()
-    outs = []
-    for accum in (1, 2, 4):
-        step = jax.jit(make_sft_step(config, get_loss("sft"), grad_accum=accum))
-        state, metrics = step(TrainState.create(params, tx), batch, jax.random.key(0))
-        outs.append((state.params, metrics))
-    for p, m in outs[1:]:
-        jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), outs[0][0], p
-        )
-        np.testing.assert_allclose(m["sft/loss"], outs[0][1]["sft/loss"], rtol=1e-5)
+    batch = unequal_sft_batch()
+    outs = [
+        sgd_step(make_sft_step(config, get_loss("sft"), grad_accum=accum), params, batch)
+        for accum in (1, 2, 4)
+    ]
+    assert float(outs[0][1]["sft/tokens"]) == 20
+    for out in outs[1:]:
+        assert_same_step(out, outs[0])
+
+
+def ranking_batch(seed=0):
+    """4 prompts of K = 5 with 10, 1, 2 and 1 ranked pairs (a tie, padded completions): the
+    micro-batches of grad_accum=2 hold 12 and 2 pairs."""
+    rng = np.random.default_rng(seed)
+    b, k, length = 4, 5, 6
+    completion_mask = (np.arange(k)[None] < np.array([[5], [2], [3], [2]])).astype(np.float32)
+    rank = np.array([[0, 1, 2, 3, 4], [1, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0]])
+    return {
+        "input_ids": rng.integers(3, 61, (b, k, length)).astype(np.int32),
+        "attention_mask": np.ones((b, k, length), np.float32),
+        "completion_mask": completion_mask,
+        "rank": rank.astype(np.int32),
+        "completion_start": np.array([2, 3, 1, 2], np.int32),
+        "ref_logps": (-rng.uniform(8, 16, (b, k))).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize(
+    "kind,name,kwargs",
+    [("reward", "pairwise_mean", {}), ("preference", "dpo", {"beta": 0.5, "weighting": "pair"})],
+)
+def test_reward_and_preference_steps_accumulate_exactly(kind, name, kwargs):
+    """pairwise_mean and DPO's pair weighting average over every pair of the whole batch,
+    also over micro-batches of 12 and 2 pairs (averaging their means was 88% / 33% off)."""
+    config, trunk = tiny_model(n_layers=1)
+    if kind == "reward":
+        params = {"trunk": trunk, "head": init_scalar_head(config, jax.random.key(1))}
+        make = make_reward_step
+    else:
+        params, make = trunk, make_preference_step
+    loss_fn = get_loss(kind, name, **kwargs)
+    outs = [
+        sgd_step(make(config, loss_fn, grad_accum=accum), params, ranking_batch())
+        for accum in (1, 2)
+    ]
+    assert float(outs[0][1]["rm/pairs" if kind == "reward" else "dpo/pairs"]) == 14
+    assert_same_step(outs[1], outs[0])
 
 
 def test_sft_step_lowers_the_loss():
