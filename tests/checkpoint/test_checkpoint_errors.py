@@ -2,7 +2,6 @@
 an incompatible or missing checkpoint, an unwritable folder, a full disk; a failed save
 leaves the training state and the previous checkpoint untouched."""
 
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import run
 
 from rlhf_jax.checkpointing import Checkpointer, abstract_state
 from rlhf_jax.errors import RlhfJaxError
@@ -133,12 +133,7 @@ DISK_FULL = textwrap.dedent(
 
 
 def test_disk_full_during_async_save(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", DISK_FULL, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run([sys.executable, "-c", DISK_FULL, str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "OK"

@@ -5,11 +5,11 @@ with exactly the metrics and weights of a run that was never interrupted."""
 import json
 import random
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
+from processes import Process
 from safetensors.numpy import load_file
 
 from rlhf_jax.cli import main
@@ -50,21 +50,14 @@ def _lines(path) -> int:
     return len(path.read_bytes().splitlines()) if path.exists() else 0
 
 
-def _kill_when(run_dir, out, condition, deadline_s=240):
-    """Start the command, SIGKILL it once `condition()` holds; (returncode, met, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_jax.cli", *_command(run_dir, out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + deadline_s
-    met = False
-    while proc.poll() is None and time.time() < deadline and not met:
-        met = condition()
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
-    return proc.returncode, met, err.decode()[-2000:]
+def _kill_when(run_dir, out, condition):
+    """Start the command, SIGKILL it once `condition()` holds; (returncode, met, stderr).
+    `met` is False when the run ended before the condition held."""
+    with Process([sys.executable, "-m", "rlhf_jax.cli", *_command(run_dir, out)]) as proc:
+        met = proc.wait_until(condition, poll=0.002)
+        proc.send_signal(signal.SIGKILL)
+        code = proc.finish()
+        return code, met, proc.stderr[-2000:]
 
 
 def _metrics(out):
