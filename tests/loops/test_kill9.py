@@ -46,6 +46,11 @@ def _saving(ckpt_dir) -> bool:
     return ckpt_dir.exists() and any("tmp" in p.name for p in ckpt_dir.iterdir())
 
 
+def _committed(ckpt_dir) -> bool:
+    """A finished checkpoint: orbax gives its folder the step's name once it is complete."""
+    return ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 def _lines(path) -> int:
     return len(path.read_bytes().splitlines()) if path.exists() else 0
 
@@ -80,14 +85,16 @@ def test_kill9_at_random_points_then_resume_is_exact(run_dir, tmp_path):
     # Kill 1: the moment a checkpoint is being written (after a few iterations).
     code, met, err = _kill_when(run_dir, out, lambda: _lines(metrics) >= 2 and _saving(ckpt_dir))
     assert code == -signal.SIGKILL and met, f"no save in flight was caught\n{err}"
-    # Kills 2 and 3: a random moment after the resumed run has made some progress.
+    # Kills 2 and 3: a random moment after the resumed run has made some progress and a
+    # checkpoint is complete (on a loaded machine a save can take longer than a step, and a
+    # kill before any commit would leave nothing to resume from).
     for _ in range(2):
         target = _lines(metrics) + rng.randint(1, 2)
         delay = rng.uniform(0.0, 0.5)
         state = {}
 
         def reached(target=target, delay=delay, state=state):
-            if _lines(metrics) < target:
+            if _lines(metrics) < target or not _committed(ckpt_dir):
                 return False
             state.setdefault("at", time.time())
             return time.time() - state["at"] >= delay
