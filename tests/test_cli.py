@@ -1,11 +1,11 @@
 """The command line: generate from a local checkpoint, and clean exits on bad input."""
 
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from processes import Process, run
 from tiny import tiny_config
 
 from rlhf_jax.cli import main
@@ -93,9 +93,7 @@ def test_generate_batch_of_prompts(checkpoint, capsys):
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    proc = run([sys.executable, "-m", "rlhf_jax.cli", *args])
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -117,9 +115,7 @@ def test_a_folder_of_pickle_weights_is_refused_for_that_reason(checkpoint, tmp_p
     data = tmp_path / "demos.jsonl"
     data.write_text('{"prompt": "a", "completion": " b"}\n')
     args = ["sft", "--output", str(tmp_path / "o"), f"model.path={folder}", f"sft.data={data}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.cli", *args], capture_output=True, text=True, timeout=120
-    )
+    proc = run([sys.executable, "-m", "rlhf_jax.cli", *args])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "only pickle weights found (pytorch_model.bin)" in proc.stderr
 
@@ -138,24 +134,28 @@ def test_a_truncated_weights_file_is_named(checkpoint, tmp_path, capsys):
     assert f"{weights}: not a readable safetensors file" in err and "truncated" in err
 
 
-def _start_then_signal(args, sig, after=4.0):
-    """Start `rlhf-jax ARGS`, send `sig` after `after` seconds, return (returncode, stderr)."""
-    import time
+# `rlhf-jax ARGS` run by its real `main`, saying on stderr when generation starts: the moment
+# to signal a long `generate` (nothing observable happens there otherwise).
+ANNOUNCING_GENERATE = """
+import sys
+import rlhf_jax.rollout
+from rlhf_jax.cli import main
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_jax.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(after)
-    proc.send_signal(sig)
-    try:
-        _, err = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise AssertionError(f"{args[0]} ignored signal {sig}") from None
-    return proc.returncode, err
+real = rlhf_jax.rollout.generate
+def announcing(*args, **kwargs):
+    print("test: generating", file=sys.stderr, flush=True)
+    return real(*args, **kwargs)
+rlhf_jax.rollout.generate = announcing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _signal_once(cmd, ready_line, sig):
+    """Start CMD, send `sig` once it printed `ready_line` on stderr; (returncode, stderr)."""
+    with Process(cmd) as proc:
+        proc.wait_for_line(ready_line)
+        proc.send_signal(sig)
+        return proc.finish(), proc.stderr
 
 
 def test_generate_stops_on_sigterm_and_ctrl_c(checkpoint):
@@ -165,9 +165,10 @@ def test_generate_stops_on_sigterm_and_ctrl_c(checkpoint):
 
     path, _ = checkpoint
     args = ["generate", "--model", str(path), "--prompt", "the red fox", "--max-new-tokens", "5000"]
+    cmd = [sys.executable, "-c", ANNOUNCING_GENERATE, *args]
     for sig in (signal.SIGTERM, signal.SIGINT):
-        # 2 s: still importing, loading or compiling, long before the tokens could be done
-        code, err = _start_then_signal(args, sig, after=2.0)
+        # sent while compiling or decoding, long before the tokens could be done
+        code, err = _signal_once(cmd, "test: generating", sig)
         assert code in (-sig, 130), err  # 130: Ctrl-C while Python was still importing
         assert "Traceback" not in err
 
@@ -187,7 +188,9 @@ def test_sigterm_stops_a_run_waiting_for_other_processes(tmp_path):
         "distributed.num_processes=2",
         "distributed.process_id=0",
     ]
-    code, err = _start_then_signal(args, signal.SIGTERM, after=6.0)
+    cmd = [sys.executable, "-m", "rlhf_jax.cli", *args]
+    # said just before the wait for process 1, which never comes
+    code, err = _signal_once(cmd, "waiting until all 2 processes have joined", signal.SIGTERM)
     assert code == -signal.SIGTERM
     assert "process 0 of 2: joining the run at 127.0.0.1" in err
     assert "waiting until all 2 processes have joined" in err
@@ -203,11 +206,6 @@ def test_transformers_advice_is_silenced_on_the_command_line(tmp_path):
         "from transformers.utils import logging\n"
         "logging.get_logger('transformers').warning_advice('ADVICE-LINE')\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "missing")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run([sys.executable, "-c", code, str(tmp_path / "missing")])
     assert "checkpoint folder not found" in proc.stderr
     assert "ADVICE-LINE" not in proc.stderr

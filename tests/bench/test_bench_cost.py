@@ -80,7 +80,7 @@ def test_data_dependent_loop_needs_its_trip_count():
 def section(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("bench") / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\nkept text\n")
-    section = run_tiny("cost", out, timeout=300)
+    section = run_tiny("cost", out)
     assert "kept text" in out.read_text()
     return section
 

@@ -3,24 +3,21 @@ its "Run with" line is its argv) and return the section it wrote into `out`."""
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from processes import run
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_tiny(name: str, out: Path, timeout: int = 120) -> str:
+def run_tiny(name: str, out: Path) -> str:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # a test's fake device count must not reach the benchmark
-    proc = subprocess.run(
+    proc = run(
         [sys.executable, "-m", f"bench.{name}", "--size", "tiny", "--out", str(out)],
         cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()

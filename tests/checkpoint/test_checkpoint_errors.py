@@ -5,7 +5,6 @@ leaves the training state and the previous checkpoint untouched."""
 import errno
 import logging
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import run
 
 from rlhf_jax.checkpointing import Checkpointer, abstract_state
 from rlhf_jax.errors import RlhfJaxError
@@ -136,12 +136,7 @@ DISK_FULL = textwrap.dedent(
 
 
 def test_disk_full_during_async_save(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", DISK_FULL, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run([sys.executable, "-c", DISK_FULL, str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1] == "OK"

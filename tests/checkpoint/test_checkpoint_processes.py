@@ -6,13 +6,13 @@ The mesh test runs in a subprocess: the device count must be set before JAX star
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import Process, run
 
 from rlhf_jax.checkpointing import (
     Checkpointer,
@@ -22,14 +22,8 @@ from rlhf_jax.checkpointing import (
 )
 
 
-def run_script(script, *args, timeout=120):
-    proc = subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc
+def run_script(script, *args):
+    return run([sys.executable, "-c", script, *map(str, args)])
 
 
 RESHARD = textwrap.dedent(
@@ -150,18 +144,12 @@ PREEMPTED = textwrap.dedent(
 
 
 def test_sigterm_saves_at_the_next_step_and_exits_0(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PREEMPTED, str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout.readline().strip() == "running"
+    with Process([sys.executable, "-c", PREEMPTED, str(tmp_path)]) as proc:
+        proc.wait_for_line("running", "stdout")  # printed after the handler is installed
+        assert proc.stdout.splitlines()[0] == "running"
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+        proc.finish()
+        out, err = proc.stdout, proc.stderr
     assert proc.returncode == 0, err[-3000:]
     saved = int(out.split()[-1])
     ckpt = Checkpointer(tmp_path, save_every=1000, keep=2, read_only=True)

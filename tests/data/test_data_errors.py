@@ -4,11 +4,11 @@ File names start with the loader that reads them (sft_, rank_, prompts_, text_),
 for rows that load but cannot be encoded (a prompt longer than its token budget).
 """
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from processes import run
 
 from rlhf_jax.data import (
     encode_prompts,
@@ -126,7 +126,7 @@ def test_prompt_too_long_names_its_line(name, tok):
 
 def test_cli_exits_2_before_compiling_on_a_bad_data_file(tmp_path):
     bad = BAD / "sft_missing_field.jsonl"
-    proc = subprocess.run(
+    proc = run(
         [
             sys.executable,
             "-m",
@@ -136,10 +136,7 @@ def test_cli_exits_2_before_compiling_on_a_bad_data_file(tmp_path):
             str(tmp_path),
             f"sft.data={bad}",
             "log.progress=false",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"error: {bad}:2: field 'completion': missing"

@@ -5,11 +5,11 @@ with exactly the metrics and weights of a run that was never interrupted."""
 import json
 import random
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
+from processes import Process
 from safetensors.numpy import load_file
 
 from rlhf_jax.cli import main
@@ -46,25 +46,23 @@ def _saving(ckpt_dir) -> bool:
     return ckpt_dir.exists() and any("tmp" in p.name for p in ckpt_dir.iterdir())
 
 
+def _committed(ckpt_dir) -> bool:
+    """A finished checkpoint: orbax gives its folder the step's name once it is complete."""
+    return ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+
+
 def _lines(path) -> int:
     return len(path.read_bytes().splitlines()) if path.exists() else 0
 
 
-def _kill_when(run_dir, out, condition, deadline_s=240):
-    """Start the command, SIGKILL it once `condition()` holds; (returncode, met, stderr)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rlhf_jax.cli", *_command(run_dir, out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + deadline_s
-    met = False
-    while proc.poll() is None and time.time() < deadline and not met:
-        met = condition()
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate(timeout=60)
-    return proc.returncode, met, err.decode()[-2000:]
+def _kill_when(run_dir, out, condition):
+    """Start the command, SIGKILL it once `condition()` holds; (returncode, met, stderr).
+    `met` is False when the run ended before the condition held."""
+    with Process([sys.executable, "-m", "rlhf_jax.cli", *_command(run_dir, out)]) as proc:
+        met = proc.wait_until(condition, poll=0.002)
+        proc.send_signal(signal.SIGKILL)
+        code = proc.finish()
+        return code, met, proc.stderr[-2000:]
 
 
 def _metrics(out):
@@ -87,14 +85,16 @@ def test_kill9_at_random_points_then_resume_is_exact(run_dir, tmp_path):
     # Kill 1: the moment a checkpoint is being written (after a few iterations).
     code, met, err = _kill_when(run_dir, out, lambda: _lines(metrics) >= 2 and _saving(ckpt_dir))
     assert code == -signal.SIGKILL and met, f"no save in flight was caught\n{err}"
-    # Kills 2 and 3: a random moment after the resumed run has made some progress.
+    # Kills 2 and 3: a random moment after the resumed run has made some progress and a
+    # checkpoint is complete (on a loaded machine a save can take longer than a step, and a
+    # kill before any commit would leave nothing to resume from).
     for _ in range(2):
         target = _lines(metrics) + rng.randint(1, 2)
         delay = rng.uniform(0.0, 0.5)
         state = {}
 
         def reached(target=target, delay=delay, state=state):
-            if _lines(metrics) < target:
+            if _lines(metrics) < target or not _committed(ckpt_dir):
                 return False
             state.setdefault("at", time.time())
             return time.time() - state["at"] >= delay

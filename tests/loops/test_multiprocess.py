@@ -5,12 +5,12 @@ process decodes every response: the rollout is gathered from both)."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import LIMIT_S, run
 
 LAUNCHER = Path(__file__).parents[2] / "launch" / "local_multiprocess.py"
 
@@ -66,16 +66,13 @@ def test_two_processes_match_one(run_dir, tmp_path, algorithm):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     extra = ALGORITHMS[algorithm]
     one = tmp_path / "one"
-    single = subprocess.run(
+    single = run(
         _ppo_args(run_dir, one, extra),
-        capture_output=True,
-        text=True,
-        timeout=300,
         env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
     )
     assert single.returncode == 0, single.stderr[-3000:]
     two = tmp_path / "two"
-    multi = subprocess.run(
+    multi = run(
         [
             sys.executable,
             str(LAUNCHER),
@@ -85,15 +82,13 @@ def test_two_processes_match_one(run_dir, tmp_path, algorithm):
             "2",
             "--log-dir",
             str(tmp_path / "logs"),
-            "--timeout",
-            "300",
+            "--timeout",  # the launcher's own hang guard, which kills every process
+            str(LIMIT_S),
             "--",
             *_ppo_args(run_dir, two, extra),
         ],
-        capture_output=True,
-        text=True,
-        timeout=360,
         env=env,
+        limit=LIMIT_S + 120,  # past the launcher's, which then leaves the logs
     )
     logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
     assert multi.returncode == 0, logs

@@ -8,10 +8,10 @@ drawn, and only its first iteration is compared.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
+from processes import run
 from test_pipeline import TINY
 
 
@@ -39,7 +39,7 @@ def test_sharded_pipeline_matches_one_device(run_dir, tmp_path):
         "mesh.fsdp=2",
         "mesh.tensor=2",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, mesh = _curves(run_dir), _curves(out)
     assert set(one) == set(mesh)

@@ -2,10 +2,10 @@
 8B-shaped plan on abstract inputs, and clear errors for bad input."""
 
 import json
-import subprocess
 import sys
 
 import pytest
+from processes import LIMIT_S, run
 
 from rlhf_jax.cli import main
 from rlhf_jax.plan.measure import measure_in_subprocess
@@ -95,7 +95,7 @@ def test_plan_is_within_20_percent_of_a_measured_step():
         "sft.batch_size=16",
         "sft.max_len=128",
     ]
-    result = measure_in_subprocess(CONFIG, "sft", overrides, timeout=300)
+    result = measure_in_subprocess(CONFIG, "sft", overrides, timeout=LIMIT_S)
     assert result["measured_bytes"] > 100 * 2**20  # well above the noise of a process
     assert 0.8 <= result["ratio"] <= 1.2, result
 
@@ -106,7 +106,7 @@ def test_an_8b_shaped_plan_on_two_virtual_devices():
     cmd = [sys.executable, "-m", "rlhf_jax.cli", "plan", "--config", CONFIG, *LLAMA_8B]
     cmd += ["model.n_layers=4", "pretrain.steps=0", "rm.steps=0", "ppo.iterations=0"]
     cmd += ["--devices", "2", "mesh.fsdp=2", "mesh.data=1", "--device-memory", "80GB", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = run(cmd)
     assert out.returncode == 0, out.stderr
     sft = json.loads(out.stdout)["stages"]["sft"]
     d, f, kv, v = 4096, 14336, 8 * 128, 128256

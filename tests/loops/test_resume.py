@@ -4,6 +4,7 @@ get exactly the metrics and weights of an uninterrupted run."""
 import json
 
 import numpy as np
+from processes import Process
 from safetensors.numpy import load_file
 
 from rlhf_jax.cli import main
@@ -82,9 +83,7 @@ def test_sigterm_saves_and_exits_0(run_dir, tmp_path):
     """Preemption: SIGTERM mid-stage -> checkpoint at the next step, exit 0, resumable. The
     stage is DPO's; every stage runs on the same host loop (`loops/train.run_stage`)."""
     import signal
-    import subprocess
     import sys
-    import time
 
     out = tmp_path / "preempted"
     cmd = [
@@ -100,15 +99,15 @@ def test_sigterm_saves_and_exits_0(run_dir, tmp_path):
         f"dpo.policy={run_dir / 'sft'}",
         f"dpo.data={run_dir / 'data' / 'rankings.jsonl'}",
     ]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and (
-        not metrics.exists() or len(metrics.read_text().splitlines()) < 2
-    ):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    with Process(cmd) as proc:
+        # steps logged: the handler (installed before training starts) is in place
+        assert proc.wait_until(
+            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, poll=0.2
+        ), f"the run ended before two steps were logged:\n{proc.stderr[-2000:]}"
+        proc.send_signal(signal.SIGTERM)
+        proc.finish()
+        err = proc.stderr
     assert proc.returncode == 0, err[-2000:]
     assert "stopped: dpo stopped at step" in err
     saved = [p.name for p in (out / "checkpoints" / "dpo").iterdir() if p.name.isdigit()]

@@ -3,9 +3,10 @@
 Runs in a subprocess: the device count must be set before JAX starts.
 """
 
-import subprocess
 import sys
 import textwrap
+
+from processes import run
 
 SCRIPT = textwrap.dedent(
     """
@@ -67,11 +68,6 @@ SCRIPT = textwrap.dedent(
 
 def test_load_hf_builds_each_shard_on_its_device(tmp_path):
     tests_dir = str(__import__("pathlib").Path(__file__).parent.parent)
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt"), tests_dir],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run([sys.executable, "-c", SCRIPT, str(tmp_path / "ckpt"), tests_dir])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")

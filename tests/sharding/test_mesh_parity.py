@@ -12,12 +12,13 @@ The device count is fixed before JAX starts, so the work runs in subprocesses
 import fcntl
 import json
 import os
-import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import Process, finish_all
 
 HERE = Path(__file__).parent
 MESHES = ["8x1x1", "1x8x1", "2x2x2", "1x2x4"]
@@ -33,24 +34,17 @@ def result_line(stdout: str) -> dict:
 
 
 def _run_all(out_dir: Path) -> tuple[dict, dict]:
-    procs = []
-    for i, modes in enumerate(GROUPS):
-        cmd = [sys.executable, str(HERE / "parity_script.py"), str(HERE.parent)]
-        cmd += [str(out_dir / f"group{i}.npz"), *modes]
-        procs.append(
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    try:
-        outputs = [proc.communicate(timeout=600) for proc in procs]
-    finally:
-        for proc in procs:  # a timeout leaves the others running
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with ExitStack() as stack:  # a failure leaves none of them running
+        procs = []
+        for i, modes in enumerate(GROUPS):
+            cmd = [sys.executable, str(HERE / "parity_script.py"), str(HERE.parent)]
+            cmd += [str(out_dir / f"group{i}.npz"), *modes]
+            procs.append(stack.enter_context(Process(cmd)))
+        codes = finish_all(procs)
     facts: dict = {}
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-4000:]
-        facts.update(result_line(stdout))
+    for proc, code in zip(procs, codes):
+        assert code == 0, proc.stderr[-4000:]
+        facts.update(result_line(proc.stdout))
     arrays = {}
     for i in range(len(GROUPS)):
         with np.load(out_dir / f"group{i}.npz") as data:

@@ -5,9 +5,11 @@ function over it and an FSDP x tensor sharded weight matches NumPy on every proc
 import json
 import os
 import socket
-import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
+
+from processes import Process, finish_all
 
 SCRIPT = Path(__file__).parent / "multiprocess_script.py"
 
@@ -23,30 +25,17 @@ def test_two_processes_form_one_mesh_and_batch():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    try:
-        outputs = [proc.communicate(timeout=240) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with ExitStack() as stack:  # a failure leaves neither process running
+        procs = []
+        for pid in range(2):
+            env = dict(os.environ, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+            env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{port}"
+            procs.append(stack.enter_context(Process([sys.executable, SCRIPT], env=env)))
+        codes = finish_all(procs)
     results = []
-    for proc, (stdout, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-4000:]
-        results.append(result_line(stdout))
+    for proc, code in zip(procs, codes):
+        assert code == 0, proc.stderr[-4000:]
+        results.append(result_line(proc.stdout))
     for pid, r in enumerate(results):
         assert r["started"] and r["process"] == pid
         assert (r["processes"], r["devices"]) == (2, 8)
