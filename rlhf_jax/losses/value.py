@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.config.schema import POSITIVE
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, reduce_tokens
 from rlhf_jax.types import LossOut
@@ -32,8 +33,8 @@ def _token_mean(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays) -> jax.Array
     return reduce_tokens(x_BT, mask_BT, "token_mean", batch.get("token_count"))
 
 
-@register_loss("value", "default", reads=READS)
-@register_loss("value", "clipped_value", reads=READS)
+@register_loss("value", "default", reads=READS, ranges={"clip_range": POSITIVE})
+@register_loss("value", "clipped_value", reads=READS, ranges={"clip_range": POSITIVE})
 def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> LossOut:
     """Clipped value loss (PPO2 baselines; lm-human-preference-details):
 
