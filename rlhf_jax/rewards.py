@@ -52,13 +52,23 @@ def score_texts(fn: RewardFn, prompts: list[str], completions: list[str], name: 
             f"reward function {name!r} returned {scores.shape[0]} scores for "
             f"{len(completions)} completions"
         )
-    bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+    # Checked in float32, the dtype the scores are used in: 1e39 is finite in float64 but
+    # becomes inf in float32 (and NaN advantages after it).
+    with np.errstate(over="ignore"):
+        used = scores.astype(np.float32)
+    bad = [i for i, s in enumerate(used) if not math.isfinite(s)]
     if bad:
-        raise RlhfJaxError(
-            f"reward function {name!r} returned a non-finite score ({scores[bad[0]]}) for "
-            f"completion {bad[0]}: {completions[bad[0]]!r:.200}"
+        i = bad[0]
+        what = (
+            f"a non-finite score ({scores[i]})"
+            if not math.isfinite(scores[i])
+            else f"a score ({scores[i]:g}) beyond float32's range (|score| < 3.4e38)"
         )
-    return scores.astype(np.float32)
+        raise RlhfJaxError(
+            f"reward function {name!r} returned {what} for completion {i}: "
+            f"{completions[i]!r:.200}"
+        )
+    return used
 
 
 @register_reward_fn("topics_gold")
