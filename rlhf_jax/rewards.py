@@ -65,8 +65,7 @@ def score_texts(fn: RewardFn, prompts: list[str], completions: list[str], name: 
             else f"a score ({scores[i]:g}) beyond float32's range (|score| < 3.4e38)"
         )
         raise RlhfJaxError(
-            f"reward function {name!r} returned {what} for completion {i}: "
-            f"{completions[i]!r:.200}"
+            f"reward function {name!r} returned {what} for completion {i}: {completions[i]!r:.200}"
         )
     return used
 
