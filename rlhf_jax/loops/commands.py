@@ -22,7 +22,15 @@ from rlhf_jax.data import (
     split_heldout,
 )
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
+from rlhf_jax.loops.checks import (
+    check_positions,
+    check_reward_model_fits,
+    check_reward_reading,
+    check_rows,
+    check_token_ids,
+    check_tokenizer,
+    stage_lengths,
+)
 from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.preference import (
@@ -102,9 +110,10 @@ def _not_a_reward_model(path: str, key: str) -> str:
 
 
 def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str, int]) -> None:
-    """The data's token ids and the stage's sequence lengths against the model at `path`
-    (its config.json only): before the output folder, the weights or any compile."""
+    """The tokenizer, the data's token ids and the stage's sequence lengths against the model
+    at `path` (its config.json only): before the output folder, the weights or any compile."""
     model_cfg = read_hf_config(path)
+    check_tokenizer(model_cfg, path, tokenizer)
     eos, pad = special_ids(tokenizer)
     check_token_ids(model_cfg, path, arrays, {"EOS": eos, "pad": pad})
     check_positions(model_cfg, path, lengths)
@@ -170,6 +179,9 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     check_rows(len(arrays["input_ids"]), cfg.rm.batch_size, "rm.batch_size", f"rm.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = load_model(init, cfg, runtime)
+    # The reward is read at the last token that is not this pad id (transformers' rule), and
+    # the saved config.json names it, so transformers reads the token trained here.
+    model_cfg = model_cfg.replace(pad_token_id=special_ids(tokenizer)[1])
     params = train_reward_model(
         cfg,
         model_cfg,
@@ -222,12 +234,20 @@ def _rl_data(cfg: Config, policy_path: str, rm_path: str | None):
     for arrays, batch_size, batch_key, file_key in rows:
         what = f"{file_key} {cfg.ppo.prompts if file_key == 'ppo.prompts' else cfg.ptx.data}"
         check_rows(len(arrays["input_ids"]), batch_size, batch_key, what)
-    if rm_path is not None:  # the RM reads the whole prompt + response
-        check_positions(read_hf_config(rm_path), rm_path, lengths)
+    if rm_path is not None:  # the RM reads the whole prompt + response, in the policy's ids
+        rm_cfg = read_hf_config(rm_path)
+        rm_tok = load_tokenizer(rm_path)
+        check_reward_model_fits(
+            policy_path, read_hf_config(policy_path), tokenizer, rm_path, rm_cfg, rm_tok
+        )
+        check_reward_reading(rm_path, rm_cfg, rm_tok)
+        check_positions(rm_cfg, rm_path, lengths)
     return tokenizer, prompt_arrays, ptx_arrays, reports
 
 
-def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runtime) -> RLModels:
+def _rl_models(
+    cfg: Config, policy_path: str, rm_path: str | None, runtime: Runtime, pad: int
+) -> RLModels:
     policy_cfg, sft_params = load_model(policy_path, cfg, runtime)
     if rm_path is None:
         return RLModels(policy_cfg, sft_params)
@@ -238,13 +258,9 @@ def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runt
         compute_dtype=cfg.model.dtype,
         shardings=lambda c: runtime.param_shardings(c, scalar=True),
     )
-    # model.remat as for every loaded model: the critic starts as this model and trains
-    reward_cfg = reward_cfg.replace(remat=cfg.model.remat)
-    if reward_cfg.vocab_size != policy_cfg.vocab_size:
-        raise RlhfJaxError(
-            f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
-            f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
-        )
+    # model.remat as for every loaded model: the critic starts as this model and trains. The
+    # reward is read at the last token that is not the pad id (checked in `_rl_data`).
+    reward_cfg = reward_cfg.replace(remat=cfg.model.remat, pad_token_id=pad)
     return RLModels(policy_cfg, sft_params, reward_cfg, reward_params)
 
 
@@ -258,7 +274,8 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         rm_path = _require(cfg.ppo.reward_model, "ppo.reward_model (or ppo.reward_fn)", "ppo")
     tokenizer, prompt_arrays, ptx_arrays, reports = _rl_data(cfg, policy_path, rm_path)
     out, logger, runtime = _start(cfg, out_dir, "policy")
-    models = _rl_models(cfg, policy_path, rm_path, runtime)
+    eos, pad = stop_ids(tokenizer)
+    models = _rl_models(cfg, policy_path, rm_path, runtime, pad)
     settings = stage_settings(
         cfg,
         STAGE_SECTIONS + ("ppo", "ptx"),
@@ -269,7 +286,6 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
             "ptx.data": cfg.ptx.data if cfg.ptx.coef > 0 else None,
         },
     )
-    eos, pad = stop_ids(tokenizer)
     state = train_rl(
         cfg,
         models,
