@@ -117,7 +117,8 @@ def test_every_command_that_reads_a_model_checks_its_tokenizer(files, tmp_path, 
                 "ppo.reward_fn=topics_gold", "ppo.rollout_batch=4", "ppo.minibatch_size=4"],
         "pipeline": ["pipeline", *out, f"model.path={model}", f"sft.data={files['data']}",
                      f"ppo.prompts={prompts}", "ptx.coef=0", "ppo.rollout_batch=4",
-                     "ppo.minibatch_size=4", f"rm.data={ranks}", "rm.batch_size=2"],
+                     "ppo.minibatch_size=4", f"rm.data={ranks}", "rm.batch_size=2",
+                     "ppo.max_prompt_len=200", "rm.max_prompt_len=200"],
         "generate": ["generate", "--model", model, "--prompt", "the red"],
     }[command]  # fmt: skip
     assert main(args) == 2
