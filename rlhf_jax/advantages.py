@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import registry
+from rlhf_jax.config.schema import FRACTION, POSITIVE, Range
 from rlhf_jax.ops import (
     discounted_returns,
     gae_advantages,
@@ -50,15 +51,21 @@ class AdvantageOut(NamedTuple):
 
 
 def register_advantage(
-    name: str, needs_critic: bool = False, min_group_size: int = 1, reads: tuple = ()
+    name: str,
+    needs_critic: bool = False,
+    min_group_size: int = 1,
+    reads: tuple = (),
+    ranges: Mapping[str, Range] | None = None,
 ) -> Callable:
-    """Decorator registering an estimator under `name` with the facts the run needs."""
+    """Decorator registering an estimator under `name` with the facts the run needs
+    (`ranges`: the values each numeric hyperparameter accepts, checked at config load)."""
     return registry.register(
         "advantage",
         name,
         needs_critic=needs_critic,
         min_group_size=min_group_size,
         reads=reads or ("rewards", "response_mask", "scores", "group_ids"),
+        ranges=dict(ranges or {}),
     )
 
 
@@ -90,7 +97,12 @@ def _metrics(adv_BN: jax.Array, mask_BN: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-@register_advantage("gae", needs_critic=True, reads=("rewards", "response_mask", "values"))
+@register_advantage(
+    "gae",
+    needs_critic=True,
+    reads=("rewards", "response_mask", "values"),
+    ranges={"gamma": FRACTION, "lam": FRACTION},
+)
 def gae(
     batch: Arrays,
     gamma: float = 1.0,
@@ -113,7 +125,8 @@ def gae(
     return AdvantageOut(adv_BN, returns_BN, _metrics(adv_BN, mask_BN))
 
 
-@register_advantage("grpo", min_group_size=2)
+# eps > 0: a group whose returns all agree has std 0, and (R - mean) / (0 + 0) is 0/0 = NaN.
+@register_advantage("grpo", min_group_size=2, ranges={"eps": POSITIVE})
 def grpo(batch: Arrays, eps: float = 1e-6) -> AdvantageOut:
     """GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300, outcome supervision):
     `A_i = (R_i - mean_G R) / (std_G R + eps)` on every token of response i, with the
@@ -147,7 +160,7 @@ def rloo(batch: Arrays) -> AdvantageOut:
     return AdvantageOut(adv_BN, None, _metrics(adv_BN, mask_BN))
 
 
-@register_advantage("reinforce_pp")
+@register_advantage("reinforce_pp", ranges={"gamma": FRACTION})
 def reinforce_pp(batch: Arrays, gamma: float = 1.0) -> AdvantageOut:
     """REINFORCE++ (Hu 2025, arXiv 2501.03262): the per-token reward (score at EOS, minus
     beta * KL_t when the KL is in the reward) summed to go, `G_t = sum_{l >= t} gamma^(l-t) r_l`,
@@ -158,7 +171,7 @@ def reinforce_pp(batch: Arrays, gamma: float = 1.0) -> AdvantageOut:
     return AdvantageOut(adv_BN, None, _metrics(adv_BN, mask_BN))
 
 
-@register_advantage("reinforce_pp_baseline", min_group_size=2)
+@register_advantage("reinforce_pp_baseline", min_group_size=2, ranges={"gamma": FRACTION})
 def reinforce_pp_baseline(batch: Arrays, gamma: float = 1.0) -> AdvantageOut:
     """REINFORCE++-baseline: the group's mean score is subtracted from each score first (on the
     last token, where the score sits), then reward-to-go and batch whitening as in

@@ -13,7 +13,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from rlhf_jax.config.schema import AT_LEAST_0, AT_LEAST_1, Range
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.flags import SEED, add_number
 from rlhf_jax.host_memory import keep_freed_host_memory
 from rlhf_jax.loops.output_lock import release_output_locks
 
@@ -28,16 +30,25 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--prompt", required=True, action="append", help="prompt text; repeat for a batch"
     )
-    p.add_argument(
+    add_number(
+        p,
         "--max-new-tokens",
-        type=int,
+        int,
+        AT_LEAST_1,
         default=None,
         help="default: 64, or fewer if the model's position table ends sooner",
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    add_number(
+        p,
+        "--temperature",
+        float,
+        AT_LEAST_0,
+        default=0.0,
+        help="0 = greedy (default); a tiny temperature gives the greedy tokens too",
+    )
+    add_number(p, "--top-k", int, AT_LEAST_1, default=None)
+    add_number(p, "--top-p", float, Range(0, 1, lo_open=True), default=None)
+    add_number(p, "--seed", int, SEED, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument(
         "--chat",
@@ -52,17 +63,17 @@ def _run_generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from rlhf_jax.loops.checks import check_positions
+    from rlhf_jax.loops.checks import check_positions, check_tokenizer
     from rlhf_jax.models import load_hf, load_tokenizer
+    from rlhf_jax.models.hf import read_hf_config
     from rlhf_jax.rollout import generate
 
     # Ctrl-C ends generation at once, even inside the compiled decode loop (which gives the
     # interpreter no chance to raise KeyboardInterrupt); SIGTERM keeps its default too.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise RlhfJaxError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    config, params = load_hf(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
+    check_tokenizer(read_hf_config(args.model), args.model, tokenizer)  # before the weights
+    config, params = load_hf(args.model, dtype=args.dtype)
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
@@ -310,7 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except RlhfJaxError as e:  # a numeric flag outside its range (flags.py)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     # key=value overrides may also come after options (argparse stops positionals at them)
     if extra:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):

@@ -14,8 +14,10 @@ function from config without editing the library. `resolve` binds the hyperparam
 
 A part may declare facts about itself with the `declare` decorator (or the keyword arguments of
 `register`): `reads=(...)`, the batch keys it reads (checked by the contract checker and when a
-config is loaded), and for estimators `needs_critic` and `min_group_size`. `info(fn)` reads them
-back, also through `functools.partial`.
+config is loaded), for estimators `needs_critic` and `min_group_size`, and `ranges={"eps":
+POSITIVE}`, the values each numeric hyperparameter accepts (`config.schema.Range`: never NaN
+or infinity), checked by `resolve` when a config is loaded. `info(fn)` reads them back, also
+through `functools.partial`.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def resolve(kind: str, name: str = "default", **hparams: Any) -> Callable:
     """`lookup(kind, name)` with `hparams` bound (names checked against its signature)."""
     fn = lookup(kind, name)
     check_hparams(kind, name, fn, hparams)
+    check_ranges(kind, name, fn, hparams)
     return functools.partial(fn, **hparams)
 
 
@@ -171,6 +174,21 @@ def check_hparams(kind: str, name: str, fn: Callable, hparams: Mapping[str, Any]
             f"{_NOUNS[kind][0]} {name!r} does not take {', '.join(unknown)}; "
             f"its hyperparameters: {', '.join(accepted) or '(none)'}"
         )
+
+
+def check_ranges(kind: str, name: str, fn: Callable, hparams: Mapping[str, Any]) -> None:
+    """A hyperparameter outside the range its part declares (`ranges=`) fails here, when the
+    config is loaded, not as NaN updates later (GRPO's eps=0 divides 0 by 0)."""
+    for key, allowed in info(fn).get("ranges", {}).items():
+        value = hparams.get(key)
+        if value is None:  # not given (the default), or None where the part allows it
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not allowed.contains(value):
+            raise RlhfJaxError(
+                f"{_NOUNS[kind][0]} {name!r}: hyperparameter {key!r} must be "
+                f"{'' if number else 'a number '}{allowed}, got {value!r}"
+            )
 
 
 @functools.cache

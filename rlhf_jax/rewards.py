@@ -64,17 +64,22 @@ def score_texts(fn: RewardFn, prompts: list[str], completions: list[str], name: 
             f"reward function {name!r} returned {scores.shape[0]} scores for "
             f"{len(completions)} completions"
         )
-    with np.errstate(over="ignore"):  # a score past float32's range becomes inf: refused below
-        scores32 = scores.astype(np.float32)
-    bad = [i for i, s in enumerate(scores32) if not math.isfinite(s)]
+    # Checked in float32, the dtype the scores are used in: 1e39 is finite in float64 but
+    # becomes inf in float32 (and NaN advantages after it).
+    with np.errstate(over="ignore"):
+        used = scores.astype(np.float32)
+    bad = [i for i, s in enumerate(used) if not math.isfinite(s)]
     if bad:
         i = bad[0]
-        what = "a non-finite score" if not math.isfinite(scores[i]) else "a score past float32"
-        raise RlhfJaxError(
-            f"reward function {name!r} returned {what} ({scores[i]}) for completion {i}: "
-            f"{completions[i]!r:.200}"
+        what = (
+            f"a non-finite score ({scores[i]})"
+            if not math.isfinite(scores[i])
+            else f"a score ({scores[i]:g}) beyond float32's range (|score| < 3.4e38)"
         )
-    return scores32
+        raise RlhfJaxError(
+            f"reward function {name!r} returned {what} for completion {i}: {completions[i]!r:.200}"
+        )
+    return used
 
 
 def _one_line(text: str) -> str:

@@ -99,10 +99,73 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(args, message):
     assert "Traceback" not in proc.stderr
 
 
-def test_bad_generation_settings_exit_2(checkpoint, capsys):
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--temperature", "nan", "--temperature must be >= 0, got nan"),
+        ("--temperature", "-0.5", "--temperature must be >= 0, got -0.5"),
+        ("--temperature", "inf", "--temperature must be >= 0, got inf"),
+        ("--top-p", "2", "--top-p must be in (0, 1], got 2.0"),
+        ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+        ("--top-k", "0", "--top-k must be >= 1, got 0"),
+        ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
+        ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
+        ("--seed", "4294967296", "--seed must be in [0, 4294967295], got 4294967296"),
+    ],
+)
+def test_every_numeric_flag_is_range_checked_in_one_line(checkpoint, capsys, flag, value, message):
     path, _ = checkpoint
-    assert main(["generate", "--model", str(path), "--prompt", "x", "--top-p", "2"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "--model", str(path), "--prompt", "x", flag, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"error: {message}\n" and captured.out == ""
+
+
+def test_plan_flags_are_range_checked_too(capsys):
+    assert main(["plan", "--devices", "0"]) == 2
+    assert capsys.readouterr().err == "error: --devices must be >= 1, got 0\n"
+
+
+def test_every_numeric_flag_is_declared_with_a_range():
+    """The class, not the examples: every int/float option of every command goes through
+    `flags.add_number` (so none can take NaN or a value its command cannot use)."""
+    from rlhf_jax.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    unchecked = [
+        f"{name} {action.option_strings[0]}"
+        for name, sub in commands.items()
+        for action in sub._actions
+        if action.type in (int, float) and not hasattr(action, "allowed")
+    ]
+    assert not unchecked, f"numeric flags without a range: {unchecked}"
+
+
+@pytest.mark.parametrize("temperature", ["1e-12", "1e-30", "1e-39", "1e-300"])
+def test_a_tiny_temperature_gives_the_greedy_completion(checkpoint, capsys, temperature):
+    """Not an empty completion (EOS drawn with log-prob -inf, as at 1e-12 before)."""
+    path, _ = checkpoint
+    base = ["generate", "--model", str(path), "--prompt", "the red fox", "--max-new-tokens", "6"]
+    assert main(base) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.strip()
+    assert main([*base, "--temperature", temperature]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def test_generate_checks_the_tokenizer_against_the_model(checkpoint, tmp_path, capsys):
+    """A model whose vocabulary is smaller than its tokenizer's: refused, as training does."""
+    _, tokenizer = checkpoint
+    config = tiny_config(vocab_size=100, eos_token_id=tokenizer.eos_token_id)
+    save_hf(config, init_params(config, jax.random.key(0)), tmp_path / "small", tokenizer)
+    assert main(["generate", "--model", str(tmp_path / "small"), "--prompt", "the red"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {tmp_path / 'small'}: the tokenizer has {len(tokenizer)} tokens (ids up to "
+        f"{len(tokenizer) - 1}), but the model's vocabulary has 100 entries (vocab_size in its "
+        "config.json): the tokenizer does not belong to this model; use the tokenizer saved "
+        "with it\n"
+    )
 
 
 def test_a_folder_of_pickle_weights_is_refused_for_that_reason(checkpoint, tmp_path):

@@ -22,10 +22,16 @@ def test_topics_gold_is_the_tasks_gold_reward():
     [
         ([1.0], "returned 1 scores for 2 completions"),
         ([1.0, float("nan")], "returned a non-finite score (nan) for completion 1: 'b'"),
+        # finite in float64, inf in float32 (the dtype the scores are used in)
+        (
+            [1e39, 0.0],
+            "returned a score (1e+39) beyond float32's range (|score| < 3.4e38) for "
+            "completion 0: 'a'",
+        ),
+        ([-4e38, 0.0], "returned a score (-4e+38) beyond float32's range"),
         (["x", "y"], "must return one number per completion"),
         (None, "must return one number per completion"),
         (["1.0", "2.0"], "must return one number per completion, got ['1.0', '2.0']"),
-        ([1e39, 0.0], "returned a score past float32 (1e+39) for completion 0: 'a'"),
     ],
 )
 def test_what_a_reward_function_returns_is_checked(returned, message):

@@ -37,12 +37,13 @@ class Range:
     def __str__(self) -> str:
         if self.lo is None and self.hi is None:
             return "a finite number"
+        lo, hi = _number(self.lo), _number(self.hi)
         if self.hi is None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            return f"{'>' if self.lo_open else '>='} {lo}"
         if self.lo is None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+            return f"{'<' if self.hi_open else '<='} {hi}"
         left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+        return f"in {left}{lo}, {hi}{right}"
 
     def contains(self, x: float) -> bool:
         if x != x or x in (float("inf"), float("-inf")):
@@ -50,6 +51,11 @@ class Range:
         if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
             return False
         return not (self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi)))
+
+
+def _number(x: float | None) -> str:
+    """An int in full (a seed's 4294967295), a float as %g (1e-06)."""
+    return str(x) if x is None or isinstance(x, int) else f"{x:g}"
 
 
 POSITIVE = Range(0, lo_open=True)  # > 0

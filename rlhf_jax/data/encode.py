@@ -287,8 +287,9 @@ def encode_rankings(
     `completion_start` [N] (the prompt's token count: where every completion of row n begins).
 
     L = max_prompt_len + max_completion_len + 1 and K = k_max (default: the largest K of the
-    examples). Row [n, k] is prompt + completion k + EOS, right-padded, so the reward is read at
-    the last real token (the EOS of a complete completion). A completion longer than
+    examples). Row [n, k] is prompt + completion k + EOS, right-padded; the reward is read at
+    the last real token that is not the pad id (the EOS of a complete completion, or with pad
+    == EOS the token before it, as transformers reads it). A completion longer than
     max_completion_len tokens keeps its first max_completion_len tokens and no EOS (counted).
     `rank[n, k]` is completion k's rank (0 best, ties equal); padded slots (completion_mask 0)
     are all padding with attention_mask 0 and rank K. Completions that truncation made

@@ -1,20 +1,31 @@
-"""Checks of the data against the model, before anything is compiled: every token id inside the
-model's vocabulary, every sequence inside its position table.
+"""Checks of the tokenizer and the data against the model, before anything is compiled: every
+id the tokenizer can produce and every token id of the data inside the model's vocabulary,
+every sequence inside its position table; a reward model that shares the policy's tokenizer
+and is read at the token it was trained for.
 
-Both failures are silent otherwise: an id past the embedding table reads garbage (NaN losses,
-every update skipped), a position past a learned table is clamped (wrong logits).
+Each failure is silent otherwise: an id past the embedding table reads garbage (NaN losses,
+every update skipped), a position past a learned table is clamped (wrong logits), a reward
+model with another tokenizer scores ids that mean other text to it.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.hf import is_reward_model
+from rlhf_jax.models.hf.io import (
+    REWARD_BIAS_KEY,
+    REWARD_READ_KEY,
+    REWARD_READ_RULE,
+    SCALAR_HEAD_FILE,
+)
 
 
 def language_models(cfg) -> dict[str, str]:
@@ -121,4 +132,113 @@ def check_rows(rows: int, batch_size: int, key: str, what: str) -> None:
             f"config key '{key}' is {batch_size}, but {what} has only {rows} usable "
             f"row{'s' if rows != 1 else ''}: "
             f"lower {key} to {rows} or less, or give more data"
+        )
+
+
+def check_tokenizer(model_cfg: ModelConfig, model_name: str, tokenizer) -> None:
+    """RlhfJaxError unless the model has an embedding row for every id the tokenizer can
+    produce (its `len`, added tokens included) and for each of its special ids. One check for
+    every command that reads a model and a tokenizer (training, `generate`, a reward model):
+    an id past the table reads garbage, silently. A model with more rows than the tokenizer
+    has ids (a vocabulary padded to a multiple of 64) is fine."""
+    vocab, n = model_cfg.vocab_size, len(tokenizer)
+    special = {
+        "EOS": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "BOS": tokenizer.bos_token_id,
+    }
+    over = {name: i for name, i in special.items() if i is not None and not 0 <= i < vocab}
+    if n <= vocab and not over:
+        return
+    what = (
+        f"the tokenizer has {n} tokens (ids up to {n - 1})"
+        if n > vocab
+        else "the tokenizer's " + ", ".join(f"{k} id {v}" for k, v in over.items())
+    )
+    raise RlhfJaxError(
+        f"{model_name}: {what}, but the model's vocabulary has {vocab} entries (vocab_size in "
+        "its config.json): the tokenizer does not belong to this model; use the tokenizer "
+        "saved with it"
+    )
+
+
+def _special_ids(tokenizer) -> dict[str, int | None]:
+    """The ids a reward model must share with the policy; pad falls back to EOS as in
+    `data.special_ids`."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    return {"EOS": eos, "pad": eos if pad is None else pad, "BOS": tokenizer.bos_token_id}
+
+
+def _vocab_differences(policy: dict[str, int], reward: dict[str, int]) -> list[str]:
+    if policy == reward:  # the common case: one dict comparison, no sorting
+        return []
+    out = []
+    if len(policy) != len(reward):
+        out.append(f"{len(policy)} vs {len(reward)} tokens")
+    moved = sorted(t for t in policy.keys() & reward.keys() if policy[t] != reward[t])
+    if moved:
+        t = moved[0]
+        out.append(f"{len(moved)} tokens with other ids, e.g. {t!r}: {policy[t]} vs {reward[t]}")
+    only = sorted(policy.keys() ^ reward.keys())
+    if only:
+        out.append(f"{len(only)} tokens in one vocabulary only, e.g. {only[0]!r}")
+    return out
+
+
+def check_reward_model_fits(
+    policy: str, policy_cfg: ModelConfig, policy_tok, rm: str, rm_cfg: ModelConfig, rm_tok
+) -> None:
+    """RlhfJaxError unless the reward model at `rm` reads the policy's token ids as its own:
+    the same token -> id map (compared entry by entry: the same vocabulary size with other ids
+    is another tokenizer) and the same EOS, pad and BOS ids, and a vocabulary size equal to the
+    policy's. Before any weight is loaded (also for the critic, which starts as this model)."""
+    check_tokenizer(rm_cfg, rm, rm_tok)
+    ours, theirs = _special_ids(policy_tok), _special_ids(rm_tok)
+    diffs = [f"{k} id {ours[k]} vs {theirs[k]}" for k in ours if ours[k] != theirs[k]]
+    diffs += _vocab_differences(policy_tok.get_vocab(), rm_tok.get_vocab())
+    if diffs:
+        raise RlhfJaxError(
+            f"reward model {rm} and policy {policy} have different tokenizers (policy vs "
+            f"reward model: {'; '.join(diffs)}): the reward model would score token ids that "
+            "mean other text to it; train it from the policy's tokenizer"
+        )
+    if rm_cfg.vocab_size != policy_cfg.vocab_size:
+        raise RlhfJaxError(
+            f"{rm}: vocabulary size {rm_cfg.vocab_size} differs from the policy's "
+            f"{policy_cfg.vocab_size} ({policy}); the RM must share the policy's tokenizer"
+        )
+
+
+def check_reward_reading(rm: str, rm_cfg: ModelConfig, tokenizer) -> None:
+    """RlhfJaxError when the rule rlhf_jax reads a reward by (transformers': the last real token
+    that is not the pad id, see `models.reward_token_index`) would read another token than
+    the one the reward model at `rm` was trained to be read at. The two differ only when the
+    tokenizer pads with its EOS (then the token before the EOS is read)."""
+    ids = _special_ids(tokenizer)
+    eos, pad = ids["EOS"], ids["pad"]
+    if rm_cfg.pad_token_id is not None and rm_cfg.pad_token_id != pad:
+        raise RlhfJaxError(
+            f"{rm}: config.json has pad_token_id {rm_cfg.pad_token_id}, but its tokenizer pads "
+            f"with id {pad}: transformers reads the reward at the last token that is not "
+            f"{rm_cfg.pad_token_id}, which in a batch padded with {pad} is padding; set "
+            f'"pad_token_id": {pad} in its config.json'
+        )
+    if pad != eos:
+        return
+    folder = Path(rm)
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    ours = REWARD_BIAS_KEY in raw or (folder / SCALAR_HEAD_FILE).is_file()
+    if ours and raw.get(REWARD_READ_KEY) != REWARD_READ_RULE:
+        raise RlhfJaxError(
+            f"{rm}: saved by an earlier rlhf_jax, which read the reward at the EOS; its "
+            f"tokenizer pads with its EOS (id {eos}), and the reward is now read at the token "
+            "before the EOS, as transformers does: retrain the reward model with `rlhf-jax rm`"
+        )
+    if rm_cfg.pad_token_id is None:
+        raise RlhfJaxError(
+            f"{rm}: config.json has no pad_token_id and its tokenizer pads with its EOS (id "
+            f"{eos}), so where it was trained to read the reward is unknown; rlhf_jax reads the "
+            "token before the EOS, as transformers does with pad_token_id = EOS (TRL sets it): "
+            f'if it was trained that way, set "pad_token_id": {eos} in its config.json'
         )

@@ -24,8 +24,11 @@ from rlhf_jax.data import (
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.checks import (
     check_positions,
+    check_reward_model_fits,
+    check_reward_reading,
     check_rows,
     check_token_ids,
+    check_tokenizer,
     require_language_model,
     stage_lengths,
 )
@@ -98,9 +101,10 @@ def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None 
 
 
 def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str, int]) -> None:
-    """The data's token ids and the stage's sequence lengths against the model at `path`
-    (its config.json only): before the output folder, the weights or any compile."""
+    """The tokenizer, the data's token ids and the stage's sequence lengths against the model
+    at `path` (its config.json only): before the output folder, the weights or any compile."""
     model_cfg = read_hf_config(path)
+    check_tokenizer(model_cfg, path, tokenizer)
     eos, pad = special_ids(tokenizer)
     check_token_ids(model_cfg, path, arrays, {"EOS": eos, "pad": pad})
     check_positions(model_cfg, path, lengths)
@@ -174,6 +178,9 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     check_rows(len(train["input_ids"]), cfg.rm.batch_size, "rm.batch_size", what)
     out, logger, runtime = _start(cfg, out_dir, "rm")
     model_cfg, trunk = load_model(init, cfg, runtime)
+    # The reward is read at the last token that is not this pad id (transformers' rule), and
+    # the saved config.json names it, so transformers reads the token trained here.
+    model_cfg = model_cfg.replace(pad_token_id=special_ids(tokenizer)[1])
     trained = train_reward_model(
         cfg,
         model_cfg,
@@ -236,13 +243,21 @@ def _rl_data(cfg: Config, policy_path: str, rm_path: str | None):
     for arrays, batch_size, batch_key, file_key in rows:
         what = f"{file_key} {cfg.ppo.prompts if file_key == 'ppo.prompts' else cfg.ptx.data}"
         check_rows(len(arrays["input_ids"]), batch_size, batch_key, what)
-    if rm_path is not None:  # the RM reads the whole prompt + response
-        check_positions(read_hf_config(rm_path), rm_path, lengths)
+    if rm_path is not None:  # the RM reads the whole prompt + response, in the policy's ids
+        rm_cfg = read_hf_config(rm_path)
+        rm_tok = load_tokenizer(rm_path)
+        check_reward_model_fits(
+            policy_path, read_hf_config(policy_path), tokenizer, rm_path, rm_cfg, rm_tok
+        )
+        check_reward_reading(rm_path, rm_cfg, rm_tok)
+        check_positions(rm_cfg, rm_path, lengths)
     check_reward_fns(cfg, prompt_texts)
     return tokenizer, (prompt_arrays, prompt_texts), ptx_arrays, reports
 
 
-def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runtime) -> RLModels:
+def _rl_models(
+    cfg: Config, policy_path: str, rm_path: str | None, runtime: Runtime, pad: int
+) -> RLModels:
     policy_cfg, sft_params = load_model(policy_path, cfg, runtime)
     if rm_path is None:
         return RLModels(policy_cfg, sft_params)
@@ -253,13 +268,9 @@ def _rl_models(cfg: Config, policy_path: str, rm_path: str | None, runtime: Runt
         compute_dtype=cfg.model.dtype,
         shardings=lambda c: runtime.param_shardings(c, scalar=True),
     )
-    # model.remat as for every loaded model: the critic starts as this model and trains
-    reward_cfg = reward_cfg.replace(remat=cfg.model.remat)
-    if reward_cfg.vocab_size != policy_cfg.vocab_size:
-        raise RlhfJaxError(
-            f"{rm_path}: vocabulary size {reward_cfg.vocab_size} differs from the policy's "
-            f"{policy_cfg.vocab_size}; the RM must share the policy's tokenizer"
-        )
+    # model.remat as for every loaded model: the critic starts as this model and trains. The
+    # reward is read at the last token that is not the pad id (checked in `_rl_data`).
+    reward_cfg = reward_cfg.replace(remat=cfg.model.remat, pad_token_id=pad)
     return RLModels(policy_cfg, sft_params, reward_cfg, reward_params)
 
 
@@ -278,7 +289,8 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         cfg, policy_path, rm_path
     )
     out, logger, runtime = _start(cfg, out_dir, "policy")
-    models = _rl_models(cfg, policy_path, rm_path, runtime)
+    eos, pad = stop_ids(tokenizer)
+    models = _rl_models(cfg, policy_path, rm_path, runtime, pad)
     settings = stage_settings(
         cfg,
         STAGE_SECTIONS + ("ppo", "ptx"),
@@ -289,7 +301,6 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
             "ptx.data": cfg.ptx.data if cfg.ptx.coef > 0 else None,
         },
     )
-    eos, pad = stop_ids(tokenizer)
     state = train_rl(
         cfg,
         models,

@@ -29,7 +29,13 @@ from rlhf_jax.data import (
     split_heldout,
 )
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.checks import check_positions, check_rows, check_token_ids, stage_lengths
+from rlhf_jax.loops.checks import (
+    check_positions,
+    check_rows,
+    check_token_ids,
+    check_tokenizer,
+    stage_lengths,
+)
 from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -115,11 +121,15 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
     return rank_samples(task, prompts, per_prompt, cfg.seed + 11, cfg.task.labeler_noise)
 
 
-def _check_against_model(cfg: Config, model_cfg: ModelConfig, special, batches: dict) -> None:
-    """Token ids, sequence lengths and rows per batch of every file, before any weight exists.
+def _check_against_model(
+    cfg: Config, model_cfg: ModelConfig, tokenizer, special, batches: dict
+) -> None:
+    """The tokenizer, the token ids, sequence lengths and rows per batch of every file, before
+    any weight exists.
     batches: {config key of the file: (what to call it, arrays, batch-size key, batch size,
     rows set aside for evaluation)}."""
     name = cfg.model.path or "the built-in task's model (model.*)"
+    check_tokenizer(model_cfg, name, tokenizer)
     arrays = {key: entry[1] for key, entry in batches.items()}
     check_token_ids(model_cfg, name, arrays, {"EOS": special[0], "pad": special[1]})
     check_positions(model_cfg, name, stage_lengths(cfg, ("sft", "rm", "ppo")))
@@ -213,7 +223,7 @@ def _check_data(cfg: Config, d: _Data, model_cfg: ModelConfig, eos, pad) -> None
         n_held = heldout_rows(a["user_rank"], cfg.rm.heldout_fraction)
         what = f"{cfg.rm.data} (less {n_held} held out)"
         batches["rm.data"] = (what, a["user_rank"], "rm.batch_size", cfg.rm.batch_size, n_held)
-    _check_against_model(cfg, model_cfg, (eos[0], pad), batches)
+    _check_against_model(cfg, model_cfg, d.tokenizer, (eos[0], pad), batches)
 
 
 def _base_model(cfg: Config, d: _Data, keys, logger, runtime, out: Path):
@@ -268,6 +278,9 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     else:
         _check_data(cfg, d, read_hf_config(cfg.model.path), eos, pad)
     model_cfg, params = _base_model(cfg, d, keys, logger, runtime, out)
+    # The pad id the data is padded with: the reward model reads the last token that is not
+    # it (transformers' rule), and the saved folders name it in config.json.
+    model_cfg = model_cfg.replace(pad_token_id=pad)
 
     # Step 1: SFT.
     sft_params = train_lm(

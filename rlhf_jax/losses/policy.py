@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.config.schema import POSITIVE, Range
 from rlhf_jax.losses.blocks import clip_range, clipped_surrogate, policy_inputs, policy_metrics
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, reduce_tokens
@@ -22,6 +23,9 @@ from rlhf_jax.types import LossOut
 
 # What every policy loss here reads from the minibatch (counts are optional).
 READS = ("old_logprobs", "advantages", "response_mask", "token_count", "sequence_count")
+# The clip range [1 - eps_low, 1 + eps_high] holds 1 inside it (an eps of 0 would freeze the
+# ratio's side; eps_low >= 1: no lower clip). Checked when the config is loaded.
+CLIP_RANGES = {"clip_eps": POSITIVE, "clip_eps_low": POSITIVE, "clip_eps_high": POSITIVE}
 
 
 def _reduce(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays, reduction: str) -> jax.Array:
@@ -30,8 +34,8 @@ def _reduce(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays, reduction: str) 
     )
 
 
-@register_loss("policy", "default", reads=READS)
-@register_loss("policy", "ppo_clip", reads=READS)
+@register_loss("policy", "default", reads=READS, ranges=CLIP_RANGES)
+@register_loss("policy", "ppo_clip", reads=READS, ranges=CLIP_RANGES)
 def ppo_clip(
     outputs: Arrays,
     batch: Arrays,
@@ -56,7 +60,12 @@ def ppo_clip(
     return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
-@register_loss("policy", "ppo_dual_clip", reads=READS)
+@register_loss(
+    "policy",
+    "ppo_dual_clip",
+    reads=READS,
+    ranges={**CLIP_RANGES, "dual_clip": Range(1, lo_open=True)},
+)
 def ppo_dual_clip(
     outputs: Arrays,
     batch: Arrays,
@@ -83,7 +92,7 @@ def ppo_dual_clip(
     return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
-@register_loss("policy", "gspo", reads=READS)
+@register_loss("policy", "gspo", reads=READS, ranges=CLIP_RANGES)
 def gspo(
     outputs: Arrays,
     batch: Arrays,
@@ -113,7 +122,7 @@ def gspo(
     return LossOut(loss, policy_metrics(loss, outputs, batch, mask_BT, log_ratio_BT, clipped_on_BT))
 
 
-@register_loss("policy", "cispo", reads=READS)
+@register_loss("policy", "cispo", reads=READS, ranges=CLIP_RANGES)
 def cispo(
     outputs: Arrays,
     batch: Arrays,

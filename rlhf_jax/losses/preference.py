@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.config.schema import POSITIVE, Range
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.losses.blocks import (
     Weighting,
@@ -63,8 +64,11 @@ def _check_smoothing(label_smoothing: float, name: str) -> None:
         )
 
 
-@register_loss("preference", "default", reads=READS)
-@register_loss("preference", "dpo", reads=READS)
+DPO_RANGES = {"beta": POSITIVE, "label_smoothing": Range(0, 1, hi_open=True)}
+
+
+@register_loss("preference", "default", reads=READS, ranges=DPO_RANGES)
+@register_loss("preference", "dpo", reads=READS, ranges=DPO_RANGES)
 def dpo(
     outputs: Arrays,
     batch: Arrays,
@@ -92,7 +96,12 @@ def dpo(
     return _pairwise_loss(outputs, batch, beta, weighting, per_pair)
 
 
-@register_loss("preference", "robust_dpo", reads=READS)
+@register_loss(
+    "preference",
+    "robust_dpo",
+    reads=READS,
+    ranges={"beta": POSITIVE, "label_smoothing": Range(0, 0.5, hi_open=True)},
+)
 def robust_dpo(
     outputs: Arrays,
     batch: Arrays,
@@ -116,7 +125,7 @@ def robust_dpo(
     return _pairwise_loss(outputs, batch, beta, weighting, per_pair)
 
 
-@register_loss("preference", "ipo", reads=READS)
+@register_loss("preference", "ipo", reads=READS, ranges={"beta": POSITIVE})
 def ipo(outputs: Arrays, batch: Arrays, beta: float, weighting: Weighting = "prompt") -> LossOut:
     """IPO (Azar et al. 2023) over every ranked pair: `(d - 1/(2 beta))^2` with `d` the
     difference of the per-token mean log-ratios (each completion's summed log-ratio divided

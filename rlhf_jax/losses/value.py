@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.config.schema import POSITIVE
 from rlhf_jax.losses.accumulation import count_or_local
 from rlhf_jax.losses.registry import Arrays, register_loss
 from rlhf_jax.ops import masked_mean, reduce_tokens
@@ -39,8 +40,8 @@ def _metric_mean(x_BT: jax.Array, mask_BT: jax.Array, batch: Arrays) -> jax.Arra
     return masked_mean(x_BT, mask_BT, count=count_or_local(batch, "token_count", jnp.sum(mask_BT)))
 
 
-@register_loss("value", "default", reads=READS)
-@register_loss("value", "clipped_value", reads=READS)
+@register_loss("value", "default", reads=READS, ranges={"clip_range": POSITIVE})
+@register_loss("value", "clipped_value", reads=READS, ranges={"clip_range": POSITIVE})
 def clipped_value(outputs: Arrays, batch: Arrays, clip_range: float = 0.2) -> LossOut:
     """Clipped value loss (PPO2 baselines; lm-human-preference-details):
 

@@ -4,6 +4,7 @@ from rlhf_jax.models.config import ModelConfig, RopeScaling
 from rlhf_jax.models.heads import (
     init_scalar_head,
     last_token_index,
+    reward_token_index,
     scalar_forward,
     scalar_head,
     scalar_model_logical_axes,
@@ -47,6 +48,7 @@ __all__ = [
     "param_logical_axes",
     "param_shapes",
     "positions_from_mask",
+    "reward_token_index",
     "save_hf",
     "save_scalar_model",
     "scalar_forward",

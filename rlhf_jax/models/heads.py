@@ -59,6 +59,18 @@ def last_token_index(mask_BT: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(mask_BT > 0, positions, 0), axis=-1).astype(jnp.int32)
 
 
+def reward_token_index(ids_BT: jax.Array, mask_BT: jax.Array, pad_id: int | None) -> jax.Array:
+    """Where a reward model reads each row ([B] int32): the last real token whose id is not
+    `pad_id`, the rule of transformers' `*ForSequenceClassification` (the rightmost token that
+    is not `config.pad_token_id`). With pad != EOS that is the last real token, the EOS of a
+    finished response; with pad == EOS it is the token before the EOS. `pad_id` None: the
+    last real token."""
+    real_BT = mask_BT > 0
+    if pad_id is not None:
+        real_BT = real_BT & (ids_BT != pad_id)
+    return last_token_index(real_BT)
+
+
 def value_at_last_token(values_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     """values[b, last real token of b] -> [B]; works for left- and right-padded rows."""
     idx = last_token_index(mask_BT)

@@ -7,6 +7,9 @@ import argparse
 import json
 import sys
 
+from rlhf_jax.config.schema import AT_LEAST_1
+from rlhf_jax.flags import add_number
+
 
 def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,9 +31,11 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         help="memory per device with its unit, e.g. 80GB or 80GiB (default: detected; on CPU, "
         "the host's RAM)",
     )
-    p.add_argument(
+    add_number(
+        p,
         "--devices",
-        type=int,
+        int,
+        AT_LEAST_1,
         metavar="N",
         help="plan for N devices (virtual CPU devices: no accelerator needed)",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.ops.logprobs import filter_logits, pack_support, truncates
 
@@ -16,6 +17,7 @@ __all__ = [
     "filter_logits",
     "first_argmax",
     "inverse_cdf_sample",
+    "is_greedy",
     "sample_token",
     "sample_token_and_support",
     "sampling_log_probs",
@@ -30,12 +32,37 @@ def sampling_log_probs(
 ) -> jax.Array:
     """Log-probabilities [B, V] of the distribution tokens are drawn from.
 
-    temperature == 0 (greedy) gives the plain log_softmax of the logits.
+    A greedy temperature (`is_greedy`) gives the plain log_softmax of the logits.
     """
     logits_BV = logits_BV.astype(jnp.float32)
-    if temperature == 0:
+    if is_greedy(temperature):
         return jax.nn.log_softmax(logits_BV, axis=-1)
-    return jax.nn.log_softmax(filter_logits(logits_BV / temperature, top_k, top_p), axis=-1)
+    return jax.nn.log_softmax(filter_logits(_tempered(logits_BV, temperature), top_k, top_p), -1)
+
+
+# Below float32's smallest normal number a temperature cannot divide (XLA flushes it to 0).
+GREEDY_BELOW = float(np.finfo(np.float32).tiny)
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` samples greedily: 0, or a positive value below float32's
+    smallest normal number (1.2e-38), which float32 cannot divide by. Every other temperature
+    samples from its distribution; for a tiny one that is the greedy token too (log-prob 0)."""
+    return temperature < GREEDY_BELOW
+
+
+def _tempered(logits_BV: jax.Array, temperature: float) -> jax.Array:
+    """`logits / temperature`, shifted so that each row's maximum is exactly 0.
+
+    The shift comes before the division: at temperature 1e-12, logits / T are ~1e13, where
+    float32 keeps no digit of the differences between logits and the compiled log-softmax
+    rounds the maximum's own term to about +-1e6 (an inf log-prob and a garbage token, EOS
+    with log-prob -inf). (x - max) / T is <= 0 with the maximum exactly 0, so every positive
+    temperature gives its distribution: the greedy token for a tiny one.
+    """
+    if temperature == 1.0:  # the common path: no extra pass (and the same bits as before)
+        return logits_BV
+    return (logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)) / temperature
 
 
 # Vocabulary block of the two-level inverse-CDF draw: the prefix sum runs over B x V/128
@@ -110,8 +137,10 @@ def sample_token(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per row and its log-prob under the sampling distribution: ([B], [B])."""
-    if temperature == 0:
+    """One token per row and its log-prob under the sampling distribution: ([B], [B]).
+    A greedy temperature (`is_greedy`: 0) takes the argmax, with its log-prob at
+    temperature 1."""
+    if is_greedy(temperature):
         # log_softmax at the chosen token only: no [B, V] array of log-probs is written.
         logits_BV = logits_BV.astype(jnp.float32)
         token_B = first_argmax(logits_BV)

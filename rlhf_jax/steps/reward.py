@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.accumulation import batch_counts
-from rlhf_jax.models import ModelConfig, scalar_forward, value_at_last_token
+from rlhf_jax.models import ModelConfig, scalar_forward
+from rlhf_jax.models.heads import reward_token_index
 from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
 
@@ -22,9 +23,12 @@ from rlhf_jax.types import LossOut
 def score_sequences(
     model_config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array
 ) -> jax.Array:
-    """Reward of each sequence [N] read at its last real token (the EOS when present)."""
+    """Reward of each sequence [N], read where transformers' `*ForSequenceClassification`
+    reads it: the last real token that is not `model_config.pad_token_id` (the EOS when pad
+    != EOS; the token before the EOS when pad == EOS). See `reward_token_index`."""
     values = scalar_forward(model_config, params, input_ids, attention_mask)
-    return value_at_last_token(values, attention_mask)
+    idx = reward_token_index(input_ids, attention_mask, model_config.pad_token_id)
+    return jnp.take_along_axis(values, idx[:, None], axis=-1)[:, 0]
 
 
 def completion_rewards(model_config: ModelConfig, params: dict, batch: dict) -> jax.Array:

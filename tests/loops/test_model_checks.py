@@ -96,3 +96,33 @@ def test_a_stage_that_skipped_every_update_saves_nothing(files, tmp_path, monkey
     assert code == 2 and "Traceback" not in err
     assert "every one of its 2 updates had NaN/Inf gradients and was skipped" in err
     assert not (tmp_path / "out" / "sft").exists()
+
+
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "ppo", "pipeline", "generate"])
+def test_every_command_that_reads_a_model_checks_its_tokenizer(files, tmp_path, command, capsys):
+    """One check (`check_tokenizer`) in every command that reads a model and its tokenizer:
+    a tokenizer with ids past the model's vocabulary is refused before anything is written."""
+    ranks = tmp_path / "ranks.jsonl"
+    row = {"prompt": "the red", "completions": [" fox", " owl"], "ranking": [0, 1]}
+    ranks.write_text((json.dumps(row) + "\n") * 8)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"the red {i}"}) + "\n" for i in range(8)))
+    model = str(files["small_vocab"])
+    out = ["--output", str(tmp_path / "out"), "log.progress=false"]
+    args = {
+        "sft": ["sft", *out, f"model.path={model}", f"sft.data={files['data']}"],
+        "rm": ["rm", *out, f"rm.init={model}", f"rm.data={ranks}", "rm.batch_size=4"],
+        "dpo": ["dpo", *out, f"dpo.policy={model}", f"dpo.data={ranks}", "dpo.batch_size=4"],
+        "ppo": ["ppo", *out, f"ppo.policy={model}", f"ppo.prompts={prompts}", "ptx.coef=0",
+                "ppo.reward_fn=topics_gold", "ppo.rollout_batch=4", "ppo.minibatch_size=4"],
+        "pipeline": ["pipeline", *out, f"model.path={model}", f"sft.data={files['data']}",
+                     f"ppo.prompts={prompts}", "ptx.coef=0", "ppo.rollout_batch=4",
+                     "ppo.minibatch_size=4", f"rm.data={ranks}", "rm.batch_size=2",
+                     "ppo.max_prompt_len=200", "rm.max_prompt_len=200"],
+        "generate": ["generate", "--model", model, "--prompt", "the red"],
+    }[command]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {model}: the tokenizer has ") and err.count("\n") == 1
+    assert "but the model's vocabulary has 100 entries" in err
+    assert not (tmp_path / "out" / "sft").exists() and not (tmp_path / "out" / "policy").exists()

@@ -122,3 +122,36 @@ def test_a_multi_label_classifier_is_not_a_reward_model(tmp_path):
     ).save_pretrained(str(tmp_path))
     with pytest.raises(RlhfJaxError, match=r"score.weight has shape \[3, 64\]; a reward model"):
         load_scalar_model(tmp_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pad_equal_to_eos_reads_the_token_transformers_reads(family, tmp_path):
+    """A tiny checkpoint with pad_token_id == eos_token_id (GPT-2 style, as TRL sets it):
+    transformers reads the rightmost token that is not the pad id, the one before the EOS;
+    `score_sequences` reads the same one, for right- and left-padded rows."""
+    from rlhf_jax.steps.reward import score_sequences
+
+    eos = 2
+    model = _torch_rm(family)
+    model.config.pad_token_id = eos
+    model.save_pretrained(str(tmp_path))
+    config, params = load_scalar_model(tmp_path)
+    assert config.pad_token_id == eos
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(3, VOCAB, n).tolist() + [eos] for n in (6, 3, 9)]
+    width = 12
+    # Left-padded rows too, except for GPT-2: transformers' GPT-2 numbers padding positions
+    # too (its positions do not come from the mask), so its left-padded logits differ anyway.
+    sides = ("right",) if family == "gpt2" else ("right", "left")
+    ids = np.full((len(sides) * len(rows), width), eos, np.int32)
+    mask = np.zeros(ids.shape, np.float32)
+    for i, seq in enumerate(rows):
+        ids[i, : len(seq)], mask[i, : len(seq)] = seq, 1
+        if "left" in sides:
+            j = len(rows) + i
+            ids[j, width - len(seq) :], mask[j, width - len(seq) :] = seq, 1
+    ours = np.asarray(score_sequences(config, params, ids, mask))
+    np.testing.assert_allclose(ours, _torch_scores(model, ids, mask), atol=1e-4, rtol=1e-4)
+    # ... which is not the EOS's own score (what the mask's last real token would give)
+    at_eos = _jax_scores(config, params, ids[: len(rows)], mask[: len(rows)])
+    assert np.all(np.abs(at_eos - ours[: len(rows)]) > 1e-3)

@@ -77,6 +77,21 @@ def test_greedy_is_argmax_with_plain_logprob():
     np.testing.assert_allclose(logps, log_softmax[np.argmax(LOGITS)], rtol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-12, 1e-30, 1e-39, 1e-300])
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_a_tiny_temperature_samples_the_greedy_token_compiled(temperature, scale):
+    """The limit of the tempered distribution as T -> 0 is the argmax with probability 1: the
+    greedy token with log-prob 0 (below float32's smallest normal number, the greedy path
+    itself). Compiled, as the decode loop runs it (XLA's fused log-softmax of logits / 1e-12
+    gave an inf log-prob and token 0)."""
+    logits = jnp.asarray(np.stack([LOGITS, LOGITS[::-1]]) * scale)
+    token, logp = jax.jit(lambda x, k: sample_token(x, k, temperature))(logits, jax.random.key(0))
+    np.testing.assert_array_equal(token, [0, len(LOGITS) - 1])
+    assert np.all(np.isfinite(logp))
+    if temperature > np.finfo(np.float32).tiny:
+        np.testing.assert_array_equal(logp, 0.0)
+
+
 def test_top_p_keeps_at_least_one_token():
     tokens, _ = draw(1.0, None, 1e-6)
     assert np.all(tokens == np.argmax(LOGITS))

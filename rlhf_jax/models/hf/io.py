@@ -253,6 +253,10 @@ def load_tokenizer(path: str | os.PathLike):
 SCALAR_HEAD_FILE = "scalar_head.safetensors"  # reward models saved before version 0.2
 SCORE = "score.weight"  # transformers' sequence-classification head, [num_labels, d_model]
 REWARD_BIAS_KEY = "rlhf_jax_reward_bias"  # config.json: the bias transformers' head lacks
+# config.json: where the reward is read. Saves without it come from an rlhf_jax that read the
+# EOS itself, also with pad == EOS (where transformers reads the token before it).
+REWARD_READ_KEY = "rlhf_jax_reward_read"
+REWARD_READ_RULE = "last_non_pad_token"
 SEQ_CLS_ARCHITECTURES = {
     "gpt2": "GPT2ForSequenceClassification",
     "llama": "LlamaForSequenceClassification",
@@ -298,6 +302,7 @@ def save_scalar_model(
         "id2label": {"0": "LABEL_0"},
         "label2id": {"LABEL_0": 0},
         REWARD_BIAS_KEY: float(host["head"]["bias"]),
+        REWARD_READ_KEY: REWARD_READ_RULE,
     }
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     (folder / SCALAR_HEAD_FILE).unlink(missing_ok=True)  # an older save in the same folder
@@ -332,8 +337,9 @@ def load_scalar_model(
     `shardings`: `config -> {"trunk", "head"} shardings` (the config is read here), so that
     each device receives only its shards, as `load_hf` does; default: one device.
 
-    The reward is read at each sequence's last real token, as transformers does when the pad
-    token differs from EOS (with pad == EOS, transformers reads the token before the EOS)."""
+    The reward is read where transformers reads it: the last real token that is not the pad
+    token (`config.pad_token_id`); with pad == EOS, the token before the EOS
+    (`models.reward_token_index`)."""
     folder = Path(path)
     if (folder / SCALAR_HEAD_FILE).is_file():
         return _load_legacy_scalar_model(folder, dtype, compute_dtype)
