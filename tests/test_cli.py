@@ -6,27 +6,16 @@ import jax
 import numpy as np
 import pytest
 from processes import Process, run
-from tiny import tiny_config
+from tiny import tiny_config, tiny_hf_checkpoint
 
 from rlhf_jax.cli import main
 from rlhf_jax.models import init_params, load_hf, save_hf
 from rlhf_jax.rollout import generate
-from rlhf_jax.tasks.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tokenizer = train_tokenizer(
-        ["the red fox runs near the river.", "a calm owl sings."] * 20, vocab_size=300
-    )
-    config = tiny_config(
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("ckpt")
-    save_hf(config, init_params(config, jax.random.key(0)), path, tokenizer)
-    return path, tokenizer
+    return tiny_hf_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_generate_prints_the_greedy_completion(checkpoint, capsys):

@@ -27,16 +27,14 @@ def tiny_model(seed: int = 0, **changes):
     return config, init_params(config, jax.random.key(seed))
 
 
-def tiny_sft_inputs(folder):
-    """`(model folder, demonstrations file)` for a real `rlhf-jax sft` run in a few seconds:
-    a tiny random Hugging Face checkpoint with its own small tokenizer, and 16 rows."""
-    import json
+def tiny_hf_checkpoint(folder):
+    """A tiny random Hugging Face checkpoint at `folder`, with its own small tokenizer (pad and
+    EOS distinct): `(folder, tokenizer)`."""
     from pathlib import Path
 
     from rlhf_jax.models import save_hf
     from rlhf_jax.tasks.tokenizer import train_tokenizer
 
-    folder = Path(folder)
     tokenizer = train_tokenizer(
         ["the red fox runs near the river.", "a calm owl sings."] * 20, vocab_size=300
     )
@@ -45,8 +43,19 @@ def tiny_sft_inputs(folder):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    save_hf(config, init_params(config, jax.random.key(0)), folder / "model", tokenizer)
+    save_hf(config, init_params(config, jax.random.key(0)), folder, tokenizer)
+    return Path(folder), tokenizer
+
+
+def tiny_sft_inputs(folder):
+    """`(model folder, demonstrations file)` for a real `rlhf-jax sft` run in a few seconds:
+    `tiny_hf_checkpoint` and 16 rows."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    model, _ = tiny_hf_checkpoint(folder / "model")
     demos = folder / "demos.jsonl"
     row = {"prompt": "the red fox", "completion": " runs near the river."}
     demos.write_text((json.dumps(row) + "\n") * 16)
-    return folder / "model", demos
+    return model, demos
