@@ -1,0 +1,211 @@
+"""Small sample inputs of every part kind, and the batch keys each stage hands its parts:
+what the contract checks (`rlhf_jax.contract`) call parts on."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from rlhf_jax.losses import accumulation
+
+B, T, V, K = 4, 6, 7, 5
+
+
+GROUP_IDS = np.array([0, 0, 1, 1], np.int32)  # two prompts, two samples each
+
+
+# Response lengths: unequal, one of a single token; rows (0, 2) and (1, 3), the two strided
+# micro-batches of the accumulation check, hold 11 and 3 tokens.
+LENGTHS = [6, 1, 5, 2]
+
+
+ROWS = 4  # rows of every sample batch: split into 2 and 4 micro-batches by the accumulation check
+
+
+T_LM = 10  # positions of the sft and ptx samples
+
+
+# Batch keys the RL update hands a policy loss, beyond what every loss of that kind gets:
+# these exist only with a reference model (a KL term) or a critic.
+REFERENCE_KEYS = ("ref_logprobs",)
+
+
+CRITIC_KEYS = ("old_values", "returns")
+
+
+POLICY_KEYS = (
+    "old_logprobs",
+    "advantages",
+    "response_mask",
+    "group_ids",
+    "scores",
+    "rewards",
+    "token_count",
+    "sequence_count",
+    "beta",
+    "iteration",
+)
+
+
+ADVANTAGE_KEYS = ("rewards", "response_mask", "scores", "group_ids")
+
+
+# What the critic's loss receives (with its `values` output), with or without a critic this run.
+VALUE_KEYS = ("old_values", "returns", "response_mask", "token_count", *ADVANTAGE_KEYS)
+
+
+# What the supervised stages hand their losses: SFT (`segment_ids` when rows are packed),
+# the reward model's ranking batch, the pretraining batch of ptx.
+SFT_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+PACKED_SFT_KEYS = (*SFT_KEYS, "segment_ids")
+
+
+REWARD_KEYS = ("input_ids", "attention_mask", "rank", "completion_mask", "completion_start")
+
+
+PTX_KEYS = ("input_ids", "attention_mask")
+
+
+# Texts a reward function is called on by `check_part`: two prompts, one answered twice as in
+# a group, and an empty completion (a response that is EOS at once decodes to "").
+SAMPLE_PROMPTS = ("What is 2 + 3? Answer with a number.", "Name a colour.")
+
+
+SAMPLE_COMPLETIONS = (" 5", "", " Red, I think.")
+
+
+def _prefix(lengths, t):
+    return (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
+
+
+def _shifted_free(target_mask_BT):
+    """Logits at t score token t + 1: position t is free when token t + 1 is not a target;
+    the last position scores nothing."""
+    free = np.ones_like(target_mask_BT, dtype=bool)
+    free[:, :-1] = target_mask_BT[:, 1:] == 0
+    return free
+
+
+def _counts(kind: str, batch: Mapping) -> dict[str, np.ndarray]:
+    """The whole sample batch's counts of `kind`, as the steps pass them."""
+    return {k: np.asarray(v) for k, v in accumulation.KIND_COUNTS[kind](batch).items()}
+
+
+def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
+    """`(outputs, batch, free)` of small random inputs for a part of `kind`, with every batch
+    key the library may provide; free[key] marks the output entries the part must ignore.
+    For `advantage`, outputs is empty and free marks the batch entries on padding."""
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape):
+        return rng.normal(size=shape).astype(np.float32)
+
+    if kind in ("sft", "ptx"):
+        ids = rng.integers(0, V, size=(ROWS, T_LM)).astype(np.int32)
+        # Left padding, right padding, none, and a row of one real token (nothing to score).
+        attn = _prefix([T_LM, 7, T_LM, 1], T_LM)
+        attn[2, :2] = 0
+        outputs = {"logits": normal(ROWS, T_LM, V) * 2}
+        batch = {"input_ids": ids, "attention_mask": attn}
+        if kind == "sft":
+            # 9, 3, 8 and 0 target tokens: micro-batches of 17 and 3 (or 9, 3, 8, 0).
+            loss_mask = np.zeros((ROWS, T_LM), np.float32)
+            loss_mask[0, 1:] = loss_mask[1, 4:7] = loss_mask[2, 2:] = 1.0
+            batch["loss_mask"] = loss_mask
+            free = _shifted_free(loss_mask)
+        else:
+            pairs = np.zeros((ROWS, T_LM), np.float32)
+            pairs[:, 1:] = attn[:, :-1] * attn[:, 1:]  # token t is scored from a real context
+            free = _shifted_free(pairs)
+        batch.update(_counts(kind, batch))
+        return outputs, batch, {"logits": free[..., None].repeat(V, -1)}
+    if kind in ("reward", "preference"):
+        # 10, 0 (a tie), 2 and 2 ranked pairs: micro-batches of 12 and 2 pairs (or 10, 0, 2, 2).
+        ks = [5, 2, 3, 3]
+        mask = _prefix(ks, K)
+        rank = np.stack([np.concatenate([rng.permutation(k), np.zeros(K - k, int)]) for k in ks])
+        rank[1, :2] = 0
+        rank[2, :3] = rank[3, :3] = [0, 1, 1]
+        batch = {"rank": rank.astype(np.int32), "completion_mask": mask}
+        if kind == "reward":
+            batch.update(_counts(kind, batch))
+            return {"rewards": normal(ROWS, K)}, batch, {"rewards": mask == 0}
+        ref = -np.abs(normal(ROWS, K)) * 8
+        batch["ref_logps"] = ref
+        batch["completion_tokens"] = rng.integers(1, 9, size=(ROWS, K)).astype(np.float32) * mask
+        batch.update(_counts(kind, batch))
+        return {"logps": ref + normal(ROWS, K)}, batch, {"logps": mask == 0}
+    mask = _prefix(LENGTHS, T)
+    pad = mask == 0
+    scores = normal(B)
+    rewards = np.zeros((B, T), np.float32)
+    rewards[np.arange(B), np.asarray(LENGTHS) - 1] = scores
+    rewards -= 0.05 * np.abs(normal(B, T)) * mask
+    common = {
+        "response_mask": mask,
+        "group_ids": GROUP_IDS,
+        "scores": scores,
+        "rewards": rewards * mask,
+    }
+    if kind == "advantage":
+        batch = {**common, "values": normal(B, T) * mask}
+        return {}, batch, {"rewards": pad, "values": pad}
+    old = -np.abs(normal(B, T))
+    if kind == "policy":
+        outputs = {"logprobs": old + 0.2 * normal(B, T), "entropy": np.abs(normal(B, T))}
+        batch = {
+            **common,
+            "old_logprobs": old,
+            "advantages": normal(B, T) * mask,
+            "ref_logprobs": old + 0.1 * normal(B, T),
+            "old_values": normal(B, T),
+            "returns": normal(B, T),
+            "beta": np.float32(0.05),
+            "iteration": np.int32(3),
+            **_counts(kind, common),
+        }
+        return outputs, batch, {"logprobs": pad, "entropy": pad}
+    if kind == "value":
+        old_values = normal(B, T)
+        outputs = {"values": old_values + 0.3 * normal(B, T)}
+        batch = {
+            **common,
+            "old_values": old_values,
+            "returns": normal(B, T),
+            **_counts(kind, common),
+        }
+        return outputs, batch, {"values": pad}
+    raise ValueError(f"no sample inputs for kind {kind!r}")
+
+
+def stage_inputs(kind: str) -> dict:
+    """Batch keys a stage hands its loss beyond the contract's sample inputs (the tokens the
+    model read), so that a loss reading them passes the load-time dry run."""
+    rng = np.random.default_rng(2)
+    if kind in ("reward", "preference"):  # the ranking batch: [ROWS, K, L], prompt lengths
+        length = 8
+        return {
+            "input_ids": rng.integers(0, V, size=(ROWS, K, length)).astype(np.int32),
+            "attention_mask": np.ones((ROWS, K, length), np.float32),
+            "completion_start": np.array([2, 3, 4, 2], np.int32),
+        }
+    if kind == "sft":  # packed rows: one sequence per row here
+        return {"segment_ids": np.ones((ROWS, T_LM), np.int32)}
+    return {}
+
+
+def with_bound_beta(kind: str, fn: Callable) -> Callable:
+    """A preference loss always receives `beta` (from `dpo.beta`): bind one unless bound."""
+    if kind == "preference" and "beta" not in getattr(fn, "keywords", {}):
+        return functools.partial(fn, beta=0.5)
+    return fn
+
+
+def part_name(fn: Callable) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
