@@ -17,7 +17,6 @@ PROBE = textwrap.dedent(
     import resource, sys
     if sys.argv[1] == "keep":
         from rlhf_jax import host_memory
-from rlhf_jax.errors import RlhfJaxError
         host_memory.memory_available = lambda: None  # a busy machine must not release it
         assert host_memory.keep_freed_host_memory()
     import jax, jax.numpy as jnp
