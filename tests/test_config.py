@@ -44,6 +44,7 @@ def test_overrides_are_typed():
         ("sft.optim.lrr=3", "did you mean 'sft.optim.lr'?"),
         ("ppo.beta=abc", "config key 'ppo.beta': expected a number, got 'abc'"),
         ("seed=1.5", "config key 'seed': expected an integer"),
+        ("seed=4294967296", "config key 'seed' must be in [0, 4294967295], got 4294967296"),
         ("ppo.adaptive_kl=3", "config key 'ppo.adaptive_kl': expected true or false"),
         ("model.family=bert", "'bert' is not one of"),
         ("ppo.minibatch_size=7", "'ppo.minibatch_size': 7 does not divide the 64 responses"),

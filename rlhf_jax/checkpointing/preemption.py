@@ -58,6 +58,8 @@ def install_preemption_handler(
         if signum == signal.SIGHUP and terminals:
             _detach_from_terminal(terminals)
             terminals.clear()
+        if not _REQUESTED.is_set():
+            _announce(signum)
         _REQUESTED.set()
 
     previous = {}
@@ -71,6 +73,16 @@ def install_preemption_handler(
             signal.signal(s, h)
 
     return uninstall
+
+
+def _announce(signum: int) -> None:
+    """Say at once that the signal was heard: the save waits for the step in flight, which
+    can take minutes at real sizes, and a silent first Ctrl-C invites a kill -9."""
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    again = " (Ctrl-C again to stop at once without saving)" if signum == signal.SIGINT else ""
+    line = f"{name}: stopping after the step in flight; saving first{again}\n"
+    with contextlib.suppress(OSError):  # not print: a handler must not re-enter a buffer
+        os.write(2, line.encode())
 
 
 def _is_terminal(fd: int) -> bool:

@@ -156,4 +156,9 @@ def test_a_second_ctrl_c_exits_130_with_one_line(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-3000:]
-    assert err == "error: interrupted\n"
+    # The first Ctrl-C is acknowledged at once (a save can take minutes), the second ends it.
+    assert err == (
+        "Ctrl-C: stopping after the step in flight; saving first "
+        "(Ctrl-C again to stop at once without saving)\n"
+        "error: interrupted\n"
+    )
