@@ -29,6 +29,7 @@ from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
 from rlhf_jax.losses import get_loss
+from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models import ModelConfig, init_scalar_head
 from rlhf_jax.models.hf.adapters import save_adapters
 from rlhf_jax.models.lora import fold_adapters, merge_trees, with_lora
@@ -299,17 +300,20 @@ def _iteration(cfg, programs, data, start, runtime):
         if programs.use_ptx:
             ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
         state, upd_metrics = programs.update(state, exp, ptx_batch, upd_key)
-        metrics = {**exp_metrics, **upd_metrics}
         # An iteration is long enough that waiting for its metrics costs little, and every
         # iteration's numbers are worth keeping.
-        jax.block_until_ready(metrics)
+        jax.block_until_ready((exp_metrics, upd_metrics))
         tokens = float(jnp.sum(exp.response_mask))
-        metrics["perf/tokens_per_second"] = tokens / (time.time() - t0)
         # XLA's account of the largest program: a per-device peak (weights, optimizer state,
         # activations, KV cache), the same on every iteration.
         peak = max(p.peak_bytes() for p in programs.compiled)
-        metrics["perf/peak_device_mib"] = peak / 2**20
-        return state, metrics
+        perf = {
+            "perf/tokens_per_second": tokens / (time.time() - t0),
+            "perf/peak_device_mib": peak / 2**20,
+        }
+        return state, merged_metrics(
+            ("the experience", exp_metrics), ("the update", upd_metrics), ("the RL loop", perf)
+        )
 
     return step
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import PPOConfig
+from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models import ModelConfig, hidden_states, lm_logits, scalar_forward, scalar_head
 from rlhf_jax.models.lora import without_lora
 from rlhf_jax.ops import (
@@ -243,8 +244,9 @@ def _metrics(state: RLState, exp: Experience, has_eos, kl_in_reward: bool, g: in
         metrics["ppo/value/explained_variance"] = explained_variance(exp.values, exp.returns, mask)
     if g > 1:  # groups whose responses all scored the same give a group baseline no signal
         metrics["rollout/groups_all_equal"] = jnp.mean(groups_all_equal(exp.scores, exp.group_ids))
-    metrics.update(adv.metrics)
-    return metrics
+    return merged_metrics(
+        ("the experience itself", metrics), ("the advantage estimator (ppo.advantage)", adv.metrics)
+    )
 
 
 def make_experience_fn(

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.losses.accumulation import batch_counts
+from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.ops import (
     adaptive_kl_update,
@@ -103,21 +104,22 @@ def make_update_fn(
         batch = loss_batch(mb, scalars)
         pol = algo.policy_loss({"logprobs": logp, "entropy": entropy}, batch)
         total = pol.loss
-        metrics = dict(pol.metrics)
+        library: dict = {}  # what the update writes itself, next to the parts' metrics
+        sources = [("the policy loss (ppo.policy_loss)", pol.metrics)]
         # The trainer recomputes what the sampler computed: on the first minibatch (weights
         # still those that sampled) the two must agree to float rounding.
         gap = jnp.where(mask != 0, jnp.abs(logp - mb["logprobs"]), 0.0)
-        metrics["rollout/logprob_mismatch_mean"] = masked_mean(
+        library["rollout/logprob_mismatch_mean"] = masked_mean(
             gap, mask, count=scalars["token_count"]
         )
-        metrics["rollout/logprob_mismatch_max"] = jnp.max(gap)
+        library["rollout/logprob_mismatch_max"] = jnp.max(gap)
         if kl_in_loss:
             kl = kl_estimate(logp, mb["ref_logprobs"], algo.kl_estimator, mask)
             kl_loss = reduce_tokens(
                 kl, mask, algo.reduction, scalars["token_count"], scalars["sequence_count"]
             )
             total = total + scalars["beta"] * kl_loss
-            metrics["ppo/kl_loss"] = kl_loss
+            library["ppo/kl_loss"] = kl_loss
         if algo.needs_critic:
             if values is None:
                 values = response_values(
@@ -125,7 +127,7 @@ def make_update_fn(
                 )
             val = algo.value_loss({"values": values}, batch)
             total = total + ppo.vf_coef * val.loss
-            metrics.update(val.metrics)
+            sources.append(("the value loss (ppo.value_loss)", val.metrics))
         if use_ptx:
             ptx_batch = {"input_ids": mb["ptx_input_ids"], "attention_mask": mb["ptx_mask"]}
             ptx_batch.update(ptx_counts)
@@ -134,9 +136,9 @@ def make_update_fn(
             )
             ptx = ptx_loss_fn({"logits": ptx_logits}, ptx_batch)
             total = total + ptx_coef * ptx.loss
-            metrics.update(ptx.metrics)
-        metrics["ppo/loss/total"] = total
-        return total, metrics
+            sources.append(("the pretraining loss (ptx.loss)", ptx.metrics))
+        library["ppo/loss/total"] = total
+        return total, merged_metrics(*sources, ("the RL update itself", library))
 
     def train_minibatch(state: RLState, mb: dict, frozen: Frozen | None):
         critic = state.critic
@@ -206,9 +208,10 @@ def make_update_fn(
         if ppo.adaptive_kl:
             mean_kl = jnp.mean(jnp.sum(exp.kl * exp.response_mask, axis=1))
             beta = adaptive_kl_update(beta, mean_kl, b, ppo.kl_target, ppo.kl_horizon)
-        metrics.update(skip_metrics(state.policy, "ppo/policy"))
+        skips = skip_metrics(state.policy, "ppo/policy")
         if state.critic is not None:
-            metrics.update(skip_metrics(state.critic, "ppo/value"))
+            skips.update(skip_metrics(state.critic, "ppo/value"))
+        metrics = merged_metrics(("the losses", metrics), ("the optimizer guard", skips))
         return state.replace(beta=beta, iteration=state.iteration + 1), metrics
 
     return update

@@ -11,6 +11,7 @@ import optax
 from flax import struct
 
 from rlhf_jax.losses.accumulation import combine_metrics, micro_batches
+from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models.lora import merge_trees
 
 
@@ -148,9 +149,7 @@ def make_supervised_step(
 
         _, grads, metrics = accumulate_gradients(loss_of_trained, state.params, batch, grad_accum)
         state = state.apply_gradients(grads)
-        metrics = dict(metrics)
-        metrics["train/grad_norm"] = optax.tree.norm(grads)
-        metrics.update(skip_metrics(state))
-        return state, metrics
+        library = {"train/grad_norm": optax.tree.norm(grads), **skip_metrics(state)}
+        return state, merged_metrics(("the loss", metrics), ("the train step itself", library))
 
     return step

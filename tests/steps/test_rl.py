@@ -225,3 +225,36 @@ def test_accumulating_unequal_micro_batches_equals_the_whole_minibatch(changes):
             step_accum,
             step_whole,
         )
+
+
+def test_a_part_metric_that_clashes_with_another_writer_is_an_error():
+    """A fork's policy loss returning a name the update writes itself (or the value loss
+    writes) would silently replace that number in metrics.jsonl; tracing the update says so."""
+    from rlhf_jax.errors import RlhfJaxError
+    from rlhf_jax.metrics import merged_metrics
+    from rlhf_jax.types import LossOut
+
+    config, ppo, algo, state, frozen, ids, mask = setup()
+    exp = _synthetic_experience(algo)
+    default = algo.policy_loss
+
+    def clashing(name):
+        def loss(outputs, batch):
+            out = default(outputs, batch)
+            return LossOut(out.loss, {**out.metrics, name: out.loss})
+
+        return loss
+
+    for name, writer in [
+        ("ppo/loss/total", "the RL update itself"),
+        ("ppo/value/loss", "the value loss (ppo.value_loss)"),
+    ]:
+        forked = dataclasses.replace(algo, policy_loss=clashing(name))
+        update = make_update_fn(config, config, ppo, forked)
+        with pytest.raises(RlhfJaxError) as e:
+            jax.eval_shape(update, state, exp, None, jax.random.key(1))
+        assert str(e.value) == (
+            f"metric {name!r} is written by both the policy loss (ppo.policy_loss) and "
+            f"{writer}; one would overwrite the other in metrics.jsonl: rename the part's metric"
+        )
+    assert merged_metrics(("a", {"x/y": 1}), ("b", {"x/z": 2})) == {"x/y": 1, "x/z": 2}
