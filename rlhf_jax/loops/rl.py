@@ -22,6 +22,7 @@ import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.data import batches
+from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.adapters import StageWeights, adapter_key, adapts, announce, stage_weights
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -273,19 +274,42 @@ def _place_frozen(params, shardings, dtype: str | None):
     return cast(shard_tree(params, shardings))
 
 
+def rl_batches(cfg: Config) -> dict[str, tuple[int, int, int, str]]:
+    """The RL stage's batches of each file: (global batch size, batches a whole run takes,
+    their seed, the batch size's config key). One prompt batch per iteration; one ptx batch
+    per minibatch of every epoch."""
+    ppo = cfg.ppo
+    n_mb = ppo.episodes // ppo.minibatch_size
+    return {
+        "prompts": (ppo.rollout_batch, ppo.iterations, cfg.seed + 2, "ppo.rollout_batch"),
+        "ptx": (
+            cfg.ptx.batch_size,
+            ppo.iterations * ppo.epochs * n_mb,
+            cfg.seed + 3,
+            "ptx.batch_size",
+        ),
+    }
+
+
 def _iteration(cfg, programs, data, start, runtime):
     """`step(state, it, key)`: one RL iteration, experience then update, with the prompt (and
-    ptx) batches from iteration `start` on."""
+    ptx) batches from iteration `start` on. Prompts and ptx rows: every row, or only those
+    this process reads (`HeldRows`)."""
     (prompts, ptx, texts), ppo, n_mb = data, cfg.ppo, programs.n_mb
+    spec = rl_batches(cfg)
     # One prompt batch per iteration and epochs x minibatches ptx batches: from `start` on.
     # Each batch carries its rows' indices (host only), to give a reward function the texts;
     # the order depends only on the row count and the seed, so the batches are unchanged.
-    rows = {"row": np.arange(len(prompts["input_ids"]))}
-    prompt_iter = batches({**prompts, **rows}, ppo.rollout_batch, cfg.seed + 2, start=start)
+    if isinstance(prompts, HeldRows):
+        with_rows = prompts.with_arrays(row=prompts.rows)
+    else:
+        with_rows = {**prompts, "row": np.arange(len(prompts["input_ids"]))}
+    size, _, seed, _ = spec["prompts"]
+    prompt_iter = batches(with_rows, size, seed, start=start)
     ptx_iter = None
     if programs.use_ptx:
-        ptx_start = start * ppo.epochs * n_mb
-        ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=ptx_start)
+        size, _, seed, _ = spec["ptx"]
+        ptx_iter = batches(ptx, size, seed, start=start * ppo.epochs * n_mb)
 
     def step(state, it, key):
         t0 = time.time()
