@@ -131,14 +131,16 @@ def test_two_processes_match_one(run_dir, tmp_path, algorithm):
                 continue
             np.testing.assert_allclose(y[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     assert (two / "policy" / "model.safetensors").is_file()
-    # Each process encoded half of the rows the run reads: the 2 prompt batches of 16 rows and
-    # (PPO-ptx) the 4 ptx batches of 8, read by slices of 8 and 4 rows.
-    encoded = {(f, int(p)): (int(k), int(n)) for f, p, k, n in ENCODED.findall(logs)}
+    # Each process encoded half of the rows the run reads: the 2 prompt batches (of 16 rows, 8
+    # for GRPO) and (PPO-ptx) the 4 ptx batches of 8, each read half by either process.
+    whole = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    encoded = {(f, int(p)): (int(k), int(n)) for f, p, k, n in ENCODED.findall(whole)}
     files = {f for f, _ in encoded}
     assert len(files) == (1 if "ptx.coef=0" in extra else 2), logs
     for f in files:
         (k0, n), (k1, _) = encoded[(f, 0)], encoded[(f, 1)]
-        read = 2 * 16 if f.endswith("ppo_prompts.jsonl") else 4 * 8
+        rollout = 8 if "ppo.rollout_batch=8" in extra else 16
+        read = 2 * rollout if f.endswith("ppo_prompts.jsonl") else 4 * 8
         assert k0 == k1 == read // 2 < n, (f, encoded)
     if algorithm == "grpo_text_reward":
         # one process scores all 16 responses of a rollout, two score 8 each (plus the check
