@@ -8,7 +8,9 @@ resumes where it stopped by saving `iterator.consumed` (batches taken so far, i.
 Multi-process runs: every process builds the same iterator (same arrays, seed and global
 `batch_size`) with its own `process_index`, and receives its contiguous slice of each global
 batch (rows `[p * B/P, (p + 1) * B/P)`), so the P slices of one step, concatenated in process
-order, are exactly the batch a single process would see.
+order, are exactly the batch a single process would see. Alternatively a process passes only
+the rows it will read (`shard.HeldRows`): it then gets the same global batches with the rows
+of the other processes' slices left as zeros.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from rlhf_jax.data.shard import HeldRows, epoch_order
 from rlhf_jax.errors import RlhfJaxError
 
 
@@ -25,7 +28,7 @@ class Batches(Iterator[dict[str, np.ndarray]]):
 
     def __init__(
         self,
-        arrays: Mapping[str, np.ndarray],
+        arrays: Mapping[str, np.ndarray] | HeldRows,
         batch_size: int,
         seed: int,
         drop_last: bool = True,
@@ -35,12 +38,24 @@ class Batches(Iterator[dict[str, np.ndarray]]):
         process_index: int = 0,
         process_count: int = 1,
     ):
+        self.held = arrays if isinstance(arrays, HeldRows) else None
+        if self.held is not None:
+            if batch_size != self.held.batch_size or process_count > 1 or not drop_last:
+                raise RlhfJaxError(
+                    f"batches: rows held for full batches of {self.held.batch_size} cannot "
+                    f"make batches of {batch_size} (nor a last partial one, nor a slice)"
+                )
+            arrays = self.held.arrays
         if not arrays:
             raise RlhfJaxError("batches: no arrays given")
         sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in arrays.items()}
         n = next(iter(sizes.values()))
         if n is None or any(s != n for s in sizes.values()):
             raise RlhfJaxError(f"batches: arrays must share their leading dimension, got {sizes}")
+        if self.held is not None:
+            if n != len(self.held.rows):
+                raise RlhfJaxError(f"batches: {n} rows of arrays for {len(self.held.rows)} held")
+            n = self.held.n
         if not isinstance(batch_size, int) or batch_size < 1:
             raise RlhfJaxError(f"batch size must be a positive integer, got {batch_size!r}")
         if not 0 <= process_index < process_count:
@@ -78,9 +93,7 @@ class Batches(Iterator[dict[str, np.ndarray]]):
 
     def order(self, epoch: int) -> np.ndarray:
         """The row order of `epoch`."""
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return epoch_order(self.n, self.seed, epoch, self.shuffle)
 
     def __next__(self) -> dict[str, np.ndarray]:
         epoch, index = self.position
@@ -91,11 +104,13 @@ class Batches(Iterator[dict[str, np.ndarray]]):
         lo = index * self.batch_size
         rows = self._order[lo : lo + self.batch_size][self._slice]
         self.consumed += 1
+        if self.held is not None:
+            return self.held.global_batch(rows)
         return {k: v[rows] for k, v in self.arrays.items()}
 
 
 def batches(
-    arrays: Mapping[str, np.ndarray],
+    arrays: Mapping[str, np.ndarray] | HeldRows,
     batch_size: int,
     seed: int | np.random.Generator = 0,
     drop_last: bool = True,
@@ -107,6 +122,7 @@ def batches(
     process_count: int = 1,
 ) -> Batches:
     """Batches of `batch_size` rows of every array, epoch after epoch (endless by default).
+    `arrays` may hold only some rows (`HeldRows`, see shard.py).
 
     seed: an int, or a Generator from which one int seed is drawn once (deterministic given
         the Generator's state; pass an int to be able to resume in a new process).

@@ -21,6 +21,7 @@ from rlhf_jax.data import (
     special_ids,
     split_heldout,
 )
+from rlhf_jax.data.shard import HeldRows, all_rows
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.checks import (
     check_positions,
@@ -40,9 +41,10 @@ from rlhf_jax.loops.preference import (
     train_preference,
     with_reference_logps,
 )
+from rlhf_jax.loops.process_rows import encode_own_rows, splits_rows
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
-from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
+from rlhf_jax.loops.rl import RLModels, final_policy, rl_batches, train_rl
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.settings import stage_settings
 from rlhf_jax.loops.setup import load_model, shift_reward_bias, start_run, stop_ids
@@ -221,28 +223,45 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
 def _rl_data(cfg: Config, policy_path: str, rm_path: str | None):
     """`(tokenizer, (prompt arrays, prompt texts), ptx arrays or None, reports)` of `rlhf-jax
     ppo`, every file checked against the policy (and the RM's position table) and every reward
-    function called once on the prompts, before anything loads."""
+    function called once on the prompts, before anything loads. With several processes each
+    encodes only the rows it reads (`HeldRows`, see loops/process_rows.py)."""
     prompts, prompt_report = load_prompts(
         _require(cfg.ppo.prompts, "ppo.prompts", "ppo"), cfg.data.on_error
     )
     tokenizer = load_tokenizer(policy_path)
     encode = RunEncoder(cfg, tokenizer)
-    prompt_arrays, prompt_texts = encode.rl_prompts(prompts, prompt_report)
+    own = Runtime.from_config(cfg) if splits_rows(cfg) else None
+    spec = rl_batches(cfg)
+    if own is None:
+        prompt_arrays, prompt_texts = encode.rl_prompts(prompts, prompt_report)
+    else:  # under data.on_error=raise every row is kept: the texts are the file's rows
+        prompt_arrays = encode_own_rows(
+            prompts, encode.prompts, prompt_report, spec["prompts"], own
+        )
+        prompt_texts = [e.prompt for e in prompts]
     checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
     rows = [(prompt_arrays, cfg.ppo.rollout_batch, "ppo.rollout_batch", "ppo.prompts")]
     ptx_arrays, reports = None, [prompt_report]
     if cfg.ptx.coef > 0:
         ptx_data = _require(cfg.ptx.data, "ptx.data", "ppo")
         ptx_examples, ptx_report = load_texts(ptx_data, cfg.data.on_error)
-        ptx_arrays = encode.lm_texts(ptx_examples, cfg.ptx.max_len, ptx_report)
+
+        def encode_ptx(examples, report):
+            return encode.lm_texts(examples, cfg.ptx.max_len, report)
+
+        if own is None:
+            ptx_arrays = encode_ptx(ptx_examples, ptx_report)
+        else:
+            ptx_arrays = encode_own_rows(ptx_examples, encode_ptx, ptx_report, spec["ptx"], own)
         checked[f"ptx.data {ptx_data}"] = ptx_arrays
         rows.append((ptx_arrays, cfg.ptx.batch_size, "ptx.batch_size", "ptx.data"))
         reports.append(ptx_report)
     lengths = stage_lengths(cfg, ("ppo",))
+    checked = {k: v.arrays if isinstance(v, HeldRows) else v for k, v in checked.items()}
     _check_fit(policy_path, tokenizer, checked, lengths)
     for arrays, batch_size, batch_key, file_key in rows:
         what = f"{file_key} {cfg.ppo.prompts if file_key == 'ppo.prompts' else cfg.ptx.data}"
-        check_rows(len(arrays["input_ids"]), batch_size, batch_key, what)
+        check_rows(all_rows(arrays), batch_size, batch_key, what)
     if rm_path is not None:  # the RM reads the whole prompt + response, in the policy's ids
         rm_cfg = read_hf_config(rm_path)
         rm_tok = load_tokenizer(rm_path)

@@ -11,7 +11,6 @@ compiled.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.setup import load_model, shift_reward_bias, start_run, stop_ids
+from rlhf_jax.loops.shared_files import write_jsonl_once
 from rlhf_jax.loops.stages import (
     init_random_model,
     random_model_config,
@@ -85,14 +85,6 @@ class Foundation:
     rm_bias_shift: float
     reports: list = dataclasses.field(default_factory=list)  # DataReports of every file
     notes: list[str] = dataclasses.field(default_factory=list)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
 
 
 def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eos, pad):
@@ -161,14 +153,14 @@ def _load_data(cfg: Config, out: Path) -> _Data:
     )
     data_dir = out / "data"
     paths = {
-        "sft.data": cfg.sft.data or _write_jsonl(data_dir / "sft.jsonl", task.sft),
+        "sft.data": cfg.sft.data or write_jsonl_once(data_dir / "sft.jsonl", task.sft),
         "ppo.prompts": cfg.ppo.prompts
-        or _write_jsonl(data_dir / "ppo_prompts.jsonl", task.ppo_prompts),
-        "ptx.data": cfg.ptx.data or _write_jsonl(data_dir / "pretrain.jsonl", task.pretrain),
+        or write_jsonl_once(data_dir / "ppo_prompts.jsonl", task.ppo_prompts),
+        "ptx.data": cfg.ptx.data or write_jsonl_once(data_dir / "pretrain.jsonl", task.pretrain),
         "rm.data": cfg.rm.data,
     }
-    heldout_path = _write_jsonl(data_dir / "pretrain_heldout.jsonl", task.pretrain_heldout)
-    eval_path = _write_jsonl(data_dir / "eval_prompts.jsonl", task.eval_prompts)
+    heldout_path = write_jsonl_once(data_dir / "pretrain_heldout.jsonl", task.pretrain_heldout)
+    eval_path = write_jsonl_once(data_dir / "eval_prompts.jsonl", task.eval_prompts)
     on_error = cfg.data.on_error
     sft_examples, sft_report = load_sft(paths["sft.data"], on_error)
     prompt_examples, prompt_report = load_prompts(paths["ppo.prompts"], on_error)
@@ -256,7 +248,7 @@ def _rankings(cfg: Config, d: _Data, model_cfg, sft_params, key, eos, pad, out: 
     rows, unranked = _sample_rankings(
         cfg, model_cfg, sft_params, d.tokenizer, d.task.rm_prompts, key, eos, pad
     )
-    rankings, report = load_rankings(_write_jsonl(out / "data" / "rankings.jsonl", rows))
+    rankings, report = load_rankings(write_jsonl_once(out / "data" / "rankings.jsonl", rows))
     notes = [f"{unranked} RM prompts not ranked: fewer than 2 distinct samples"] if unranked else []
     return RunEncoder(cfg, d.tokenizer).rankings(rankings, report), report, notes
 

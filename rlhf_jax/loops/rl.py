@@ -19,10 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from rlhf_jax.config import Config
 from rlhf_jax.data import batches
+from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.adapters import StageWeights, adapter_key, adapts, announce, stage_weights
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -35,11 +35,14 @@ from rlhf_jax.models.hf.adapters import save_adapters
 from rlhf_jax.models.lora import fold_adapters, merge_trees, with_lora
 from rlhf_jax.rewards import score_texts
 from rlhf_jax.sharding import (
+    host_local_rows,
     init_sharded_state,
     jit_experience,
     jit_finish,
     jit_sample,
     jit_update,
+    local_batch_rows,
+    make_global_batch,
     shard_tree,
 )
 from rlhf_jax.steps import (
@@ -94,23 +97,21 @@ def final_policy(
 
 
 def _host_scorer(algo: RLAlgorithm, tokenizer, samples_per_prompt: int) -> Callable:
-    """`scores(rollout, prompts) -> [B] float32`: decode every response (all processes see all
-    rows) and score it with the reward function, next to its prompt as the data file wrote it
-    (`prompts`: one per prompt row of the batch; the rollout answers each `samples_per_prompt`
-    times, consecutively), not the ids decoded back: a chat template's markup, a tokenizer's
-    normalisation or a truncation never reach the reward function."""
+    """`scores(rollout, prompts) -> (rows, [rows] float32)`: decode the responses this
+    process's devices hold (`rows` of the global rollout; all of them on one process) and
+    score them with the reward function, next to their prompts as the data file wrote them
+    (`prompts`: one per prompt row of the global batch; the rollout answers each
+    `samples_per_prompt` times, consecutively), not the ids decoded back: a chat template's
+    markup, a tokenizer's normalisation or a truncation never reach the reward function.
+    Each host scores only its own rows; nothing of the rollout crosses hosts."""
 
-    def gather(x):
-        if jax.process_count() == 1:
-            return np.asarray(x)
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    def scores(rollout, prompts: list[str]) -> np.ndarray:
-        tokens, mask = gather(rollout.response_ids), gather(rollout.response_mask)
+    def scores(rollout, prompts: list[str]) -> tuple[slice, np.ndarray]:
+        rows, tokens = host_local_rows(rollout.response_ids)
+        _, mask = host_local_rows(rollout.response_mask)  # split like the ids (jit_sample)
         decode = tokenizer.decode
         texts = [decode(t[k > 0], skip_special_tokens=True) for t, k in zip(tokens, mask)]
-        repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-        return score_texts(algo.reward_fn, repeated, texts, algo.reward_fn_name)
+        ours = [prompts[r // samples_per_prompt] for r in range(rows.start, rows.stop)]
+        return rows, score_texts(algo.reward_fn, ours, texts, algo.reward_fn_name)
 
     return scores
 
@@ -274,19 +275,42 @@ def _place_frozen(params, shardings, dtype: str | None):
     return cast(shard_tree(params, shardings))
 
 
+def rl_batches(cfg: Config) -> dict[str, tuple[int, int, int, str]]:
+    """The RL stage's batches of each file: (global batch size, batches a whole run takes,
+    their seed, the batch size's config key). One prompt batch per iteration; one ptx batch
+    per minibatch of every epoch."""
+    ppo = cfg.ppo
+    n_mb = ppo.episodes // ppo.minibatch_size
+    return {
+        "prompts": (ppo.rollout_batch, ppo.iterations, cfg.seed + 2, "ppo.rollout_batch"),
+        "ptx": (
+            cfg.ptx.batch_size,
+            ppo.iterations * ppo.epochs * n_mb,
+            cfg.seed + 3,
+            "ptx.batch_size",
+        ),
+    }
+
+
 def _iteration(cfg, programs, data, start, runtime):
     """`step(state, it, key)`: one RL iteration, experience then update, with the prompt (and
-    ptx) batches from iteration `start` on."""
+    ptx) batches from iteration `start` on. Prompts and ptx rows: every row, or only those
+    this process reads (`HeldRows`)."""
     (prompts, ptx, texts), ppo, n_mb = data, cfg.ppo, programs.n_mb
+    spec = rl_batches(cfg)
     # One prompt batch per iteration and epochs x minibatches ptx batches: from `start` on.
     # Each batch carries its rows' indices (host only), to give a reward function the texts;
     # the order depends only on the row count and the seed, so the batches are unchanged.
-    rows = {"row": np.arange(len(prompts["input_ids"]))}
-    prompt_iter = batches({**prompts, **rows}, ppo.rollout_batch, cfg.seed + 2, start=start)
+    if isinstance(prompts, HeldRows):
+        with_rows = prompts.with_arrays(row=prompts.rows)
+    else:
+        with_rows = {**prompts, "row": np.arange(len(prompts["input_ids"]))}
+    size, _, seed, _ = spec["prompts"]
+    prompt_iter = batches(with_rows, size, seed, start=start)
     ptx_iter = None
     if programs.use_ptx:
-        ptx_start = start * ppo.epochs * n_mb
-        ptx_iter = batches(ptx, cfg.ptx.batch_size, cfg.seed + 3, start=ptx_start)
+        size, _, seed, _ = spec["ptx"]
+        ptx_iter = batches(ptx, size, seed, start=start * ppo.epochs * n_mb)
 
     def step(state, it, key):
         t0 = time.time()
@@ -378,8 +402,12 @@ def _make_experience(
             raise ValueError("a reward function over text needs the prompts' texts")
         policy = policy_weights(models.policy_cfg, state, frozen)
         rollout = sample(policy, b["input_ids"], b["attention_mask"], k)
-        host_scores = score(rollout, prompt_texts)
-        scores = runtime.global_batch({"scores": host_scores}, "ppo.rollout_batch")["scores"]
+        rows, local_scores = score(rollout, prompt_texts)
+        n = rollout.response_ids.shape[0]
+        expected = local_batch_rows(n, mesh, rules, "ppo.rollout_batch")
+        if rows != expected:  # the rollout is split like every batch (jit_sample's rows)
+            raise ValueError(f"rollout rows {rows} held here are not the batch's {expected}")
+        scores = make_global_batch(local_scores, mesh, rules, "ppo.rollout_batch")
         return finish(state, frozen, rollout, scores)
 
     return experience, [sample, finish]

@@ -21,6 +21,7 @@ from rlhf_jax.sharding.jit import jit_experience, jit_finish, jit_sample, jit_st
 from rlhf_jax.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
 from rlhf_jax.sharding.place import (
     check_batch_divisible,
+    host_local_rows,
     init_sharded,
     init_sharded_state,
     local_batch_rows,
@@ -49,6 +50,7 @@ __all__ = [
     "check_batch_divisible",
     "data_parallel_size",
     "experience_shardings",
+    "host_local_rows",
     "init_sharded",
     "init_sharded_state",
     "initialize",

@@ -89,6 +89,27 @@ def local_batch_rows(global_batch_size: int, mesh: Mesh, rules: Rules, key_name=
     return slice(start, stop)
 
 
+def host_local_rows(x: Any) -> tuple[slice, np.ndarray]:
+    """`(rows, values)`: the contiguous rows of a global array split along its first axis that
+    this process's devices hold, copied to the host (the inverse of `make_global_batch`).
+    Replicas of a row range (e.g. across a tensor axis) are copied once; a NumPy array or a
+    fully addressable array is all rows."""
+    if isinstance(x, np.ndarray) or x.is_fully_addressable:
+        values = np.asarray(x)
+        return slice(0, values.shape[0]), values
+    n = x.shape[0]
+    shards = {}
+    for shard in x.addressable_shards:
+        shards.setdefault(shard.index[0].indices(n)[:2], shard)
+    ranges = sorted(shards)
+    if any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        raise ValueError(
+            f"this process's rows {ranges} are not contiguous: build meshes by make_mesh"
+        )
+    values = np.concatenate([np.asarray(shards[r].data) for r in ranges])
+    return slice(ranges[0][0], ranges[-1][1]), values
+
+
 def make_global_batch(
     local_batch: Any,
     mesh: Mesh,

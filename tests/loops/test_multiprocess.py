@@ -1,11 +1,14 @@
 """Two processes x two CPU devices, joined by jax.distributed through the local launcher (the
 code path of a multi-host pod), run RL iterations with the metrics of one process with the
-same four devices: PPO on the reward model, and GRPO on a reward function over text (each
-process decodes every response: the rollout is gathered from both)."""
+same four devices: PPO on the reward model, and GRPO on a reward function over text. Each
+process encodes only the rows of the data files its slice of the batches reads (half of
+what the run reads), and scores only the responses its devices hold (half of each rollout)."""
 
 import json
 import os
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ LAUNCHER = Path(__file__).parents[2] / "launch" / "local_multiprocess.py"
 ALGORITHMS = {
     "ppo": [],
     "grpo_text_reward": [
-        "ppo.reward_fn=topics_gold",
+        "ppo.reward_fn=counted_reward:topics_gold_counted",
         "ppo.advantage=grpo",
         "ppo.samples_per_prompt=2",
         "ppo.rollout_batch=8",
@@ -57,18 +60,45 @@ def _ppo_args(run_dir, out, extra):
     return [a for a in args if not a.startswith(unread)]
 
 
+# The built-in gold reward, recording how many responses each process scores per call.
+COUNTED = """
+import os
+from rlhf_jax.registry import resolve
+
+def topics_gold_counted(prompts, completions):
+    with open(os.path.join(os.environ["SCORED_DIR"], f"{os.getpid()}.txt"), "a") as f:
+        f.write(f"{len(completions)}\\n")
+    return resolve("reward_fn", "topics_gold")(prompts, completions)
+"""
+ENCODED = re.compile(r"^(\S+): process (\d) of 2 encoded (\d+) of (\d+) rows", re.M)
+
+
+def _scored(folder):
+    """Responses per call of the reward function, by process (pid)."""
+    return {p.stem: [int(n) for n in p.read_text().split()] for p in folder.glob("*.txt")}
+
+
 def _rows(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_two_processes_match_one(run_dir, tmp_path, algorithm):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    (tmp_path / "counted_reward.py").write_text(textwrap.dedent(COUNTED))
+    scored = {n: tmp_path / f"scored_{n}" for n in ("one", "two")}
+    for folder in scored.values():
+        folder.mkdir()
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
     extra = ALGORITHMS[algorithm]
     one = tmp_path / "one"
     single = run(
         _ppo_args(run_dir, one, extra),
-        env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+        env=dict(
+            env,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            SCORED_DIR=str(scored["one"]),
+        ),
     )
     assert single.returncode == 0, single.stderr[-3000:]
     two = tmp_path / "two"
@@ -87,7 +117,7 @@ def test_two_processes_match_one(run_dir, tmp_path, algorithm):
             "--",
             *_ppo_args(run_dir, two, extra),
         ],
-        env=env,
+        env=dict(env, SCORED_DIR=str(scored["two"])),
         limit=LIMIT_S + 120,  # past the launcher's, which then leaves the logs
     )
     logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
@@ -101,3 +131,19 @@ def test_two_processes_match_one(run_dir, tmp_path, algorithm):
                 continue
             np.testing.assert_allclose(y[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
     assert (two / "policy" / "model.safetensors").is_file()
+    # Each process encoded half of the rows the run reads: the 2 prompt batches (of 16 rows, 8
+    # for GRPO) and (PPO-ptx) the 4 ptx batches of 8, each read half by either process.
+    whole = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
+    encoded = {(f, int(p)): (int(k), int(n)) for f, p, k, n in ENCODED.findall(whole)}
+    files = {f for f, _ in encoded}
+    assert len(files) == (1 if "ptx.coef=0" in extra else 2), logs
+    for f in files:
+        (k0, n), (k1, _) = encoded[(f, 0)], encoded[(f, 1)]
+        rollout = 8 if "ppo.rollout_batch=8" in extra else 16
+        read = 2 * rollout if f.endswith("ppo_prompts.jsonl") else 4 * 8
+        assert k0 == k1 == read // 2 < n, (f, encoded)
+    if algorithm == "grpo_text_reward":
+        # one process scores all 16 responses of a rollout, two score 8 each (plus the check
+        # call of 3 before anything loads)
+        assert sorted(_scored(scored["one"]).values()) == [[3, 16, 16]]
+        assert sorted(_scored(scored["two"]).values()) == [[3, 8, 8], [3, 8, 8]]

@@ -32,7 +32,8 @@ def test_a_reward_function_gets_the_files_prompt_per_sample_and_the_response():
 
     algo = SimpleNamespace(reward_fn=record, reward_fn_name="record")
     score = _host_scorer(algo, Letters(), samples_per_prompt=2)
-    scores = score(_rollout(), ["What is 2 + 2?", "user: hi\nassistant: "])
+    rows, scores = score(_rollout(), ["What is 2 + 2?", "user: hi\nassistant: "])
+    assert rows == slice(0, 4)  # one process holds every row
     assert seen["prompts"] == ["What is 2 + 2?"] * 2 + ["user: hi\nassistant: "] * 2
     assert seen["completions"] == ["abc", "de", "f", ""]
     np.testing.assert_array_equal(scores, [3, 2, 1, 0])
