@@ -15,6 +15,7 @@ whole batch's; `losses.accumulation`). When a config loads with a `grad_accum` a
 fork's loss gets the same check (`require_exact_accumulation`).
 Advantage estimators: [B, N] finite advantages, 0 on padding, unchanged by
 junk on padding; returns present exactly when the estimator declares `needs_critic`; jittable.
+Rollout filters: one bool per response, unchanged by junk tokens on padding; jittable.
 Reward functions: one finite float32 number per completion, on a few tiny texts
 (`check_reward_fn`). Every part: it reads only batch keys the library provides (and, when it
 declares `reads`, only those). The same key check, and the check of what the part returns
@@ -38,6 +39,7 @@ from rlhf_jax.contract.returns import REQUIRED_METRICS, check_returned, check_re
 from rlhf_jax.contract.samples import (
     ADVANTAGE_KEYS,
     CRITIC_KEYS,
+    FILTER_KEYS,
     GROUP_IDS,
     LENGTHS,
     PACKED_SFT_KEYS,
@@ -68,6 +70,7 @@ __all__ = [
     "ADVANTAGE_KEYS",
     "B",
     "CRITIC_KEYS",
+    "FILTER_KEYS",
     "GROUP_IDS",
     "K",
     "LENGTHS",
@@ -120,14 +123,14 @@ class _Recording(Mapping):
 def _declared_counts(kind: str, fn: Callable, batch: Mapping) -> dict:
     """The whole sample batch's counts a loss declares (`@declare(counts=fn)`), as the steps
     compute them; {} for an estimator or a loss that declares none."""
-    if kind == "advantage" or registry.info(fn).get("counts") is None:
+    if kind in ("advantage", "rollout_filter") or registry.info(fn).get("counts") is None:
         return {}
     counts = accumulation.batch_counts(kind, fn, batch)
     return {k: np.asarray(v) for k, v in counts.items() if k not in batch}
 
 
 def _call(kind: str, fn: Callable, outputs: Mapping, batch: Mapping) -> Any:
-    return fn(batch) if kind == "advantage" else fn(outputs, batch)
+    return fn(batch) if kind in ("advantage", "rollout_filter") else fn(outputs, batch)
 
 
 def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why: str = "") -> set:
@@ -191,6 +194,8 @@ def check_part(kind: str, fn: Callable) -> None:
         assert not undeclared, f"reads undeclared batch keys {sorted(undeclared)}"
     if kind == "advantage":
         _check_advantage(fn, out, batch, free)
+    elif kind == "rollout_filter":
+        _check_filter(fn, out, batch, free)
     else:
         _check_loss(fn, out, outputs, batch, free)
         check_accumulation(kind, fn, outputs, batch)
@@ -234,6 +239,13 @@ def _check_advantage(fn, out, batch, free) -> None:
     np.testing.assert_allclose(junk_out.advantages, adv, rtol=1e-5, atol=1e-5)
     jitted = jax.jit(fn)(batch)
     np.testing.assert_allclose(jitted.advantages, adv, rtol=1e-5, atol=1e-5)
+
+
+def _check_filter(fn, out, batch, free) -> None:
+    keep = np.asarray(out)
+    junk = {**batch, "response_ids": np.where(free["response_ids"], 5, batch["response_ids"])}
+    np.testing.assert_array_equal(np.asarray(fn(junk)), keep, "junk tokens on padding")
+    np.testing.assert_array_equal(np.asarray(jax.jit(fn)(batch)), keep, "jitted")
 
 
 def _assert_returned(kind: str, fn: Callable, out: Any, batch: Mapping) -> None:

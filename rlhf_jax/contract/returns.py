@@ -25,7 +25,9 @@ REQUIRED_METRICS = {
 
 
 def part_noun(kind: str) -> str:
-    return "advantage estimator" if kind == "advantage" else f"{kind} loss"
+    if kind == "advantage":
+        return "advantage estimator"
+    return "rollout filter" if kind == "rollout_filter" else f"{kind} loss"
 
 
 def _shape(x: Any) -> tuple | None:
@@ -89,6 +91,9 @@ def check_returned(
     if kind == "advantage":
         _check_advantage_returned(what, out, batch, facts or {})
         return
+    if kind == "rollout_filter":
+        check_filter_returned(what, out, batch)
+        return
     if not isinstance(out, LossOut):
         raise RlhfJaxError(
             f"{what} returned {type(out).__name__}; a loss returns "
@@ -140,6 +145,21 @@ def _check_advantage_returned(what: str, out: Any, batch: Mapping, facts: Mappin
             "needs_critic=True, so no critic would train on them"
         )
     _check_metrics(what, "advantage", out.metrics)
+
+
+def check_filter_returned(what: str, out: Any, batch: Mapping) -> None:
+    """A rollout filter returns one bool per response: [B] like the scores."""
+    want = tuple(np.shape(batch["scores"]))
+    if _shape(out) != want:
+        raise RlhfJaxError(
+            f"{what} returned {type(out).__name__} of shape {_shape(out)}; a filter returns "
+            f"one bool per response, shape {want} like the scores"
+        )
+    if jnp.result_type(out) != jnp.bool_:
+        raise RlhfJaxError(
+            f"{what} returned keep of dtype {jnp.result_type(out)}; it is bool (True: the "
+            "response may train)"
+        )
 
 
 def check_reward_fn(fn: Callable, name: str, prompts: Sequence[str] = SAMPLE_PROMPTS):

@@ -52,6 +52,10 @@ POLICY_KEYS = (
 ADVANTAGE_KEYS = ("rewards", "response_mask", "scores", "group_ids")
 
 
+# What a rollout filter sees of one sampling round (`rlhf_jax.filters`).
+FILTER_KEYS = ("scores", "group_ids", "response_ids", "response_mask")
+
+
 # What the critic's loss receives (with its `values` output), with or without a critic this run.
 VALUE_KEYS = ("old_values", "returns", "response_mask", "token_count", *ADVANTAGE_KEYS)
 
@@ -154,6 +158,11 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
     if kind == "advantage":
         batch = {**common, "values": normal(B, T) * mask}
         return {}, batch, {"rewards": pad, "values": pad}
+    if kind == "rollout_filter":
+        scores[3] = scores[2]  # group 1's scores all agree, group 0's do not
+        ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
+        batch = {k: common[k] for k in ("scores", "group_ids", "response_mask")}
+        return {}, {**batch, "response_ids": ids * (mask > 0)}, {"response_ids": pad}
     old = -np.abs(normal(B, T))
     if kind == "policy":
         outputs = {"logprobs": old + 0.2 * normal(B, T), "entropy": np.abs(normal(B, T))}
