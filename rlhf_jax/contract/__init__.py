@@ -14,7 +14,8 @@ counts, each given the whole batch's counts, the summed loss, gradient and metri
 whole batch's; `losses.accumulation`). When a config loads with a `grad_accum` above 1, a
 fork's loss gets the same check (`require_exact_accumulation`).
 Advantage estimators: [B, N] finite advantages, 0 on padding, unchanged by
-junk on padding; returns present exactly when the estimator declares `needs_critic`; jittable.
+junk on padding; returns present exactly when the estimator declares `needs_critic`; a next
+state exactly when it declares `state`, shaped like its initial one; jittable.
 Rollout filters: one bool per response, unchanged by junk tokens on padding; jittable.
 Reward functions: one finite float32 number per completion, on a few tiny texts
 (`check_reward_fn`). Every part: it reads only batch keys the library provides (and, when it
@@ -39,6 +40,7 @@ from rlhf_jax.contract.returns import REQUIRED_METRICS, check_returned, check_re
 from rlhf_jax.contract.samples import (
     ADVANTAGE_KEYS,
     CRITIC_KEYS,
+    ESTIMATOR_KEYS,
     FILTER_KEYS,
     GROUP_IDS,
     LENGTHS,
@@ -51,6 +53,7 @@ from rlhf_jax.contract.samples import (
     SAMPLE_COMPLETIONS,
     SAMPLE_PROMPTS,
     SFT_KEYS,
+    STATE_KEY,
     T_LM,
     VALUE_KEYS,
     B,
@@ -61,6 +64,7 @@ from rlhf_jax.contract.samples import (
     sample_inputs,
     stage_inputs,
     with_bound_beta,
+    with_declared_state,
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.losses import accumulation
@@ -70,6 +74,7 @@ __all__ = [
     "ADVANTAGE_KEYS",
     "B",
     "CRITIC_KEYS",
+    "ESTIMATOR_KEYS",
     "FILTER_KEYS",
     "GROUP_IDS",
     "K",
@@ -84,6 +89,7 @@ __all__ = [
     "SAMPLE_COMPLETIONS",
     "SAMPLE_PROMPTS",
     "SFT_KEYS",
+    "STATE_KEY",
     "T",
     "T_LM",
     "V",
@@ -139,7 +145,7 @@ def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why:
     what it returned that breaks the contract (`check_returned`). Returns the keys it read."""
     fn = with_bound_beta(kind, fn)
     outputs, batch, _ = sample_inputs(kind)
-    batch = {**stage_inputs(kind), **batch}
+    batch = with_declared_state(kind, fn, {**stage_inputs(kind), **batch})
     declared = _declared_counts(kind, fn, batch)  # the step computes these for the loss too
     # Every loss of a kind also gets its kind's whole-batch counts (`losses.accumulation`).
     available = (*available, *accumulation.KIND_COUNT_KEYS.get(kind, ()), *declared)
@@ -184,7 +190,7 @@ def check_part(kind: str, fn: Callable) -> None:
         return
     fn = with_bound_beta(kind, fn)
     outputs, batch, free = sample_inputs(kind)
-    batch = {**batch, **_declared_counts(kind, fn, batch)}
+    batch = with_declared_state(kind, fn, {**batch, **_declared_counts(kind, fn, batch)})
     recording = _Recording(batch)
     out = _call(kind, fn, outputs, recording)
     _assert_returned(kind, fn, out, batch)

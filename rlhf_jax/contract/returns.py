@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -145,6 +146,33 @@ def _check_advantage_returned(what: str, out: Any, batch: Mapping, facts: Mappin
             "needs_critic=True, so no critic would train on them"
         )
     _check_metrics(what, "advantage", out.metrics)
+    _check_state_returned(what, out.state, batch.get("advantage_state"))
+
+
+def _check_state_returned(what: str, state: Any, initial: Any) -> None:
+    """The next state of an estimator declaring `state=` has its initial state's structure,
+    shapes and dtypes (it is carried in the compiled RL state); None for any other."""
+    if initial is None:
+        if state is not None:
+            raise RlhfJaxError(
+                f"{what} returned a state but declares none; declare its initial state with "
+                "register_advantage(..., state=init) so the RL state carries it"
+            )
+        return
+    want = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), initial)
+    try:
+        got = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), state)
+    except TypeError:
+        got = None
+    if got != want or jax.tree.structure(state) != jax.tree.structure(initial):
+        raise RlhfJaxError(
+            f"{what} returned state {_one_line_tree(got)}; it must match its declared initial "
+            f"state {_one_line_tree(want)} (structure, shapes, dtypes)"
+        )
+
+
+def _one_line_tree(tree: Any) -> str:
+    return " ".join(str(tree).split())[:200]
 
 
 def check_filter_returned(what: str, out: Any, batch: Mapping) -> None:
@@ -152,7 +180,7 @@ def check_filter_returned(what: str, out: Any, batch: Mapping) -> None:
     want = tuple(np.shape(batch["scores"]))
     if _shape(out) != want:
         raise RlhfJaxError(
-            f"{what} returned {type(out).__name__} of shape {_shape(out)}; a filter returns "
+            f"{what} returned keep of shape {_shape(out)}; a filter returns "
             f"one bool per response, shape {want} like the scores"
         )
     if jnp.result_type(out) != jnp.bool_:

@@ -26,6 +26,7 @@ were kept ones: below 1 when the rounds ran out).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,31 @@ class _Filling:
         }
 
 
+def fill_rounds(
+    sample_round: Callable[[int], Any],
+    decide: Callable[[Any], np.ndarray],
+    merge: Callable,
+    sizes: tuple[int, int, int],
+    on_mesh: Callable = lambda src, take: (src, take),
+) -> tuple[Any, dict[str, float]]:
+    """Sample rounds until the kept groups fill the batch: `(batch, metrics)`.
+    sample_round(r): round r's (Rollout, Scored); decide(round) -> [n_groups] bool, the
+    groups kept; merge: `_merge_fn`'s; sizes: (groups per batch, samples per group, most
+    rounds); on_mesh(src, take): the merge's row indices placed like the rows."""
+    n_groups, g, max_rounds = sizes
+    filling = _Filling(n_groups, g)
+    buffer, rounds = None, 0
+    while rounds < max_rounds and (buffer is None or filling.filled < n_groups):
+        new = sample_round(rounds)
+        placed = filling.place(decide(new), first=rounds == 0)
+        if placed is None:  # round 0 kept every group: the batch as sampled
+            buffer = new
+        else:
+            buffer = merge(new if buffer is None else buffer, new, *on_mesh(*placed))
+        rounds += 1
+    return buffer, filling.metrics(rounds)
+
+
 def filtered_experience(
     cfg, algo: RLAlgorithm, models, critic_cfg, shardings, frozen, special, runtime, tokenizer
 ) -> tuple[Callable, list[CompiledOnce]]:
@@ -216,26 +242,23 @@ def filtered_experience(
         return r, programs["score"](r, raw["scores"])
 
     def experience(state, batch, key, prompt_texts, draw: Draw):
-        filling = _Filling(ppo.rollout_batch, g)
-        buffer, rounds = None, 0
-        while rounds < ppo.rollout_max_rounds and (
-            buffer is None or filling.filled < ppo.rollout_batch
-        ):
-            k = key if rounds == 0 else jax.random.fold_in(key, rounds)
-            b, texts = (batch, prompt_texts) if rounds == 0 else draw(k)
-            new = one_round(state, b, k, texts)
-            placed = filling.place(keep_groups(algo, *new, g), first=rounds == 0)
-            if placed is None:
-                buffer = new
-            else:
-                idx = runtime.global_batch(
-                    {"src": placed[0], "take": placed[1]}, "ppo.rollout_batch"
-                )
-                buffer = programs["merge"](
-                    new if buffer is None else buffer, new, idx["src"], idx["take"]
-                )
-            rounds += 1
-        exp, metrics = programs["finish"](state, frozen, *buffer)
-        return exp, {**metrics, **filling.metrics(rounds)}
+        def sample_round(r: int) -> tuple[Rollout, Scored]:
+            k = key if r == 0 else jax.random.fold_in(key, r)
+            b, texts = (batch, prompt_texts) if r == 0 else draw(k)
+            return one_round(state, b, k, texts)
+
+        def on_mesh(src, take):
+            idx = runtime.global_batch({"src": src, "take": take}, "ppo.rollout_batch")
+            return idx["src"], idx["take"]
+
+        buffer, metrics = fill_rounds(
+            sample_round,
+            lambda new: keep_groups(algo, *new, g),
+            programs["merge"],
+            (ppo.rollout_batch, g, ppo.rollout_max_rounds),
+            on_mesh,
+        )
+        exp, exp_metrics = programs["finish"](state, frozen, *buffer)
+        return exp, {**exp_metrics, **metrics}
 
     return experience, list(programs.values())

@@ -127,7 +127,10 @@ class RLAlgorithm:
         if ppo.policy_optim.grad_accum > 1:
             accum = "ppo.policy_optim.grad_accum"
             contract.require_exact_accumulation("policy", self.policy_loss, ppo.policy_loss, accum)
-        advantage_keys = contract.ADVANTAGE_KEYS + (("values",) if self.needs_critic else ())
+        advantage_keys = contract.ADVANTAGE_KEYS + contract.ESTIMATOR_KEYS
+        advantage_keys += ("values",) if self.needs_critic else ()
+        if registry.info(self.advantage).get("state") is not None:
+            advantage_keys += (contract.STATE_KEY,)
         contract.dry_run("advantage", self.advantage, ppo.advantage, advantage_keys)
 
 

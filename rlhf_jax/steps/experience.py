@@ -239,13 +239,7 @@ def make_scored_finish_fn(
             if ref_logp is not None:
                 kl = kl_estimate(r.logprobs, ref_logp, algo.kl_estimator, mask)
         adv = algo.advantage(
-            {
-                "rewards": rewards,
-                "response_mask": mask,
-                "scores": scores,
-                "group_ids": r.group_ids,
-                **({"values": values} if values is not None else {}),
-            }
+            advantage_batch(rewards, mask, scores, r, values, state.advantage_state)
         )
         exp = Experience(
             sequence_ids=r.sequence_ids,
@@ -266,6 +260,22 @@ def make_scored_finish_fn(
         return exp, _metrics(state, exp, has_eos, kl_in_reward, ppo.samples_per_prompt, adv)
 
     return finish_scored
+
+
+def advantage_batch(rewards, mask, scores, r, values, advantage_state) -> dict:
+    """What an estimator reads (`rlhf_jax.advantages`); `r`: the Rollout or Experience."""
+    batch = {
+        "rewards": rewards,
+        "response_mask": mask,
+        "scores": scores,
+        "group_ids": r.group_ids,
+        "response_ids": r.response_ids,
+    }
+    if values is not None:
+        batch["values"] = values
+    if advantage_state is not None:
+        batch["advantage_state"] = advantage_state
+    return batch
 
 
 def _metrics(state: RLState, exp: Experience, has_eos, kl_in_reward: bool, g: int, adv) -> dict:
