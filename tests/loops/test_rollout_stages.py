@@ -2,10 +2,13 @@
 assembled by hand: kept groups in round order, then the first round's dropped groups when the
 rounds run out; rows moved whole and group ids renumbered by position."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
+from rlhf_jax.cli import main
 from rlhf_jax.loops.rollout_stages import _merge_fn, fill_rounds
 from rlhf_jax.steps.experience import Rollout, Scored
 
@@ -70,3 +73,57 @@ def test_rounds_fill_the_batch_as_by_hand(keeps, max_rounds, rounds):
         "rollout/filter_kept_fraction": n_kept / (GROUPS * rounds),
         "rollout/filter_filled_fraction": min(n_kept, GROUPS) / GROUPS,
     }
+
+
+def test_a_forks_filter_from_config_runs_with_dynamic_sampling(run_dir, tmp_path):
+    """One run, two filters from config: DAPO's and a fork's from its own module (by
+    `module:function`, no library edit). What the fork's filter was shown, round by round,
+    accounts for every metric of the rollout stages, and the scores it saw are the ones the
+    rest of the experience used (the missing-EOS rule applied before the filters)."""
+    import fork_rollout_parts
+
+    fork_rollout_parts.SEEN.clear()
+    out, data = tmp_path / "filtered", run_dir / "data"
+    args = [
+        "ppo",
+        "--output",
+        str(out),
+        "log.every=1",
+        "log.progress=false",
+        "ppo.iterations=2",
+        "ppo.epochs=1",
+        "ppo.max_new_tokens=8",
+        "ptx.coef=0",
+        f"ppo.policy={run_dir / 'sft'}",
+        f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
+        "ppo.reward_fn=topics_gold",
+        "ppo.advantage=grpo",
+        "ppo.samples_per_prompt=2",
+        "ppo.rollout_batch=4",
+        "ppo.minibatch_size=8",
+        "ppo.kl_penalty=loss",
+        "ppo.rollout_filters=[{name: dynamic_sampling}, "
+        "{name: 'fork_rollout_parts:short_responses', kwargs: {max_tokens: 7}}]",
+        "ppo.rollout_max_rounds=3",
+    ]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    seen, g, groups = fork_rollout_parts.SEEN, 2, 4
+    assert len(seen) == sum(r["rollout/filter_rounds"] for r in rows)
+    for row in rows:
+        n = int(row["rollout/filter_rounds"])
+        rounds, seen = seen[:n], seen[n:]
+        keeps = []
+        for batch in rounds:
+            s = batch["scores"].reshape(-1, g)
+            short = batch["response_mask"].sum(axis=1).reshape(-1, g) <= 7
+            keeps.append((s.max(axis=1) > s.min(axis=1)) & short.all(axis=1))
+        kept = sum(int(k.sum()) for k in keeps)
+        assert row["rollout/filter_kept_fraction"] == pytest.approx(kept / (groups * n))
+        assert row["rollout/filter_filled_fraction"] == pytest.approx(min(kept, groups) / groups)
+        assert n == 3 or kept >= groups  # another round only while the batch was not full
+        chosen = [(r, grp) for r, k in enumerate(keeps) for grp in np.flatnonzero(k)]
+        chosen = (chosen + [(0, grp) for grp in np.flatnonzero(~keeps[0])])[:groups]
+        scores = np.concatenate([rounds[r]["scores"].reshape(-1, g)[grp] for r, grp in chosen])
+        assert row["objective/scores"] == pytest.approx(float(scores.mean()), abs=1e-6)
+    assert not seen
