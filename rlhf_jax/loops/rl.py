@@ -333,8 +333,17 @@ def _make_experience(
     filters (`draw` gives their extra rounds' prompts).
     shardings: (state's, frozen's); special: (EOS ids, pad id)."""
     if algo.filters:  # sample -> score -> filters (-> more rounds) -> finish
-        args = (models, critic_cfg, shardings, frozen, special, runtime, tokenizer)
-        return filtered_experience(cfg, algo, *args)
+        return filtered_experience(
+            cfg,
+            algo,
+            models=models,
+            critic_cfg=critic_cfg,
+            shardings=shardings,
+            frozen=frozen,
+            special=special,
+            runtime=runtime,
+            tokenizer=tokenizer,
+        )
     mesh, rules, ppo = runtime.mesh, runtime.rules, cfg.ppo
     (state_sh, frozen_sh), (eos_ids, pad_id) = shardings, special
     if algo.reward_fn is None:

@@ -8,9 +8,10 @@ Without filters the RL loop keeps its one-call experience (`loops/rl.py`), whose
 module does not touch. A round's filters see exactly the scores the estimator will see.
 
 Rounds. Round 0 answers the iteration's own prompt batch with the iteration's experience key;
-round r >= 1 answers `ppo.rollout_batch` prompts drawn from the whole prompt set with
-`fold_in(key, r)`, with that key: every round is a pure function of the iteration key, so a
-resumed run replays them exactly, and every process draws the same prompts. The keep decision
+round r >= 1 samples with `round_key = fold_in(key, r)` answers to `ppo.rollout_batch` prompts
+drawn from the whole prompt set by `fold_in(round_key, 1)`: every round is a pure function of
+the iteration key, so a resumed run replays them exactly, and every process draws the same
+prompts. The keep decision
 is taken on the host over the globally gathered scores, so every process takes the same one.
 Kept groups fill the batch in round order (each round's in its own order); when
 `ppo.rollout_max_rounds` rounds leave it short, the rest is filled with round 0's dropped
@@ -25,6 +26,7 @@ were kept ones: below 1 when the rounds ran out).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -178,18 +180,14 @@ def fill_rounds(
     return buffer, filling.metrics(rounds)
 
 
-def filtered_experience(
-    cfg, algo: RLAlgorithm, models, critic_cfg, shardings, frozen, special, runtime, tokenizer
-) -> tuple[Callable, list[CompiledOnce]]:
-    """`experience(state, prompt batch, key, prompt texts, draw) -> (Experience, metrics)` and
-    its compiled programs, for a run with rollout filters; arguments as `loops.rl`'s
-    `_make_experience` (shardings: (state's, frozen's); special: (EOS ids, pad id))."""
+def _round_programs(cfg, algo: RLAlgorithm, models, shardings, frozen, special, runtime, tokenizer):
+    """`(one_round, programs)`: one_round(state, prompt batch, key, texts) -> (Rollout,
+    Scored), sample and score as one program when the reward model scores, sample, host
+    scoring and the missing-EOS rule when a reward function does."""
     mesh, rules, ppo = runtime.mesh, runtime.rules, cfg.ppo
     (state_sh, frozen_sh), (eos_ids, pad_id) = shardings, special
     rows, rep = batch_sharding(mesh, rules, 1), replicated(mesh)
-    g = ppo.samples_per_prompt
     sample_fn = make_sample_fn(models.policy_cfg, ppo, eos_ids, pad_id)
-    programs: dict[str, CompiledOnce] = {}
     if algo.reward_fn is None:
         score_fn = make_score_fn(models.reward_cfg, ppo, eos_ids)
 
@@ -198,67 +196,69 @@ def filtered_experience(
             return r, score_fn(frozen, r)
 
         shardings_in = (state_sh, frozen_sh, rows, rows, rep)
-        programs["sample"] = CompiledOnce(
-            jax.jit(sample_score, in_shardings=shardings_in, out_shardings=rows)
-        )
-    else:
-        from rlhf_jax.loops.rl import _host_scorer  # (the same scorer as without filters)
+        sample = CompiledOnce(jax.jit(sample_score, in_shardings=shardings_in, out_shardings=rows))
 
-        if tokenizer is None:
-            raise ValueError("a reward function over text needs the tokenizer to decode responses")
-        policy_sh = policy_weights(models.policy_cfg, state_sh, frozen_sh)
-        programs["sample"] = CompiledOnce(jit_sample(sample_fn, policy_sh, mesh, rules))
-        programs["score"] = CompiledOnce(
-            jax.jit(
-                lambda r, s: missing_eos_rule(s, r, eos_ids, ppo),
-                in_shardings=(rows, rows),
-                out_shardings=rows,
-            )
-        )
-        host_score = _host_scorer(algo, tokenizer, g)
-    programs["merge"] = CompiledOnce(
-        jax.jit(_merge_fn(g), in_shardings=(rows, rows, rows, rows), out_shardings=rows)
-    )
-    programs["finish"] = CompiledOnce(
-        jit_finish(
-            make_scored_finish_fn(models.policy_cfg, critic_cfg, ppo, algo),
-            state_sh,
-            frozen_sh,
-            mesh,
-            rules,
+        def one_round(state, batch, key, texts):
+            return sample(state, frozen, batch["input_ids"], batch["attention_mask"], key)
+
+        return one_round, [sample]
+    from rlhf_jax.loops.rl import _host_scorer  # (the scorer of the path without filters)
+
+    if tokenizer is None:
+        raise ValueError("a reward function over text needs the tokenizer to decode responses")
+    policy_sh = policy_weights(models.policy_cfg, state_sh, frozen_sh)
+    sample = CompiledOnce(jit_sample(sample_fn, policy_sh, mesh, rules))
+    eos_rule = CompiledOnce(
+        jax.jit(
+            lambda r, s: missing_eos_rule(s, r, eos_ids, ppo),
+            in_shardings=(rows, rows),
+            out_shardings=rows,
         )
     )
+    host_score = _host_scorer(algo, tokenizer, ppo.samples_per_prompt)
 
-    def one_round(state, batch, key, texts) -> tuple[Rollout, Scored]:
-        if algo.reward_fn is None:
-            return programs["sample"](
-                state, frozen, batch["input_ids"], batch["attention_mask"], key
-            )
+    def one_round(state, batch, key, texts):
         if texts is None:
             raise ValueError("a reward function over text needs the prompts' texts")
         policy = policy_weights(models.policy_cfg, state, frozen)
-        r = programs["sample"](policy, batch["input_ids"], batch["attention_mask"], key)
+        r = sample(policy, batch["input_ids"], batch["attention_mask"], key)
         raw = runtime.global_batch({"scores": host_score(r, texts)}, "ppo.rollout_batch")
-        return r, programs["score"](r, raw["scores"])
+        return r, eos_rule(r, raw["scores"])
+
+    return one_round, [sample, eos_rule]
+
+
+def filtered_experience(
+    cfg, algo: RLAlgorithm, *, models, critic_cfg, shardings, frozen, special, runtime, tokenizer
+) -> tuple[Callable, list[CompiledOnce]]:
+    """`experience(state, prompt batch, key, prompt texts, draw) -> (Experience, metrics)` and
+    its compiled programs, for a run with rollout filters; arguments as `loops.rl`'s
+    `_make_experience` (shardings: (state's, frozen's); special: (EOS ids, pad id))."""
+    mesh, rules, ppo, g = runtime.mesh, runtime.rules, cfg.ppo, cfg.ppo.samples_per_prompt
+    state_sh, frozen_sh = shardings
+    args = (models, shardings, frozen, special, runtime, tokenizer)
+    one_round, programs = _round_programs(cfg, algo, *args)
+    rows = batch_sharding(mesh, rules, 1)
+    merge = CompiledOnce(jax.jit(_merge_fn(g), in_shardings=(rows,) * 4, out_shardings=rows))
+    scored_finish = make_scored_finish_fn(models.policy_cfg, critic_cfg, ppo, algo)
+    finish = CompiledOnce(jit_finish(scored_finish, state_sh, frozen_sh, mesh, rules))
 
     def experience(state, batch, key, prompt_texts, draw: Draw):
         def sample_round(r: int) -> tuple[Rollout, Scored]:
-            k = key if r == 0 else jax.random.fold_in(key, r)
-            b, texts = (batch, prompt_texts) if r == 0 else draw(k)
-            return one_round(state, b, k, texts)
+            if r == 0:
+                return one_round(state, batch, key, prompt_texts)
+            round_key = jax.random.fold_in(key, r)
+            b, texts = draw(jax.random.fold_in(round_key, 1))
+            return one_round(state, b, round_key, texts)
 
         def on_mesh(src, take):
             idx = runtime.global_batch({"src": src, "take": take}, "ppo.rollout_batch")
             return idx["src"], idx["take"]
 
-        buffer, metrics = fill_rounds(
-            sample_round,
-            lambda new: keep_groups(algo, *new, g),
-            programs["merge"],
-            (ppo.rollout_batch, g, ppo.rollout_max_rounds),
-            on_mesh,
-        )
-        exp, exp_metrics = programs["finish"](state, frozen, *buffer)
+        sizes = (ppo.rollout_batch, g, ppo.rollout_max_rounds)
+        decide = functools.partial(keep_groups, algo, g=g)
+        buffer, metrics = fill_rounds(sample_round, lambda new: decide(*new), merge, sizes, on_mesh)
+        exp, exp_metrics = finish(state, frozen, *buffer)
         return exp, {**exp_metrics, **metrics}
 
-    return experience, list(programs.values())
+    return experience, [*programs, merge, finish]
