@@ -1,7 +1,8 @@
 """Two processes x two CPU devices, joined by jax.distributed through the local launcher (the
 code path of a multi-host pod), run RL iterations with the metrics of one process with the
-same four devices: PPO on the reward model, and GRPO on a reward function over text (each
-process decodes every response: the rollout is gathered from both)."""
+same four devices: PPO on the reward model, GRPO on a reward function over text (each
+process decodes every response: the rollout is gathered from both), and the same GRPO with
+DAPO's dynamic sampling (every process keeps the same groups and draws the same rounds)."""
 
 import json
 import os
@@ -24,6 +25,17 @@ ALGORITHMS = {
         "ppo.rollout_batch=8",
         "ppo.kl_penalty=loss",
         "ptx.coef=0",
+    ],
+    # the rollout filter decides on scores gathered from both processes; its extra rounds
+    # draw their prompts from the iteration key
+    "grpo_dynamic_sampling": [
+        "ppo.reward_fn=topics_gold",
+        "ppo.advantage=grpo",
+        "ppo.samples_per_prompt=2",
+        "ppo.rollout_batch=8",
+        "ppo.kl_penalty=loss",
+        "ptx.coef=0",
+        "ppo.rollout_filters=[{name: dynamic_sampling}]",
     ],
 }
 
