@@ -108,7 +108,10 @@ def test_a_forks_filter_from_config_runs_with_dynamic_sampling(run_dir, tmp_path
     ]
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
-    seen, g, groups = fork_rollout_parts.SEEN, 2, 4
+    g, groups = 2, 4
+    # The load-time dry run called it on the contract's 4-row sample first.
+    assert len(fork_rollout_parts.SEEN[0]["scores"]) == 4
+    seen = [b for b in fork_rollout_parts.SEEN if len(b["scores"]) == g * groups]
     assert len(seen) == sum(r["rollout/filter_rounds"] for r in rows)
     for row in rows:
         n = int(row["rollout/filter_rounds"])
