@@ -8,9 +8,16 @@ rollout of B sampled responses of N tokens:
   scores [B]            the sequence score (reward model or reward function, EOS rule applied)
   group_ids [B]         samples of the same prompt share an id (ppo.samples_per_prompt of them)
   values [B, N]         the critic's values, only for estimators declared `needs_critic`
+  response_ids [B, N]   the sampled tokens
+  advantage_state       the estimator's own state, only for estimators that declare `state`
 Estimators declare `needs_critic` (no critic model exists otherwise: no value weights,
 optimizer state, forward, backward or checkpoint) and `min_group_size` (checked against
-`ppo.samples_per_prompt` when the config is loaded). The sequence return R_i below is
+`ppo.samples_per_prompt` when the config is loaded). An estimator that keeps state across
+iterations (a moving-average baseline) declares `state=init`, a function of no arguments
+returning its initial pytree of arrays: the state lives in the compiled RL state
+(`RLState.advantage_state`, checkpointed and restored with it), the estimator reads it as
+`batch["advantage_state"]` and returns the next one in `AdvantageOut.state` (same structure,
+shapes and dtypes). The sequence return R_i below is
 `sum_t rewards_{i,t}`: the score, minus the KL penalty when it is in the reward.
 
 A fork registers its own with `@register_advantage("name")`, or names a function
@@ -43,11 +50,13 @@ Arrays = Mapping[str, jax.Array]
 
 class AdvantageOut(NamedTuple):
     """advantages [B, N] (0 on padding); returns [B, N], the critic's regression targets (None
-    without a critic); metrics: flat scalars with slash names."""
+    without a critic); metrics: flat scalars with slash names; state: the estimator's next
+    state, only for an estimator that declares `state` (None otherwise)."""
 
     advantages: jax.Array
     returns: jax.Array | None
     metrics: dict[str, jax.Array]
+    state: Any = None
 
 
 def register_advantage(
@@ -56,9 +65,11 @@ def register_advantage(
     min_group_size: int = 1,
     reads: tuple = (),
     ranges: Mapping[str, Range] | None = None,
+    state: Callable[[], Any] | None = None,
 ) -> Callable:
     """Decorator registering an estimator under `name` with the facts the run needs
-    (`ranges`: the values each numeric hyperparameter accepts, checked at config load)."""
+    (`ranges`: the values each numeric hyperparameter accepts, checked at config load;
+    `state`: the initial state of an estimator that keeps one)."""
     return registry.register(
         "advantage",
         name,
@@ -66,6 +77,7 @@ def register_advantage(
         min_group_size=min_group_size,
         reads=reads or ("rewards", "response_mask", "scores", "group_ids"),
         ranges=dict(ranges or {}),
+        state=state,
     )
 
 

@@ -7,6 +7,8 @@ Kinds and their signatures:
   `advantage`: `fn(batch, **hparams) -> AdvantageOut` (see `rlhf_jax.advantages`)
   `reward_fn`: `fn(prompts: list[str], completions: list[str], **hparams) -> list[float]`,
       a scorer of decoded text run on the host (see `rlhf_jax.rewards`)
+  `rollout_filter`: `fn(batch, **hparams) -> keep [B] bool`, which sampled groups the update
+      trains on (see `rlhf_jax.filters`)
 
 A name is a registered one or `"package.module:function"`, so a research fork selects its own
 function from config without editing the library. `resolve` binds the hyperparameters with
@@ -31,17 +33,23 @@ from typing import Any
 from rlhf_jax.errors import RlhfJaxError
 
 LOSS_KINDS = ("sft", "reward", "policy", "value", "ptx", "preference")
-KINDS = (*LOSS_KINDS, "advantage", "reward_fn")
+KINDS = (*LOSS_KINDS, "advantage", "reward_fn", "rollout_filter")
 
 # How a kind is spoken of in messages ("unknown policy loss 'x'; available policy losses: ...").
 _NOUNS = {kind: (f"{kind} loss", f"{kind} losses") for kind in LOSS_KINDS} | {
     "advantage": ("advantage estimator", "advantage estimators"),
     "reward_fn": ("reward function", "reward functions"),
+    "rollout_filter": ("rollout filter", "rollout filters"),
 }
 # Leading positional parameters that are inputs, not hyperparameters.
-_N_INPUTS = {kind: 2 for kind in LOSS_KINDS} | {"advantage": 1, "reward_fn": 2}
+_N_INPUTS = {kind: 2 for kind in LOSS_KINDS} | {"advantage": 1, "reward_fn": 2, "rollout_filter": 1}
 # Modules whose import registers the built-in parts (imported lazily: no import cycles).
-_BUILTIN_MODULES = ("rlhf_jax.losses", "rlhf_jax.advantages", "rlhf_jax.rewards")
+_BUILTIN_MODULES = (
+    "rlhf_jax.losses",
+    "rlhf_jax.advantages",
+    "rlhf_jax.rewards",
+    "rlhf_jax.filters",
+)
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 _ATTR = "__rlhf_jax_part__"  # where `declare` stores a function's facts

@@ -26,6 +26,7 @@ from rlhf_jax.config.schema import (
     PretrainConfig,
     PtxConfig,
     RMConfig,
+    RolloutFilterSpec,
     SFTConfig,
     TaskConfig,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "PretrainConfig",
     "PtxConfig",
     "RMConfig",
+    "RolloutFilterSpec",
     "SFTConfig",
     "TaskConfig",
     "apply_overrides",

@@ -190,6 +190,15 @@ class DPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutFilterSpec:
+    """One rollout filter (`rlhf_jax.filters`): a registered name or "package.module:function",
+    and its hyperparameters."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """Step 3: RL from the SFT policy. InstructGPT's PPO by default (a critic, GAE, the KL
     penalty in the reward); GRPO, RLOO, REINFORCE++, Dr. GRPO, ... by naming their parts
@@ -254,6 +263,12 @@ class PPOConfig:
     ) = None
     value_loss: str = "default"
     value_loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Filters between scoring and the update, e.g. [{name: dynamic_sampling}] (DAPO): groups
+    # they drop are replaced by groups sampled for other prompts (docs/algorithms.md).
+    rollout_filters: tuple[RolloutFilterSpec, ...] = ()
+    # Sampling rounds per iteration at most while the kept groups do not fill the batch; the
+    # rest is then filled with dropped groups (rollout/filter_filled_fraction says how much).
+    rollout_max_rounds: int = 4
 
     @property
     def episodes(self) -> int:
@@ -448,6 +463,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "missing_eos_penalty": ANY,
         "missing_eos_score": ANY,
         "ema_decay": BELOW_1,
+        "rollout_max_rounds": AT_LEAST_1,
     },
     "PtxConfig": {"coef": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},
     "LoraConfig": {"rank": AT_LEAST_0, "alpha": POSITIVE},

@@ -14,7 +14,9 @@ counts, each given the whole batch's counts, the summed loss, gradient and metri
 whole batch's; `losses.accumulation`). When a config loads with a `grad_accum` above 1, a
 fork's loss gets the same check (`require_exact_accumulation`).
 Advantage estimators: [B, N] finite advantages, 0 on padding, unchanged by
-junk on padding; returns present exactly when the estimator declares `needs_critic`; jittable.
+junk on padding; returns present exactly when the estimator declares `needs_critic`; a next
+state exactly when it declares `state`, shaped like its initial one; jittable.
+Rollout filters: one bool per response, unchanged by junk tokens on padding; jittable.
 Reward functions: one finite float32 number per completion, on a few tiny texts
 (`check_reward_fn`). Every part: it reads only batch keys the library provides (and, when it
 declares `reads`, only those). The same key check, and the check of what the part returns
@@ -38,6 +40,8 @@ from rlhf_jax.contract.returns import REQUIRED_METRICS, check_returned, check_re
 from rlhf_jax.contract.samples import (
     ADVANTAGE_KEYS,
     CRITIC_KEYS,
+    ESTIMATOR_KEYS,
+    FILTER_KEYS,
     GROUP_IDS,
     LENGTHS,
     PACKED_SFT_KEYS,
@@ -49,6 +53,7 @@ from rlhf_jax.contract.samples import (
     SAMPLE_COMPLETIONS,
     SAMPLE_PROMPTS,
     SFT_KEYS,
+    STATE_KEY,
     T_LM,
     VALUE_KEYS,
     B,
@@ -59,6 +64,7 @@ from rlhf_jax.contract.samples import (
     sample_inputs,
     stage_inputs,
     with_bound_beta,
+    with_declared_state,
 )
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.losses import accumulation
@@ -68,6 +74,8 @@ __all__ = [
     "ADVANTAGE_KEYS",
     "B",
     "CRITIC_KEYS",
+    "ESTIMATOR_KEYS",
+    "FILTER_KEYS",
     "GROUP_IDS",
     "K",
     "LENGTHS",
@@ -81,6 +89,7 @@ __all__ = [
     "SAMPLE_COMPLETIONS",
     "SAMPLE_PROMPTS",
     "SFT_KEYS",
+    "STATE_KEY",
     "T",
     "T_LM",
     "V",
@@ -120,14 +129,14 @@ class _Recording(Mapping):
 def _declared_counts(kind: str, fn: Callable, batch: Mapping) -> dict:
     """The whole sample batch's counts a loss declares (`@declare(counts=fn)`), as the steps
     compute them; {} for an estimator or a loss that declares none."""
-    if kind == "advantage" or registry.info(fn).get("counts") is None:
+    if kind in ("advantage", "rollout_filter") or registry.info(fn).get("counts") is None:
         return {}
     counts = accumulation.batch_counts(kind, fn, batch)
     return {k: np.asarray(v) for k, v in counts.items() if k not in batch}
 
 
 def _call(kind: str, fn: Callable, outputs: Mapping, batch: Mapping) -> Any:
-    return fn(batch) if kind == "advantage" else fn(outputs, batch)
+    return fn(batch) if kind in ("advantage", "rollout_filter") else fn(outputs, batch)
 
 
 def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why: str = "") -> set:
@@ -136,7 +145,7 @@ def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why:
     what it returned that breaks the contract (`check_returned`). Returns the keys it read."""
     fn = with_bound_beta(kind, fn)
     outputs, batch, _ = sample_inputs(kind)
-    batch = {**stage_inputs(kind), **batch}
+    batch = with_declared_state(kind, fn, {**stage_inputs(kind), **batch})
     declared = _declared_counts(kind, fn, batch)  # the step computes these for the loss too
     # Every loss of a kind also gets its kind's whole-batch counts (`losses.accumulation`).
     available = (*available, *accumulation.KIND_COUNT_KEYS.get(kind, ()), *declared)
@@ -181,7 +190,7 @@ def check_part(kind: str, fn: Callable) -> None:
         return
     fn = with_bound_beta(kind, fn)
     outputs, batch, free = sample_inputs(kind)
-    batch = {**batch, **_declared_counts(kind, fn, batch)}
+    batch = with_declared_state(kind, fn, {**batch, **_declared_counts(kind, fn, batch)})
     recording = _Recording(batch)
     out = _call(kind, fn, outputs, recording)
     _assert_returned(kind, fn, out, batch)
@@ -191,6 +200,8 @@ def check_part(kind: str, fn: Callable) -> None:
         assert not undeclared, f"reads undeclared batch keys {sorted(undeclared)}"
     if kind == "advantage":
         _check_advantage(fn, out, batch, free)
+    elif kind == "rollout_filter":
+        _check_filter(fn, out, batch, free)
     else:
         _check_loss(fn, out, outputs, batch, free)
         check_accumulation(kind, fn, outputs, batch)
@@ -234,6 +245,13 @@ def _check_advantage(fn, out, batch, free) -> None:
     np.testing.assert_allclose(junk_out.advantages, adv, rtol=1e-5, atol=1e-5)
     jitted = jax.jit(fn)(batch)
     np.testing.assert_allclose(jitted.advantages, adv, rtol=1e-5, atol=1e-5)
+
+
+def _check_filter(fn, out, batch, free) -> None:
+    keep = np.asarray(out)
+    junk = {**batch, "response_ids": np.where(free["response_ids"], 5, batch["response_ids"])}
+    np.testing.assert_array_equal(np.asarray(fn(junk)), keep, "junk tokens on padding")
+    np.testing.assert_array_equal(np.asarray(jax.jit(fn)(batch)), keep, "jitted")
 
 
 def _assert_returned(kind: str, fn: Callable, out: Any, batch: Mapping) -> None:

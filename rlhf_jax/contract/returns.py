@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -25,7 +26,9 @@ REQUIRED_METRICS = {
 
 
 def part_noun(kind: str) -> str:
-    return "advantage estimator" if kind == "advantage" else f"{kind} loss"
+    if kind == "advantage":
+        return "advantage estimator"
+    return "rollout filter" if kind == "rollout_filter" else f"{kind} loss"
 
 
 def _shape(x: Any) -> tuple | None:
@@ -89,6 +92,9 @@ def check_returned(
     if kind == "advantage":
         _check_advantage_returned(what, out, batch, facts or {})
         return
+    if kind == "rollout_filter":
+        check_filter_returned(what, out, batch)
+        return
     if not isinstance(out, LossOut):
         raise RlhfJaxError(
             f"{what} returned {type(out).__name__}; a loss returns "
@@ -140,6 +146,48 @@ def _check_advantage_returned(what: str, out: Any, batch: Mapping, facts: Mappin
             "needs_critic=True, so no critic would train on them"
         )
     _check_metrics(what, "advantage", out.metrics)
+    _check_state_returned(what, out.state, batch.get("advantage_state"))
+
+
+def _check_state_returned(what: str, state: Any, initial: Any) -> None:
+    """The next state of an estimator declaring `state=` has its initial state's structure,
+    shapes and dtypes (it is carried in the compiled RL state); None for any other."""
+    if initial is None:
+        if state is not None:
+            raise RlhfJaxError(
+                f"{what} returned a state but declares none; declare its initial state with "
+                "register_advantage(..., state=init) so the RL state carries it"
+            )
+        return
+    want = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), initial)
+    try:
+        got = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), state)
+    except TypeError:
+        got = None
+    if got != want or jax.tree.structure(state) != jax.tree.structure(initial):
+        raise RlhfJaxError(
+            f"{what} returned state {_one_line_tree(got)}; it must match its declared initial "
+            f"state {_one_line_tree(want)} (structure, shapes, dtypes)"
+        )
+
+
+def _one_line_tree(tree: Any) -> str:
+    return " ".join(str(tree).split())[:200]
+
+
+def check_filter_returned(what: str, out: Any, batch: Mapping) -> None:
+    """A rollout filter returns one bool per response: [B] like the scores."""
+    want = tuple(np.shape(batch["scores"]))
+    if _shape(out) != want:
+        raise RlhfJaxError(
+            f"{what} returned keep of shape {_shape(out)}; a filter returns "
+            f"one bool per response, shape {want} like the scores"
+        )
+    if jnp.result_type(out) != jnp.bool_:
+        raise RlhfJaxError(
+            f"{what} returned keep of dtype {jnp.result_type(out)}; it is bool (True: the "
+            "response may train)"
+        )
 
 
 def check_reward_fn(fn: Callable, name: str, prompts: Sequence[str] = SAMPLE_PROMPTS):

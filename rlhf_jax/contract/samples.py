@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from rlhf_jax import registry
 from rlhf_jax.losses import accumulation
 
 B, T, V, K = 4, 6, 7, 5
@@ -50,6 +51,16 @@ POLICY_KEYS = (
 
 
 ADVANTAGE_KEYS = ("rewards", "response_mask", "scores", "group_ids")
+
+
+# What an estimator gets beyond what the critic's loss gets too (ADVANTAGE_KEYS), and its own
+# state when it declares one (`rlhf_jax.advantages`).
+ESTIMATOR_KEYS = ("response_ids",)
+STATE_KEY = "advantage_state"
+
+
+# What a rollout filter sees of one sampling round (`rlhf_jax.filters`).
+FILTER_KEYS = ("scores", "group_ids", "response_ids", "response_mask")
 
 
 # What the critic's loss receives (with its `values` output), with or without a critic this run.
@@ -152,8 +163,14 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
         "rewards": rewards * mask,
     }
     if kind == "advantage":
-        batch = {**common, "values": normal(B, T) * mask}
-        return {}, batch, {"rewards": pad, "values": pad}
+        ids = rng.integers(0, V, size=(B, T)).astype(np.int32) * (mask > 0)
+        batch = {**common, "values": normal(B, T) * mask, "response_ids": ids}
+        return {}, batch, {"rewards": pad, "values": pad, "response_ids": pad}
+    if kind == "rollout_filter":
+        scores[3] = scores[2]  # group 1's scores all agree, group 0's do not
+        ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
+        batch = {k: common[k] for k in ("scores", "group_ids", "response_mask")}
+        return {}, {**batch, "response_ids": ids * (mask > 0)}, {"response_ids": pad}
     old = -np.abs(normal(B, T))
     if kind == "policy":
         outputs = {"logprobs": old + 0.2 * normal(B, T), "entropy": np.abs(normal(B, T))}
@@ -196,6 +213,12 @@ def stage_inputs(kind: str) -> dict:
     if kind == "sft":  # packed rows: one sequence per row here
         return {"segment_ids": np.ones((ROWS, T_LM), np.int32)}
     return {}
+
+
+def with_declared_state(kind: str, fn: Callable, batch: Mapping) -> dict:
+    """`batch` with the initial state an estimator declares (`state=`) under STATE_KEY."""
+    init = registry.info(fn).get("state") if kind == "advantage" else None
+    return dict(batch) if init is None else {**batch, STATE_KEY: init()}
 
 
 def with_bound_beta(kind: str, fn: Callable) -> Callable:

@@ -69,6 +69,7 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
                 "kl_penalty": p.kl_penalty,
                 "policy_loss": p.policy_loss,
                 "critic": "yes" if _needs_critic(p.advantage) else "no",
+                "rollout_filters": [f.name for f in p.rollout_filters],
             },
             "samples": [
                 {"prompt": q, "response": r}

@@ -27,7 +27,9 @@ Encode = Callable[[Sequence, DataReport | None], dict[str, np.ndarray]]
 
 def splits_rows(cfg: Config) -> bool:
     """Whether this run's processes each encode only their own rows."""
-    return jax.process_count() > 1 and cfg.data.on_error == "raise"
+    # Rollout filters draw fresh prompts from the whole file for their extra rounds.
+    filtered = bool(cfg.ppo.rollout_filters)
+    return jax.process_count() > 1 and cfg.data.on_error == "raise" and not filtered
 
 
 def encode_own_rows(

@@ -166,9 +166,11 @@ def _setup_text(setup: dict[str, Any]) -> str:
             f"{setup['loss']} loss (beta {setup['beta']:g}{kwargs}) offline on the RM's "
             f"rankings, {setup['steps']} steps x {setup['batch_size']} prompts"
         )
+    filters = "".join(f", filter {name}" for name in setup.get("rollout_filters", ()))
     return (
         f"advantage {setup['advantage']}, G={setup['samples_per_prompt']} x "
         f"{setup['rollout_batch']} prompts, KL in {setup['kl_penalty']}, critic {setup['critic']}"
+        f"{filters}"
     )
 
 

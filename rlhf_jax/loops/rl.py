@@ -26,6 +26,7 @@ from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.adapters import StageWeights, adapter_key, adapts, announce, stage_weights
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
+from rlhf_jax.loops.rollout_stages import filtered_experience, prompt_drawer
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
 from rlhf_jax.losses import get_loss
@@ -303,8 +304,10 @@ def _iteration(cfg, programs, data, start, runtime):
     # the order depends only on the row count and the seed, so the batches are unchanged.
     if isinstance(prompts, HeldRows):
         with_rows = prompts.with_arrays(row=prompts.rows)
+        draw = None  # (rows are split per process only without rollout filters)
     else:
         with_rows = {**prompts, "row": np.arange(len(prompts["input_ids"]))}
+        draw = prompt_drawer(prompts, texts, ppo.rollout_batch, runtime)  # rounds after a filter
     size, _, seed, _ = spec["prompts"]
     prompt_iter = batches(with_rows, size, seed, start=start)
     ptx_iter = None
@@ -319,7 +322,7 @@ def _iteration(cfg, programs, data, start, runtime):
         row = host.pop("row")
         prompt_texts = None if texts is None else [texts[i] for i in row]
         batch = runtime.global_batch(host, "ppo.rollout_batch")
-        exp, exp_metrics = programs.experience(state, batch, exp_key, prompt_texts)
+        exp, exp_metrics = programs.experience(state, batch, exp_key, prompt_texts, draw)
         ptx_batch = None
         if programs.use_ptx:
             ptx_batch = _ptx_batch(ptx_iter, ppo.epochs, n_mb, runtime)
@@ -353,10 +356,23 @@ def _make_experience(
     runtime: Runtime,
     tokenizer,
 ) -> tuple[Callable, list[CompiledOnce]]:
-    """`experience(state, prompt_batch, key) -> (Experience, metrics)` and its compiled
-    programs: one call when the reward model scores; sample, host scoring, finish when a
-    reward function does.
+    """`experience(state, prompt_batch, key, prompt texts, draw) -> (Experience, metrics)` and
+    its compiled programs: one call when the reward model scores; sample, host scoring, finish
+    when a reward function does; the rollout stages of `loops/rollout_stages.py` with rollout
+    filters (`draw` gives their extra rounds' prompts).
     shardings: (state's, frozen's); special: (EOS ids, pad id)."""
+    if algo.filters:  # sample -> score -> filters (-> more rounds) -> finish
+        return filtered_experience(
+            cfg,
+            algo,
+            models=models,
+            critic_cfg=critic_cfg,
+            shardings=shardings,
+            frozen=frozen,
+            special=special,
+            runtime=runtime,
+            tokenizer=tokenizer,
+        )
     mesh, rules, ppo = runtime.mesh, runtime.rules, cfg.ppo
     (state_sh, frozen_sh), (eos_ids, pad_id) = shardings, special
     if algo.reward_fn is None:
@@ -372,7 +388,7 @@ def _make_experience(
             )
         )
 
-        def experience(state, b, k, prompt_texts=None):
+        def experience(state, b, k, prompt_texts=None, draw=None):
             return fn(state, frozen, b["input_ids"], b["attention_mask"], k)
 
         return experience, [fn]
@@ -397,7 +413,7 @@ def _make_experience(
     )
     score = _host_scorer(algo, tokenizer, ppo.samples_per_prompt)
 
-    def experience(state, b, k, prompt_texts):
+    def experience(state, b, k, prompt_texts, draw=None):
         if prompt_texts is None:
             raise ValueError("a reward function over text needs the prompts' texts")
         policy = policy_weights(models.policy_cfg, state, frozen)

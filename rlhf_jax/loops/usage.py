@@ -93,6 +93,11 @@ RL = (
         lambda c: c.ppo.missing_eos_score is not None,
     ),
     Unread(PTX_DETAILS, "ptx.coef is 0 (no ptx term)", lambda c: c.ptx.coef == 0),
+    Unread(
+        ("ppo.rollout_max_rounds",),
+        "ppo.rollout_filters is empty, so every iteration samples once",
+        lambda c: not c.ppo.rollout_filters,
+    ),
 )
 
 # The pipeline and compare train their own SFT policy and reward model from model.path (or

@@ -33,6 +33,8 @@ class RLAlgorithm:
     reward_fn: Callable | None  # host scorer of decoded text; None: the reward model scores
     reward_fn_name: str | None = None
     shared_critic: bool = False  # the critic is a value head on the policy's trunk
+    # (name, fn(batch) -> keep [B]) of each rollout filter, in the order they are configured
+    filters: tuple[tuple[str, Callable], ...] = ()
 
     @property
     def needs_critic(self) -> bool:
@@ -104,6 +106,7 @@ class RLAlgorithm:
             reward_fn=reward_fn,
             reward_fn_name=ppo.reward_fn,
             shared_critic=shared,
+            filters=tuple(_resolve_filter(ppo, i) for i in range(len(ppo.rollout_filters))),
         )
         algo._check_reads(ppo)
         return algo
@@ -124,8 +127,29 @@ class RLAlgorithm:
         if ppo.policy_optim.grad_accum > 1:
             accum = "ppo.policy_optim.grad_accum"
             contract.require_exact_accumulation("policy", self.policy_loss, ppo.policy_loss, accum)
-        advantage_keys = contract.ADVANTAGE_KEYS + (("values",) if self.needs_critic else ())
+        advantage_keys = contract.ADVANTAGE_KEYS + contract.ESTIMATOR_KEYS
+        advantage_keys += ("values",) if self.needs_critic else ()
+        if registry.info(self.advantage).get("state") is not None:
+            advantage_keys += (contract.STATE_KEY,)
         contract.dry_run("advantage", self.advantage, ppo.advantage, advantage_keys)
+
+
+def _resolve_filter(ppo: PPOConfig, i: int) -> tuple[str, Callable]:
+    """`ppo.rollout_filters[i]` resolved, its group size checked and called once on tiny
+    inputs (`contract.dry_run`): a bad name, hyperparameter or return fails at load."""
+    spec = ppo.rollout_filters[i]
+    try:
+        fn = registry.resolve("rollout_filter", spec.name, **spec.kwargs)
+        min_group = int(registry.info(fn).get("min_group_size", 1))
+        if ppo.samples_per_prompt < min_group:
+            raise RlhfJaxError(
+                f"rollout filter {spec.name!r} compares the samples of a prompt and needs "
+                f"ppo.samples_per_prompt >= {min_group}, got {ppo.samples_per_prompt}"
+            )
+        contract.dry_run("rollout_filter", fn, spec.name, contract.FILTER_KEYS)
+    except RlhfJaxError as e:
+        raise RlhfJaxError(f"config key 'ppo.rollout_filters[{i}]': {e}") from None
+    return spec.name, fn
 
 
 def _default_reduction(fn: Callable) -> str:

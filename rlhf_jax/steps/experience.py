@@ -3,11 +3,15 @@ values, per-token rewards, advantages.
 
   sample(policy_params, prompts, key) -> Rollout      G = ppo.samples_per_prompt responses per
                                                       prompt (a group), with group ids
-  finish(state, frozen, rollout, scores) -> Experience  score (the reward model, unless the host
-                                                      passes a reward function's scores),
-                                                      reference log-probs only with a KL term,
-                                                      values only with a critic, the KL in the
+  score(frozen, rollout, scores) -> Scored            the reward model's scores (unless the host
+                                                      passes a reward function's), then the
+                                                      missing-EOS rule: the scores every later
+                                                      part sees
+  (rollout filters, loops/rollout_stages.py)          which groups train (with ppo.rollout_filters)
+  finish_scored(state, frozen, rollout, scored)       reference log-probs only with a KL term,
+      -> Experience                                   values only with a critic, the KL in the
                                                       reward when configured, then the estimator
+  finish = finish_scored(score(...))                  without filters
   experience = finish(sample(...), scores=None)       one compiled call when the RM scores
 
 The rollout's own log-probs are the old policy's (no second forward). Every log-prob of a
@@ -142,6 +146,40 @@ def make_sample_fn(
     return sample
 
 
+class Scored(NamedTuple):
+    """A rollout's sequence scores as every later part sees them."""
+
+    scores: jax.Array  # [B] float32, after the missing-EOS rule
+    has_eos: jax.Array  # [B] bool: the response ended (emitted an EOS)
+
+
+def missing_eos_rule(scores, r: Rollout, eos_ids: tuple[int, ...], ppo: PPOConfig) -> Scored:
+    """A response that never ends is penalised (N-implementation-details: a fixed low score,
+    `ppo.missing_eos_score`, or `score - ppo.missing_eos_penalty`). Truncation at the first
+    EOS is the response mask itself."""
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    has_eos = jnp.any(jnp.isin(r.response_ids, eos) & (r.response_mask > 0), axis=1)
+    if ppo.missing_eos_score is not None:
+        scores = jnp.where(has_eos, scores, ppo.missing_eos_score)
+    elif ppo.missing_eos_penalty is not None:
+        scores = jnp.where(has_eos, scores, scores - ppo.missing_eos_penalty)
+    return Scored(scores, has_eos)
+
+
+def make_score_fn(
+    reward_cfg: ModelConfig | None, ppo: PPOConfig, eos_ids: tuple[int, ...]
+) -> Callable:
+    """`score(frozen, rollout, scores=None) -> Scored`: `scores` [B] from a reward function,
+    or None for the reward model in `frozen.reward`; then the missing-EOS rule."""
+
+    def score(frozen: Frozen, r: Rollout, scores=None) -> Scored:
+        if scores is None:
+            scores = score_sequences(reward_cfg, frozen.reward, r.sequence_ids, r.sequence_mask)
+        return missing_eos_rule(scores, r, eos_ids, ppo)
+
+    return score
+
+
 def make_finish_fn(
     policy_cfg: ModelConfig,
     critic_cfg: ModelConfig | None,
@@ -150,12 +188,26 @@ def make_finish_fn(
     algo: RLAlgorithm,
     eos_ids: tuple[int, ...],
 ) -> Callable:
-    """`finish(state, frozen, rollout, scores=None) -> (Experience, metrics)`; `scores` [B]
-    from a reward function, or None for the reward model in `frozen.reward`."""
-    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-    kl_in_reward = algo.kl_penalty == "reward"
+    """`finish(state, frozen, rollout, scores=None) -> (Experience, metrics)`: score (`scores`
+    [B] from a reward function, or None for the reward model in `frozen.reward`), then
+    `finish_scored`."""
+    score = make_score_fn(reward_cfg, ppo, eos_ids)
+    finish_scored = make_scored_finish_fn(policy_cfg, critic_cfg, ppo, algo)
 
     def finish(state: RLState, frozen: Frozen, r: Rollout, scores=None):
+        return finish_scored(state, frozen, r, score(frozen, r, scores))
+
+    return finish
+
+
+def make_scored_finish_fn(
+    policy_cfg: ModelConfig, critic_cfg: ModelConfig | None, ppo: PPOConfig, algo: RLAlgorithm
+) -> Callable:
+    """`finish_scored(state, frozen, rollout, scored) -> (Experience, metrics)`: the rest of
+    the experience of a scored rollout."""
+    kl_in_reward = algo.kl_penalty == "reward"
+
+    def finish_scored(state: RLState, frozen: Frozen, r: Rollout, scored: Scored):
         p = r.sequence_ids.shape[1] - r.response_ids.shape[1]
         mask = r.response_mask
         ref_logp = values = kl = None
@@ -178,15 +230,7 @@ def make_finish_fn(
                 critic_cfg, state.critic.model_params, r.sequence_ids, r.sequence_mask, p
             )
             values = values * mask
-        if scores is None:
-            scores = score_sequences(reward_cfg, frozen.reward, r.sequence_ids, r.sequence_mask)
-        has_eos = jnp.any(jnp.isin(r.response_ids, eos) & (mask > 0), axis=1)
-        # Truncation at the first EOS is the response mask itself; a response that never ends
-        # is penalised (N-implementation-details: fixed low score, or score - penalty).
-        if ppo.missing_eos_score is not None:
-            scores = jnp.where(has_eos, scores, ppo.missing_eos_score)
-        elif ppo.missing_eos_penalty is not None:
-            scores = jnp.where(has_eos, scores, scores - ppo.missing_eos_penalty)
+        scores, has_eos = scored
         if kl_in_reward:
             rewards, kl = per_token_rewards(
                 scores, r.logprobs, ref_logp, mask, state.beta, algo.kl_estimator
@@ -196,13 +240,7 @@ def make_finish_fn(
             if ref_logp is not None:
                 kl = kl_estimate(r.logprobs, ref_logp, algo.kl_estimator, mask)
         adv = algo.advantage(
-            {
-                "rewards": rewards,
-                "response_mask": mask,
-                "scores": scores,
-                "group_ids": r.group_ids,
-                **({"values": values} if values is not None else {}),
-            }
+            advantage_batch(rewards, mask, scores, r, values, state.advantage_state)
         )
         exp = Experience(
             sequence_ids=r.sequence_ids,
@@ -222,7 +260,23 @@ def make_finish_fn(
         )
         return exp, _metrics(state, exp, has_eos, kl_in_reward, ppo.samples_per_prompt, adv)
 
-    return finish
+    return finish_scored
+
+
+def advantage_batch(rewards, mask, scores, r, values, advantage_state) -> dict:
+    """What an estimator reads (`rlhf_jax.advantages`); `r`: the Rollout or Experience."""
+    batch = {
+        "rewards": rewards,
+        "response_mask": mask,
+        "scores": scores,
+        "group_ids": r.group_ids,
+        "response_ids": r.response_ids,
+    }
+    if values is not None:
+        batch["values"] = values
+    if advantage_state is not None:
+        batch["advantage_state"] = advantage_state
+    return batch
 
 
 def _metrics(state: RLState, exp: Experience, has_eos, kl_in_reward: bool, g: int, adv) -> dict:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from rlhf_jax import registry
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.lora import merge_trees
@@ -26,6 +27,8 @@ class RLState(struct.PyTreeNode):
     beta: jax.Array  # KL coefficient; adapted in compiled code when ppo.adaptive_kl
     ema_params: Any  # EMA of the policy weights (InstructGPT: 0.992), or None
     iteration: jax.Array
+    # The advantage estimator's own state, for one that declares `state` (rlhf_jax.advantages)
+    advantage_state: Any = None
 
 
 class Frozen(NamedTuple):
@@ -75,4 +78,11 @@ def init_rl_state(
         beta=jnp.asarray(ppo.beta, jnp.float32),
         ema_params=copy(policy_params) if ppo.ema_decay > 0 else None,
         iteration=jnp.zeros((), jnp.int32),
+        advantage_state=initial_advantage_state(ppo),
     )
+
+
+def initial_advantage_state(ppo: PPOConfig) -> Any:
+    """The initial state `ppo.advantage` declares (`state=`), or None for a stateless one."""
+    init = registry.info(registry.lookup("advantage", ppo.advantage)).get("state")
+    return None if init is None else init()

@@ -35,6 +35,7 @@ from rlhf_jax.ops import (
 from rlhf_jax.steps.algorithm import RLAlgorithm
 from rlhf_jax.steps.experience import (
     Experience,
+    advantage_batch,
     response_logits,
     response_logits_values,
     response_values,
@@ -212,6 +213,16 @@ def make_update_fn(
         if state.critic is not None:
             skips.update(skip_metrics(state.critic, "ppo/value"))
         metrics = merged_metrics(("the losses", metrics), ("the optimizer guard", skips))
-        return state.replace(beta=beta, iteration=state.iteration + 1), metrics
+        if state.advantage_state is None:
+            return state.replace(beta=beta, iteration=state.iteration + 1), metrics
+        # The estimator's next state, from the batch and state it made this experience with
+        # (the experience program returns no state; the estimator is cheap next to a forward).
+        batch = advantage_batch(
+            exp.rewards, exp.response_mask, exp.scores, exp, exp.values, state.advantage_state
+        )
+        advantage_state = algo.advantage(batch).state
+        return state.replace(
+            beta=beta, iteration=state.iteration + 1, advantage_state=advantage_state
+        ), metrics
 
     return update

@@ -1,8 +1,10 @@
 """Two processes x two CPU devices, joined by jax.distributed through the local launcher (the
 code path of a multi-host pod), run RL iterations with the metrics of one process with the
-same four devices: PPO on the reward model, and GRPO on a reward function over text. Each
-process encodes only the rows of the data files its slice of the batches reads (half of
-what the run reads), and scores only the responses its devices hold (half of each rollout)."""
+same four devices: PPO on the reward model, GRPO on a reward function over text, and the
+same GRPO with DAPO's dynamic sampling (every process keeps the same groups and draws the
+same rounds). Without filters each process encodes only the rows of the data files its slice
+of the batches reads (half of what the run reads), and scores only the responses its devices
+hold (half of each rollout)."""
 
 import json
 import os
@@ -27,6 +29,17 @@ ALGORITHMS = {
         "ppo.rollout_batch=8",
         "ppo.kl_penalty=loss",
         "ptx.coef=0",
+    ],
+    # the rollout filter decides on scores gathered from both processes; its extra rounds
+    # draw their prompts from the iteration key
+    "grpo_dynamic_sampling": [
+        "ppo.reward_fn=topics_gold",
+        "ppo.advantage=grpo",
+        "ppo.samples_per_prompt=2",
+        "ppo.rollout_batch=8",
+        "ppo.kl_penalty=loss",
+        "ptx.coef=0",
+        "ppo.rollout_filters=[{name: dynamic_sampling}]",
     ],
 }
 
@@ -136,7 +149,11 @@ def test_two_processes_match_one(run_dir, tmp_path, algorithm):
     whole = "".join(p.read_text() for p in (tmp_path / "logs").glob("*.log"))
     encoded = {(f, int(p)): (int(k), int(n)) for f, p, k, n in ENCODED.findall(whole)}
     files = {f for f, _ in encoded}
-    assert len(files) == (1 if "ptx.coef=0" in extra else 2), logs
+    if any(a.startswith("ppo.rollout_filters") for a in extra):
+        files = set()  # every process holds every row: a filter's rounds draw from all of them
+        assert not encoded, encoded
+    else:
+        assert len(files) == (1 if "ptx.coef=0" in extra else 2), logs
     for f in files:
         (k0, n), (k1, _) = encoded[(f, 0)], encoded[(f, 1)]
         rollout = 8 if "ppo.rollout_batch=8" in extra else 16

@@ -7,6 +7,7 @@ import numpy as np
 from processes import Process
 from safetensors.numpy import load_file
 
+from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.cli import main
 
 SMALL = [
@@ -76,6 +77,36 @@ def test_ppo_resumes_exactly(run_dir, tmp_path, capsys):
     paused, whole = _interrupted_and_whole(command, 2, tmp_path, capsys)
     assert sorted(_metrics(paused, "ppo")) == [1, 2, 3, 4]
     assert _metrics(paused, "ppo") == _metrics(whole, "ppo")
+    _same_weights(paused / "policy" / "model.safetensors", whole / "policy" / "model.safetensors")
+
+
+def test_ppo_with_a_filter_and_a_stateful_estimator_resumes_exactly(run_dir, tmp_path, capsys):
+    """Rounds of sampling drawn from the iteration key replay exactly, and the estimator's
+    own state (tests/fork_rollout_parts.py) is checkpointed and restored with the RL state."""
+    data = run_dir / "data"
+    command = [
+        "ppo",
+        *[a for a in SMALL if not a.startswith(("ppo.rollout_batch", "ptx."))],
+        "ppo.iterations=4",
+        "ptx.coef=0",
+        f"ppo.policy={run_dir / 'sft'}",
+        f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
+        "ppo.reward_fn=topics_gold",
+        "ppo.advantage=fork_rollout_parts:moving_baseline",
+        "ppo.samples_per_prompt=2",
+        "ppo.rollout_batch=4",
+        "ppo.rollout_filters=[{name: dynamic_sampling}]",
+    ]
+    paused, whole = _interrupted_and_whole(command, 2, tmp_path, capsys)
+    rows = _metrics(paused, "ppo")
+    assert sorted(rows) == [1, 2, 3, 4] and rows == _metrics(whole, "ppo")
+    baselines = [rows[i]["fork/baseline"] for i in (1, 2, 3, 4)]
+    # b_1 = b_2, the first batch's mean (its next state averages it with itself); then it moves
+    assert baselines[0] == baselines[1] and len(set(baselines)) == 3
+    assert any(r["rollout/filter_rounds"] > 1 for r in rows.values())  # rounds were drawn
+    with Checkpointer(paused / "checkpoints" / "ppo", save_every=1, keep=2) as ckpt:
+        names = ckpt.saved_names()
+    assert {"advantage_state/baseline", "advantage_state/seen"} <= set(names), names
     _same_weights(paused / "policy" / "model.safetensors", whole / "policy" / "model.safetensors")
 
 

@@ -54,7 +54,7 @@ READS = {
         *(
             f"ppo.{f.name}"
             for f in dataclasses.fields(Config().ppo)
-            if f.name not in ("reward_fn_kwargs", "kl_target", "kl_horizon")
+            if f.name not in ("reward_fn_kwargs", "kl_target", "kl_horizon", "rollout_max_rounds")
         ),
     ),  # fmt: skip
     "dpo": ("seed", *LOADED, "data", "dpo", "rm.data", "lora.rank", *RUNTIME),
@@ -65,12 +65,15 @@ _FOUNDATION = ("seed", "model", "task", "data", "pretrain", "sft", "ptx", "eval"
 _PPO_BASE = tuple(
     f"ppo.{f.name}"
     for f in dataclasses.fields(Config().ppo)
-    if f.name not in ("policy", "reward_model", "reward_fn_kwargs", "kl_target", "kl_horizon")
-)
+    if f.name
+    not in ("policy", "reward_model", "reward_fn_kwargs", "kl_target", "kl_horizon",
+            "rollout_max_rounds")
+)  # fmt: skip
 READS["pipeline"] = (*_FOUNDATION, *_PPO_BASE)
 READS["compare"] = (
     *(k for k in _FOUNDATION if k != "eval"), "eval.n_samples", "eval.temperature",
     "eval.bootstrap", *_PPO_BASE, "ppo.kl_target", "ppo.kl_horizon", "ppo.reward_fn_kwargs",
+    "ppo.rollout_max_rounds",
     *(f"dpo.{k}" for k in ("steps", "batch_size", "beta", "optim", "loss", "loss_kwargs")),
     "compare",
 )  # fmt: skip
@@ -107,6 +110,8 @@ def _other_value(default, tp):
         return "other"
     if isinstance(default, dict):
         return {"x": {}}
+    if default == ():  # ppo.rollout_filters: a list of {name, kwargs} sections
+        return (typing.get_args(tp)[0](name="dynamic_sampling"),)
     if isinstance(default, tuple):
         choices = typing.get_args(typing.get_args(tp)[0])
         return default[:1] if len(default) > 1 else (next(c for c in choices if c != default[0]),)
@@ -152,6 +157,7 @@ def test_every_set_field_of_a_command_is_read_or_refused(command):
          "ppo.reward_fn replaces the reward model"),
         ("ppo", ["ppo.kl_penalty=none", "ppo.beta=0.2"], "ppo.beta", "kl_penalty is none"),
         ("ppo", ["ptx.coef=0", "ptx.data=t.jsonl"], "ptx.data", "ptx.coef is 0"),
+        ("ppo", ["ppo.rollout_max_rounds=2"], "ppo.rollout_max_rounds", "rollout_filters is empty"),
         ("pipeline", ["model.path=m", "model.d_model=32"], "model.d_model", "model.path is set"),
         ("pipeline", ["model.path=m", "pretrain.steps=3"], "pretrain.steps", "model.path is set"),
         ("pipeline", ["rm.data=r.jsonl", "rm.k=3"], "rm.k", "rm.data is set"),
