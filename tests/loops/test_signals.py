@@ -64,6 +64,9 @@ def test_closing_the_terminal_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     pid, terminal = pty.fork()
     if pid == 0:  # the child: session leader with the pseudo-terminal as its own
         try:
+            # As a shell in a new terminal starts it: were SIGHUP left ignored (the suite
+            # started under nohup), the run would take that for nohup and rightly keep going.
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             os.execv(sys.executable, args)
         finally:
             os._exit(127)
