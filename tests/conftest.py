@@ -1,10 +1,53 @@
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 # Let tests import the helper modules beside them (tiny.py, hf_fixtures.py).
 sys.path.insert(0, str(Path(__file__).parent))
+
+# One persistent XLA compilation cache per pytest run, shared by the xdist workers and by every
+# `rlhf-jax` / python subprocess the tests start (they inherit the environment). On CPU nearly
+# all of the suite's time is XLA compilation, and many tests compile the same tiny programs:
+# jax 0.10 caches CPU executables (compilation_cache.is_cache_used lists "cpu"), and a hit
+# loads the very executable a fresh compile made, so results are bitwise the same
+# (tests/test_compile_cache.py checks both). The key covers the program, XLA_FLAGS, the
+# devices and jax's version, so a test's fake device count never gets another's program.
+# Fresh per run: a stale cache from an older jax or library can neither hide nor cause a
+# failure.
+XLA_CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # tiny programs compile fast, each counts
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    # No size limit: with one, jax locks the folder and scans every entry on each write
+    # (lru_cache.py), quadratic in the suite's thousands of programs. Unlocked, a read that
+    # races a write of the same entry fails to decode and jax compiles instead (with a warning).
+}
+
+
+def pytest_configure(config):
+    """The controller (or a run without xdist) makes the cache folder before the workers start;
+    they inherit it, so xdist's workers and their subprocesses share one folder per run."""
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller has set it up
+        return
+    folder = tempfile.mkdtemp(prefix="rlhf-jax-test-xla-cache-")
+    config._rlhf_jax_xla_cache = folder
+    os.environ.update(XLA_CACHE_ENV, JAX_COMPILATION_CACHE_DIR=folder)
+    if "jax" in sys.modules:  # a plugin imported jax before us: its config read the env already
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_rlhf_jax_xla_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 # Keep this file light: no jax / torch / transformers imports at module level, so that a test
 # module may still set XLA flags before jax is first imported. Heavy imports happen inside

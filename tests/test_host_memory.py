@@ -3,11 +3,11 @@ the kernel fault them in again at every call (counted as minor page faults, in a
 process each: malloc's settings are per process and must precede the CPU backend)."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from processes import LIMIT_S, run
 
 from rlhf_jax import host_memory
 from rlhf_jax.errors import RlhfJaxError
@@ -41,9 +41,8 @@ TEMP_PAGES = 64 * 2**20 // 4096
 def faults_per_call(mode: str) -> float:
     env = {k: v for k, v in os.environ.items() if k != "RLHF_JAX_SYSTEM_MALLOC"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, check=True
-    )
+    out = run([sys.executable, "-c", PROBE, mode], env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -96,7 +95,7 @@ GROWTH = textwrap.dedent(
         blocks.append(touched(40 * MiB))
         pins.append(libc.malloc(MiB))
         if sys.argv[1] == "bound" and hm.resident_bytes() > keep_below:
-            assert hm.wait_released(timeout=600), "the watcher did not act"
+            assert hm.wait_released(timeout=float(sys.argv[2])), "the watcher did not act"
     for p in blocks:
         libc.free(p)
     libc.free(touched(100 * MiB))
@@ -108,9 +107,10 @@ GROWTH = textwrap.dedent(
 def retained_mib(mode: str) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_JAX_")}
     env.update(JAX_PLATFORMS="cpu")
-    out = subprocess.run(
-        [sys.executable, "-c", GROWTH, mode], env=env, capture_output=True, text=True, check=True
-    )
+    # The watcher's wait gets the test's hang guard, not a clock of its own (RLHF_JAX_* is
+    # left out of the child's environment, so the limit goes as an argument).
+    out = run([sys.executable, "-c", GROWTH, mode, str(LIMIT_S)], env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,6 +1,7 @@
-"""The tiny pipeline run shared by the loop tests (built once per session)."""
+"""The tiny pipeline run shared by the loop tests (built once per pytest run)."""
 
 import pytest
+from run_once import once_per_run
 from test_pipeline import TINY
 
 from rlhf_jax.cli import main
@@ -8,8 +9,10 @@ from rlhf_jax.cli import main
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline")
-    assert (
-        main(["pipeline", "--config", "configs/quickstart.yaml", "--output", str(out), *TINY]) == 0
-    )
-    return out
+    """Read only: nine test files read it, from both xdist workers."""
+
+    def build(out):
+        args = ["pipeline", "--config", "configs/quickstart.yaml", "--output", str(out), *TINY]
+        assert main(args) == 0
+
+    return once_per_run(tmp_path_factory, "pipeline", build)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processes import LIMIT_S, run
 from tiny import tiny_sft_inputs
 
 from rlhf_jax.cli import main
@@ -97,7 +98,7 @@ def test_every_process_of_a_refused_multiprocess_run_stops(inputs, tmp_path):
     out = tmp_path / "out"
     holder = _hold(out)
     try:
-        proc = subprocess.run(
+        proc = run(
             [
                 sys.executable,
                 str(LAUNCHER),
@@ -107,17 +108,15 @@ def test_every_process_of_a_refused_multiprocess_run_stops(inputs, tmp_path):
                 "1",
                 "--log-dir",
                 str(tmp_path / "logs"),
-                "--timeout",
-                "300",
+                "--timeout",  # the launcher's own hang guard, which kills every process
+                str(LIMIT_S),
                 "--",
                 sys.executable,
                 "-m",
                 "rlhf_jax.cli",
                 *_sft(inputs, out),
             ],
-            capture_output=True,
-            text=True,
-            timeout=360,
+            limit=LIMIT_S + 120,  # past the launcher's, which then leaves the logs
             env=dict(os.environ, JAX_PLATFORMS="cpu"),
         )
     finally:

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from processes import LIMIT_S
 from tiny import tiny_sft_inputs
 
 from rlhf_jax.checkpointing import (
@@ -63,10 +64,13 @@ def test_closing_the_terminal_saves_a_checkpoint_and_exits_0(inputs, tmp_path):
     pid, terminal = pty.fork()
     if pid == 0:  # the child: session leader with the pseudo-terminal as its own
         try:
+            # As a shell in a new terminal starts it: were SIGHUP left ignored (the suite
+            # started under nohup), the run would take that for nohup and rightly keep going.
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
             os.execv(sys.executable, args)
         finally:
             os._exit(127)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + LIMIT_S  # a hang guard only: readiness is the logged step
     metrics = out / "metrics.jsonl"
     try:
         # Ready once a step is logged (its handler is in place); read what it prints meanwhile.
@@ -152,7 +156,7 @@ def test_a_second_ctrl_c_exits_130_with_one_line(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.stdout.readline().strip() == "stopping"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=LIMIT_S)
     finally:
         proc.kill()
     assert proc.returncode == 130, err[-3000:]

@@ -4,6 +4,8 @@ loss and its gradient stay finite for every KL placement and estimator, also whe
 token has left the updated policy's own top-k / top-p, and the values are the documented
 convention (docs/algorithms.md) as computed here in NumPy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,8 +29,7 @@ TEMPERATURE = 0.8
 BETA = 0.5
 
 
-def setup(**changes):
-    config, params = tiny_model(n_layers=1)
+def make_ppo(**changes) -> PPOConfig:
     optim = OptimConfig(lr=1e-2, grad_clip=0.0, eps=1e-4)
     settings = dict(
         rollout_batch=4,
@@ -43,7 +44,16 @@ def setup(**changes):
         policy_optim=optim,
         missing_eos_penalty=None,
     )
-    ppo = PPOConfig(**(settings | changes))
+    return PPOConfig(**(settings | changes))
+
+
+@functools.cache
+def rollout(truncation: tuple, placement: str, kind: str):
+    """`(config, state, frozen, exp)` of one rollout, made once per module for the settings
+    its compiled program depends on (sampling, where the KL goes and the estimator it is
+    computed with), so cases that differ only in their update share it."""
+    config, params = tiny_model(n_layers=1)
+    ppo = make_ppo(kl_penalty=placement, kl_estimator=kind, **dict(truncation))
     algo = RLAlgorithm.from_config(ppo)
     state = init_rl_state(params, None, make_optimizer(ppo.policy_optim, 4), None, ppo)
     rm = {"trunk": params, "head": init_scalar_head(config, jax.random.key(1))}
@@ -54,6 +64,21 @@ def setup(**changes):
     exp, _ = jax.jit(make_experience_fn(config, None, config, ppo, algo, EOS, 0))(
         state, frozen, ids, mask, jax.random.key(0)
     )
+    return config, state, frozen, exp
+
+
+def setup(**changes):
+    """`(config, ppo, algo, state, frozen, exp)`: the update's settings `changes`, with a
+    rollout made under the same sampling and KL settings. With the KL in the loss the rollout
+    computes it (for its metrics) with k3 whatever the loss's estimator: the update reads only
+    the log-probs, which do not depend on the estimator (checked below against NumPy)."""
+    ppo = make_ppo(**changes)
+    algo = RLAlgorithm.from_config(ppo)
+    truncation = tuple(sorted((k, changes[k]) for k in ("top_k", "top_p") if k in changes))
+    kind = "k3" if ppo.kl_penalty == "loss" else ppo.kl_kind
+    config, state, frozen, exp = rollout(truncation, ppo.kl_penalty, kind)
+    # The optimizer's settings belong to the update (the rollout's state holds its moments).
+    state = init_rl_state(state.policy.params, None, make_optimizer(ppo.policy_optim, 4), None, ppo)
     return config, ppo, algo, state, frozen, exp
 
 
@@ -175,7 +200,7 @@ def test_update_under_truncation_follows_the_convention(truncation, placement, k
         np.testing.assert_allclose(exp.rewards, rewards, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("truncation", [dict(top_k=2), dict(top_p=0.5)], ids=str)
+@pytest.mark.parametrize("truncation", [TOP_K, TOP_P], ids=str)  # the rollouts above
 def test_epochs_of_large_updates_under_truncation_never_skip(truncation):
     """Two epochs of two minibatches at a large learning rate with k3 in the loss: the policy
     moves between minibatches (its top-k changes) and every update still applies."""
