@@ -56,3 +56,14 @@ def hf_torch_model():
         return loaded[path]
 
     return get
+
+
+@pytest.fixture
+def fake_bucket(tmp_path_factory):
+    """`gs://` served from a local folder (tests/fake_bucket.py); yields that folder."""
+    import fake_bucket as fb
+
+    root = tmp_path_factory.mktemp("bucket")
+    fb.install(str(root))
+    yield root
+    fb.uninstall()
