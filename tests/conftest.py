@@ -58,12 +58,19 @@ def hf_torch_model():
     return get
 
 
+@pytest.fixture(scope="session")
+def bucket_root(tmp_path_factory):
+    """The local folder behind the fake `gs://` (tests/fake_bucket.py), one per session."""
+    return tmp_path_factory.mktemp("bucket")
+
+
 @pytest.fixture
-def fake_bucket(tmp_path_factory):
-    """`gs://` served from a local folder (tests/fake_bucket.py); yields that folder."""
+def fake_bucket(bucket_root, tmp_path, monkeypatch):
+    """`gs://BUCKET/...` served from `bucket_root/BUCKET/...` for one test (yields the root);
+    URL inputs are downloaded into this test's own cache folder."""
     import fake_bucket as fb
 
-    root = tmp_path_factory.mktemp("bucket")
-    fb.install(str(root))
-    yield root
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "url-cache"))
+    fb.install(str(bucket_root))
+    yield bucket_root
     fb.uninstall()
