@@ -43,3 +43,16 @@ def uninstall() -> None:
     for name in ("gs", "gcs"):
         _registry.pop(name, None)
     backend.fsspec_backend._get_filesystem.cache_clear()  # epath keeps filesystems it made
+
+
+if __name__ == "__main__":
+    # `python tests/fake_bucket.py ARGS...`: `rlhf-jax ARGS...` with gs:// served from
+    # $FAKE_BUCKET_ROOT, for tests that run the CLI in subprocesses (several JAX processes).
+    import os
+    import sys
+
+    install(os.environ["FAKE_BUCKET_ROOT"])
+    from rlhf_jax.cli import console
+
+    sys.argv = ["rlhf-jax", *sys.argv[1:]]
+    console()

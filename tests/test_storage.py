@@ -118,13 +118,17 @@ def test_metrics_at_a_url_are_rewritten_whole_and_kept_across_runs(fake_bucket):
 
     logger = MetricsLogger("gs://b/run", progress=False)
     logger.log("sft", 1, {"loss": 1.0})  # within the interval: not written yet
-    logger.close()
     file = fake_bucket / "b" / "run" / "metrics.jsonl"
-    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1]
+    assert not file.exists()
+    logger.sync()  # before a checkpoint: written now
+    assert len(file.read_text().splitlines()) == 1
+    logger.log("sft", 2, {"loss": 0.7})
+    logger.close()  # written whole; the resumed run below logs step 2 again
+    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2]
     again = MetricsLogger("gs://b/run", progress=False)  # a resumed run appends
     again._file.INTERVAL_S = 0.0
     again.log("sft", 2, {"loss": 0.5})
-    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["step"] for x in file.read_text().splitlines()] == [1, 2, 2]
     again.close()
     with pytest.raises(RlhfJaxError, match="log.tensorboard=true writes local event files"):
         MetricsLogger("gs://b/run2", tensorboard=True, progress=False)
@@ -141,10 +145,7 @@ def test_a_url_output_is_not_locked_and_says_so(fake_bucket, capsys):
     assert "last holder record" not in err
     release_output_locks()
     assert not record.exists()
-    record.write_text(
-        record.parent.joinpath("x").name
-        and json.dumps({"pid": 7, "host": "h", "command": "rlhf-jax sft", "started": "then"})
-    )
+    record.write_text(json.dumps({"pid": 7, "host": "h", "command": "c", "started": "then"}))
     lock_output("gs://b/run")  # a record left behind (a preempted run): named, not blocking
     assert "its last holder record says pid 7 on host h" in capsys.readouterr().err
     release_output_locks()

@@ -219,6 +219,13 @@ class MetricsLogger:
             self._wandb.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in row.items()}})
         return row
 
+    def sync(self) -> None:
+        """Write every line logged so far to a URL output now (the loop calls this before
+        each checkpoint, so a preempted run's metrics reach as far as its checkpoint). A
+        local file is flushed at every line already."""
+        if isinstance(self._file, BucketFile):
+            self._file.flush(force=True)
+
     def warn(self, message: str) -> None:
         """A warning line on stderr (process 0), kept in `warnings` for the run's summary."""
         self.warnings.append(message)
