@@ -86,6 +86,40 @@ def test_the_cli_refuses_an_uninstalled_scheme_before_anything_runs(tmp_path, mo
     assert os.listdir(tmp_path) == []  # nothing written, and no "gs:" folder
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["pipeline", "--output", "memory://run"],
+            "error: --output memory://run: checkpoints "
+            "cannot be written to memory:// (orbax writes local folders, file://, gs://, s3://)",
+        ),
+        (
+            ["pipeline", "--output", "nope://b/run"],
+            "error: --output nope://b/run: no filesystem is known for nope://",
+        ),
+        (
+            ["pipeline", "--output", "file://host/run"],
+            "error: --output file://host/run: a file:// URL must name an absolute local path",
+        ),
+    ],
+)
+def test_the_documented_url_errors(args, line, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+    assert os.listdir(tmp_path) == []
+
+
+def test_tensorboard_needs_a_local_output(fake_bucket, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pipeline", "--output", "gs://b/tb", "log.tensorboard=true"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: log.tensorboard=true writes local event files; --output gs://b/tb is a URL: "
+        "set log.tensorboard=false or use a local --output"
+    )
+
+
 def test_inputs_are_downloaded_once_and_again_when_they_change(memory):
     memory.pipe("/models/m/config.json", b'{"a": 1}')
     memory.pipe("/models/m/sub/w.bin", b"123")

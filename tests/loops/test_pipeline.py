@@ -217,3 +217,11 @@ def test_a_model_folder_without_a_tokenizer_says_so(run_dir, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert f"{folder}: no tokenizer files" in err and "sentencepiece" not in err
+
+
+def test_a_missing_data_file_in_the_bucket_is_one_line(run_dir, fake_bucket, tmp_path, capsys):
+    args = ["sft", "--output", str(tmp_path / "o"), f"model.path={run_dir / 'sft'}"]
+    assert main([*args, "sft.data=gs://rlhf-test/missing.jsonl"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: data file gs://rlhf-test/missing.jsonl: no such file or folder"
+    )
