@@ -113,6 +113,7 @@ def run_stage(
         state = _steps(stage, step, state, start, key, logger, checkpoints, guard)
         guard.require_learning(stage.learned(state))
     finally:
+        logger.sync()  # at a URL: a stage that stopped (or failed) leaves every line it logged
         if checkpoints is not None:
             checkpoints.close()  # commits a save in flight, also when a step raised
     return state
