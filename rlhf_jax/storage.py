@@ -204,8 +204,7 @@ def writable_folder(location: Any) -> Iterator[Path]:
     temporary folder uploaded to it when the block ends without error (transformers'
     tokenizers and safetensors write local files only)."""
     if not is_url(location):
-        folder = output_path(os.fspath(location) if not isinstance(location, Path) else location)
-        yield folder
+        yield output_path(location)
         return
     dest = os.fspath(location).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="rlhf_jax-upload-") as tmp:

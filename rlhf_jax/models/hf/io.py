@@ -170,10 +170,11 @@ def load_hf(
     shardings=None,
     compute_dtype: str | None = None,
 ) -> tuple[ModelConfig, dict]:
-    """Load a local Hugging Face checkpoint folder as (ModelConfig, params).
+    """Load a Hugging Face checkpoint folder as (ModelConfig, params).
 
     Args:
-      path: folder with config.json and model.safetensors (or a sharded index).
+      path: folder with config.json and model.safetensors (or a sharded index); a URL is
+        downloaded to the local cache first (`storage.local_copy`).
       dtype: parameter storage dtype, "float32" or "bfloat16".
       shardings: optional pytree (same structure as params) of `jax.sharding.Sharding`; each
         device then receives only its shard. Default: everything on the default device.
@@ -207,7 +208,7 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenize
     """Write params as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Every process must call this with the same arguments when params are sharded across hosts;
-    only process 0 writes.
+    only process 0 writes. Returns the folder (an `epath.Path` when `path` is a bucket URL).
     """
     host_params = host_arrays(params)
     if jax.process_index() != 0:
