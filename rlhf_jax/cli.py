@@ -67,10 +67,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     from rlhf_jax.models import load_hf, load_tokenizer
     from rlhf_jax.models.hf import read_hf_config
     from rlhf_jax.rollout import generate
+    from rlhf_jax.storage import check_location
 
     # Ctrl-C ends generation at once, even inside the compiled decode loop (which gives the
     # interpreter no chance to raise KeyboardInterrupt); SIGTERM keeps its default too.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    check_location(args.model, "--model")
     tokenizer = load_tokenizer(args.model)
     check_tokenizer(read_hf_config(args.model), args.model, tokenizer)  # before the weights
     config, params = load_hf(args.model, dtype=args.dtype)
@@ -169,6 +171,21 @@ def _end_process(code: int, line: str | None = None) -> None:
     os._exit(code)
 
 
+def _check_locations(cfg, output: str | None) -> None:
+    """Every URL the run reads or writes has its filesystem installed (and the output is one
+    orbax can write checkpoints to): a one-line error now, not after a stage has trained."""
+    from rlhf_jax.loops.settings import PATH_KEYS
+    from rlhf_jax.storage import check_location
+
+    if output is not None:
+        check_location(output, "--output", output=True)
+    for key in sorted(PATH_KEYS):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            check_location(value, f"config key '{key}'")
+
+
 def _load_config(args: argparse.Namespace):
     """A training command's config; joins a multi-process run first, before any device is
     touched. Only then do SIGTERM/SIGINT/SIGHUP become a request to save and stop at the next
@@ -181,6 +198,7 @@ def _load_config(args: argparse.Namespace):
     from rlhf_jax.steps import resolve_config_parts
 
     cfg = load_config(Config, args.config, args.overrides)
+    _check_locations(cfg, getattr(args, "output", None))
     address, n, pid = resolve(cfg.distributed)
     if n is not None and n > 1:  # said before the wait: a run stuck there shows why
         print(

@@ -99,3 +99,26 @@ def hf_torch_model():
         return loaded[path]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bucket_root(tmp_path_factory):
+    """The local folder behind the fake `gs://` (tests/fake_bucket.py), one per pytest run,
+    shared by the xdist workers (the pipeline run of tests/loops/conftest.py lives in it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this run's temporary folder, shared by its workers
+    (root / "bucket").mkdir(exist_ok=True)
+    return root / "bucket"
+
+
+@pytest.fixture
+def fake_bucket(bucket_root, tmp_path, monkeypatch):
+    """`gs://BUCKET/...` served from `bucket_root/BUCKET/...` for one test (yields the root);
+    URL inputs are downloaded into this test's own cache folder."""
+    import fake_bucket as fb
+
+    monkeypatch.setenv("RLHF_JAX_CACHE", str(tmp_path / "url-cache"))
+    fb.install(str(bucket_root))
+    yield bucket_root
+    fb.uninstall()

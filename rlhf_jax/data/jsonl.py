@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.storage import local_copy
 
 _BOM = b"\xef\xbb\xbf"
 
@@ -110,7 +111,7 @@ def read_jsonl(
     """
     name = str(path)
     try:
-        f = Path(path).open("rb")  # noqa: SIM115 (closed by the `with f:` below)
+        f = local_copy(path, "data file").open("rb")  # noqa: SIM115 (closed by the `with f:` below)
     except FileNotFoundError:
         raise RlhfJaxError(f"{name}: no such file") from None
     except IsADirectoryError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from rlhf_jax.models.hf.io import (
     REWARD_READ_RULE,
     SCALAR_HEAD_FILE,
 )
+from rlhf_jax.storage import local_copy
 
 
 def language_models(cfg) -> dict[str, str]:
@@ -226,7 +226,7 @@ def check_reward_reading(rm: str, rm_cfg: ModelConfig, tokenizer) -> None:
         )
     if pad != eos:
         return
-    folder = Path(rm)
+    folder = local_copy(rm, "reward model folder")
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     ours = REWARD_BIAS_KEY in raw or (folder / SCALAR_HEAD_FILE).is_file()
     if ours and raw.get(REWARD_READ_KEY) != REWARD_READ_RULE:

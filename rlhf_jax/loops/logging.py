@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,17 @@ from tqdm.auto import tqdm
 
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.progress import progress_bar
+from rlhf_jax.storage import output_path
 
 
 def _to_float(value: Any) -> float:
     return float(np.asarray(value))
+
+
+def _identity(path) -> str:
+    """What two spellings of one folder share: the resolved path, or the URL without a
+    trailing slash."""
+    return str(path.resolve()) if isinstance(path, Path) else os.fspath(path).rstrip("/")
 
 
 def prepare_output_dir(
@@ -37,13 +45,13 @@ def prepare_output_dir(
     output the run writes (`sft`, `policy`, ...). An output that is, or would write into, an
     input folder is refused: the run would overwrite the model it reads.
     """
-    out = Path(path)
-    targets = {out.resolve(): "--output"}
-    targets.update({(out / w).resolve(): f"--output/{w}" for w in writes})
+    out = output_path(path)
+    targets = {_identity(out): "--output"}
+    targets.update({_identity(out / w): f"--output/{w}" for w in writes})
     for key, folder in (inputs or {}).items():
         if folder is None:
             continue
-        hit = targets.get(Path(folder).resolve())
+        hit = targets.get(_identity(output_path(folder)))
         if hit is not None:
             raise RlhfJaxError(
                 f"{hit} is the folder of config key '{key}' ({folder}): the run would overwrite "
@@ -64,7 +72,7 @@ def prepare_output_dir(
 RUN_CONFIG = "run_config.json"  # not config.json: that name is a Hugging Face model's
 
 
-def write_run_config(out: Path, config_dict: dict) -> Path:
+def write_run_config(out, config_dict: dict):
     """The resolved config of the run, beside its outputs (process 0 writes it)."""
     path = out / RUN_CONFIG
     if jax.process_index() == 0:
@@ -96,6 +104,33 @@ def _drop_partial_last_line(path: Path, block: int = 1 << 16) -> None:
         f.truncate(0)  # one partial line and nothing else
 
 
+class BucketFile:
+    """A text file at a URL written like an appended local file: the object is rewritten
+    whole (buckets have no append), on `flush` at most every INTERVAL_S seconds, and always
+    on `close`. Lines already there (a resumed run's) are kept."""
+
+    INTERVAL_S = 30.0
+
+    def __init__(self, path):
+        self.path = path
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        if text and not text.endswith("\n"):  # never happens with whole-object writes; cheap
+            text = text[: text.rfind("\n") + 1]
+        self._parts = [text]
+        self._written = time.monotonic()
+
+    def write(self, text: str) -> None:
+        self._parts.append(text)
+
+    def flush(self, force: bool = False) -> None:
+        if force or time.monotonic() - self._written >= self.INTERVAL_S:
+            self.path.write_text("".join(self._parts), encoding="utf-8")
+            self._written = time.monotonic()
+
+    def close(self) -> None:
+        self.flush(force=True)
+
+
 def _start_wandb(out_dir: Path, init_kwargs: dict[str, Any]):
     """A W&B run writing under OUTPUT/wandb (online, or offline with WANDB_MODE=offline)."""
     try:
@@ -104,11 +139,17 @@ def _start_wandb(out_dir: Path, init_kwargs: dict[str, Any]):
         raise RlhfJaxError(
             "log.wandb=true needs the wandb package: pip install 'rlhf-jax[wandb]'"
         ) from None
-    return wandb.init(dir=str(out_dir), **init_kwargs)
+    # W&B stages its files in a local folder before sending them: a temporary one for a URL.
+    local = out_dir if isinstance(out_dir, Path) else tempfile.mkdtemp(prefix="rlhf_jax-wandb-")
+    return wandb.init(dir=str(local), **init_kwargs)
 
 
 class MetricsLogger:
-    """Appends `{"stage", "step", "time", <metric>: value}` lines to `metrics.jsonl`."""
+    """Appends `{"stage", "step", "time", <metric>: value}` lines to `metrics.jsonl`.
+
+    At a bucket URL (which cannot append to an object) the file is rewritten whole, at most
+    every `BucketFile.INTERVAL_S` seconds and when the logger closes (a stage that stops for
+    preemption closes it after saving its checkpoint)."""
 
     def __init__(
         self,
@@ -118,7 +159,7 @@ class MetricsLogger:
         wandb: dict[str, Any] | None = None,
     ):
         """`wandb`: keyword arguments of `wandb.init` (project, name, config), or None."""
-        self.out_dir = Path(out_dir)
+        self.out_dir = output_path(out_dir)
         self.is_writer = jax.process_index() == 0
         self.progress = progress and self.is_writer
         self.history: dict[str, list[dict[str, float]]] = {}
@@ -131,8 +172,16 @@ class MetricsLogger:
         if self.is_writer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             path = self.out_dir / "metrics.jsonl"
-            _drop_partial_last_line(path)
-            self._file = path.open("a", encoding="utf-8")
+            if isinstance(path, Path):
+                _drop_partial_last_line(path)
+                self._file = path.open("a", encoding="utf-8")
+            else:
+                self._file = BucketFile(path)
+            if tensorboard and not isinstance(path, Path):
+                raise RlhfJaxError(
+                    f"log.tensorboard=true writes local event files; --output {self.out_dir} is "
+                    "a URL: set log.tensorboard=false or use a local --output"
+                )
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
@@ -169,6 +218,13 @@ class MetricsLogger:
                 self._wandb_stages.add(stage)
             self._wandb.log({f"{stage}/step": step, **{f"{stage}/{k}": v for k, v in row.items()}})
         return row
+
+    def sync(self) -> None:
+        """Write every line logged so far to a URL output now (the loop calls this before
+        each checkpoint, so a preempted run's metrics reach as far as its checkpoint). A
+        local file is flushed at every line already."""
+        if isinstance(self._file, BucketFile):
+            self._file.flush(force=True)
 
     def warn(self, message: str) -> None:
         """A warning line on stderr (process 0), kept in `warnings` for the run's summary."""

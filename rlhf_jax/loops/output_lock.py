@@ -14,6 +14,13 @@ what lets two runs each lock a different file of the same name).
 In a multi-process run (jax.distributed) every process shares the folder: only process 0
 locks it, and tells the others whether it could, so every process of a refused run stops
 with the same error instead of waiting for a process 0 that has left.
+
+A bucket URL cannot be locked: an object store has no lock a dead holder drops, and a lock
+object left by a preempted run would block the restart that should resume it. For a URL
+output, process 0 writes its holder record to `OUTPUT/.rlhf-jax.lock` all the same and prints
+a warning on stderr that the folder is not locked, naming the holder record it found there
+(if any), so two runs on one URL are at least visible. The record is removed when the
+command ends.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ import time
 from pathlib import Path
 
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.storage import output_path
 
 LOCK_FILE = ".rlhf-jax.lock"
 
 _HELD: dict[Path, int] = {}  # resolved folder -> open, flocked fd (this process holds it)
+_BUCKET_RECORDS: list = []  # holder records this process wrote at URL outputs (epath)
 
 
 class OutputInUse(RlhfJaxError):
@@ -90,7 +99,10 @@ def lock_output(folder: str | Path) -> None:
     import jax  # here: the CLI imports this module for `release_output_locks`, and `plan`
     import numpy as np  # must start without JAX
 
-    folder = Path(folder)
+    folder = output_path(folder)
+    if not isinstance(folder, Path):
+        _record_bucket_holder(folder)
+        return
     key = folder.resolve()
     if key in _HELD:
         return
@@ -117,9 +129,33 @@ def lock_output(folder: str | Path) -> None:
     )
 
 
+def _record_bucket_holder(folder) -> None:
+    """A URL output: the holder record and a warning instead of a lock (see the module)."""
+    import jax
+
+    if jax.process_index() != 0 or os.fspath(folder) in _BUCKET_RECORDS:
+        return
+    record = folder / LOCK_FILE
+    found = ""
+    with contextlib.suppress(OSError, ValueError):
+        if record.exists() and record.read_text().strip():
+            found = f"; its last holder record says {describe_holder(folder)}"
+    print(
+        f"warning: output {folder} is a URL and cannot be locked against another run; make "
+        f"sure no other run writes it{found}",
+        file=sys.stderr,
+        flush=True,
+    )
+    record.write_bytes(_holder_record())
+    _BUCKET_RECORDS.append(record)
+
+
 def release_output_locks() -> None:
     """Let other runs use the folders this process locked (the CLI calls this as a command
     ends; a Python caller of the `run_*` commands may too, else the process's end does)."""
+    while _BUCKET_RECORDS:
+        with contextlib.suppress(OSError):
+            _BUCKET_RECORDS.pop().unlink()  # no stale holder record for the next reader
     while _HELD:
         _, fd = _HELD.popitem()
         with contextlib.suppress(OSError):

@@ -59,7 +59,8 @@ def plot_curves(history: dict[str, list[dict[str, float]]], path: Path) -> Path 
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with path.open("wb") as f:  # a file object: the path may be a bucket URL (epath)
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -154,7 +155,8 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", fontsize=8)  # the empty region between SFT and the runs
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with path.open("wb") as f:  # a file object: the path may be a bucket URL (epath)
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 

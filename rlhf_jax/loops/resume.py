@@ -10,7 +10,6 @@ run takes exactly the steps an uninterrupted one would.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import jax
@@ -21,6 +20,7 @@ from rlhf_jax.config import CheckpointConfig
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.settings import differences
 from rlhf_jax.steps.state import with_frozen_of, without_frozen
+from rlhf_jax.storage import orbax_directory, output_path, remove_tree
 
 
 class StagePaused(Exception):
@@ -48,18 +48,20 @@ class StageCheckpoints:
         settings: dict[str, str] | None = None,
     ):
         self.stage, self.cfg, self.settings = stage, cfg, settings
-        self.directory = Path(out_dir) / "checkpoints" / stage
+        self.directory = output_path(out_dir) / "checkpoints" / stage  # local, or a URL
         if not cfg.resume and self.directory.exists():
             if jax.process_index() == 0:
                 n = sum(1 for p in self.directory.iterdir() if p.name.isdigit())
-                shutil.rmtree(self.directory)
+                remove_tree(self.directory)
                 print(
                     f"{stage}: checkpoint.resume=false: starting over; {n} old checkpoint(s) "
                     f"removed from {self.directory}"
                 )
             if jax.process_count() > 1:
                 multihost_utils.sync_global_devices(f"rlhf_jax fresh {stage}")
-        self.ckpt = Checkpointer(self.directory, cfg.save_every, max(cfg.keep, 1), cfg.async_save)
+        self.ckpt = Checkpointer(
+            orbax_directory(self.directory), cfg.save_every, max(cfg.keep, 1), cfg.async_save
+        )
         self.start = 0
         self._closed = False
 

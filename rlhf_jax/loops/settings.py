@@ -18,6 +18,7 @@ from typing import Any
 
 from rlhf_jax.config import Config
 from rlhf_jax.config.schema import PATHS
+from rlhf_jax.storage import is_url, local_copy
 
 # Sections read by nobody's training: changing them must not block a resume.
 NOT_SHAPING = ("log", "checkpoint", "mesh", "distributed", "eval", "compare")
@@ -44,7 +45,7 @@ def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
         for k, v in value.items():
             _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
     elif prefix in PATH_KEYS and value is not None:  # recorded for people, absolute
-        out[prefix] = json.dumps(str(Path(value).resolve()))
+        out[prefix] = json.dumps(value if is_url(value) else str(Path(value).resolve()))
     elif prefix not in NOT_SHAPING_KEYS:
         out[prefix] = json.dumps(value, sort_keys=True, default=str)
 
@@ -52,7 +53,7 @@ def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
 def file_digest(path: str | Path) -> str:
     """sha256 of a data file's bytes (the loaders read it whole anyway)."""
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with local_copy(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
@@ -62,7 +63,7 @@ def folder_digest(path: str | Path) -> str:
     """A model folder's identity: its config.json and tokenizer files whole, and each weight
     file's size and 16 evenly spaced 64 KiB samples of it (another model of the same shapes
     differs there; reading gigabytes whole at every start would not be worth it)."""
-    folder = Path(path)
+    folder = local_copy(path)
     h = hashlib.sha256()
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
         size = file.stat().st_size
@@ -96,7 +97,7 @@ def stage_settings(
     for key, path in (reads or {}).items():
         if path is None:
             continue
-        p = Path(path)
+        p = local_copy(path)
         out[f"file:{key}"] = folder_digest(p) if p.is_dir() else file_digest(p)
     return out
 

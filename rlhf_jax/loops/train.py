@@ -113,6 +113,7 @@ def run_stage(
         state = _steps(stage, step, state, start, key, logger, checkpoints, guard)
         guard.require_learning(stage.learned(state))
     finally:
+        logger.sync()  # at a URL: a stage that stopped (or failed) leaves every line it logged
         if checkpoints is not None:
             checkpoints.close()  # commits a save in flight, also when a step raised
     return state
@@ -134,7 +135,10 @@ def _steps(stage, step, state, start, key, logger, checkpoints, guard):
                 guard.check(*pending)
                 pending = None
             if checkpoints is not None:
-                if pending is not None and checkpoints.due(i + 1, n):
+                due = checkpoints.due(i + 1, n)
+                if due:
+                    logger.sync()  # at a URL: the metrics of a checkpoint's steps go first
+                if pending is not None and due:
                     guard.check(*pending)  # never save the step that stops us
                 checkpoints.after_step(i + 1, state, n)
     if pending is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,6 +25,7 @@ from rlhf_jax.sharding import (
     replicated,
     state_shardings,
 )
+from rlhf_jax.storage import local_copy
 
 
 class _TaskVocab:
@@ -177,7 +177,10 @@ def step_key(runtime: Runtime) -> jax.ShapeDtypeStruct:
 def ranking_k(path: str | None, default: int) -> int:
     """K of a rankings file (its largest number of completions per row, as the encoder pads
     to), read without tokenizing; `default` (rm.k, the built-in task's) without a file."""
-    if path is None or not Path(path).is_file():
+    if path is None:
+        return default
+    path = local_copy(path, "data file")  # a URL's cached copy; a local path as it is
+    if not path.is_file():
         return default
     k = 2
     with open(path, encoding="utf-8") as f:

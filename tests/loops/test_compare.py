@@ -28,14 +28,15 @@ def test_shipped_compare_config_budgets():
     assert runs["grpo_gold"].ppo.reward_fn == "topics_gold" and runs["grpo"].ppo.reward_fn is None
 
 
-def test_compare_writes_the_table_the_json_and_the_plot(tmp_path, capsys):
-    out = tmp_path / "compare"
+def test_compare_writes_the_table_the_json_and_the_plot(fake_bucket, tmp_path, capsys):
+    """Written to a gs:// URL (the fake bucket); the rerun restores from the checkpoints there."""
+    out = fake_bucket / "rlhf-test" / f"{tmp_path.name}-compare"
     args = [
         "compare",
         "--config",
         "configs/compare.yaml",
         "--output",
-        str(out),
+        f"gs://rlhf-test/{tmp_path.name}-compare",
         *(a for a in TINY if not a.startswith("ptx.")),  # compare.yaml: ptx off, so unread
         "ppo.rollout_batch=8",
         "eval.n_samples=2",

@@ -21,9 +21,16 @@ def _command(run_dir, *extra):
     ]
 
 
-def test_dpo_trains_reports_and_resumes_exactly(run_dir, tmp_path, capsys):
+def test_dpo_trains_reports_and_resumes_exactly(run_dir, fake_bucket, tmp_path, capsys):
+    """The interrupted run writes to a gs:// URL (the fake bucket) and resumes from the
+    checkpoint there; the uninterrupted one writes a local folder: the same numbers."""
+    url = f"gs://rlhf-test/{tmp_path.name}-dpo"
     paused, whole = _interrupted_and_whole(
-        _command(run_dir, "dpo.steps=4", "dpo.optim.lr=3e-3"), 2, tmp_path, capsys
+        _command(run_dir, "dpo.steps=4", "dpo.optim.lr=3e-3"),
+        2,
+        tmp_path,
+        capsys,
+        paused_at=(url, fake_bucket / "rlhf-test" / f"{tmp_path.name}-dpo"),
     )
     metrics = _metrics(paused, "dpo")
     assert sorted(metrics) == [1, 2, 3, 4]

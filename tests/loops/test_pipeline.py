@@ -1,6 +1,7 @@
 """The whole pipeline at a tiny size: every stage runs and leaves what a person looks at."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -71,13 +72,14 @@ def test_run_leaves_checkpoints_metrics_and_a_picture(run_dir):
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_saved_policy_generates_from_the_cli(run_dir, capsys):
+def test_the_saved_policy_generates_from_the_cli(run_dir, fake_bucket, capsys):
+    """From the bucket: the model folder is downloaded to the cache first."""
     assert (
         main(
             [
                 "generate",
                 "--model",
-                str(run_dir / "policy"),
+                "gs://rlhf-test/run/policy",
                 "--prompt",
                 "story about a red fox:",
                 "--max-new-tokens",
@@ -104,41 +106,45 @@ STAGE_TINY = [
 ]
 
 
-def test_single_stages_chain_on_user_files(run_dir, tmp_path):
-    """sft -> rm -> ppo as separate commands, on the pipeline's own files and checkpoints."""
-    data = run_dir / "data"
-    args = ["--output", str(tmp_path), *STAGE_TINY]
-    assert (
-        main(["sft", *args, f"model.path={run_dir / 'sft'}", f"sft.data={data / 'sft.jsonl'}"]) == 0
-    )
+def test_single_stages_chain_on_user_files(run_dir, fake_bucket, tmp_path, monkeypatch):
+    """sft -> rm -> ppo as separate commands, on the pipeline's own files and checkpoints,
+    every input and output a gs:// URL (the fake bucket), from an empty working folder."""
+    monkeypatch.chdir(tmp_path)
+    data, out = "gs://rlhf-test/run/data", f"gs://rlhf-test/{tmp_path.name}"
+    args = ["--output", out, *STAGE_TINY]
+    sft = ["sft", *args, "model.path=gs://rlhf-test/run/sft", f"sft.data={data}/sft.jsonl"]
+    assert main(sft) == 0
     assert (
         main(
             [
                 "rm",
                 *args,
-                f"rm.init={tmp_path / 'sft'}",
-                f"rm.data={data / 'rankings.jsonl'}",
-                f"sft.data={data / 'sft.jsonl'}",
+                f"rm.init={out}/sft",
+                f"rm.data={data}/rankings.jsonl",
+                f"sft.data={data}/sft.jsonl",
             ]
         )
         == 0
     )
-    rm_config = json.loads((tmp_path / "rm" / "config.json").read_text())
+    written = fake_bucket / "rlhf-test" / tmp_path.name
+    rm_config = json.loads((written / "rm" / "config.json").read_text())
     assert rm_config["architectures"][0].endswith("ForSequenceClassification")
     assert (
         main(
             [
                 "ppo",
                 *args,
-                f"ppo.policy={tmp_path / 'sft'}",
-                f"ppo.reward_model={tmp_path / 'rm'}",
-                f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
-                f"ptx.data={data / 'pretrain.jsonl'}",
+                f"ppo.policy={out}/sft",
+                f"ppo.reward_model={out}/rm",
+                f"ppo.prompts={data}/ppo_prompts.jsonl",
+                f"ptx.data={data}/pretrain.jsonl",
             ]
         )
         == 0
     )
-    assert (tmp_path / "policy" / "model.safetensors").is_file()
+    assert (written / "policy" / "model.safetensors").is_file()
+    assert {"sft", "rm", "policy", "checkpoints", "metrics.jsonl"} <= set(os.listdir(written))
+    assert os.listdir(tmp_path) == ["url-cache"]  # the downloads; no "gs:" folder
 
 
 def test_stage_without_its_inputs_names_the_missing_key(tmp_path, capsys):
@@ -211,3 +217,11 @@ def test_a_model_folder_without_a_tokenizer_says_so(run_dir, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert f"{folder}: no tokenizer files" in err and "sentencepiece" not in err
+
+
+def test_a_missing_data_file_in_the_bucket_is_one_line(run_dir, fake_bucket, tmp_path, capsys):
+    args = ["sft", "--output", str(tmp_path / "o"), f"model.path={run_dir / 'sft'}"]
+    assert main([*args, "sft.data=gs://rlhf-test/missing.jsonl"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: data file gs://rlhf-test/missing.jsonl: no such file or folder"
+    )

@@ -38,11 +38,13 @@ def _same_weights(a, b):
         np.testing.assert_array_equal(wa[name], wb[name], err_msg=name)
 
 
-def _interrupted_and_whole(command, stop_after, tmp_path, capsys):
-    paused, whole = tmp_path / "paused", tmp_path / "whole"
-    assert main([*command, "--output", str(paused), f"checkpoint.stop_after={stop_after}"]) == 0
+def _interrupted_and_whole(command, stop_after, tmp_path, capsys, paused_at=None):
+    """`paused_at`: (--output URL, the local folder it lands in) of the interrupted run."""
+    whole = tmp_path / "whole"
+    output, paused = paused_at or (str(tmp_path / "paused"), tmp_path / "paused")
+    assert main([*command, "--output", output, f"checkpoint.stop_after={stop_after}"]) == 0
     assert "stopped:" in capsys.readouterr().err
-    assert main([*command, "--output", str(paused)]) == 0  # the same command, resumed
+    assert main([*command, "--output", output]) == 0  # the same command, resumed
     assert main([*command, "--output", str(whole)]) == 0
     return paused, whole
 

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.hf.io import host_arrays
+from rlhf_jax.storage import output_path, writable_folder
 
 # Our projection names -> the Llama/Qwen module paths inside a decoder layer.
 MODULES = {
@@ -58,10 +59,16 @@ def save_adapters(
             "lora.save_adapters: GPT-2's attention is one fused c_attn matrix in transformers, "
             "which separate q/k/v adapters do not map onto; the merged weights are written"
         )
-    folder = Path(path)
     adapters = host_arrays(adapters)
     if jax.process_index() != 0:
-        return folder
+        return output_path(path)
+    with writable_folder(path) as folder:  # a URL: written locally, then uploaded
+        _write_adapters(config, adapters, folder, base_model)
+    print(f"saved adapters: {output_path(path)}")
+    return output_path(path)
+
+
+def _write_adapters(config: ModelConfig, adapters: dict, folder: Path, base_model) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(peft_tensors(config, adapters), str(folder / "adapter_model.safetensors"))
     adapter_config = {
@@ -77,5 +84,3 @@ def save_adapters(
         "inference_mode": True,
     }
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-    print(f"saved adapters: {folder}")
-    return folder

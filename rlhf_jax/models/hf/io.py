@@ -25,13 +25,14 @@ from rlhf_jax.models.config import DTYPES, ModelConfig
 from rlhf_jax.models.hf.config_map import from_hf_config, to_hf_config
 from rlhf_jax.models.hf.weights_map import Source, hf_sources, to_hf_tensors
 from rlhf_jax.models.transformer import param_shapes
+from rlhf_jax.storage import local_copy, output_path, writable_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     """ModelConfig of a checkpoint folder (its config.json), with clear errors."""
-    folder = Path(path)
+    folder = local_copy(path, "model folder")
     if not folder.is_dir():
         raise RlhfJaxError(f"{folder}: checkpoint folder not found")
     config_file = folder / "config.json"
@@ -169,16 +170,17 @@ def load_hf(
     shardings=None,
     compute_dtype: str | None = None,
 ) -> tuple[ModelConfig, dict]:
-    """Load a local Hugging Face checkpoint folder as (ModelConfig, params).
+    """Load a Hugging Face checkpoint folder as (ModelConfig, params).
 
     Args:
-      path: folder with config.json and model.safetensors (or a sharded index).
+      path: folder with config.json and model.safetensors (or a sharded index); a URL is
+        downloaded to the local cache first (`storage.local_copy`).
       dtype: parameter storage dtype, "float32" or "bfloat16".
       shardings: optional pytree (same structure as params) of `jax.sharding.Sharding`; each
         device then receives only its shard. Default: everything on the default device.
       compute_dtype: computation dtype (default: same as `dtype`).
     """
-    folder = Path(path)
+    folder = local_copy(path, "model folder")
     config = read_hf_config(folder).replace(param_dtype=dtype, dtype=compute_dtype or dtype)
     index = _TensorIndex(folder)
     if SCORE in index.file_of:
@@ -206,21 +208,21 @@ def save_hf(config: ModelConfig, params: dict, path: str | os.PathLike, tokenize
     """Write params as a folder `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Every process must call this with the same arguments when params are sharded across hosts;
-    only process 0 writes.
+    only process 0 writes. Returns the folder (an `epath.Path` when `path` is a bucket URL).
     """
-    folder = Path(path)
     host_params = host_arrays(params)
     if jax.process_index() != 0:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_tensors(config, host_params)
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(to_hf_config(config), indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder
+        return output_path(path)
+    with writable_folder(path) as folder:  # a URL: written locally, then uploaded
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = to_hf_tensors(config, host_params)
+        tmp = folder / "model.safetensors.tmp"
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(to_hf_config(config), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
+    return output_path(path)
 
 
 # Any of these makes a folder hold a tokenizer AutoTokenizer can load (fast, sentencepiece,
@@ -235,16 +237,16 @@ def load_tokenizer(path: str | os.PathLike):
     folder of pickle weights is refused for that reason rather than for its tokenizer."""
     from transformers import AutoTokenizer
 
-    read_hf_config(path)
-    _TensorIndex(Path(path))
-    folder = Path(path)
+    folder = local_copy(path, "model folder")
+    read_hf_config(folder)
+    _TensorIndex(folder)
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise RlhfJaxError(
             f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the tokenizer "
             "of the model this checkpoint comes from into the folder"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as e:
         reason = " ".join(str(e).split())  # transformers' messages span several lines
         raise RlhfJaxError(f"{path}: could not load a tokenizer ({reason})") from None
@@ -277,7 +279,6 @@ def save_scalar_model(
     rlhf_jax adds it back on load, and transformers' score equals ours minus it (a constant:
     rankings and pairwise probabilities are the same).
     """
-    folder = Path(path)
     trunk = {k: v for k, v in params["trunk"].items() if k != "lm_head"}
     host = jax.tree.map(
         lambda x: np.asarray(
@@ -288,7 +289,13 @@ def save_scalar_model(
         {"trunk": trunk, "head": params["head"]},
     )
     if jax.process_index() != 0:
-        return folder
+        return output_path(path)
+    with writable_folder(path) as folder:  # a URL: written locally, then uploaded
+        _write_scalar_model(config, host, folder, tokenizer)
+    return output_path(path)
+
+
+def _write_scalar_model(config: ModelConfig, host: dict, folder: Path, tokenizer) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_tensors(config.replace(tie_embeddings=True), host["trunk"])  # no LM head
     tensors[SCORE] = np.ascontiguousarray(host["head"]["kernel"][None, :])
@@ -308,12 +315,11 @@ def save_scalar_model(
     (folder / SCALAR_HEAD_FILE).unlink(missing_ok=True)  # an older save in the same folder
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 def is_reward_model(path: str | os.PathLike) -> bool:
     """Whether a folder holds a reward model (either format), not a language model."""
-    folder = Path(path)
+    folder = local_copy(path, "model folder")
     if (folder / SCALAR_HEAD_FILE).is_file():
         return True
     config_file = folder / "config.json"
@@ -340,7 +346,7 @@ def load_scalar_model(
     The reward is read where transformers reads it: the last real token that is not the pad
     token (`config.pad_token_id`); with pad == EOS, the token before the EOS
     (`models.reward_token_index`)."""
-    folder = Path(path)
+    folder = local_copy(path, "reward model folder")
     if (folder / SCALAR_HEAD_FILE).is_file():
         return _load_legacy_scalar_model(folder, dtype, compute_dtype)
     index = _TensorIndex(folder)
