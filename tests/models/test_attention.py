@@ -4,10 +4,13 @@ segments, grouped-query heads and lengths that are not a multiple of the block."
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_model
 
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models import attention
@@ -15,6 +18,7 @@ from rlhf_jax.models.attention import KeyMask, blocked_self_attention, cached_at
 from rlhf_jax.models.attention_cudnn import contiguous_rows, rotated_attention
 from rlhf_jax.models.attention_splash import splash_attention
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import forward, forward_cached, init_cache, positions_from_mask
 
 B, H, KV, E = 2, 4, 2, 8  # GQA: two query heads per kv head
 
@@ -151,3 +155,49 @@ def test_unknown_attention_kind_is_refused_naming_the_field():
             model_type="llama", vocab_size=8, d_model=8, n_layers=1, n_heads=2, n_kv_heads=1,
             head_dim=4, mlp_dim=8, max_position_embeddings=8, attention="flash",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["blocked", "splash"])
+def test_model_logits_equal_dense_at_real_tokens(monkeypatch, kind):
+    """The whole decoder (layer scan, RoPE, GQA) through each path, left-padded and packed."""
+    from rlhf_jax.models import attention_splash
+
+    monkeypatch.setattr(attention, "BLOCK", 4)
+    if kind == "splash":  # the kernel on CPU: Pallas' interpreter
+        real_splash = attention_splash.splash_attention
+        monkeypatch.setattr(
+            attention_splash, "splash_attention",
+            lambda *a: real_splash(*a, interpret=True),
+        )  # fmt: skip
+    config, params = tiny_model()
+    ids = jnp.asarray(np.arange(B * T).reshape(B, T) % config.vocab_size, jnp.int32)
+    for valid, seg in ((LEFT_PADDED, None), ((PACKED > 0).astype(np.int32), PACKED)):
+        want = forward(config.replace(attention="dense"), params, ids, valid, seg)
+        got = forward(config.replace(attention=kind), params, ids, valid, seg)
+        real = valid[:, :, None]
+        np.testing.assert_allclose(got * real, want * real, atol=2e-5)
+
+
+def test_decode_over_buckets_equals_the_full_forward(monkeypatch):
+    """Prefill with the blocked path, then decode steps whose buckets grow with the cache."""
+    monkeypatch.setattr(attention, "MIN_BUCKET", 4)
+    monkeypatch.setattr(attention, "BLOCK", 4)
+    config, params = tiny_model(attention="blocked")
+    ids = jnp.asarray(np.arange(B * T).reshape(B, T) % config.vocab_size, jnp.int32)
+    mask = jnp.asarray(LEFT_PADDED)
+    full = forward(config.replace(attention="dense"), params, ids, mask)
+    p = 6
+    cache = init_cache(config, B, T)
+    kv_mask = jnp.zeros((B, T), jnp.int32).at[:, :p].set(mask[:, :p])
+    pos = positions_from_mask(mask)
+    step = jax.jit(functools.partial(forward_cached, config))
+    logits, cache = step(params, ids[:, :p], pos[:, :p], cache, kv_mask, jnp.int32(0))
+    outs = [logits]
+    for t in range(p, T):
+        kv_mask = kv_mask.at[:, t].set(1)
+        logits, cache = step(
+            params, ids[:, t : t + 1], pos[:, t : t + 1], cache, kv_mask, jnp.int32(t)
+        )
+        outs.append(logits)
+    real = mask[:, :, None]
+    np.testing.assert_allclose(jnp.concatenate(outs, 1) * real, full * real, atol=2e-5)
