@@ -36,7 +36,6 @@ import numpy as np
 
 from rlhf_jax.models.attention_blocked import blocked_attention
 
-
 # `auto` keeps the dense path below this many key slots (see docs/memory.md for the
 # measurement): the quickstart's sequences are far shorter, so its numbers do not change.
 DENSE_BELOW = 1024

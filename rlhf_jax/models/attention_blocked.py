@@ -21,12 +21,28 @@ same segment id.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 _NEG = float(np.finfo(np.float32).min)
+
+
+class _Running(NamedTuple):
+    """The online softmax's state per query: running max, running sum of exp(s - max), and
+    the output so far, unnormalised (f32)."""
+
+    max_BKGT: jax.Array
+    sum_BKGT: jax.Array
+    acc_BKGTE: jax.Array
+
+
+class _Grads(NamedTuple):
+    dq: jax.Array
+    dk: jax.Array
+    dv: jax.Array
 
 
 def _block_mask(kv_valid_BS, q_seg_BT, kv_seg_BS, q_start, t: int, j, block: int):
@@ -55,30 +71,30 @@ def _forward(q, k, v, kv_valid, q_seg, kv_seg, q_start, block):
     scale = 1.0 / np.sqrt(e)
     n_blocks = k.shape[2] // block
 
-    def body(j, carry):
-        m, l, acc = carry
+    def body(j, run: _Running) -> _Running:
         allowed = _block_mask(kv_valid, q_seg, kv_seg, q_start, t, j, block)
         s = jnp.where(allowed, _scores(q, _kv_block(k, j, block), scale), _NEG)
-        m_new = jnp.maximum(m, s.max(-1))
-        # where(), not exp(-inf): a row with nothing visible yet keeps p = 0 and m = _NEG.
-        p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
-        corr = jnp.exp(m - m_new)
-        l = l * corr + p.sum(-1)
+        new_max = jnp.maximum(run.max_BKGT, s.max(-1))
+        # where(), not exp(-inf): a row with nothing visible yet keeps p = 0 and max = _NEG.
+        p = jnp.where(allowed, jnp.exp(s - new_max[..., None]), 0.0)
+        corr = jnp.exp(run.max_BKGT - new_max)
         pv = jnp.einsum(
             "bkgts,bkse->bkgte", p.astype(v.dtype), _kv_block(v, j, block),
             preferred_element_type=jnp.float32,
         )  # fmt: skip
-        return m_new, l, acc * corr[..., None] + pv
+        total = run.sum_BKGT * corr + p.sum(-1)
+        return _Running(new_max, total, run.acc_BKGTE * corr[..., None] + pv)
 
-    init = (
+    init = _Running(
         jnp.full((b, kh, g, t), _NEG, jnp.float32),
         jnp.zeros((b, kh, g, t), jnp.float32),
         jnp.zeros((b, kh, g, t, e), jnp.float32),
     )
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    seen = l > 0  # a query that sees no key (a padding query) outputs 0
-    out = acc / jnp.where(seen, l, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+    run = jax.lax.fori_loop(0, n_blocks, body, init)
+    seen = run.sum_BKGT > 0  # a query that sees no key (a padding query) outputs 0
+    total = jnp.where(seen, run.sum_BKGT, 1.0)
+    out = run.acc_BKGTE / total[..., None]
+    lse = jnp.where(seen, run.max_BKGT + jnp.log(total), 0.0)
     return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
 
 
@@ -103,8 +119,7 @@ def _blocked_bwd(block, res, d_out):
         out.transpose(0, 2, 3, 1, 4).astype(jnp.float32),
     )  # fmt: skip
 
-    def body(j, carry):
-        dq, dk, dv = carry
+    def body(j, grads: _Grads) -> _Grads:
         k_blk, v_blk = _kv_block(k, j, block), _kv_block(v, j, block)
         allowed = _block_mask(kv_valid, q_seg, kv_seg, q_start, t, j, block)
         p = jnp.where(allowed, jnp.exp(_scores(q, k_blk, scale) - lse[..., None]), 0.0)
@@ -114,13 +129,15 @@ def _blocked_bwd(block, res, d_out):
         )  # fmt: skip
         dp = jnp.einsum("bkgte,bkse->bkgts", d_out_BKGTE, v_blk, preferred_element_type=jnp.float32)
         ds = (p * (dp - delta[..., None]) * jnp.float32(scale)).astype(q.dtype)
-        dq = dq + jnp.einsum("bkgts,bkse->btkge", ds, k_blk, preferred_element_type=jnp.float32)
+        dq_blk = jnp.einsum("bkgts,bkse->btkge", ds, k_blk, preferred_element_type=jnp.float32)
         dk_blk = jnp.einsum("bkgts,btkge->bkse", ds, q, preferred_element_type=jnp.float32)
-        dk = jax.lax.dynamic_update_slice_in_dim(dk, dk_blk, j * block, axis=2)
-        dv = jax.lax.dynamic_update_slice_in_dim(dv, dv_blk, j * block, axis=2)
-        return dq, dk, dv
+        return _Grads(
+            grads.dq + dq_blk,
+            jax.lax.dynamic_update_slice_in_dim(grads.dk, dk_blk, j * block, axis=2),
+            jax.lax.dynamic_update_slice_in_dim(grads.dv, dv_blk, j * block, axis=2),
+        )
 
-    init = (
+    init = _Grads(
         jnp.zeros(q.shape, jnp.float32),
         jnp.zeros(k.shape, jnp.float32),
         jnp.zeros(v.shape, jnp.float32),

@@ -342,11 +342,11 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask: KeyMask, cache, cache_index):
+    def __call__(self, x_BTD, positions_BT, key_mask: KeyMask, cache, cache_index):
         cfg = self.config
         h = Norm(cfg, cfg.norm, cfg.d_model, name="attn_norm")(x_BTD)
         attn_out, new_cache = Attention(cfg, name="attn")(
-            h, positions_BT, mask, cache, cache_index
+            h, positions_BT, key_mask, cache, cache_index
         )
         x_BTD = x_BTD + attn_out
         h = Norm(cfg, cfg.norm, cfg.d_model, name="mlp_norm")(x_BTD)
