@@ -82,6 +82,9 @@ class ModelSpec:
     dtype: Literal["float32", "bfloat16"] = "float32"  # computation
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage
     remat: bool = False  # recompute layer activations in backward (saves memory)
+    # Attention implementation (docs/design.md, "Attention"): auto picks cudnn on GPU, splash
+    # on TPU, blocked on CPU, and dense below models/attention.DENSE_BELOW key slots.
+    attention: Literal["auto", "dense", "blocked", "cudnn", "splash"] = "auto"
     # Storage of the weights RL only reads (the reference policy, the reward model, and a
     # LoRA policy's base, which is the reference): bfloat16 halves them. null = param_dtype.
     # They are computed in `dtype`; log-probs, KL, advantages and losses stay float32.

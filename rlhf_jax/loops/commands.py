@@ -289,7 +289,9 @@ def _rl_models(
     )
     # model.remat as for every loaded model: the critic starts as this model and trains. The
     # reward is read at the last token that is not the pad id (checked in `_rl_data`).
-    reward_cfg = reward_cfg.replace(remat=cfg.model.remat, pad_token_id=pad)
+    reward_cfg = reward_cfg.replace(
+        remat=cfg.model.remat, attention=cfg.model.attention, pad_token_id=pad
+    )
     return RLModels(policy_cfg, sft_params, reward_cfg, reward_params)
 
 

@@ -49,6 +49,7 @@ def random_model_config(spec: ModelSpec, tokenizer) -> ModelConfig:
         dtype=spec.dtype,
         param_dtype=spec.param_dtype,
         remat=spec.remat,
+        attention=spec.attention,
         **FAMILY_SWITCHES[spec.family],
     )
 

@@ -14,6 +14,9 @@ import jax.numpy as jnp
 
 from rlhf_jax.errors import RlhfJaxError
 
+# The implementations `models/attention.py` dispatches to (kept here: attention imports this).
+ATTENTION_KINDS = ("auto", "dense", "blocked", "cudnn", "splash")
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -66,6 +69,9 @@ class ModelConfig:
     dtype: str = "float32"  # computation dtype
     param_dtype: str = "float32"  # storage dtype of the weights
     remat: bool = False  # recompute each layer's activations in the backward pass
+    # Attention implementation (`models/attention.py`): auto | dense | blocked | cudnn |
+    # splash. Not part of the checkpoint's config.json.
+    attention: str = "auto"
     initializer_range: float = 0.02
     # Low-rank adapters (LoRA, Hu et al. 2021) on the projections named in `lora_targets`:
     # each gains `lora_a` [*in, r] and `lora_b` [r, *out] and computes
@@ -81,6 +87,11 @@ class ModelConfig:
                     f"model config field '{name}': {getattr(self, name)!r} is not one of "
                     f"{sorted(DTYPES)}"
                 )
+        if self.attention not in ATTENTION_KINDS:
+            raise RlhfJaxError(
+                f"model config field 'attention': {self.attention!r} is not one of "
+                f"{list(ATTENTION_KINDS)}"
+            )
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if unknown:
             raise RlhfJaxError(

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.models.attention import KeyMask, cached_attention, self_attention
 from rlhf_jax.models.config import ModelConfig, RopeScaling
 
 
@@ -163,31 +164,6 @@ def apply_rope(x_BTNE: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray)
     return out.astype(x_BTNE.dtype)
 
 
-def cached_attention(
-    q_BTHE: jax.Array, k_BKSE: jax.Array, v_BKSE: jax.Array, mask_B1TS: jax.Array
-) -> jax.Array:
-    """Softmax attention of T queries over a KV cache in its [B, K, S, E] layout.
-
-    The same math as `jax.nn.dot_product_attention` (scores and softmax in float32, masked
-    scores set to the float32 minimum, 1/sqrt(E) scaling, query head h reading kv head
-    h // G), written so that neither the cache nor its slots are copied or transposed: the
-    only large operands are read in place by the two batched matmuls.
-    """
-    b, t, h, e = q_BTHE.shape
-    kv = k_BKSE.shape[1]
-    q_BKGTE = q_BTHE.reshape(b, t, kv, h // kv, e).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum(
-        "bkgte,bkse->bkgts", q_BKGTE, k_BKSE, preferred_element_type=jnp.float32
-    ) * jnp.float32(1.0 / np.sqrt(e))
-    scores = jnp.where(mask_B1TS[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSE.dtype)
-    out_BKGTE = jnp.einsum("bkgts,bkse->bkgte", probs, v_BKSE)
-    out_BTHE = out_BKGTE.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
-    # Materialise [B, T, H, E] here: otherwise XLA folds this (small) transpose into the
-    # output projection by transposing its (large) weight instead, at every decode step.
-    return jax.lax.optimization_barrier(out_BTHE)
-
-
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention, optionally reading and writing a KV cache."""
 
@@ -198,7 +174,7 @@ class Attention(nn.Module):
         self,
         x_BTD: jax.Array,
         positions_BT: jax.Array,
-        mask_B1TS: jax.Array,
+        mask: KeyMask,
         cache: LayerCache | None,
         cache_index: jax.Array | None,
     ) -> tuple[jax.Array, LayerCache | None]:
@@ -215,7 +191,7 @@ class Attention(nn.Module):
             k = apply_rope(k, positions_BT, inv_freq)
         new_cache = None
         if cache is None:
-            out_BTHE = jax.nn.dot_product_attention(q, k, v, mask=mask_B1TS)
+            out_BTHE = self_attention(q, k, v, mask, cfg.attention)
         else:
             # Write this chunk's keys/values at slots [cache_index, cache_index + T).
             start = (0, 0, cache_index, 0)
@@ -226,7 +202,8 @@ class Attention(nn.Module):
                 cache.v, v.astype(cache.v.dtype).transpose(0, 2, 1, 3), start
             )
             new_cache = LayerCache(k_all, v_all)
-            out_BTHE = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_B1TS)
+            k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            out_BTHE = cached_attention(q, k_all, v_all, mask, cfg.attention)
         out = OutProjection(cfg, name="o")(out_BTHE)
         return out, new_cache
 
@@ -365,11 +342,11 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, mask_B1TS, cache, cache_index):
+    def __call__(self, x_BTD, positions_BT, key_mask: KeyMask, cache, cache_index):
         cfg = self.config
         h = Norm(cfg, cfg.norm, cfg.d_model, name="attn_norm")(x_BTD)
         attn_out, new_cache = Attention(cfg, name="attn")(
-            h, positions_BT, mask_B1TS, cache, cache_index
+            h, positions_BT, key_mask, cache, cache_index
         )
         x_BTD = x_BTD + attn_out
         h = Norm(cfg, cfg.norm, cfg.d_model, name="mlp_norm")(x_BTD)

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models.attention import KeyMask
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import Block, LayerCache, Norm, _normal, _param, flat_matmul
 
@@ -30,7 +31,7 @@ class Decoder(nn.Module):
         self,
         input_ids_BT: jax.Array,
         positions_BT: jax.Array,
-        mask_B1TS: jax.Array,
+        mask: KeyMask,
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         return_hidden: bool = False,
@@ -74,14 +75,14 @@ class Decoder(nn.Module):
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, name="layers")
-            x, new_cache = layers(x, positions_BT, mask_B1TS, cache, cache_index)
+            x, new_cache = layers(x, positions_BT, mask, cache, cache_index)
         else:
             x, new_cache = _cached_layers(
                 cfg,
                 self.variables["params"]["layers"],
                 x,
                 positions_BT,
-                mask_B1TS,
+                mask,
                 cache,
                 cache_index,
             )
@@ -117,7 +118,7 @@ def split_layers(params):
     return {**params, "layers": tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(n))}
 
 
-def _cached_layers(cfg, layer_params, x_BTD, positions_BT, mask_B1TS, cache, cache_index):
+def _cached_layers(cfg, layer_params, x_BTD, positions_BT, mask, cache, cache_index):
     """The layers one after another (unrolled, not scanned) over a per-layer KV cache.
 
     Unrolled so that every layer's cache is its own buffer, read by the attention and
@@ -129,7 +130,7 @@ def _cached_layers(cfg, layer_params, x_BTD, positions_BT, mask_B1TS, cache, cac
     block = Block(cfg)
     new_cache = []
     for p, c in zip(layer_params, cache, strict=True):
-        x_BTD, c = block.apply({"params": p}, x_BTD, positions_BT, mask_B1TS, c, cache_index)
+        x_BTD, c = block.apply({"params": p}, x_BTD, positions_BT, mask, c, cache_index)
         new_cache.append(c)
     return x_BTD, tuple(new_cache)
 
@@ -148,18 +149,6 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
     return jnp.where(seg > 0, t - start, 0)
 
 
-def causal_mask(attention_mask_BT: jax.Array, segment_ids_BT: jax.Array | None = None):
-    """[B, 1, T, T] boolean: query t sees key s <= t when s is a real token (and, for packed
-    rows, in the same segment)."""
-    t = attention_mask_BT.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    mask = causal[None, None] & (attention_mask_BT[:, None, None, :] > 0)
-    if segment_ids_BT is not None:
-        same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        mask = mask & same[:, None]
-    return mask
-
-
 def _apply(config, params, input_ids, attention_mask, segment_ids, return_hidden):
     input_ids = jnp.asarray(input_ids, jnp.int32)
     attention_mask = jnp.asarray(attention_mask)
@@ -172,7 +161,7 @@ def _apply(config, params, input_ids, attention_mask, segment_ids, return_hidden
         {"params": params},
         input_ids,
         positions,
-        causal_mask(attention_mask, segment_ids),
+        KeyMask(attention_mask, 0, segment_ids),
         return_hidden=return_hidden,
     )
     return out
@@ -240,16 +229,11 @@ def forward_cached(
     `logits_index_B` of each row when given (a prefill needs only the last prompt token's).
     `params` may have its layers split (`split_layers`), as the decode loop passes them.
     """
-    t = input_ids_BT.shape[1]
-    s = cache[0].k.shape[2]
-    q_slot = cache_index + jnp.arange(t)
-    visible = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-    mask = visible[None, None] & (kv_mask_BS[:, None, None, :] > 0)
     return Decoder(config).apply(
         {"params": params},
         input_ids_BT,
         positions_BT,
-        mask,
+        KeyMask(kv_mask_BS, cache_index),
         cache,
         cache_index,
         logits_index_B=logits_index_B,
@@ -259,7 +243,7 @@ def forward_cached(
 def _init_boxed(config: ModelConfig, rng: jax.Array):
     ids = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1), jnp.int32)
-    return Decoder(config).init(rng, ids, positions_from_mask(mask), causal_mask(mask))["params"]
+    return Decoder(config).init(rng, ids, positions_from_mask(mask), KeyMask(mask))["params"]
 
 
 def init_params(config: ModelConfig, rng: jax.Array):

@@ -49,7 +49,9 @@ def base_model(cfg: Config, path: str | None) -> ModelConfig:
     if path is None:
         return random_model_config(cfg.model, _TaskVocab(cfg.task.vocab_size))
     m = cfg.model
-    return read_hf_config(path).replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    return read_hf_config(path).replace(
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention
+    )
 
 
 def reward_model(cfg: Config, path: str) -> ModelConfig:
@@ -57,7 +59,7 @@ def reward_model(cfg: Config, path: str) -> ModelConfig:
     the run's dtypes, and (as that loader does) no remat switch."""
     m = cfg.model
     return read_hf_config(path).replace(
-        param_dtype=m.param_dtype, dtype=m.dtype, tie_embeddings=True
+        param_dtype=m.param_dtype, dtype=m.dtype, tie_embeddings=True, attention=m.attention
     )
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from rlhf_jax.config import Config
 from rlhf_jax.models import ModelConfig
+from rlhf_jax.models.attention import resolve
 from rlhf_jax.plan.planner import ProgramPlan, StagePlan
 from rlhf_jax.plan.programs import Forward
 from rlhf_jax.sharding import data_parallel_size
@@ -87,15 +88,18 @@ def lora_fraction(model: ModelConfig, rank: int = LORA_RANK, targets=ALL_TARGETS
 
 def residual_bytes(fw: Forward, rows: float, remat: bool) -> float:
     """What a layer scan keeps for its backward, for `rows` rows on one device. remat off
-    (`dots_saveable`): every matmul output (q, k, v, the attention scores in float32 and its
-    output, o, the MLP's) per layer; remat on: each layer's input only."""
+    (`dots_saveable`): every matmul output (q, k, v, the attention scores in float32 on the
+    dense path and its output, o, the MLP's) per layer; remat on: each layer's input only."""
     m = fw.model
     tokens = rows * fw.length
     if remat:
         return m.n_layers * tokens * m.d_model * _itemsize(m)
     width = 2 * m.n_heads * m.head_dim + 2 * m.n_kv_heads * m.head_dim + 2 * m.d_model
     width += (2 if m.gated_mlp else 1) * m.mlp_dim
-    scores = rows * m.n_heads * fw.length * fw.length * 4
+    # The dense path's f32 scores are a saved matmul output; the blocked, cuDNN and splash
+    # paths keep only their output and a log-sum-exp per query.
+    dense = resolve(m.attention, m.compute_dtype, m.head_dim, fw.length, False) == "dense"
+    scores = rows * m.n_heads * fw.length * (fw.length if dense else 1) * 4
     return m.n_layers * (tokens * width * _itemsize(m) + scores)
 
 

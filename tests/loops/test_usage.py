@@ -14,7 +14,7 @@ from rlhf_jax.loops.usage import NOT_OWNED, SECTIONS, refuse_unread, unread_sett
 
 RUNTIME = ("log.every", "log.tensorboard", "log.wandb", "log.progress", "checkpoint", "mesh",
            "distributed")  # fmt: skip
-LOADED = ("model.path", "model.dtype", "model.param_dtype", "model.remat")
+LOADED = ("model.path", "model.dtype", "model.param_dtype", "model.remat", "model.attention")
 # What each command reads at the defaults, from reading it: run_sft, run_rm, run_ppo, run_dpo
 # (loops/commands.py), the foundation + RL + evaluation (pipeline, compare).
 READS = {
