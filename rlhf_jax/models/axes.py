@@ -22,6 +22,7 @@ from contextvars import ContextVar
 import jax
 
 # (logical names, shape) -> the sharding to constrain to, or None to leave the array alone.
+# Hashable (equal for equal mesh and rules): see `active_resolver`.
 Resolver = Callable[[Sequence[str | None], Sequence[int]], jax.sharding.Sharding | None]
 
 _RESOLVER: ContextVar[Resolver | None] = ContextVar("rlhf_jax_activation_resolver", default=None)
@@ -36,6 +37,14 @@ def activation_resolver(resolver: Resolver | None) -> Iterator[None]:
         yield
     finally:
         _RESOLVER.reset(token)
+
+
+def active_resolver() -> Resolver | None:
+    """The resolver `constrain` uses now. A function jitted on its own and called inside a
+    traced step (generation's `_generate`) takes it as a static argument: jax caches a jitted
+    function's trace by its arguments, and a trace made outside the rules (by `eval_shape`,
+    say) would otherwise be reused without its constraints. Resolvers are hashable."""
+    return _RESOLVER.get()
 
 
 def constrain(x: jax.Array, *axes: str | None) -> jax.Array:

@@ -11,6 +11,7 @@ activation stays split by rows. `heads`, `kv_heads`, `mlp` and `vocab` follow th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -36,17 +37,28 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """Model code traced inside this block constrains its activations by `rules` (a full
     table, e.g. from `activation_rules`) on `mesh`. On a one-device mesh nothing is
     constrained: the traced program is exactly the unconstrained one."""
-    if mesh.size == 1:
-        with activation_resolver(None):
-            yield
-        return
-
-    def resolve(axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
-        # `shape`: a dimension its mesh axes do not divide is left whole, as for weights.
-        return NamedSharding(mesh, logical_to_mesh_spec(axes, rules, mesh, shape))
-
-    with activation_resolver(resolve):
+    resolver = None if mesh.size == 1 else _Resolver(mesh, _frozen(rules))
+    with activation_resolver(resolver):
         yield
+
+
+def _frozen(rules: Rules) -> tuple:
+    """`rules` as a hashable, ordered tuple of (name, mesh axes)."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Resolver:
+    """Logical names -> NamedSharding on `mesh`; hashable, so a jitted function can take it
+    as a static argument (`models.axes.active_resolver`)."""
+
+    mesh: Mesh
+    rules: tuple
+
+    def __call__(self, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+        # `shape`: a dimension its mesh axes do not divide is left whole, as for weights.
+        spec = logical_to_mesh_spec(axes, dict(self.rules), self.mesh, shape)
+        return NamedSharding(self.mesh, spec)
 
 
 def with_activation_sharding(fn: Callable, mesh: Mesh, rules: Rules | None) -> Callable:
