@@ -15,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from processes import Process, finish_all
+from tiny import tiny_model
 
 from rlhf_jax.config import MeshConfig
 from rlhf_jax.config.schema import DEFAULT_RULES
-from rlhf_jax.models import ModelConfig, forward, init_params
+from rlhf_jax.models import forward
 from rlhf_jax.models.axes import constrain
 from rlhf_jax.sharding import activation_rules, activation_sharding, make_mesh
 
@@ -73,8 +74,7 @@ def test_per_device_memory_does_not_rise_with_devices(compiled_facts):
 
 def test_constraints_leave_one_device_programs_unchanged():
     """On a one-device mesh the traced program is the unconstrained one, op for op."""
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64)
-    params = init_params(cfg, jax.random.key(0))
+    cfg, params = tiny_model()
     ids = jnp.ones((2, 8), jnp.int32)
     plain = str(jax.make_jaxpr(lambda p: forward(cfg, p, ids, ids))(params))
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
