@@ -64,26 +64,28 @@ COLLECTIVE = re.compile(
 ARRAY = re.compile(r"(f16|bf16|f32|f64)\[([0-9,]*)\]")
 
 
-def global_rows(program) -> set[int]:
-    """The program's global row counts: the leading dimension of its batch-like arguments
-    (and rows x K of K-wise rankings, which the steps flatten)."""
-    rows = set()
+def global_rows(program) -> tuple[set[int], set[int]]:
+    """The program's global row counts (the leading dimension of its batch-like arguments,
+    and rows x K of K-wise rankings, which the steps flatten) and its sequence lengths."""
+    rows, lengths = set(), set()
     for arg, role in zip(program.args, program.roles):
         if role in ("state", "frozen", "policy_weights", "key"):
             continue
         for leaf in jax.tree.leaves(arg):
             if leaf.ndim >= 2:
                 rows.add(leaf.shape[0])
+                lengths.add(leaf.shape[-1])
             if leaf.ndim == 3:
                 rows.add(leaf.shape[0] * leaf.shape[1])
-    return rows
+    return rows, lengths
 
 
-def batch_collectives(hlo: str, rows: set[int]) -> tuple[list[str], int]:
+def batch_collectives(hlo: str, rows: set[int], lengths: set[int]) -> tuple[list[str], int]:
     """(floating collectives that move a [global rows, ...] or [global tokens, ...] array
-    with more than one value per token, the largest floating collective in elements)."""
+    with more than one value per token, the largest floating collective in elements). A
+    [global rows, tokens] array of per-token scalars (advantages, log-probs) is allowed."""
     found, largest = [], 0
-    tokens = {r * t for r in rows for t in range(1, MAX_LEN + 1)}
+    tokens = {r * t for r in rows for t in lengths | {MAX_LEN} if t > 1}
     for m in COLLECTIVE.finditer(hlo):
         for dtype, dims in ARRAY.findall(m.group(1)):
             shape = [int(d) for d in dims.split(",") if d and int(d) > 1]
@@ -109,7 +111,7 @@ def main() -> None:
         for program in build.program_list:
             compiled, _ = compile_program(program)
             plan = plan_program(program, totals(build.detail), compiled)
-            moved, largest = batch_collectives(compiled.as_text(), global_rows(program))
+            moved, largest = batch_collectives(compiled.as_text(), *global_rows(program))
             out[f"{stage}/{program.name}"] = {
                 "peak": plan.peak,
                 "largest_collective": largest,
