@@ -504,6 +504,10 @@ class MeshConfig:
     tensor: int = 1
     # Logical axis names of weights and batches -> mesh axes. Overrides merge into the default.
     rules: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    # Where activations are split unlike the weights' rules say (merged over `rules` and the
+    # defaults `{embed: null, length: null}`: an activation's model dimension stays whole on
+    # an FSDP mesh, its batch is split); see docs/distributed.md.
+    activation_rules: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", {**DEFAULT_RULES, **self.rules})

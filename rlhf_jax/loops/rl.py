@@ -250,14 +250,27 @@ def _compile(cfg, algo, models, parts, state_sh, special, runtime, tokenizer, us
     )
     if lora_policy:  # the update reads the policy's base in `frozen`
         compiled_update = CompiledOnce(
-            jit_update(update_fn, state_sh, runtime.mesh, runtime.rules, frozen_shardings=frozen_sh)
+            jit_update(
+                update_fn,
+                state_sh,
+                runtime.mesh,
+                runtime.rules,
+                frozen_shardings=frozen_sh,
+                activation_rules=runtime.activation_rules,
+            )
         )
 
         def update(state, exp, ptx_batch, key):
             return compiled_update(state, exp, ptx_batch, key, frozen)
     else:
         compiled_update = update = CompiledOnce(
-            jit_update(update_fn, state_sh, runtime.mesh, runtime.rules)
+            jit_update(
+                update_fn,
+                state_sh,
+                runtime.mesh,
+                runtime.rules,
+                activation_rules=runtime.activation_rules,
+            )
         )
     n_mb = ppo.episodes // ppo.minibatch_size
     return _Programs(experience, update, [*compiled, compiled_update], use_ptx, n_mb)
@@ -385,6 +398,7 @@ def _make_experience(
                 frozen_sh,
                 mesh,
                 rules,
+                activation_rules=runtime.activation_rules,
             )
         )
 
@@ -400,6 +414,7 @@ def _make_experience(
             policy_with(models.policy_cfg, state_sh.policy.params, frozen_sh),
             mesh,
             rules,
+            activation_rules=runtime.activation_rules,
         )
     )
     finish = CompiledOnce(
@@ -409,6 +424,7 @@ def _make_experience(
             frozen_sh,
             mesh,
             rules,
+            activation_rules=runtime.activation_rules,
         )
     )
     score = _host_scorer(algo, tokenizer, ppo.samples_per_prompt)

@@ -10,7 +10,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rlhf_jax.config import Config
-from rlhf_jax.sharding import local_batch_rows, make_global_batch, make_mesh, shard_tree
+from rlhf_jax.sharding import (
+    activation_rules,
+    local_batch_rows,
+    make_global_batch,
+    make_mesh,
+    shard_tree,
+)
 from rlhf_jax.sharding import model_param_shardings as _model_param_shardings
 
 
@@ -18,10 +24,17 @@ from rlhf_jax.sharding import model_param_shardings as _model_param_shardings
 class Runtime:
     mesh: Mesh
     rules: dict[str, Any]
+    activation_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Config) -> Runtime:
-        return cls(make_mesh(cfg.mesh), dict(cfg.mesh.rules))
+        return cls(make_mesh(cfg.mesh), dict(cfg.mesh.rules), dict(cfg.mesh.activation_rules))
+
+    @property
+    def activation_rules(self) -> dict[str, Any]:
+        """The table the model's activations are constrained by (weights' rules, activation
+        defaults, `mesh.activation_rules`): what every jit wrapper is given."""
+        return activation_rules(self.rules, self.activation_overrides)
 
     def param_shardings(self, model_cfg, scalar: bool = False):
         return _model_param_shardings(model_cfg, self.mesh, self.rules, scalar=scalar)

@@ -182,7 +182,9 @@ def supervised_stage(
     def program(shardings, start: int) -> StepFn:
         rows = batch_sharding(mesh, runtime.rules, 1)
         if frozen is None:
-            compiled = CompiledOnce(jit_step(step_fn, shardings, rows))
+            compiled = CompiledOnce(
+                jit_step(step_fn, shardings, rows, activation_rules=runtime.activation_rules)
+            )
         else:
             compiled = CompiledOnce(
                 jit_step(
@@ -190,6 +192,7 @@ def supervised_stage(
                     shardings.replace(frozen=None),
                     rows,
                     frozen_shardings=shardings.frozen,
+                    activation_rules=runtime.activation_rules,
                 )
             )
         batches = make_batches(start)

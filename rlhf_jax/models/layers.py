@@ -1,7 +1,8 @@
 """Building blocks of the decoder: norms, rotary embeddings, attention with a KV cache, MLPs.
 
 Every weight is created through `_param`, which attaches logical axis names
-(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; `layers` is added by the layer scan).
+(`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; `layers` is added by the layer scan);
+activations are named with `axes.constrain` (the same names, plus `batch` and `length`).
 Nothing here knows about a device mesh: `rlhf_jax.sharding` maps these names to mesh axes.
 
 Shape letters: B batch, T query length, S key/cache length, D d_model, H heads, K kv heads,
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.attention import KeyMask, cached_attention, self_attention
+from rlhf_jax.models.axes import constrain
 from rlhf_jax.models.config import ModelConfig, RopeScaling
 
 
@@ -182,6 +184,11 @@ class Attention(nn.Module):
         q = Projection(cfg, cfg.n_heads, "heads", cfg.qkv_bias, name="q")(x_BTD)
         k = Projection(cfg, cfg.n_kv_heads, "kv_heads", cfg.qkv_bias, name="k")(x_BTD)
         v = Projection(cfg, cfg.n_kv_heads, "kv_heads", cfg.qkv_bias, name="v")(x_BTD)
+        # Heads split as the projections' weights are (tensor), rows as the batch: the
+        # attention itself then needs no collective.
+        q = constrain(q, "batch", "length", "heads", "head_dim")
+        k = constrain(k, "batch", "length", "kv_heads", "head_dim")
+        v = constrain(v, "batch", "length", "kv_heads", "head_dim")
         if cfg.qk_norm:
             q = Norm(cfg, "rmsnorm", cfg.head_dim, "head_dim", name="q_norm")(q)
             k = Norm(cfg, "rmsnorm", cfg.head_dim, "head_dim", name="k_norm")(k)
@@ -201,9 +208,14 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(
                 cache.v, v.astype(cache.v.dtype).transpose(0, 2, 1, 3), start
             )
+            k_all = constrain(k_all, "batch", "kv_heads", "length", "head_dim")
+            v_all = constrain(v_all, "batch", "kv_heads", "length", "head_dim")
             new_cache = LayerCache(k_all, v_all)
             k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
             out_BTHE = cached_attention(q, k_all, v_all, mask, cfg.attention)
+        # Without this the partitioner may feed the output projection (weight split on its
+        # `embed` dimension by FSDP) with all rows gathered instead of gathering the weight.
+        out_BTHE = constrain(out_BTHE, "batch", "length", "heads", "head_dim")
         out = OutProjection(cfg, name="o")(out_BTHE)
         return out, new_cache
 
@@ -333,6 +345,7 @@ class Mlp(nn.Module):
             h = act(gate) * up
         else:
             h = act(up)
+        h = constrain(h, "batch", "length", "mlp")
         return Dense(cfg, cfg.d_model, ("mlp", "embed"), cfg.mlp_bias, name="down")(h)
 
 
@@ -344,11 +357,14 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, positions_BT, key_mask: KeyMask, cache, cache_index):
         cfg = self.config
+        # The residual stream: split by rows, its model dimension whole (each layer gathers
+        # its FSDP-split weights, never the other devices' rows).
+        x_BTD = constrain(x_BTD, "batch", "length", "embed")
         h = Norm(cfg, cfg.norm, cfg.d_model, name="attn_norm")(x_BTD)
         attn_out, new_cache = Attention(cfg, name="attn")(
             h, positions_BT, key_mask, cache, cache_index
         )
-        x_BTD = x_BTD + attn_out
+        x_BTD = x_BTD + constrain(attn_out, "batch", "length", "embed")
         h = Norm(cfg, cfg.norm, cfg.d_model, name="mlp_norm")(x_BTD)
-        x_BTD = x_BTD + Mlp(cfg, name="mlp")(h)
+        x_BTD = x_BTD + constrain(Mlp(cfg, name="mlp")(h), "batch", "length", "embed")
         return x_BTD, new_cache

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.attention import KeyMask
+from rlhf_jax.models.axes import constrain
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.layers import Block, LayerCache, Norm, _normal, _param, flat_matmul
 
@@ -57,6 +58,7 @@ class Decoder(nn.Module):
                 cfg.weight_dtype,
             )
             x = x + jnp.take(pos_table, positions_BT, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, "batch", "length", "embed")
 
         if cache is None:
             # Each layer body is checkpointed. remat=False keeps every matmul output for the
@@ -89,6 +91,7 @@ class Decoder(nn.Module):
         x = Norm(cfg, cfg.norm, cfg.d_model, name="final_norm")(x)
         if logits_index_B is not None:  # only these tokens' logits (e.g. a prompt's last)
             x = jnp.take_along_axis(x, logits_index_B[:, None, None], axis=1)
+        x = constrain(x, "batch", "length", "embed")
         if return_hidden:
             return x, new_cache
         if cfg.tie_embeddings:
@@ -102,9 +105,15 @@ class Decoder(nn.Module):
                 _normal(cfg),
                 cfg.weight_dtype,
             )
-        # Logits in float32 whatever the compute dtype: log-probs and the loss need the range.
-        logits = flat_matmul(x, head.astype(cfg.compute_dtype), 1, out_dtype=jnp.float32)
-        return logits, new_cache
+        return _head(cfg, x, head), new_cache
+
+
+def _head(cfg: ModelConfig, h_BTD: jax.Array, head_DV: jax.Array) -> jax.Array:
+    """Float32 logits [B, T, V] (log-probs and the loss need the range whatever the compute
+    dtype), split by rows and, under tensor parallelism, by vocabulary: the largest
+    activation of the model is never gathered across the batch."""
+    logits = flat_matmul(h_BTD, head_DV.astype(cfg.compute_dtype), 1, out_dtype=jnp.float32)
+    return constrain(logits, "batch", "length", "vocab")
 
 
 def split_layers(params):
@@ -199,7 +208,8 @@ def lm_logits(config: ModelConfig, params, h_BTD: jax.Array) -> jax.Array:
     For callers that need logits at some positions only (PPO's response tokens): slice the
     hidden states first and the head, the largest matmul per token, skips the rest."""
     head_DV = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    return flat_matmul(h_BTD, head_DV.astype(config.compute_dtype), 1, out_dtype=jnp.float32)
+    h_BTD = constrain(h_BTD, "batch", "length", "embed")
+    return _head(config, h_BTD, head_DV)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:

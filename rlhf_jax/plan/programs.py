@@ -205,9 +205,15 @@ def supervised(
         step = make_step(a.info["config"])
         key = ab.step_key(runtime)
         if a.frozen is None:
-            jitted = jit_step(step, state_sh, rows)
+            jitted = jit_step(step, state_sh, rows, activation_rules=runtime.activation_rules)
             return [Program("step", jitted, (state, batch, key), ("state", "batch", "key"), True)]
-        jitted = jit_step(frozen_apart(step), state_sh, rows, frozen_shardings=a.frozen_shardings)
+        jitted = jit_step(
+            frozen_apart(step),
+            state_sh,
+            rows,
+            frozen_shardings=a.frozen_shardings,
+            activation_rules=runtime.activation_rules,
+        )
         args, roles = (state, a.frozen, batch, key), ("state", "frozen", "batch", "key")
         return [Program("step", jitted, args, roles, training=True)]
 

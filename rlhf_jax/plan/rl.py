@@ -167,6 +167,7 @@ def _programs(cfg, algo, a: Assembly, state, state_sh, reward_cfg, runtime) -> l
     """`loops.rl._compile` and `_make_experience`: experience (one call with the reward
     model, or sample + finish around a host reward function), then the update."""
     ppo, mesh, rules = cfg.ppo, runtime.mesh, runtime.rules
+    act = runtime.activation_rules
     policy_cfg, critic_cfg = a.info["policy"], a.info["critic"]
     frozen, frozen_sh = a.frozen, a.frozen_shardings
     eos, pad = policy_cfg.eos_ids or (0,), policy_cfg.pad_token_id or 0
@@ -178,7 +179,7 @@ def _programs(cfg, algo, a: Assembly, state, state_sh, reward_cfg, runtime) -> l
         fn = make_experience_fn(policy_cfg, critic_cfg, reward_cfg, ppo, algo, eos, pad)
         args = (state, frozen, *prompts, key)
         experience = ab.rows_like(runtime, jax.eval_shape(fn, *args)[0])
-        jitted = jit_experience(fn, state_sh, frozen_sh, mesh, rules)
+        jitted = jit_experience(fn, state_sh, frozen_sh, mesh, rules, act)
         roles = ("state", "frozen", "batch", "batch", "key")
         out = [Program("experience", jitted, args, roles, training=False, kv_cache=kv)]
     else:
@@ -194,7 +195,7 @@ def _programs(cfg, algo, a: Assembly, state, state_sh, reward_cfg, runtime) -> l
         out = [
             Program(
                 "sample",
-                jit_sample(sample, weights_sh, mesh, rules),
+                jit_sample(sample, weights_sh, mesh, rules, act),
                 s_args,
                 ("policy_weights", "batch", "batch", "key"),
                 training=False,
@@ -202,7 +203,7 @@ def _programs(cfg, algo, a: Assembly, state, state_sh, reward_cfg, runtime) -> l
             ),
             Program(
                 "finish",
-                jit_finish(finish, state_sh, frozen_sh, mesh, rules),
+                jit_finish(finish, state_sh, frozen_sh, mesh, rules, act),
                 f_args,
                 ("state", "frozen", "rollout", "scores"),
                 training=False,
@@ -224,10 +225,12 @@ def _programs(cfg, algo, a: Assembly, state, state_sh, reward_cfg, runtime) -> l
     )
     args, roles = (state, experience, ptx, key), ("state", "experience", "batch", "key")
     if a.info["lora"]:  # the update reads the policy's base in `frozen`
-        jitted = jit_update(update_fn, state_sh, mesh, rules, frozen_shardings=frozen_sh)
+        jitted = jit_update(
+            update_fn, state_sh, mesh, rules, frozen_shardings=frozen_sh, activation_rules=act
+        )
         args, roles = (*args, frozen), (*roles, "frozen")
     else:
-        jitted = jit_update(update_fn, state_sh, mesh, rules)
+        jitted = jit_update(update_fn, state_sh, mesh, rules, activation_rules=act)
     return [*out, Program("update", jitted, args, roles, training=True)]
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.models.axes import active_resolver
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import last_token_index
 from rlhf_jax.models.transformer import (
@@ -70,6 +71,7 @@ class _DecodeState(NamedTuple):
         "eos_ids",
         "pad_id",
         "record_support",
+        "activations",
     ),
 )
 def _generate(
@@ -86,7 +88,9 @@ def _generate(
     eos_ids,
     pad_id,
     record_support,
+    activations,
 ) -> GenerateOutput:
+    del activations  # only a cache key: the model reads the same resolver while tracing
     b, p = prompt_ids_BP.shape
     n = max_new_tokens
     prompt_mask_BP = prompt_mask_BP.astype(jnp.int32)
@@ -241,4 +245,5 @@ def generate(
         eos_ids=eos_ids,
         pad_id=int(pad_id),
         record_support=bool(record_support),
+        activations=active_resolver(),
     )

@@ -9,13 +9,19 @@ same model and steps run on one CPU or a pod. Typical use in a loop:
     mesh = make_mesh(cfg.mesh)
     p_sh = model_param_shardings(model_config, mesh, cfg.mesh.rules)
     state, st_sh = init_sharded_state(lambda p: TrainState.create(p, tx), (params,), (p_sh,), mesh)
-    step = jit_step(make_sft_step(...), st_sh, batch_sharding(mesh, cfg.mesh.rules, 1))
+    step = jit_step(make_sft_step(...), st_sh, batch_sharding(mesh, cfg.mesh.rules, 1),
+                    activation_rules=activation_rules(cfg.mesh.rules, cfg.mesh.activation_rules))
     rows = local_batch_rows(cfg.sft.batch_size, mesh, cfg.mesh.rules, "sft.batch_size")
     local = {k: v[rows] for k, v in host_batch.items()}   # this process's rows only
     batch = make_global_batch(local, mesh, cfg.mesh.rules, "sft.batch_size")
     state, metrics = step(state, batch, key)
 """
 
+from rlhf_jax.sharding.activations import (
+    activation_rules,
+    activation_sharding,
+    with_activation_sharding,
+)
 from rlhf_jax.sharding.distributed import initialize
 from rlhf_jax.sharding.jit import jit_experience, jit_finish, jit_sample, jit_step, jit_update
 from rlhf_jax.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
@@ -44,6 +50,8 @@ from rlhf_jax.sharding.states import experience_shardings, state_shardings
 
 __all__ = [
     "MESH_AXES",
+    "activation_rules",
+    "activation_sharding",
     "batch_axes",
     "batch_sharding",
     "batch_shardings_like",
@@ -71,4 +79,5 @@ __all__ = [
     "shardings_from_params",
     "state_shardings",
     "tree_shardings_like",
+    "with_activation_sharding",
 ]
