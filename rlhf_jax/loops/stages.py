@@ -49,6 +49,7 @@ def random_model_config(spec: ModelSpec, tokenizer) -> ModelConfig:
         dtype=spec.dtype,
         param_dtype=spec.param_dtype,
         remat=spec.remat,
+        logits_chunk=spec.logits_chunk,
         **FAMILY_SWITCHES[spec.family],
     )
 

@@ -44,12 +44,15 @@ class _TaskVocab:
 
 def base_model(cfg: Config, path: str | None) -> ModelConfig:
     """The model a stage starts from, as `loops.setup.load_model` would configure it: the
-    checkpoint's config.json (weights untouched) with the run's dtypes and remat, or the
+    checkpoint's config.json (weights untouched) with the run's dtypes, remat and
+    logits_chunk, or the
     built-in task's random model."""
     if path is None:
         return random_model_config(cfg.model, _TaskVocab(cfg.task.vocab_size))
     m = cfg.model
-    return read_hf_config(path).replace(param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+    return read_hf_config(path).replace(
+        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, logits_chunk=m.logits_chunk
+    )
 
 
 def reward_model(cfg: Config, path: str) -> ModelConfig:
