@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import PPOConfig
+from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models import ModelConfig, hidden_states, lm_logits, scalar_forward, scalar_head
 from rlhf_jax.models.lora import without_lora
 from rlhf_jax.models.token_stats import token_logprobs_from_hidden
@@ -138,6 +139,11 @@ def in_micro_batches(fn: Callable, rows: int, *arrays):
     b = arrays[0].shape[0]
     if not rows or rows >= b:
         return fn(*arrays)
+    if b % rows:
+        raise RlhfJaxError(
+            f"config key 'ppo.experience_micro_batch': {rows} does not divide the {b} "
+            "responses of an iteration"
+        )
     split = jax.tree.map(lambda a: a.reshape(b // rows, rows, *a.shape[1:]), arrays)
     out = jax.lax.map(lambda xs: fn(*xs), split)
     return jax.tree.map(lambda o: o.reshape(b, *o.shape[2:]), out)
