@@ -85,6 +85,10 @@ class ModelSpec:
     # Attention implementation (docs/design.md, "Attention"): auto picks cudnn on GPU, splash
     # on TPU, blocked on CPU, and dense below models/attention.DENSE_BELOW key slots.
     attention: Literal["auto", "dense", "blocked", "cudnn", "splash"] = "auto"
+    # Log-probs, entropies and the LM loss from the LM head in chunks of this many tokens, so
+    # no [tokens, vocab] float32 logits are held (docs/memory.md). null = automatic: chunked
+    # (~128 MiB of logits per chunk) when one call's logits would reach 1 GiB; 0 = never.
+    logits_chunk: int | None = None
     # Storage of the weights RL only reads (the reference policy, the reward model, and a
     # LoRA policy's base, which is the reference): bfloat16 halves them. null = param_dtype.
     # They are computed in `dtype`; log-probs, KL, advantages and losses stay float32.
@@ -220,6 +224,10 @@ class PPOConfig:
     samples_per_prompt: int = 1  # G responses sampled per prompt (a group; GRPO, RLOO: >= 2)
     minibatch_size: int = 16  # sampled responses per optimizer update
     epochs: int = 2  # passes over the rollout batch, reshuffled every epoch
+    # Responses per micro-batch of the experience's forwards (reference log-probs, reward
+    # model, critic), run one after another: 0 = the whole rollout batch at once. Must
+    # divide the iteration's responses; lowers the experience's temporaries, same results.
+    experience_micro_batch: int = 0
     max_prompt_len: int = 16
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling; also divides logits wherever log-probs are taken
@@ -408,6 +416,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "n_kv_heads": AT_LEAST_1,
         "mlp_dim": AT_LEAST_1,
         "max_len": LENGTH,
+        "logits_chunk": AT_LEAST_0,
     },
     "OptimConfig": {
         "lr": POSITIVE,
@@ -454,6 +463,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "samples_per_prompt": AT_LEAST_1,
         "minibatch_size": AT_LEAST_1,
         "epochs": AT_LEAST_1,
+        "experience_micro_batch": AT_LEAST_0,
         "max_prompt_len": AT_LEAST_1,
         "max_new_tokens": AT_LEAST_1,
         "temperature": POSITIVE,
@@ -585,6 +595,13 @@ class Config:
         if p.minibatch_size < 1 or p.episodes % p.minibatch_size:
             raise RlhfJaxError(
                 f"config key 'ppo.minibatch_size': {p.minibatch_size} does not divide the "
+                f"{p.episodes} responses of an iteration (ppo.rollout_batch={p.rollout_batch} x "
+                f"ppo.samples_per_prompt={p.samples_per_prompt})"
+            )
+        m = p.experience_micro_batch
+        if m and p.episodes % m:
+            raise RlhfJaxError(
+                f"config key 'ppo.experience_micro_batch': {m} does not divide the "
                 f"{p.episodes} responses of an iteration (ppo.rollout_batch={p.rollout_batch} x "
                 f"ppo.samples_per_prompt={p.samples_per_prompt})"
             )

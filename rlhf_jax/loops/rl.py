@@ -31,7 +31,7 @@ from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
 from rlhf_jax.losses import get_loss
 from rlhf_jax.metrics import merged_metrics
-from rlhf_jax.models import ModelConfig, init_scalar_head
+from rlhf_jax.models import ModelConfig, init_scalar_head, scalar_trunk
 from rlhf_jax.models.hf.adapters import save_adapters
 from rlhf_jax.models.lora import fold_adapters, merge_trees, with_lora
 from rlhf_jax.rewards import score_texts
@@ -77,7 +77,7 @@ def _critic_init(models: RLModels, key: jax.Array) -> tuple[ModelConfig, dict]:
     if models.reward_params is not None:
         return models.reward_cfg, models.reward_params
     head = init_scalar_head(models.policy_cfg, key)
-    return models.policy_cfg, {"trunk": models.sft_params, "head": head}
+    return models.policy_cfg, {"trunk": scalar_trunk(models.sft_params), "head": head}
 
 
 def final_policy(

@@ -37,12 +37,14 @@ def start_run(
 
 def load_model(path: str, cfg: Config, runtime: Runtime) -> tuple[ModelConfig, dict]:
     """A Hugging Face checkpoint loaded straight into its shards on the run's mesh, with the
-    config's storage and compute dtypes, its remat switch and attention path."""
+    config's storage and compute dtypes, its remat, attention path and logits_chunk switches."""
     shardings = runtime.param_shardings(read_hf_config(path))
     config, params = load_hf(
         path, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype, shardings=shardings
     )
-    return config.replace(remat=cfg.model.remat, attention=cfg.model.attention), params
+    return config.replace(
+        remat=cfg.model.remat, attention=cfg.model.attention, logits_chunk=cfg.model.logits_chunk
+    ), params
 
 
 def stop_ids(tokenizer) -> tuple[tuple[int, ...], int]:

@@ -18,7 +18,7 @@ from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import train_section
 from rlhf_jax.losses import get_loss
-from rlhf_jax.models import ModelConfig, forward, init_params, init_scalar_head
+from rlhf_jax.models import ModelConfig, forward, init_params, init_scalar_head, scalar_trunk
 from rlhf_jax.models.config import FAMILY_SWITCHES
 from rlhf_jax.ops import next_token_logprobs
 from rlhf_jax.sharding import init_sharded
@@ -50,6 +50,7 @@ def random_model_config(spec: ModelSpec, tokenizer) -> ModelConfig:
         param_dtype=spec.param_dtype,
         remat=spec.remat,
         attention=spec.attention,
+        logits_chunk=spec.logits_chunk,
         **FAMILY_SWITCHES[spec.family],
     )
 
@@ -138,7 +139,8 @@ def train_reward_model(
     """RM = SFT trunk + a fresh scalar head, trained on K-wise rankings (with `lora.models`
     naming the reward model: adapters on the trunk and the whole head; returned folded)."""
     head_key, train_key = jax.random.split(key)
-    params = {"trunk": trunk_params, "head": init_scalar_head(model_cfg, head_key)}
+    # The SFT trunk's LM head is left behind: the RM never reads it (nor trains its moments).
+    params = {"trunk": scalar_trunk(trunk_params), "head": init_scalar_head(model_cfg, head_key)}
     rm = cfg.rm
     loss_fn = get_loss("reward", rm.loss, **rm.loss_kwargs)
     w = stage_weights(

@@ -135,6 +135,7 @@ RULES: dict[str, tuple[Unread, ...]] = {
     "rm": (
         Unread(RANDOM_MODEL, LOADED_MODEL),
         Unread(("model.frozen_dtype",), "only RL has frozen models"),
+        Unread(("model.logits_chunk",), "a reward model has no LM head"),
         Unread(
             ("rm.k",),
             "rm.k sizes the built-in task's sampled rankings; `rlhf-jax rm` "

@@ -21,9 +21,13 @@ def pretrain_nll(outputs: Arrays, batch: Arrays) -> LossOut:
     applied by the caller. Temperature 1: this is the model's likelihood of text, not of
     samples.
 
-    outputs: logits [B, T, V]. batch: input_ids, attention_mask [B, T] (left or right padding).
+    outputs: logits [B, T, V] (or next_token_logprobs [B, T - 1]). batch: input_ids,
+    attention_mask [B, T] (left or right padding).
     """
-    logp_BT = next_token_logprobs(outputs["logits"], batch["input_ids"])
+    if "logits" in outputs:
+        logp_BT = next_token_logprobs(outputs["logits"], batch["input_ids"])
+    else:  # the head chunked (`steps.sft.lm_outputs`): the log-probs without the logits
+        logp_BT = outputs["next_token_logprobs"]
     pair_mask_BT = ptx_target_mask(batch)
     n = count_or_local(batch, "token_count", jnp.sum(pair_mask_BT))
     loss = -masked_mean(logp_BT, pair_mask_BT, count=n)

@@ -23,10 +23,13 @@ def _targets(outputs: Arrays, batch: Arrays) -> tuple[jax.Array, jax.Array, jax.
     loss_mask[b, t] = 1 marks input_ids[b, t] as a target (completion, not prompt or padding);
     the logits at t - 1 score it, so the mask is shifted left by one with the tokens.
     """
-    logits_BTV = outputs["logits"]
     input_ids_BT = batch["input_ids"]
-    logp_BT = next_token_logprobs(logits_BTV, input_ids_BT)
     mask_BT = sft_target_mask(batch)
+    if "logits" not in outputs:  # the head chunked (`steps.sft.lm_outputs`): no logits
+        hit_BT = outputs["next_token_argmax"] == input_ids_BT[:, 1:]
+        return outputs["next_token_logprobs"], mask_BT, hit_BT
+    logits_BTV = outputs["logits"]
+    logp_BT = next_token_logprobs(logits_BTV, input_ids_BT)
     hit_BT = jnp.argmax(logits_BTV[:, :-1], axis=-1) == input_ids_BT[:, 1:]
     return logp_BT, mask_BT, hit_BT
 
@@ -38,7 +41,8 @@ def sft_cross_entropy(outputs: Arrays, batch: Arrays) -> LossOut:
     whole batch (`token_count`; token mean: long completions weigh more, as in the usual SFT
     recipe).
 
-    outputs: logits [B, T, V]. batch: input_ids [B, T], loss_mask [B, T] (target tokens).
+    outputs: logits [B, T, V] (or, with the head chunked, next_token_logprobs and
+    next_token_argmax [B, T - 1]). batch: input_ids [B, T], loss_mask [B, T] (target tokens).
     """
     logp_BT, mask_BT, hit_BT = _targets(outputs, batch)
     n = count_or_local(batch, "token_count", jnp.sum(mask_BT))

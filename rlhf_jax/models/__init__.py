@@ -8,6 +8,7 @@ from rlhf_jax.models.heads import (
     scalar_forward,
     scalar_head,
     scalar_model_logical_axes,
+    scalar_trunk,
     value_at_last_token,
 )
 from rlhf_jax.models.hf import (
@@ -54,5 +55,6 @@ __all__ = [
     "scalar_forward",
     "scalar_head",
     "scalar_model_logical_axes",
+    "scalar_trunk",
     "value_at_last_token",
 ]

@@ -72,6 +72,10 @@ class ModelConfig:
     # Attention implementation (`models/attention.py`): auto | dense | blocked | cudnn |
     # splash. Not part of the checkpoint's config.json.
     attention: str = "auto"
+    # Tokens per chunk when log-probs are taken from the LM head chunk by chunk, never holding
+    # the [tokens, vocab] float32 logits (`models.token_stats`): None = automatic (chunked
+    # when one call's logits would reach 1 GiB), 0 = never. Not part of config.json.
+    logits_chunk: int | None = None
     initializer_range: float = 0.02
     # Low-rank adapters (LoRA, Hu et al. 2021) on the projections named in `lora_targets`:
     # each gains `lora_a` [*in, r] and `lora_b` [r, *out] and computes

@@ -1,7 +1,8 @@
 """Scalar heads (reward, value) on the decoder trunk.
 
 Params of a scalar model are `{"trunk": decoder params, "head": {"kernel": [D], "bias": []}}`;
-the trunk's LM head, if present, is simply not used.
+the trunk never holds an LM head (`scalar_trunk`): a scalar model reads hidden states only,
+and an untied head (plus its Adam moments when it trains) would be dead weight (~6 GB at 8B).
 """
 
 from __future__ import annotations
@@ -24,13 +25,20 @@ def init_scalar_head(config: ModelConfig, rng: jax.Array) -> dict:
     }
 
 
+def scalar_trunk(trunk: dict) -> dict:
+    """A decoder's params (or any tree of that layout) without the untied LM head: what a
+    reward model or critic keeps of the trunk it starts from. Tied embeddings stay (they are
+    the token embedding too)."""
+    return {k: v for k, v in trunk.items() if k != "lm_head"}
+
+
 def scalar_head_logical_axes() -> dict:
     return {"kernel": PartitionSpec("embed"), "bias": PartitionSpec()}
 
 
 def scalar_model_logical_axes(config: ModelConfig) -> dict:
     """Logical axis names of `{"trunk", "head"}` params, for the sharding rules."""
-    return {"trunk": param_logical_axes(config), "head": scalar_head_logical_axes()}
+    return {"trunk": scalar_trunk(param_logical_axes(config)), "head": scalar_head_logical_axes()}
 
 
 def scalar_forward(

@@ -157,6 +157,30 @@ def unpack_support(words_BTW: jax.Array, vocab_size: int) -> jax.Array:
     return bits.reshape(*words_BTW.shape[:-1], -1)[..., :vocab_size] != 0
 
 
+def kept_scaled_logits(
+    logits_BTV: jax.Array,
+    tokens_BT: jax.Array,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    support_BTW: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """`(z, keep)`: `z = logits / temperature` with every token outside the support K (and not
+    the token itself) set to the dtype's lowest finite value, and `keep` [B, T, V] bool that
+    support (see `policy_token_logprobs`, which this serves with `ops.chunked_logprobs`)."""
+    v = logits_BTV.shape[-1]
+    z_BTV = _scaled(logits_BTV, temperature)
+    if support_BTW is None:
+        keep_BTV = kept_tokens(jax.lax.stop_gradient(z_BTV), top_k, top_p)
+    else:
+        keep_BTV = unpack_support(support_BTW, v)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, z_BTV.shape, z_BTV.ndim - 1)
+    keep_BTV = keep_BTV | (vocab == tokens_BT[..., None].astype(jnp.int32))
+    # Sanitised before the exp: a dropped token's logit becomes the dtype's lowest finite
+    # value (probability exactly 0, gradient exactly 0), never -inf.
+    return jnp.where(keep_BTV, z_BTV, jnp.finfo(z_BTV.dtype).min), keep_BTV
+
+
 def policy_token_logprobs(
     logits_BTV: jax.Array,
     tokens_BT: jax.Array,
@@ -186,16 +210,9 @@ def policy_token_logprobs(
             token_logprobs(logits_BTV, tokens_BT, temperature),
             entropy_from_logits(logits_BTV, temperature),
         )
-    z_BTV = _scaled(logits_BTV, temperature)
-    if support_BTW is None:
-        keep_BTV = kept_tokens(jax.lax.stop_gradient(z_BTV), top_k, top_p)
-    else:
-        keep_BTV = unpack_support(support_BTW, v)
-    vocab = jax.lax.broadcasted_iota(jnp.int32, z_BTV.shape, z_BTV.ndim - 1)
-    keep_BTV = keep_BTV | (vocab == tokens_BT[..., None].astype(jnp.int32))
-    # Sanitised before the exp: a dropped token's logit becomes the dtype's lowest finite
-    # value (probability exactly 0, gradient exactly 0), never -inf.
-    z_BTV = jnp.where(keep_BTV, z_BTV, jnp.finfo(z_BTV.dtype).min)
+    z_BTV, keep_BTV = kept_scaled_logits(
+        logits_BTV, tokens_BT, temperature, top_k, top_p, support_BTW
+    )
     logp_BT, lse_BT = _plain_token_logprobs(z_BTV, tokens_BT, 1.0)
     p_BTV = jnp.exp(z_BTV - lse_BT[..., None])
     entropy_BT = lse_BT - jnp.sum(p_BTV * jnp.where(keep_BTV, z_BTV, 0.0), axis=-1)

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from rlhf_jax.config import Config
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import random_model_config
-from rlhf_jax.models import ModelConfig, param_shapes
+from rlhf_jax.models import ModelConfig, param_shapes, scalar_trunk
 from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.sharding import (
     batch_sharding,
@@ -44,13 +44,18 @@ class _TaskVocab:
 
 def base_model(cfg: Config, path: str | None) -> ModelConfig:
     """The model a stage starts from, as `loops.setup.load_model` would configure it: the
-    checkpoint's config.json (weights untouched) with the run's dtypes and remat, or the
+    checkpoint's config.json (weights untouched) with the run's dtypes, remat and
+    logits_chunk, or the
     built-in task's random model."""
     if path is None:
         return random_model_config(cfg.model, _TaskVocab(cfg.task.vocab_size))
     m = cfg.model
     return read_hf_config(path).replace(
-        param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat, attention=m.attention
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+        attention=m.attention,
+        logits_chunk=m.logits_chunk,
     )
 
 
@@ -71,11 +76,11 @@ def with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 def scalar_shapes(model_cfg: ModelConfig) -> dict:
-    """`{"trunk", "head"}` of a reward or value model (the trunk with whatever LM head its
-    config has, as the loops build it)."""
+    """`{"trunk", "head"}` of a reward or value model (the trunk without an LM head, as the
+    loops build it: `models.scalar_trunk`)."""
     head = jax.ShapeDtypeStruct((model_cfg.d_model,), model_cfg.weight_dtype)
     bias = jax.ShapeDtypeStruct((), model_cfg.weight_dtype)
-    return {"trunk": param_shapes(model_cfg), "head": {"kernel": head, "bias": bias}}
+    return {"trunk": scalar_trunk(param_shapes(model_cfg)), "head": {"kernel": head, "bias": bias}}
 
 
 def model_params(model_cfg: ModelConfig, runtime: Runtime, scalar: bool = False):

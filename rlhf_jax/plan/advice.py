@@ -19,6 +19,7 @@ from collections.abc import Callable
 from rlhf_jax.config import Config
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.attention import resolve
+from rlhf_jax.models.token_stats import logits_chunk
 from rlhf_jax.plan.planner import ProgramPlan, StagePlan
 from rlhf_jax.plan.programs import Forward
 from rlhf_jax.sharding import data_parallel_size
@@ -62,6 +63,10 @@ class Effect:
     resident: float = 0.0
     backward: float = 0.0
     floor_scale: float = 1.0
+    experience: float = 0.0  # bytes off the temporaries of the programs making experience
+
+
+EXPERIENCE_PROGRAMS = ("experience", "finish")
 
 
 def _itemsize(m: ModelConfig) -> int:
@@ -84,6 +89,26 @@ def lora_fraction(model: ModelConfig, rank: int = LORA_RANK, targets=ALL_TARGETS
     layer = d * (h + 2 * k) * e + h * e * d + (3 if model.gated_mlp else 2) * d * f
     embed = model.vocab_size * d * (1 if model.tie_embeddings else 2)
     return adapters / (model.n_layers * layer + embed)
+
+
+def logits_bytes(fw: Forward, rows: float) -> float:
+    """Float32 logits and one more buffer of their size (their gradient in a backward, the
+    exponentials in a forward), or a chunk's when `model.logits_chunk` chunks the head."""
+    if not fw.logits:
+        return 0.0
+    positions = logits_chunk(fw.model, max(int(rows), 1), fw.logits) or fw.logits
+    return 2 * rows * positions * fw.model.vocab_size * 4
+
+
+def inference_bytes(fw: Forward, rows: float) -> float:
+    """Temporaries of a forward without backward over `rows` rows: its logits and one
+    layer's widest activations (the MLP's, or the attention scores in float32)."""
+    m, length = fw.model, fw.length
+    widest = max(
+        (2 if m.gated_mlp else 1) * m.mlp_dim, 2 * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim
+    )
+    layer = rows * length * (widest + 2 * m.d_model) * _itemsize(m)
+    return logits_bytes(fw, rows) + layer + rows * m.n_heads * length * length * 4
 
 
 def residual_bytes(fw: Forward, rows: float, remat: bool) -> float:
@@ -138,7 +163,7 @@ def _bound(stage: StagePlan, p: ProgramPlan, ctx: Context) -> tuple[float, float
     for fw in facts["forwards"]:
         rows = _micro_rows(fw, ctx, facts["grad_accum"])
         est += residual_bytes(fw, rows, fw.model.remat)
-        est += 2 * rows * fw.logits * fw.model.vocab_size * 4  # float32 logits and their grad
+        est += logits_bytes(fw, rows)
     return min(act, est), act
 
 
@@ -146,6 +171,8 @@ def new_peak(stage: StagePlan, p: ProgramPlan, e: Effect, ctx: Context) -> float
     """Program `p`'s peak under the switch's effect."""
     peak = p.peak - e.resident
     if not _training(stage, p):
+        if p.name in EXPERIENCE_PROGRAMS:
+            peak -= min(e.experience, p.parts["activations"])
         return peak
     backward, optimizer = _bound(stage, p, ctx)
     after = max(backward - e.backward, optimizer * e.floor_scale)
@@ -247,7 +274,7 @@ def _grad_accum(stage: StagePlan, ctx: Context):
     for fw in facts["forwards"]:
         rows = _micro_rows(fw, ctx, ga)
         per_micro += residual_bytes(fw, rows, fw.model.remat)
-        per_micro += 2 * rows * fw.logits * fw.model.vocab_size * 4
+        per_micro += logits_bytes(fw, rows)
     # From one micro-batch to two, a gradient accumulator joins the scan's carry.
     extra = stage.programs[-1].parts["params"] if ga == 1 else 0
     note = f"{new} micro-batches of {batch // new} per update (the same update)"
@@ -265,6 +292,24 @@ def _fsdp(stage: StagePlan, ctx: Context):
     effect = Effect(cut * weights, cut * p["params"], current / target)
     note = f"weights, moments and gradients split {target} ways instead of {current}"
     return f"mesh.fsdp={target} mesh.data=1", effect, note
+
+
+def _experience_micro_batch(stage: StagePlan, ctx: Context):
+    """The experience's forwards a micro-batch at a time: the smallest of 1/8, 1/4, 1/2 of
+    the rollout batch that the data-parallel devices divide."""
+    forwards = stage.build.facts.get("experience")
+    if not forwards or getattr(ctx.cfg.ppo, "experience_micro_batch", 0):
+        return None
+    b, dp = forwards[0].rows, data_parallel_size(ctx.runtime.mesh, ctx.runtime.rules)
+    rows = next((b // n for n in (8, 4, 2) if b % n == 0 and (b // n) % dp == 0), 0)
+    if not rows:
+        return None
+    saved = max(inference_bytes(fw, b / dp) - inference_bytes(fw, rows / dp) for fw in forwards)
+    note = (
+        f"the reference, reward and critic forwards {rows} responses at a time instead of "
+        f"all {b} (the same experience)"
+    )
+    return f"ppo.experience_micro_batch={rows}", Effect(experience=saved), note
 
 
 def _no_ema(stage: StagePlan, ctx: Context):
@@ -286,6 +331,7 @@ SWITCHES: tuple[Callable, ...] = (
     _remat,
     _grad_accum,
     _fsdp,
+    _experience_micro_batch,
     _no_ema,
 )
 

@@ -23,7 +23,7 @@ from rlhf_jax.loops.adapters import adapter_key, stage_weights
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import frozen_apart
 from rlhf_jax.losses import get_loss
-from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
+from rlhf_jax.models import ModelConfig, init_params, init_scalar_head, scalar_trunk
 from rlhf_jax.plan import abstract as ab
 from rlhf_jax.sharding import batch_sharding, jit_step
 from rlhf_jax.steps import (
@@ -71,7 +71,8 @@ class Start:
         if not self.scalar:
             return init_params(self.config, key)
         k1, k2 = jax.random.split(key)
-        return {"trunk": init_params(self.config, k1), "head": init_scalar_head(self.config, k2)}
+        trunk = scalar_trunk(init_params(self.config, k1))
+        return {"trunk": trunk, "head": init_scalar_head(self.config, k2)}
 
 
 @dataclasses.dataclass

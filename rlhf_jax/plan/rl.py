@@ -152,6 +152,13 @@ def rl(
     if cfg.ptx.coef > 0:  # one ptx batch goes with each minibatch
         length = cfg.ptx.max_len
         forwards.append(Forward(policy_cfg, cfg.ptx.batch_size, length, length))
+    # The experience's forwards over the whole rollout batch (no backward), for the advice
+    # on `ppo.experience_micro_batch`.
+    experience = [Forward(policy_cfg, ppo.episodes, seq, 0)] if algo.needs_critic else []
+    if algo.uses_reference:
+        experience.append(Forward(policy_cfg, ppo.episodes, seq, ppo.max_new_tokens))
+    if reward_cfg is not None and algo.reward_fn is None:
+        experience.append(Forward(reward_cfg, ppo.episodes, seq, 0))
     facts = {
         "model": "policy",
         "accum_key": "ppo.policy_optim.grad_accum",
@@ -159,6 +166,7 @@ def rl(
         "batch_size": ppo.minibatch_size,
         "forwards": tuple(forwards),
         "critic": separate_critic,
+        "experience": tuple(experience),
     }
     return StageBuild("ppo", starts, assemble, programs, detail, facts)
 

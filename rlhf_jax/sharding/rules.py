@@ -101,7 +101,12 @@ def param_shardings(logical_axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules:
 def model_param_shardings(model_config: Any, mesh: Mesh, rules: Rules, scalar: bool = False):
     """`param_shardings` of a decoder (or, with `scalar=True`, a reward/value model
     `{"trunk", "head"}`), computed from the config alone: nothing is allocated."""
-    from rlhf_jax.models import param_logical_axes, param_shapes, scalar_model_logical_axes
+    from rlhf_jax.models import (
+        param_logical_axes,
+        param_shapes,
+        scalar_model_logical_axes,
+        scalar_trunk,
+    )
 
     if not scalar:
         return param_shardings(
@@ -109,7 +114,7 @@ def model_param_shardings(model_config: Any, mesh: Mesh, rules: Rules, scalar: b
         )
     head = jax.ShapeDtypeStruct((model_config.d_model,), model_config.weight_dtype)
     shapes = {
-        "trunk": param_shapes(model_config),
+        "trunk": scalar_trunk(param_shapes(model_config)),
         "head": {"kernel": head, "bias": jax.ShapeDtypeStruct((), head.dtype)},
     }
     return param_shardings(scalar_model_logical_axes(model_config), shapes, mesh, rules)

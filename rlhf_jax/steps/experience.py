@@ -23,6 +23,7 @@ distributions over the same tokens, and no log-prob is ever -inf (docs/algorithm
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,9 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.config import PPOConfig
+from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models import ModelConfig, hidden_states, lm_logits, scalar_forward, scalar_head
 from rlhf_jax.models.lora import without_lora
+from rlhf_jax.models.token_stats import token_logprobs_from_hidden
 from rlhf_jax.ops import (
     explained_variance,
     groups_all_equal,
@@ -40,7 +43,6 @@ from rlhf_jax.ops import (
     last_token_onehot,
     masked_mean,
     per_token_rewards,
-    policy_token_logprobs,
 )
 from rlhf_jax.rollout import generate
 from rlhf_jax.steps.algorithm import RLAlgorithm
@@ -81,15 +83,41 @@ class Experience(NamedTuple):
     support: jax.Array | None = None  # the rollout's, with top-k / top-p only
 
 
-def response_logits(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
-    """Logits that predict each response token: positions [P-1, S-1).
+def response_hidden(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
+    """Hidden states that predict each response token: positions [P-1, S-1).
 
-    The LM head (the largest matmul per token) runs on those N positions only, not on the
-    whole sequence: the hidden states are sliced before it, which saves P/(P+N) of the head's
-    work in the reference forward and in the policy's forward and backward.
+    The LM head (the largest matmul per token) then runs on those N positions only, not on
+    the whole sequence, which saves P/(P+N) of the head's work in the reference forward and
+    in the policy's forward and backward.
     """
-    h_BND = hidden_states(cfg, params, seq_ids, seq_mask)[:, prompt_len - 1 : -1]
-    return lm_logits(cfg, params, h_BND)
+    return hidden_states(cfg, params, seq_ids, seq_mask)[:, prompt_len - 1 : -1]
+
+
+def response_logits(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
+    """Logits [B, N, V] that predict each response token (`response_hidden`)."""
+    return lm_logits(cfg, params, response_hidden(cfg, params, seq_ids, seq_mask, prompt_len))
+
+
+def response_logprobs(
+    cfg: ModelConfig,
+    params,
+    seq_ids: jax.Array,
+    seq_mask: jax.Array,
+    response_ids: jax.Array,
+    temperature: float,
+    support: jax.Array | None = None,
+    values: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`(log-probs, entropies, values)` [B, N] of the response tokens under the sampling
+    distribution (temperature, the recorded support), from ONE trunk forward; values from
+    the policy's own value head (`ppo.critic=shared_trunk`) when asked, else None. The
+    [B, N, V] logits are chunked away when large (`models.token_stats`)."""
+    p = seq_ids.shape[1] - response_ids.shape[1]
+    h_BND = response_hidden(cfg, params, seq_ids, seq_mask, p)
+    logp, entropy = token_logprobs_from_hidden(
+        cfg, params, h_BND, response_ids, temperature, support
+    )
+    return logp, entropy, (scalar_head(params["value_head"], h_BND) if values else None)
 
 
 def response_values(cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int):
@@ -102,9 +130,28 @@ def response_logits_values(
     """`(logits, values)` at the response positions from ONE trunk forward of a policy that
     carries its critic's head (`params["value_head"]`, `ppo.critic=shared_trunk`); logits
     None when not asked for (the experience needs only the values)."""
-    h_BND = hidden_states(cfg, params, seq_ids, seq_mask)[:, prompt_len - 1 : -1]
+    h_BND = response_hidden(cfg, params, seq_ids, seq_mask, prompt_len)
     values = scalar_head(params["value_head"], h_BND)
     return (lm_logits(cfg, params, h_BND) if logits else None), values
+
+
+def in_micro_batches(fn: Callable, rows: int, *arrays):
+    """`fn(*arrays)` computed `rows` rows at a time (a `lax.map` over micro-batches, one after
+    another, so only one micro-batch's activations and logits are alive) and the results
+    joined along the rows. `rows` 0, or the whole batch: one call. None arrays pass through.
+    Every row's result depends on that row only, so this is `fn(*arrays)` up to the float
+    rounding of matmuls of a different row count."""
+    b = arrays[0].shape[0]
+    if not rows or rows >= b:
+        return fn(*arrays)
+    if b % rows:
+        raise RlhfJaxError(
+            f"config key 'ppo.experience_micro_batch': {rows} does not divide the {b} "
+            "responses of an iteration"
+        )
+    split = jax.tree.map(lambda a: a.reshape(b // rows, rows, *a.shape[1:]), arrays)
+    out = jax.lax.map(lambda xs: fn(*xs), split)
+    return jax.tree.map(lambda o: o.reshape(b, *o.shape[2:]), out)
 
 
 def make_sample_fn(
@@ -173,8 +220,10 @@ def make_score_fn(
     or None for the reward model in `frozen.reward`; then the missing-EOS rule."""
 
     def score(frozen: Frozen, r: Rollout, scores=None) -> Scored:
-        if scores is None:
-            scores = score_sequences(reward_cfg, frozen.reward, r.sequence_ids, r.sequence_mask)
+        if scores is None:  # the reward model, `ppo.experience_micro_batch` rows at a time
+            score_fn = functools.partial(score_sequences, reward_cfg, frozen.reward)
+            rows = ppo.experience_micro_batch
+            scores = in_micro_batches(score_fn, rows, r.sequence_ids, r.sequence_mask)
         return missing_eos_rule(scores, r, eos_ids, ppo)
 
     return score
@@ -206,30 +255,36 @@ def make_scored_finish_fn(
     """`finish_scored(state, frozen, rollout, scored) -> (Experience, metrics)`: the rest of
     the experience of a scored rollout."""
     kl_in_reward = algo.kl_penalty == "reward"
+    rows = ppo.experience_micro_batch
 
     def finish_scored(state: RLState, frozen: Frozen, r: Rollout, scored: Scored):
         p = r.sequence_ids.shape[1] - r.response_ids.shape[1]
         mask = r.response_mask
+        seqs = (r.sequence_ids, r.sequence_mask)
         ref_logp = values = kl = None
         if algo.uses_reference:
             # The reference is the SFT policy: for a LoRA policy, its base with adapters off.
             ref_cfg = without_lora(policy_cfg)
-            ref_logits = response_logits(ref_cfg, frozen.ref, r.sequence_ids, r.sequence_mask, p)
-            ref_logp, _ = policy_token_logprobs(
-                ref_logits, r.response_ids, ppo.temperature, support_BTW=r.support
-            )
-            ref_logp = ref_logp * mask
+
+            def ref_fn(ids, seq_mask, response_ids, support):
+                return response_logprobs(
+                    ref_cfg, frozen.ref, ids, seq_mask, response_ids, ppo.temperature, support
+                )[0]
+
+            ref_logp = in_micro_batches(ref_fn, rows, *seqs, r.response_ids, r.support) * mask
         if algo.shared_critic:  # the value head on the policy's trunk
             policy = policy_weights(policy_cfg, state, frozen)
-            _, values = response_logits_values(
-                policy_cfg, policy, r.sequence_ids, r.sequence_mask, p, logits=False
-            )
-            values = values * mask
+
+            def values_fn(ids, seq_mask):
+                return response_logits_values(policy_cfg, policy, ids, seq_mask, p, False)[1]
+
+            values = in_micro_batches(values_fn, rows, *seqs) * mask
         elif algo.needs_critic:
-            values = response_values(
-                critic_cfg, state.critic.model_params, r.sequence_ids, r.sequence_mask, p
-            )
-            values = values * mask
+
+            def values_fn(ids, seq_mask):
+                return response_values(critic_cfg, state.critic.model_params, ids, seq_mask, p)
+
+            values = in_micro_batches(values_fn, rows, *seqs) * mask
         scores, has_eos = scored
         if kl_in_reward:
             rewards, kl = per_token_rewards(

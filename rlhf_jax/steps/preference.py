@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.losses.accumulation import batch_counts
-from rlhf_jax.models import ModelConfig, forward
+from rlhf_jax.models import ModelConfig, forward, hidden_states
+from rlhf_jax.models.token_stats import logits_chunk, next_token_stats
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
@@ -43,9 +44,13 @@ def completion_logps(model_config: ModelConfig, params, batch: dict) -> tuple[ja
     b, k, length = batch["input_ids"].shape
     ids = batch["input_ids"].reshape(b * k, length)
     mask = batch["attention_mask"].reshape(b * k, length)
-    logits = forward(model_config, params, ids, mask)
-    token_logps = token_logprobs(logits[:, :-1], ids[:, 1:]).reshape(b, k, length - 1)
-    return sum_completion_logps(token_logps, batch)
+    if logits_chunk(model_config, b * k, length):  # no [B*K, L, V] logits (models.token_stats)
+        h = hidden_states(model_config, params, ids, mask)
+        token_logps = next_token_stats(model_config, params, h, ids).logprobs
+    else:
+        logits = forward(model_config, params, ids, mask)
+        token_logps = token_logprobs(logits[:, :-1], ids[:, 1:])
+    return sum_completion_logps(token_logps.reshape(b, k, length - 1), batch)
 
 
 def _loss_out(model_config, loss_fn, params, batch) -> LossOut:

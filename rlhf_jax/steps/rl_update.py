@@ -24,23 +24,22 @@ import jax.numpy as jnp
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.metrics import merged_metrics
-from rlhf_jax.models import ModelConfig, forward
+from rlhf_jax.models import ModelConfig
 from rlhf_jax.ops import (
     adaptive_kl_update,
     kl_estimate,
     masked_mean,
-    policy_token_logprobs,
     reduce_tokens,
 )
 from rlhf_jax.steps.algorithm import RLAlgorithm
 from rlhf_jax.steps.experience import (
     Experience,
     advantage_batch,
-    response_logits,
-    response_logits_values,
+    response_logprobs,
     response_values,
 )
 from rlhf_jax.steps.rl_state import Frozen, RLState, policy_with
+from rlhf_jax.steps.sft import lm_outputs
 from rlhf_jax.steps.state import accumulate_gradients, skip_metrics
 from rlhf_jax.types import LossOut
 
@@ -86,22 +85,14 @@ def make_update_fn(
 
     def minibatch_loss(params, mb, scalars, ptx_counts):
         policy_params, critic_params = params
-        p = mb["sequence_ids"].shape[1] - mb["response_ids"].shape[1]
         mask = mb["response_mask"]
-        values = None
-        if algo.shared_critic:  # logits and values from one trunk forward
-            logits, values = response_logits_values(
-                policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"], p
-            )
-        else:
-            logits = response_logits(
-                policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"], p
-            )
         # Over the support the rollout recorded (with top-k / top-p), not this policy's own
-        # top-k: a sampled token stays in it whatever the update does to the weights.
-        logp, entropy = policy_token_logprobs(
-            logits, mb["response_ids"], ppo.temperature, support_BTW=mb.get("support")
-        )
+        # top-k: a sampled token stays in it whatever the update does to the weights. With a
+        # shared trunk, the values come from the same forward.
+        logp, entropy, values = response_logprobs(
+            policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"],
+            mb["response_ids"], ppo.temperature, mb.get("support"), values=algo.shared_critic,
+        )  # fmt: skip
         batch = loss_batch(mb, scalars)
         pol = algo.policy_loss({"logprobs": logp, "entropy": entropy}, batch)
         total = pol.loss
@@ -123,6 +114,7 @@ def make_update_fn(
             library["ppo/kl_loss"] = kl_loss
         if algo.needs_critic:
             if values is None:
+                p = mb["sequence_ids"].shape[1] - mb["response_ids"].shape[1]
                 values = response_values(
                     critic_cfg, critic_params, mb["sequence_ids"], mb["sequence_mask"], p
                 )
@@ -132,10 +124,10 @@ def make_update_fn(
         if use_ptx:
             ptx_batch = {"input_ids": mb["ptx_input_ids"], "attention_mask": mb["ptx_mask"]}
             ptx_batch.update(ptx_counts)
-            ptx_logits = forward(
+            ptx_outputs = lm_outputs(
                 policy_cfg, policy_params, ptx_batch["input_ids"], ptx_batch["attention_mask"]
             )
-            ptx = ptx_loss_fn({"logits": ptx_logits}, ptx_batch)
+            ptx = ptx_loss_fn(ptx_outputs, ptx_batch)
             total = total + ptx_coef * ptx.loss
             sources.append(("the pretraining loss (ptx.loss)", ptx.metrics))
         library["ppo/loss/total"] = total

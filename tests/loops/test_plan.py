@@ -62,13 +62,27 @@ def test_json_has_the_promised_shape_and_parts_add_up(capsys):
     weights = sft["parts"]["params"]
     assert 2 * weights <= sft["parts"]["optimizer"] < 2 * weights + 1024
     assert sft["parts"]["kept_weights"] == weights and sft["parts"]["frozen"] == 0
-    # PPO: policy + critic train; the reference and the reward model (a trunk like the policy,
-    # plus a head) are frozen; the EMA copies the policy; the cache lives in sampling.
+    # PPO: policy + critic train; the reference and the reward model (the policy's trunk
+    # without its untied LM head, plus a scalar head) are frozen; the EMA copies the policy;
+    # the cache lives in sampling.
     assert set(ppo["programs"]) == {"experience", "update"}
     d = ppo["detail"]
     assert d["params/policy"] == d["frozen/reference"] == d["ema/policy"]
-    assert d["frozen/reward"] == d["params/critic"] > d["params/policy"]
+    lm_head = 512 * 64 * 4  # task.vocab_size x d_model, float32
+    scalar_head = (64 + 1) * 4
+    assert d["frozen/reward"] == d["params/critic"] == d["params/policy"] - lm_head + scalar_head
     assert ppo["parts"]["frozen"] == d["frozen/reference"] + d["frozen/reward"]
+
+
+def test_a_large_rollout_batch_is_offered_a_micro_batched_experience(capsys):
+    """512 responses of 64 + 64 tokens against minibatches of 8: the experience's forwards
+    set the peak, and the plan offers to run them in micro-batches."""
+    big = ["ppo.rollout_batch=512", "ppo.max_prompt_len=64", "ppo.max_new_tokens=64"]
+    plan = _plan_json(capsys, *SMALL, *big, "sft.steps=0", "--device-memory", "64MB")
+    ppo = plan["stages"]["ppo"]
+    assert max(ppo["programs"], key=ppo["programs"].get) == "experience"
+    offered = [s for s in ppo["suggestions"] if "ppo.experience_micro_batch=" in s["switch"]]
+    assert offered and offered[0]["saves_bytes"] > 0
 
 
 def test_a_stage_that_does_not_fit_says_so_and_names_switches(capsys):

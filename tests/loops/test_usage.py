@@ -14,14 +14,21 @@ from rlhf_jax.loops.usage import NOT_OWNED, SECTIONS, refuse_unread, unread_sett
 
 RUNTIME = ("log.every", "log.tensorboard", "log.wandb", "log.progress", "checkpoint", "mesh",
            "distributed")  # fmt: skip
-LOADED = ("model.path", "model.dtype", "model.param_dtype", "model.remat", "model.attention")
+LOADED = (
+    "model.path",
+    "model.dtype",
+    "model.param_dtype",
+    "model.remat",
+    "model.attention",
+    "model.logits_chunk",
+)
 # What each command reads at the defaults, from reading it: run_sft, run_rm, run_ppo, run_dpo
 # (loops/commands.py), the foundation + RL + evaluation (pipeline, compare).
 READS = {
     "sft": ("seed", *LOADED, "data", "sft", "lora.rank", *RUNTIME),
     "rm": (
         "seed",
-        *LOADED,
+        *(k for k in LOADED if k != "model.logits_chunk"),  # no LM head
         "data",
         *(
             f"rm.{k}"

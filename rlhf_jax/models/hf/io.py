@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models.config import DTYPES, ModelConfig
+from rlhf_jax.models.heads import scalar_trunk
 from rlhf_jax.models.hf.config_map import from_hf_config, to_hf_config
 from rlhf_jax.models.hf.weights_map import Source, hf_sources, to_hf_tensors
 from rlhf_jax.models.transformer import param_shapes
@@ -279,7 +280,7 @@ def save_scalar_model(
     rlhf_jax adds it back on load, and transformers' score equals ours minus it (a constant:
     rankings and pairwise probabilities are the same).
     """
-    trunk = {k: v for k, v in params["trunk"].items() if k != "lm_head"}
+    trunk = scalar_trunk(params["trunk"])
     host = jax.tree.map(
         lambda x: np.asarray(
             multihost_utils.process_allgather(x, tiled=True)
@@ -391,4 +392,4 @@ def _load_legacy_scalar_model(folder: Path, dtype: str, compute_dtype: str | Non
             f"{head_file}: kernel shape {head['kernel'].shape} does not match d_model "
             f"{config.d_model}"
         )
-    return config, {"trunk": trunk, "head": head}
+    return config, {"trunk": scalar_trunk(trunk), "head": head}
