@@ -251,7 +251,8 @@ def _check_filter(fn, out, batch, free) -> None:
     keep = np.asarray(out)
     junk = {**batch, "response_ids": np.where(free["response_ids"], 5, batch["response_ids"])}
     np.testing.assert_array_equal(np.asarray(fn(junk)), keep, "junk tokens on padding")
-    np.testing.assert_array_equal(np.asarray(jax.jit(fn)(batch)), keep, "jitted")
+    # Not jitted: a filter runs on the host over gathered NumPy arrays (loops/rollout_stages),
+    # so it may use NumPy, record what it saw, or call out.
 
 
 def _assert_returned(kind: str, fn: Callable, out: Any, batch: Mapping) -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
+from rlhf_jax.storage import is_url
+
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
@@ -36,7 +38,13 @@ def write_jsonl_once(
     barrier over all processes); a test can pass its own."""
     if is_writer is None:
         is_writer = jax.process_index() == 0
-    if is_writer:
+    if is_writer and is_url(path):
+        # A bucket has no rename, and needs none: an object becomes visible only once its
+        # upload is complete, so no reader can see half of it.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+    elif is_writer:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Unique per writer, so a stale temporary file of a killed run is simply replaced.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -16,7 +16,7 @@ def test_shipped_compare_config_budgets():
     runs = compare_runs(cfg)
     assert set(runs) == {
         f"{name}{suffix}"
-        for name in ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp")
+        for name in ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dapo_dynamic")
         for suffix in ("", "_gold")
     }
     episodes = {r.ppo.episodes * r.ppo.iterations for r in runs.values()}

@@ -31,7 +31,7 @@ from tiny import tiny_config  # noqa: E402
 from rlhf_jax.config import MeshConfig, OptimConfig, PPOConfig  # noqa: E402
 from rlhf_jax.errors import RlhfJaxError  # noqa: E402
 from rlhf_jax.losses import get_loss  # noqa: E402
-from rlhf_jax.models import init_params, init_scalar_head  # noqa: E402
+from rlhf_jax.models import init_params, init_scalar_head, scalar_trunk  # noqa: E402
 from rlhf_jax.sharding import (  # noqa: E402
     batch_sharding,
     init_sharded_state,
@@ -62,7 +62,7 @@ EOS, PAD = (2,), 0
 config = tiny_config(vocab_size=64, n_kv_heads=4, mlp_dim=64, n_layers=1)
 init = jax.jit(init_params, static_argnums=0)  # one compile instead of op-by-op init
 policy, trunk = init(config, jax.random.key(0)), init(config, jax.random.key(1))
-reward = {"trunk": trunk, "head": init_scalar_head(config, jax.random.key(2))}
+reward = {"trunk": scalar_trunk(trunk), "head": init_scalar_head(config, jax.random.key(2))}
 rng = np.random.default_rng(0)
 
 sft_batch = {

@@ -15,6 +15,7 @@ from tiny import tiny_config
 
 from rlhf_jax.config import DEFAULT_RULES, MeshConfig, OptimConfig, PPOConfig
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.models import scalar_trunk
 from rlhf_jax.sharding import (
     batch_sharding,
     check_batch_divisible,
@@ -114,7 +115,7 @@ def test_rl_state_shardings_with_and_without_ema_and_critic():
     mesh = abstract_mesh(2, 2, 2)
     params = abstract_params()
     head = {"kernel": params["final_norm"]["scale"], "bias": jax.ShapeDtypeStruct((), np.float32)}
-    value = {"trunk": params, "head": head}
+    value = {"trunk": scalar_trunk(params), "head": head}  # a critic has no LM head
     pol_sh = model_param_shardings(CONFIG, mesh, RULES)
     val_sh = model_param_shardings(CONFIG, mesh, RULES, scalar=True)
     tx = make_optimizer(OptimConfig(), 4)
