@@ -24,6 +24,7 @@ from rlhf_jax.config import Config
 from rlhf_jax.data import batches
 from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.adapters import StageWeights, adapter_key, adapts, announce, stage_weights
+from rlhf_jax.loops.host_scoring import host_scorer
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rollout_stages import filtered_experience, prompt_drawer
@@ -34,9 +35,7 @@ from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models import ModelConfig, init_scalar_head, scalar_trunk
 from rlhf_jax.models.hf.adapters import save_adapters
 from rlhf_jax.models.lora import fold_adapters, merge_trees, with_lora
-from rlhf_jax.rewards import score_texts
 from rlhf_jax.sharding import (
-    host_local_rows,
     init_sharded_state,
     jit_experience,
     jit_finish,
@@ -95,26 +94,6 @@ def final_policy(
     if adapter_dir is not None and lora.save_adapters:
         save_adapters(adapted, trained, adapter_dir, base_model)
     return fold_adapters(adapted, merge_trees(models.sft_params, trained))[1]
-
-
-def _host_scorer(algo: RLAlgorithm, tokenizer, samples_per_prompt: int) -> Callable:
-    """`scores(rollout, prompts) -> (rows, [rows] float32)`: decode the responses this
-    process's devices hold (`rows` of the global rollout; all of them on one process) and
-    score them with the reward function, next to their prompts as the data file wrote them
-    (`prompts`: one per prompt row of the global batch; the rollout answers each
-    `samples_per_prompt` times, consecutively), not the ids decoded back: a chat template's
-    markup, a tokenizer's normalisation or a truncation never reach the reward function.
-    Each host scores only its own rows; nothing of the rollout crosses hosts."""
-
-    def scores(rollout, prompts: list[str]) -> tuple[slice, np.ndarray]:
-        rows, tokens = host_local_rows(rollout.response_ids)
-        _, mask = host_local_rows(rollout.response_mask)  # split like the ids (jit_sample)
-        decode = tokenizer.decode
-        texts = [decode(t[k > 0], skip_special_tokens=True) for t, k in zip(tokens, mask)]
-        ours = [prompts[r // samples_per_prompt] for r in range(rows.start, rows.stop)]
-        return rows, score_texts(algo.reward_fn, ours, texts, algo.reward_fn_name)
-
-    return scores
 
 
 @dataclasses.dataclass
@@ -427,7 +406,7 @@ def _make_experience(
             activation_rules=runtime.activation_rules,
         )
     )
-    score = _host_scorer(algo, tokenizer, ppo.samples_per_prompt)
+    score = host_scorer(algo, tokenizer, ppo.samples_per_prompt)
 
     def experience(state, b, k, prompt_texts, draw=None):
         if prompt_texts is None:

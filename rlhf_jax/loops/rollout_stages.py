@@ -36,6 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rlhf_jax.contract.returns import check_filter_returned
+from rlhf_jax.loops.host_scoring import host_scorer
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce
 from rlhf_jax.sharding import jit_finish, jit_sample, make_global_batch
@@ -202,8 +203,6 @@ def _round_programs(cfg, algo: RLAlgorithm, models, shardings, frozen, special, 
             return sample(state, frozen, batch["input_ids"], batch["attention_mask"], key)
 
         return one_round, [sample]
-    from rlhf_jax.loops.rl import _host_scorer  # (the scorer of the path without filters)
-
     if tokenizer is None:
         raise ValueError("a reward function over text needs the tokenizer to decode responses")
     policy_sh = policy_weights(models.policy_cfg, state_sh, frozen_sh)
@@ -215,7 +214,7 @@ def _round_programs(cfg, algo: RLAlgorithm, models, shardings, frozen, special, 
             out_shardings=rows,
         )
     )
-    host_score = _host_scorer(algo, tokenizer, ppo.samples_per_prompt)
+    host_score = host_scorer(algo, tokenizer, ppo.samples_per_prompt)
 
     def one_round(state, batch, key, texts):
         if texts is None:

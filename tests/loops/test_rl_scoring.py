@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.rl import _host_scorer
+from rlhf_jax.loops.host_scoring import host_scorer
 
 
 class Letters:
@@ -31,7 +31,7 @@ def test_a_reward_function_gets_the_files_prompt_per_sample_and_the_response():
         return [float(len(c)) for c in completions]
 
     algo = SimpleNamespace(reward_fn=record, reward_fn_name="record")
-    score = _host_scorer(algo, Letters(), samples_per_prompt=2)
+    score = host_scorer(algo, Letters(), samples_per_prompt=2)
     rows, scores = score(_rollout(), ["What is 2 + 2?", "user: hi\nassistant: "])
     assert rows == slice(0, 4)  # one process holds every row
     assert seen["prompts"] == ["What is 2 + 2?"] * 2 + ["user: hi\nassistant: "] * 2
@@ -46,7 +46,7 @@ def test_a_reward_function_that_raises_is_one_line_naming_it_and_where():
 
     algo = SimpleNamespace(reward_fn=crash, reward_fn_name="my_pkg.rewards:crash")
     with pytest.raises(RlhfJaxError) as e:
-        _host_scorer(algo, Letters(), 1)(_rollout(), ["p", "q", "r", "s"])
+        host_scorer(algo, Letters(), 1)(_rollout(), ["p", "q", "r", "s"])
     message = str(e.value)
     assert message.startswith(
         "reward function 'my_pkg.rewards:crash' raised ZeroDivisionError: float division by zero ("
