@@ -228,11 +228,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     from rlhf_jax.loops.pipeline import run_pipeline
+    from rlhf_jax.loops.rlvr import summary_line
+    from rlhf_jax.tasks import VERIFIABLE
 
     cfg = _load_config(args)
     command = "rlhf-jax " + " ".join(sys.argv[1:]) if sys.argv else ""
     report = run_pipeline(cfg, args.output, command)
     print(f"report: {args.output}/report.md")
+    if cfg.task.name in VERIFIABLE:
+        print(summary_line(report))
+        return 0
     print(
         f"gold reward SFT {report['sft']['gold_reward']:.3f} -> PPO "
         f"{report['ppo']['gold_reward']:.3f}; win rate {report['ppo']['win_rate_vs_sft']:.2f}; "

@@ -49,6 +49,7 @@ _BUILTIN_MODULES = (
     "rlhf_jax.advantages",
     "rlhf_jax.rewards",
     "rlhf_jax.filters",
+    "rlhf_jax.tasks.sums",  # the sums task's reward functions
 )
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
