@@ -133,7 +133,8 @@ class TaskConfig:
     labeler_noise: float = 0.3  # std of Gaussian noise added to the gold reward when ranking
     n_eval_prompts: int = 128
     vocab_size: int = 384  # BPE vocabulary trained on the task's text
-    # sums only: the fraction of demonstrations that stop short of their `#### <sum>` line
+    # sums only: the fraction of demonstrations of two-digit sums that stop short of their
+    # `#### <sum>` line (one-digit sums are always answered in full)
     short_fraction: float = 0.75
 
 

@@ -3,11 +3,14 @@
 A verifiable-reward (RLVR) task small enough for a laptop CPU:
 - prompts like "3+5+2=" whose answer is computed from the prompt itself;
 - demonstrations that show the partial sums (" 3+5=8, 8+2=10") and end with the line
-  "#### 10", except that a fraction `task.short_fraction` of them stop short: the labeler
-  wrote the steps but dropped the final answer line. SFT therefore mostly learns to stop
-  before the answer, and its greedy exact accuracy starts low;
+  "#### 10", except that on prompts whose sum has two digits (about 78% of them) a fraction
+  `task.short_fraction` of the demonstrations stop short: the labeler wrote the steps but
+  dropped the final answer line. SFT learns to answer one-digit sums and, greedily, to stop
+  before the answer of the others, so its exact accuracy starts near 22%;
 - an exact reward (`sums_exact`: 1.0 when the `####` answer is the true sum), so RL (GRPO)
-  can find what SFT did not teach: always finish with the answer line.
+  can find what SFT did not teach: finish every answer with its line.
+A uniform stop-short rate would not do: a greedy policy then either always or never writes
+the answer line, so SFT would start at 0% or at its arithmetic's accuracy.
 Held-out evaluation prompts are triples never seen in any training stage.
 """
 
@@ -134,7 +137,7 @@ def generate_task(
     sft = []
     for _ in range(n_demos):
         addends = pick()
-        short = bool(rng.random() < short_fraction)
+        short = sum(addends) >= 10 and bool(rng.random() < short_fraction)
         sft.append({"prompt": make_prompt(addends), "completion": demonstration(addends, short)})
     n_heldout = max(64, n_pretrain // 10)
     return SumsData(

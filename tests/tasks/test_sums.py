@@ -37,13 +37,16 @@ def test_every_full_demonstration_ends_with_the_true_sum():
             assert int(a) + int(b) == int(rhs)
 
 
-def test_short_fraction_of_demonstrations_stop_short():
-    n = 4000
+def test_short_fraction_of_two_digit_demonstrations_stop_short():
     for frac in (0.0, 0.3, 0.75, 1.0):
-        data = sums.generate_task(1, 10, n, 10, 100, short_fraction=frac)
-        short = sum("####" not in r["completion"] for r in data.sft) / n
-        # binomial standard deviation at n=4000 is at most 0.008: 5 sigma
+        data = sums.generate_task(1, 10, 4000, 10, 100, short_fraction=frac)
+        two_digit = [r for r in data.sft if _naive_sum(r["prompt"]) >= 10]
+        one_digit = [r for r in data.sft if _naive_sum(r["prompt"]) < 10]
+        assert len(two_digit) > 2500 and len(one_digit) > 500
+        short = sum("####" not in r["completion"] for r in two_digit) / len(two_digit)
+        # the binomial standard deviation at n > 2500 is at most 0.01: 4 sigma
         assert abs(short - frac) < 0.04, (frac, short)
+        assert all("####" in r["completion"] for r in one_digit)
 
 
 def test_eval_prompts_are_never_trained_on():
