@@ -154,6 +154,6 @@ def test_reference_answers_match_strict_answers_of_the_same_text():
 
 
 def test_a_long_answer_line_without_digits_is_no_answer_and_fast():
-    # ".,.,..." after "#### " many times over: a pattern that backtracks would take seconds
+    # ".,.,..." after "#### " many times over: no digit, no answer (and no slow backtracking)
     text = ("#### " + ".," * 20_000 + "\n") * 5
     assert strict_answer(text) is None and lenient_answer(text) is None
