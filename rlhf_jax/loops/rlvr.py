@@ -18,8 +18,8 @@ import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.intervals import wilson_interval
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.answer_eval import score_answers
 from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json
 from rlhf_jax.loops.resume import StageCheckpoints
@@ -48,17 +48,6 @@ def _greedy_answers(cfg: Config, f: Foundation, params) -> ev.GoldEval:
     )
 
 
-def accuracy_summary(correct: np.ndarray, formatted: np.ndarray) -> dict[str, Any]:
-    """Exact accuracy of 0/1 `correct` with its Wilson 95% interval, and the format rate."""
-    n, k = len(correct), int(np.sum(correct))
-    return {
-        "accuracy": k / n,
-        "accuracy_ci": wilson_interval(k, n),
-        "format_rate": float(np.mean(formatted)),
-        "n_prompts": n,
-    }
-
-
 def paired_gain(after: np.ndarray, before: np.ndarray, n_resamples: int, seed: int) -> dict:
     """Mean of the per-prompt differences `after - before` with a percentile-bootstrap 95%
     interval that resamples prompts (so both policies' answers to a prompt move together)."""
@@ -83,9 +72,20 @@ def _kl_to_sft(cfg: Config, f: Foundation, params) -> tuple[float, float]:
     return float(np.mean(kl)), float(sampled.gold.mean())
 
 
-def _policy_report(cfg: Config, answers: ev.GoldEval) -> dict[str, Any]:
-    formatted = np.array([TASKS[cfg.task.name].format_reward(c) for c in answers.texts])
-    return accuracy_summary(answers.gold, formatted)
+def _policy_report(cfg: Config, f: Foundation, answers: ev.GoldEval) -> dict[str, Any]:
+    """Greedy exact accuracy (`answer_eval.score_answers`' strict pass@1, one trial per
+    prompt, with its Wilson 95% interval), the lenient reading's accuracy and the format rate
+    (a `#### N` answer at all) of one answer per held-out prompt."""
+    task = TASKS[cfg.task.name]
+    references = [task.reference_answer(p) for p in f.eval_prompts]
+    scores = score_answers([[t] for t in answers.texts], references, seed=cfg.seed)
+    return {
+        "accuracy": scores["strict"]["pass@1"],
+        "accuracy_ci": scores["strict"]["pass@1_ci"],
+        "lenient_accuracy": scores["lenient"]["pass@1"],
+        "format_rate": scores["format_rate"],
+        "n_prompts": scores["n_prompts"],
+    }
 
 
 def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, str]) -> dict:
@@ -129,9 +129,9 @@ def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, 
             "samples_per_prompt": cfg.ppo.samples_per_prompt,
             "iterations": cfg.ppo.iterations,
         },
-        "sft": _policy_report(cfg, sft_answers),
+        "sft": _policy_report(cfg, f, sft_answers),
         STAGE: {
-            **_policy_report(cfg, rl_answers),
+            **_policy_report(cfg, f, rl_answers),
             **paired_gain(rl_answers.gold, sft_answers.gold, cfg.eval.bootstrap, cfg.seed),
             "kl_to_sft": kl,
             "sampled_accuracy": sampled_accuracy,
@@ -184,7 +184,9 @@ def write_markdown(path: Path, report: dict[str, Any], command: str) -> None:
         "|---|---|---|",
         f"| exact accuracy (Wilson 95% CI) | {sft['accuracy']:.3f} {_ci(sft['accuracy_ci'])} | "
         f"{rl['accuracy']:.3f} {_ci(rl['accuracy_ci'])} |",
-        f"| format rate (`#### <integer>`) | {sft['format_rate']:.3f} | {rl['format_rate']:.3f} |",
+        f"| lenient accuracy (last number) | {sft['lenient_accuracy']:.3f} | "
+        f"{rl['lenient_accuracy']:.3f} |",
+        f"| format rate (a `#### N` answer) | {sft['format_rate']:.3f} | {rl['format_rate']:.3f} |",
         "",
         f"- GRPO - SFT exact accuracy: {rl['gain']:+.3f} (95% CI {_ci(rl['gain_ci'])}, "
         f"{rl['gain_ci_method']})",

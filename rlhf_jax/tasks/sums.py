@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.answers import normalise_number, same_answer, strict_answer
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.rewards import register_reward_fn
 
 N_ADDENDS = 3
 DIGITS = range(10)
 _PROMPT_RE = re.compile(r"^\s*(\d+(?:\+\d+)+)=\s*$")
-_ANSWER_LINE_RE = re.compile(r"^[ \t]*####[ \t]*(-?\d+)[ \t]*$")
 
 
 def parse_prompt(prompt: str) -> list[int] | None:
@@ -38,17 +38,20 @@ def parse_prompt(prompt: str) -> list[int] | None:
     return [int(x) for x in m.group(1).split("+")] if m else None
 
 
-def _final_answer(completion: str) -> int | None:
-    """The integer of the completion's one `#### N` line (spaces around N allowed), or None
-    when there is no such line or more than one `####` (a hedge counts as no answer).
-    Kept private and tiny: `rlhf_jax.answers` replaces it once it lands."""
-    if completion.count("####") != 1:
-        return None
-    for line in completion.splitlines():
-        m = _ANSWER_LINE_RE.match(line)
-        if m:
-            return int(m.group(1))
-    return None
+def final_answer(completion: str) -> int | None:
+    """The completion's answer as an integer: what its last `#### N` reads
+    (`answers.strict_answer`, verl's GSM8K convention), or None when there is none or it is
+    not a whole number."""
+    value = normalise_number(strict_answer(completion))
+    return int(value) if value is not None and value.denominator == 1 else None
+
+
+def reference_answer(prompt: str) -> str:
+    """The right answer to a task prompt, as text ("3+5+2=" -> "10")."""
+    addends = parse_prompt(prompt)
+    if addends is None:
+        raise ValueError(f"not a sums prompt: {prompt!r}")
+    return str(sum(addends))
 
 
 def exact_reward(prompt: str, completion: str) -> float:
@@ -56,12 +59,12 @@ def exact_reward(prompt: str, completion: str) -> float:
     addends = parse_prompt(prompt)
     if addends is None:
         return 0.0
-    return float(_final_answer(completion) == sum(addends))
+    return float(same_answer(strict_answer(completion), str(sum(addends))))
 
 
 def format_reward(completion: str) -> float:
-    """1.0 when the completion holds exactly one `#### <integer>` line, right or wrong."""
-    return float(_final_answer(completion) is not None)
+    """1.0 when the completion has a `#### <integer>` answer, right or wrong."""
+    return float(final_answer(completion) is not None)
 
 
 gold_reward = exact_reward  # the name every built-in task exposes (tasks/__init__.py)
@@ -169,12 +172,12 @@ def rank_by_labelers(
 
 @register_reward_fn("sums_exact")
 def sums_exact(prompts: list[str], completions: list[str]) -> list[float]:
-    """The sums task's verifiable reward: 1.0 when the one `#### N` line holds the prompt's
-    sum (computed from the prompt, no data field), else 0.0."""
+    """The sums task's verifiable reward: 1.0 when the last `#### N` holds the prompt's sum
+    (computed from the prompt, no data field), else 0.0."""
     return [exact_reward(p, c) for p, c in zip(prompts, completions)]
 
 
 @register_reward_fn("sums_format")
 def sums_format(prompts: list[str], completions: list[str]) -> list[float]:
-    """1.0 when the completion ends in the task's format (one `#### <integer>` line)."""
+    """1.0 when the completion gives a `#### <integer>` answer, right or wrong."""
     return [format_reward(c) for c in completions]
