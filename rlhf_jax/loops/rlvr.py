@@ -94,8 +94,9 @@ def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, 
     describes where it ran (`pipeline.machine()`), for the report."""
     if cfg.ppo.reward_fn is None:
         raise RlhfJaxError(
-            f"task.name {cfg.task.name!r} trains no reward model: set ppo.reward_fn "
-            f"(e.g. {cfg.task.name}_exact) to score the RL stage"
+            f"config key 'ppo.reward_fn' is not set, but task.name {cfg.task.name!r} trains "
+            f"no reward model: set ppo.reward_fn (e.g. {cfg.task.name}_exact) to score the RL "
+            "stage"
         )
     t_start = time.time()
     f = build_foundation(cfg, out_dir, reward_model=False)

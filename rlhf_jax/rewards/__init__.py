@@ -8,7 +8,8 @@ is the decoded response up to and including its EOS, special tokens dropped. It 
 host between sampling and the rest of the experience, so it may do anything Python can: parse
 a number and compare it with a known answer, run unit tests, call a checker. When
 `ppo.reward_fn` is set it replaces the reward model in RL (the pipeline still trains one, for
-its report).
+its report, except on a verifiable-reward task such as `task.name: sums`, whose `sums_exact`
+and `sums_format` are registered in `rlhf_jax/tasks/sums.py`).
 
 Row fields: a prompt row may carry extra scalar fields (`{"prompt": "...", "answer": "72"}`); a
 function names those it needs as keyword parameters without a default
