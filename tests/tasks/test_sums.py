@@ -3,6 +3,8 @@ stop short, and the rewards on hand-written completions."""
 
 import pytest
 
+from rlhf_jax import registry
+from rlhf_jax.contract import check_part
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.rewards import get_reward_fn
 from rlhf_jax.tasks import TASKS, sums
@@ -93,3 +95,9 @@ def test_exact_reward_reads_the_sum_from_the_prompt():
     prompts = ["9+9+9=", "0+0+0=", "1+2=", "story about a red fox:"]
     completions = ["\n#### 27", "\n#### 0", "\n#### 3", "\n#### 0"]
     assert fn(prompts, completions) == [1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["sums_exact", "sums_format"])
+def test_rewards_meet_the_reward_function_contract(name):
+    check_part("reward_fn", registry.lookup("reward_fn", name))  # raises on a breach
+    assert name in registry.registered("reward_fn")
