@@ -20,7 +20,7 @@ TINY = [
     "task.n_pretrain_texts=300",
     "task.n_demonstrations=120",
     "task.n_eval_prompts=24",
-    "pretrain.steps=6",
+    "pretrain.steps=0",  # one compile less; the stages after it are what this tests
     "sft.steps=6",
     "ppo.iterations=2",
     "ppo.rollout_batch=4",
@@ -40,10 +40,10 @@ def run(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text())
 
 
-def test_runs_pretrain_sft_grpo_without_a_reward_model(run):
+def test_runs_sft_then_grpo_without_a_reward_model(run):
     out, _ = run
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").open()}
-    assert stages == {"pretrain", "sft", "grpo"}
+    assert stages == {"sft", "grpo"}  # pretraining has 0 steps here
     for name in ("report.md", "curves.png", "sft/model.safetensors", "policy/model.safetensors"):
         assert (out / name).is_file(), name
     assert not (out / "rm").exists()
