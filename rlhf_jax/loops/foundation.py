@@ -2,8 +2,9 @@
 reward model. The pipeline (`run_pipeline`) runs one RL algorithm on it; `rlhf-jax compare`
 runs several from the same foundation.
 
-With `model.path` unset it builds the built-in "topics" task: a random base model pretrained
-on the task's text, simulated labelers ranking SFT samples by a hidden gold reward. Every data
+With `model.path` unset it builds the built-in task (`task.name`): a random base model
+pretrained on the task's text, and for "topics" simulated labelers ranking SFT samples by a
+hidden gold reward ("sums", a verifiable-reward task, is built without a reward model). Every data
 file, generated or the user's, goes through the same validating loaders before anything is
 compiled.
 """
