@@ -5,7 +5,9 @@ reward; each also once more against the gold reward used directly as a verifiabl
 Writes OUT/report.json (`sft.gold_reward`, `algorithms.<name>.{gold_reward, gold_reward_ci,
 win_rate_vs_sft, kl_to_sft, wall_seconds, peak_device_mib, ...}`), report.md (the table),
 gold_vs_kl.png and every run's metrics and policy (OUT/policies/<name>). Each run is a stage
-with its own checkpoints, so rerunning the command continues where it stopped.
+with its own checkpoints, so rerunning the command continues where it stopped. With
+`compare.seeds` > 1 every row runs once per seed and its numbers are means over seeds with
+Student-t intervals (loops/compare_seeds.py).
 """
 
 from __future__ import annotations
