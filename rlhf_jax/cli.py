@@ -307,6 +307,12 @@ def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(run=run)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from rlhf_jax.loops.eval_command import add_eval_parser  # imports no JAX
+
+    add_eval_parser(sub)
+
+
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     from rlhf_jax.plan.command import add_plan_parser  # imports no JAX
 
@@ -323,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_stage(sub, name)
     _add_generate(sub)
+    _add_eval(sub)
     _add_plan(sub)
     return parser
 
