@@ -1,7 +1,8 @@
 """`compare.seeds`: a one-seed run, then the same output folder at two seeds (seed 0 restored
 from its checkpoints, seed 1 trained). The two-seed report's means and intervals are
 recomputed here with NumPy and SciPy from its per-seed values, and its seed-0 values are the
-one-seed report's numbers."""
+one-seed report's numbers. (A preference row takes the same path, compare_seeds.seeded and
+label; it is left out to keep the test near a minute.)"""
 
 import json
 
@@ -29,7 +30,6 @@ def _args(out, seeds: int) -> list[str]:
         "compare.reward_fn=null",
         "compare.algorithms={grpo: {advantage: grpo, samples_per_prompt: 2, rollout_batch: 4, "
         "kl_penalty: loss}}",
-        "compare.preference={dpo: {steps: 3, batch_size: 8}}",
         f"compare.seeds={seeds}",
     ]
 
@@ -54,7 +54,7 @@ def test_two_seeds_report_means_t_intervals_and_per_seed_values(tmp_path):
     two = json.loads((out / "report.json").read_text())
     assert two["seeds"] == 2 and "Student-t" in two["interval"]
     assert two["sft"] == one["sft"]  # one SFT policy, evaluated once, for every seed
-    for name in ("grpo", "dpo"):
+    for name in ("grpo",):
         row, single = two["algorithms"][name], one["algorithms"][name]
         assert row["seeds"] == 2
         for key in METRICS + ("wall_seconds",):
@@ -70,12 +70,8 @@ def test_two_seeds_report_means_t_intervals_and_per_seed_values(tmp_path):
         # seed 1 sampled with other keys: its numbers are its own
         assert any(row[f"{k}_seeds"][0] != row[f"{k}_seeds"][1] for k in METRICS), name
         assert row["peak_device_mib"] == max(row["peak_device_mib_seeds"])
-    assert (
-        two["algorithms"]["dpo"]["heldout_pair_accuracy_seeds"][0]
-        == (one["algorithms"]["dpo"]["heldout_pair_accuracy"])
-    )
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").open()}
-    assert {"rl_grpo.seed1", "dpo_dpo.seed1"} <= stages
+    assert "rl_grpo.seed1" in stages
     assert (out / "policies" / "grpo.seed1" / "model.safetensors").is_file()
     assert (out / "gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (out / "report.md").read_text()
