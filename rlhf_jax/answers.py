@@ -16,15 +16,14 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-# U+2212 MINUS SIGN (and the dashes a tokenizer may turn a minus into) read as "-": a model
-# that writes "−5" means -5.
-_MINUSES = str.maketrans(
-    {"\u2212": "-", "\u2013": "-", "\u2014": "-", "\ufe63": "-", "\uff0d": "-"}
-)
+# U+2212 MINUS SIGN (and the small and fullwidth hyphen-minus) read as "-": a model that writes
+# "−5" means -5. Dashes are not minus signs ("5 — 7 less" is not -7).
+_MINUSES = str.maketrans({"\u2212": "-", "\ufe63": "-", "\uff0d": "-"})
 
 # verl's GSM8K reward (verl/utils/reward_score/gsm8k.py, method "strict") reads `#### ` (four
-# hashes, one space) followed by `-?[0-9.,]+`, takes the LAST such match, and drops commas and
-# "$". We follow that convention, with three differences, each on purpose:
+# hashes, one space) followed by `-?[0-9.,]+`, takes the LAST such match, and drops commas (its
+# pattern admits no "$": "#### $40" is no answer). We follow that convention, with three
+# differences, each on purpose:
 # - the whole text is searched (verl looks at its last 300 characters only, to bound regex
 #   time; a long answer line after `####` would then lose its `####`),
 # - the match must contain a digit (verl's pattern also matches "#### ." or "#### ,", an
@@ -33,7 +32,7 @@ _MINUSES = str.maketrans(
 # Why the last `####` counts when there are several: the model's final statement is its answer
 # (a model that restates or corrects itself ends with the answer it means), and it is the
 # convention verl applies.
-_STRICT = re.compile(r"#### (-?[0-9.,]*[0-9][0-9.,]*)")
+_STRICT = re.compile(r"#### (-?[.,]*[0-9][0-9.,]*)")  # (written so that matching is linear)
 
 # A number: thousands groups ("1,234,567") or plain digits, an optional decimal part, or a bare
 # decimal (".5"); a "-" counts only where it is not a hyphen between words or a range ("3-5").
@@ -45,12 +44,12 @@ _BOXED = "\\boxed{"
 
 
 def strict_answer(text: str) -> str | None:
-    """The answer on the last `#### N` line (verl's GSM8K convention, see above), commas and
-    "$" dropped, or None when there is no such line (or nothing numeric after `#### `)."""
+    """The answer on the last `#### N` line (verl's GSM8K convention, see above), commas
+    dropped, or None when there is no such line (or nothing numeric after `#### `)."""
     found = _STRICT.findall(text.translate(_MINUSES))
     if not found:
         return None
-    return found[-1].replace(",", "").replace("$", "")
+    return found[-1].replace(",", "")
 
 
 def lenient_answer(text: str) -> str | None:

@@ -50,6 +50,8 @@ def test_strict_answer(text, want):
         ("pi is about 3.14.", "3.14"),
         ("costs $2.50 each", "2.50"),
         ("ages 3-5", "5"),  # a range: the hyphen is no minus sign
+        ("costs 5 \u2014 7 less", "7"),  # an em dash is no minus sign
+        ("it drops to \uff0d4", "-4"),  # fullwidth hyphen-minus
         ("half is .5", ".5"),
         ("no numbers here", None),
         ("#### 9\nthen 10", "10"),
@@ -149,3 +151,9 @@ def test_reference_answers_match_strict_answers_of_the_same_text():
     # a GSM8K reference solution scored as a completion earns its own reference answer
     for solution in ["so 3\n#### 3", "#### 1,234", "x\n#### -7"]:
         assert same_answer(strict_answer(solution), reference_answer(solution))
+
+
+def test_a_long_answer_line_without_digits_is_no_answer_and_fast():
+    # ".,.,..." after "#### " many times over: no digit, no answer (and no slow backtracking)
+    text = ("#### " + ".," * 20_000 + "\n") * 5
+    assert strict_answer(text) is None and lenient_answer(text) is None

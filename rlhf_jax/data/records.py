@@ -94,7 +94,10 @@ class PromptExample:
     path: str | None = dataclasses.field(**_loc)
     line: int | None = dataclasses.field(**_loc)
     # the row's extra scalar fields, in file order ({"answer": "72"}): for reward functions
-    fields: dict[str, str | int | float | bool] = dataclasses.field(default_factory=dict)
+    # (compared, not hashed: a dict is unhashable, and equal examples still hash alike)
+    fields: dict[str, str | int | float | bool] = dataclasses.field(
+        default_factory=dict, hash=False
+    )
 
     @property
     def where(self) -> str:

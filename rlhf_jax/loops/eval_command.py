@@ -38,6 +38,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="reward function whose mean score is reported too (e.g. gsm8k_strict, boxed, "
         "or package.module:function)",
     )
+    p.add_argument(
+        "--reward-kwargs",
+        default="{}",
+        help='its hyperparameters as a JSON object, e.g. \'{"correct": 1, "wrong": -1}\'',
+    )
     add_number(p, "--samples", int, AT_LEAST_1, default=None, help="N samples per prompt")
     add_number(p, "--temperature", float, AT_LEAST_0, default=1.0, help="of --samples")
     add_number(p, "--max-new-tokens", int, AT_LEAST_1, default=256)
@@ -73,6 +78,16 @@ def reference_answers(examples: Sequence) -> list[str | int | float]:
     return out
 
 
+def _reward_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RlhfJaxError(f"--reward-kwargs: not JSON ({e.msg}): {text!r:.80}") from None
+    if not isinstance(value, dict):
+        raise RlhfJaxError(f"--reward-kwargs: expected a JSON object, got {text!r:.80}")
+    return value
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Check every input (data, reward function, model folder) before loading weights, then
     evaluate, print the table and write the report."""
@@ -89,7 +104,7 @@ def run_eval(args: argparse.Namespace) -> int:
     examples, _ = load_prompts(args.data)
     references = reference_answers(examples)
     texts = [e.text() for e in examples]
-    reward_fn = get_reward_fn(args.reward)
+    reward_fn = get_reward_fn(args.reward, **_reward_kwargs(args.reward_kwargs))
     field_lists(reward_fn, texts, args.reward)  # every row has the fields it needs
     report = _evaluate(args, examples, texts, references, reward_fn)
     print(format_table(report))

@@ -31,7 +31,9 @@ def model(tmp_path_factory):
 def test_eval_writes_greedy_and_sampled_rates(model, tmp_path, capsys):
     out = tmp_path / "report.json"
     args = ["eval", "--model", str(model), "--data", str(_data(tmp_path, ROWS))]
-    args += ["--reward", "gsm8k_strict", "--samples", "4", "--max-new-tokens", "4"]
+    parts = {"parts": [{"name": "gsm8k_strict", "weight": 2.0}]}
+    args += ["--reward", "weighted", "--reward-kwargs", json.dumps(parts)]
+    args += ["--samples", "4", "--max-new-tokens", "4"]
     assert main([*args, "--batch-size", "4", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     printed = capsys.readouterr().out
@@ -41,14 +43,14 @@ def test_eval_writes_greedy_and_sampled_rates(model, tmp_path, capsys):
     assert (sampled["samples"], sampled["temperature"]) == (4, 1.0)
     assert sorted(sampled["strict"]["pass@k"]) == ["1", "2", "4"]
     for result in (greedy, sampled):
-        # gsm8k_strict scores 1 exactly where the strict answer is right: the same mean
-        assert result["reward_mean"] == pytest.approx(result["strict"]["mean@n"])
+        # gsm8k_strict scores 1 exactly where the strict answer is right, weighted doubles it
+        assert result["reward_mean"] == pytest.approx(2 * result["strict"]["mean@n"])
         for block in (result["strict"], result["lenient"]):
             lo, hi = block["pass@1_ci"]
             assert 0.0 <= lo <= block["pass@1"] <= hi <= 1.0
         assert 0.0 <= result["format_rate"] <= 1.0
     assert [e["prompt"] for e in greedy["examples"]][2] == "user: the river\nassistant: "
-    for line in ("greedy pass@1", "pass@4 (N=4, T=1)", "mean@4", "gsm8k_strict (sampled)"):
+    for line in ("greedy pass@1", "pass@4 (N=4, T=1)", "mean@4", "weighted (sampled)"):
         assert line in printed
 
 
@@ -74,6 +76,13 @@ def test_eval_writes_greedy_and_sampled_rates(model, tmp_path, capsys):
         (ROWS, ["--reward", "gsm8k_stric"], "unknown reward function 'gsm8k_stric'"),
         (ROWS, ["--samples", "4", "--temperature", "0"], "--samples 4 needs --temperature > 0"),
         (ROWS, ["--model", "MISSING"], "checkpoint folder not found"),
+        (ROWS, ["--reward-kwargs", "{bad"], "--reward-kwargs: not JSON (Expecting property"),
+        (ROWS, ["--reward-kwargs", "[1]"], "--reward-kwargs: expected a JSON object, got '[1]'"),
+        (
+            ROWS,
+            ["--reward-kwargs", '{"scale": 2}'],
+            "reward function 'gsm8k_strict' does not take scale",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(model, tmp_path, capsys, rows, extra, message):
