@@ -42,7 +42,7 @@ def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True, adapter_dir
         f.pad,
         f.keys["ppo"],
         f.logger,
-        f.runtime,
+        runtime=f.runtime,
         stage=stage,
         checkpoints=StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(cfg, "rl")),
         tokenizer=f.tokenizer,
