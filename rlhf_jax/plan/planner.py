@@ -112,20 +112,26 @@ def _rl(cfg: Config, runtime: Runtime) -> StageBuild:
     return rl_build(spec, runtime)
 
 
-def builders(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], StageBuild]]:
-    """Stage name -> a function building it (model configs read when called)."""
+def stage_table(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], StageBuild]]:
+    """Every stage name -> a function building it as the loop does (model configs read when
+    called), whether the config runs it or not."""
     path = cfg.model.path
 
     def supervised(make_spec, model_path):
         return lambda: supervised_build(make_spec(cfg, ab.base_model(cfg, model_path)), runtime)
 
-    table = {
+    return {
         "pretrain": supervised(pretrain_spec, None),
         "sft": supervised(sft_spec, path),
         "rm": supervised(rm_spec, cfg.rm.init or path),
         "ppo": lambda: _rl(cfg, runtime),
         "dpo": supervised(dpo_spec, cfg.dpo.policy or path),
     }
+
+
+def builders(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], StageBuild]]:
+    """The stages the config runs (`stage_names`) -> a function building each."""
+    table = stage_table(cfg, runtime)
     names = stage_names(cfg)
     if not names:
         raise RlhfJaxError(
