@@ -102,10 +102,10 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
         ids,
         mask,
         key,
-        cfg.rm.max_completion_len,
-        1.0,
-        eos,
-        pad,
+        max_new_tokens=cfg.rm.max_completion_len,
+        temperature=1.0,
+        eos_ids=eos,
+        pad_id=pad,
         batch_size=256,
     )
     texts = ev.decode_responses(tokenizer, samples)

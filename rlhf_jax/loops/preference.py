@@ -95,6 +95,7 @@ def heldout_kl(
     key: jax.Array,
     eos: tuple[int, ...],
     pad: int,
+    *,
     lengths: str = "dpo",
 ) -> float:
     """Mean KL estimate `log pi(y|x) - log pi_ref(y|x)` of the policy's own samples (temperature
@@ -107,10 +108,10 @@ def heldout_kl(
         prompts["input_ids"],
         prompts["attention_mask"],
         key,
-        section.max_completion_len,
-        1.0,
-        eos,
-        pad,
+        max_new_tokens=section.max_completion_len,
+        temperature=1.0,
+        eos_ids=eos,
+        pad_id=pad,
         batch_size=min(128, len(prompts["input_ids"])),
     )
     return float(np.mean(ev.kl_to_reference(model_cfg, params, ref_params, samples, 1.0, 128)))
