@@ -21,6 +21,7 @@ from rlhf_jax.loops.build_supervised import (
     supervised_build,
 )
 from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.shapes import nbytes
 from rlhf_jax.plan import abstract as ab
 from rlhf_jax.steps import RLAlgorithm, TrainState
 
@@ -170,7 +171,7 @@ def plan_program(program: Program, resident: dict[str, int], compiled=None) -> P
     if m is None:
         raise RlhfJaxError("this JAX backend gives no memory analysis of compiled programs")
     in_resident = sum(
-        ab.nbytes(arg) for arg, role in zip(program.args, program.roles) if role in RESIDENT_ROLES
+        nbytes(arg) for arg, role in zip(program.args, program.roles) if role in RESIDENT_ROLES
     )
     io = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes - in_resident
     temp = int(m.temp_size_in_bytes)
@@ -208,7 +209,7 @@ def optimizer_floor(state, state_sh) -> int:
     if not states:
         return 0
     temps = max(_apply_temps(ts, sh) for ts, sh in zip(states, shardings))
-    return ab.nbytes([ts.params for ts in states]) + temps
+    return nbytes([ts.params for ts in states]) + temps
 
 
 def plan_stages(
