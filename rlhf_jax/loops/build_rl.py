@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from rlhf_jax.config import Config
 from rlhf_jax.loops.adapters import StageWeights, adapter_key, stage_weights
 from rlhf_jax.loops.build import Assembly, Forward, Program, StageBuild, Start, train_state_detail
+from rlhf_jax.loops.rollout_stages import merge_fn
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.shapes import nbytes, prompt_batch, ptx_batch, rows_like, step_key
 from rlhf_jax.losses import get_loss
@@ -32,6 +33,7 @@ from rlhf_jax.sharding import (
     logical_to_mesh_spec,
     shard_tree,
 )
+from rlhf_jax.sharding.rules import batch_sharding, replicated
 from rlhf_jax.steps import (
     Frozen,
     RLAlgorithm,
@@ -41,8 +43,10 @@ from rlhf_jax.steps import (
     make_optimizer,
     make_sample_fn,
     make_update_fn,
+    policy_weights,
     policy_with,
 )
+from rlhf_jax.steps.experience import make_score_fn, make_scored_finish_fn, missing_eos_rule
 
 
 def uses_ptx(cfg: Config, has_ptx_data: bool) -> bool:
@@ -236,7 +240,9 @@ def rl_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh) -> l
     frozen_sh, (eos, pad) = a.frozen_shardings, spec.special
     slots = ppo.max_prompt_len + ppo.max_new_tokens - 1
     kv = kv_cache_bytes(policy_cfg, ppo.episodes, slots, runtime)
-    if algo.reward_fn is None:
+    if algo.filters:  # sample -> score -> filters (-> more rounds) -> finish, on the host
+        out = _filtered_programs(spec, runtime, a, state_sh, kv)
+    elif algo.reward_fn is None:
         fn = make_experience_fn(policy_cfg, critic_cfg, spec.reward_cfg, ppo, algo, eos, pad)
         jitted = jit_experience(fn, state_sh, frozen_sh, mesh, rules, activation_rules=act)
         roles = ("state", "frozen", "batch", "batch", "key")
@@ -276,6 +282,74 @@ def rl_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh) -> l
     return [*out, Program("update", jitted, roles, training=True)]
 
 
+def _filtered_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh, kv: int):
+    """The rounds of a run with rollout filters (`loops/rollout_stages.py`): sample (and
+    score, with the reward model), the missing-EOS rule after host scoring, the merge of a
+    round's kept groups into the batch, and the finish of the merged batch."""
+    algo, ppo, (eos, pad) = spec.algo, spec.cfg.ppo, spec.special
+    mesh, rules, policy_cfg = runtime.mesh, runtime.rules, a.info["policy"]
+    state_roles, frozen_sh = ("state", "frozen"), a.frozen_shardings
+    rows, rep = batch_sharding(mesh, rules, 1), replicated(mesh)
+    sample_fn = make_sample_fn(policy_cfg, ppo, eos, pad)
+    if algo.reward_fn is None:
+        score_fn = make_score_fn(spec.reward_cfg, ppo, eos)
+
+        def sample_score(state, frozen, ids, mask, key):
+            r = sample_fn(policy_weights(policy_cfg, state, frozen), ids, mask, key)
+            return r, score_fn(frozen, r)
+
+        shardings_in = (state_sh, frozen_sh, rows, rows, rep)
+        sample = jax.jit(sample_score, in_shardings=shardings_in, out_shardings=rows)
+        roles = (*state_roles, "batch", "batch", "key")
+        out = [Program("sample", sample, roles, False, kv)]
+    else:
+        policy_sh = policy_weights(policy_cfg, state_sh, frozen_sh)
+        sample = jit_sample(sample_fn, policy_sh, mesh, rules)
+        eos_rule = jax.jit(
+            lambda r, s: missing_eos_rule(s, r, eos, ppo),
+            in_shardings=(rows, rows),
+            out_shardings=rows,
+        )
+        out = [
+            Program("sample", sample, ("policy_weights", "batch", "batch", "key"), False, kv),
+            Program("eos_rule", eos_rule, ("rollout", "scores"), False),
+        ]
+    g = ppo.samples_per_prompt
+    merge = jax.jit(merge_fn(g), in_shardings=(rows,) * 4, out_shardings=rows)
+    scored_finish = make_scored_finish_fn(policy_cfg, a.info["critic"], ppo, algo)
+    finish = jit_finish(scored_finish, state_sh, frozen_sh, mesh, rules)
+    return [
+        *out,
+        Program("merge", merge, ("rollout", "rollout", "batch", "batch"), False),
+        Program("finish", finish, (*state_roles, "rollout", "rollout"), False),
+    ]
+
+
+def _filtered_inputs(runtime: Runtime, a: Assembly, state, by_name: dict, prompts, key):
+    """The round programs' abstract arguments; returns the finish program."""
+    sample = by_name["sample"]
+    if "eos_rule" in by_name:
+        weights = policy_weights(a.info["policy"], state, a.frozen)
+        sample.args = (weights, *prompts, key)
+        rollout = rows_like(runtime, jax.eval_shape(sample.jitted, *sample.args))
+        n = rollout.response_ids.shape[0]
+        scores = rows_like(runtime, jax.ShapeDtypeStruct((n,), jnp.float32))
+        by_name["eos_rule"].args = (rollout, scores)
+        scored = jax.eval_shape(by_name["eos_rule"].jitted, rollout, scores)
+        new = (rollout, rows_like(runtime, scored))
+    else:
+        sample.args = (state, a.frozen, *prompts, key)
+        new = rows_like(runtime, jax.eval_shape(sample.jitted, *sample.args))
+    n = new[0].response_ids.shape[0]
+    index = rows_like(
+        runtime, (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.bool_))
+    )
+    by_name["merge"].args = (new, new, *index)
+    finish = by_name["finish"]
+    finish.args = (state, a.frozen, *new)
+    return finish
+
+
 def rl_inputs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state, progs: list[Program]):
     """Each program's abstract arguments: the prompt batch, the rollout and scores (host
     scoring), the experience the update trains on, the ptx batches."""
@@ -283,7 +357,9 @@ def rl_inputs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state, progs: li
     by_name = {p.name: p for p in progs}
     key = step_key(runtime)
     prompts = prompt_batch(runtime, ppo.rollout_batch, ppo.max_prompt_len)
-    if "experience" in by_name:
+    if "merge" in by_name:
+        p = _filtered_inputs(runtime, a, state, by_name, prompts, key)
+    elif "experience" in by_name:
         p = by_name["experience"]
         p.args = (state, a.frozen, *prompts, key)
     else:

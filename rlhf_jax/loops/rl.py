@@ -162,22 +162,15 @@ def _compile(spec: RLBuildSpec, build: StageBuild, a: Assembly, state_sh, where)
     where: (runtime, tokenizer)."""
     runtime, tokenizer = where
     ppo, frozen = spec.cfg.ppo, a.frozen
+    *made, update_program = build.programs(a, state_sh)
     if spec.algo.filters:  # sample -> score -> filters (-> more rounds) -> finish
-        models = RLModels(a.info["policy"], None, spec.reward_cfg)
-        experience, compiled = filtered_experience(
-            spec.cfg,
-            spec.algo,
-            models=models,
-            critic_cfg=a.info["critic"],
-            shardings=(state_sh, a.frozen_shardings),
-            frozen=frozen,
-            special=spec.special,
-            runtime=runtime,
+        by_name = {p.name: CompiledOnce(p.jitted) for p in made}
+        experience = filtered_experience(
+            spec, by_name, policy_cfg=a.info["policy"], frozen=frozen, runtime=runtime,
             tokenizer=tokenizer,
-        )
-        update_program = build.programs(a, state_sh)[-1]
+        )  # fmt: skip
+        compiled = list(by_name.values())
     else:
-        *made, update_program = build.programs(a, state_sh)
         experience, compiled = _experience(spec, made, a, runtime, tokenizer)
     compiled_update = CompiledOnce(update_program.jitted)
     update = compiled_update

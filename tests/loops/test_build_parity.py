@@ -3,6 +3,8 @@ as the loop calls them (its own entry point on real, placed weights and batches,
 each program call) and once as `rlhf-jax plan` builds them on abstract inputs, give the same
 StableHLO text, for each stage and the variants that change what a stage is built of."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -49,6 +51,7 @@ TINY = [
 ]
 LORA = ["lora.rank=2"]
 GRPO = ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.minibatch_size=4"]
+FILTER = ["ppo.rollout_filters=[{name: dynamic_sampling}]", "ppo.rollout_max_rounds=2"]
 CASES = {
     "pretrain": ("pretrain", []),
     "sft": ("sft", []),
@@ -60,6 +63,8 @@ CASES = {
     "ppo_shared_trunk": ("ppo", ["ppo.critic=shared_trunk"]),
     "grpo_reward_fn": ("ppo", [*GRPO, "ppo.reward_fn=topics_gold"]),
     "grpo_no_critic": ("ppo", GRPO),
+    "dapo_filter_reward_fn": ("ppo", [*GRPO, "ppo.reward_fn=topics_gold", *FILTER]),
+    "dapo_filter_reward_model": ("ppo", [*GRPO, *FILTER]),
 }
 
 
@@ -80,13 +85,14 @@ def runtime():
 
 
 def _record_calls(monkeypatch, expected: int) -> list[str]:
-    """Every compiled program call of the loop lowers its program on the loop's own arguments
-    and returns zeros placed as the program's outputs would be (nothing is compiled)."""
-    lowered_texts: list[str] = []
+    """The first call of each of the loop's compiled programs lowers it on the loop's own
+    arguments; every call returns zeros placed as the program's outputs would be (nothing is
+    compiled or run). Stops the loop once `expected` programs are lowered."""
+    lowered_texts: dict[int, str] = {}
 
     def call(self, *args):
         lowered = self.jitted.lower(*args)
-        lowered_texts.append(lowered.as_text())
+        lowered_texts.setdefault(id(self), lowered.as_text())
         if len(lowered_texts) == expected:
             raise _Stop
         return jax.tree.map(
@@ -94,7 +100,7 @@ def _record_calls(monkeypatch, expected: int) -> list[str]:
         )
 
     monkeypatch.setattr(CompiledOnce, "__call__", call)
-    return lowered_texts
+    return lowered_texts  # (in first-call order)
 
 
 def _host_rows(abstract: dict, n: int) -> dict[str, np.ndarray]:
@@ -106,27 +112,33 @@ def _host_rows(abstract: dict, n: int) -> dict[str, np.ndarray]:
     return out
 
 
+_WEIGHTS: dict = {}  # (start, seed) -> weights: one initialiser compile per model (no step runs)
+
+
 def _weights(start: Start, runtime: Runtime, seed: int):
     """Starting weights placed in their shards, as the loops load them."""
+    if (start, seed) in _WEIGHTS:
+        return _WEIGHTS[start, seed]
     shapes = ab.model_params(start.config, runtime, start.scalar)[0]
     shardings = jax.tree.map(lambda x: x.sharding, shapes)
-    return jax.jit(start.init, out_shardings=shardings)(jax.random.key(seed))
+    weights = jax.jit(start.init, out_shardings=shardings)(jax.random.key(seed))
+    return _WEIGHTS.setdefault((start, seed), weights)
 
 
-def _loop_supervised(cfg, stage, runtime, tmp_path, monkeypatch) -> list[str]:
+def _loop_supervised(cfg, *, stage, runtime, tmp_path, monkeypatch, expected) -> list[str]:
     spec = getattr(bs, f"{stage}_spec")(cfg, ab.base_model(cfg, None))
     params = _weights(Start(spec.model_cfg, spec.scalar), runtime, 0)
     arrays = _host_rows(spec.batch(runtime), 2 * spec.section.batch_size)
     run = StageRun(
         key=jax.random.key(1), logger=MetricsLogger(tmp_path, progress=False), runtime=runtime
     )
-    texts = _record_calls(monkeypatch, 1)
+    texts = _record_calls(monkeypatch, expected)
     with pytest.raises(_Stop):
         run_supervised(spec, params, arrays, run)
-    return texts
+    return list(texts.values())
 
 
-def _loop_rl(cfg: Config, runtime, tmp_path, monkeypatch) -> list[str]:
+def _loop_rl(cfg: Config, *, runtime, tmp_path, monkeypatch, expected) -> list[str]:
     algo = RLAlgorithm.from_config(cfg.ppo)
     model_cfg = ab.base_model(cfg, None)
     sft = _weights(Start(model_cfg, False), runtime, 0)
@@ -142,27 +154,26 @@ def _loop_rl(cfg: Config, runtime, tmp_path, monkeypatch) -> list[str]:
         ptx_ids = np.full((4 * cfg.ptx.batch_size, cfg.ptx.max_len), 6, np.int32)
         ptx = {"input_ids": ptx_ids, "attention_mask": np.ones(ptx_ids.shape, np.float32)}
     special = (model_cfg.eos_ids or (0,), model_cfg.pad_token_id or 0)
-    texts = _record_calls(monkeypatch, 2 if algo.reward_fn is None else 3)
+    texts = _record_calls(monkeypatch, expected)
     with pytest.raises(_Stop):
         train_rl(
             cfg, models, prompts, ptx, *special, jax.random.key(2),
             MetricsLogger(tmp_path, progress=False), runtime=runtime, tokenizer=_Tokenizer(),
             prompt_texts=[f"prompt {i}" for i in range(n)], algo=algo,
         )  # fmt: skip
-    return texts
+    return list(texts.values())
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_planned_programs_are_the_programs_the_loop_runs(case, runtime, tmp_path, monkeypatch):
     stage, overrides = CASES[case]
     cfg = load_config(Config, None, [*TINY, *overrides])
-    if stage == "ppo":
-        loop = _loop_rl(cfg, runtime, tmp_path, monkeypatch)
-    else:
-        loop = _loop_supervised(cfg, stage, runtime, tmp_path, monkeypatch)
     build = stage_table(cfg, runtime)[stage]()
     ab.abstract_stage(build, runtime)
     planned = [p.jitted.lower(*p.args).as_text() for p in build.program_list]
-    assert len(planned) == len(loop) == len(build.program_list)
+    run_loop = _loop_rl if stage == "ppo" else functools.partial(_loop_supervised, stage=stage)
+    loop = run_loop(cfg, runtime=runtime, tmp_path=tmp_path, monkeypatch=monkeypatch,
+                    expected=len(planned))  # fmt: skip
+    assert len(loop) == len(planned)
     for program, want, got in zip(build.program_list, loop, planned):
         assert got == want, f"{case}: the plan's {program.name} is not the loop's"
