@@ -166,6 +166,13 @@ def measure(cfg, stage: str) -> dict:
     runtime = Runtime.from_config(cfg)
     build = builders(cfg, runtime)[stage]()
     ab.abstract_stage(build, runtime)
+    if any(p.name == "merge" for p in build.program_list):
+        from rlhf_jax.errors import RlhfJaxError
+
+        raise RlhfJaxError(
+            "config key 'ppo.rollout_filters': the measured check runs one unfiltered RL "
+            "iteration; measure with ppo.rollout_filters=[]"
+        )
     resident = totals(build.detail)
     compiled, planned = {}, {}
     for program in build.program_list:
