@@ -228,11 +228,16 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     from rlhf_jax.loops.pipeline import run_pipeline
+    from rlhf_jax.loops.rlvr import summary_line
+    from rlhf_jax.tasks import VERIFIABLE
 
     cfg = _load_config(args)
     command = "rlhf-jax " + " ".join(sys.argv[1:]) if sys.argv else ""
     report = run_pipeline(cfg, args.output, command)
     print(f"report: {args.output}/report.md")
+    if cfg.task.name in VERIFIABLE:
+        print(summary_line(report))
+        return 0
     print(
         f"gold reward SFT {report['sft']['gold_reward']:.3f} -> PPO "
         f"{report['ppo']['gold_reward']:.3f}; win rate {report['ppo']['win_rate_vs_sft']:.2f}; "
@@ -307,6 +312,12 @@ def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
     p.set_defaults(run=run)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from rlhf_jax.loops.eval_command import add_eval_parser  # imports no JAX
+
+    add_eval_parser(sub)
+
+
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     from rlhf_jax.plan.command import add_plan_parser  # imports no JAX
 
@@ -323,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in STAGES:
         _add_stage(sub, name)
     _add_generate(sub)
+    _add_eval(sub)
     _add_plan(sub)
     return parser
 

@@ -18,8 +18,9 @@ A part may declare facts about itself with the `declare` decorator (or the keywo
 `register`): `reads=(...)`, the batch keys it reads (checked by the contract checker and when a
 config is loaded), for estimators `needs_critic` and `min_group_size`, and `ranges={"eps":
 POSITIVE}`, the values each numeric hyperparameter accepts (`config.schema.Range`: never NaN
-or infinity), checked by `resolve` when a config is loaded. `info(fn)` reads them back, also
-through `functools.partial`.
+or infinity), checked by `resolve` when a config is loaded, and `check_hparams=fn(name,
+**hparams)`, a part's own check of its hyperparameters' values (raising RlhfJaxError), also
+run by `resolve`. `info(fn)` reads them back, also through `functools.partial`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ _BUILTIN_MODULES = (
     "rlhf_jax.advantages",
     "rlhf_jax.rewards",
     "rlhf_jax.filters",
+    "rlhf_jax.tasks.sums",  # the sums task's reward functions
 )
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
@@ -124,6 +126,9 @@ def resolve(kind: str, name: str = "default", **hparams: Any) -> Callable:
     fn = lookup(kind, name)
     check_hparams(kind, name, fn, hparams)
     check_ranges(kind, name, fn, hparams)
+    own_check = info(fn).get("check_hparams")
+    if own_check is not None:  # the part's own checks of its values (`weighted`'s parts)
+        own_check(name, **hparams)
     return functools.partial(fn, **hparams)
 
 

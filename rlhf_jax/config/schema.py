@@ -122,15 +122,20 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """The built-in "topics" task: sizes of the generated data and the simulated labelers."""
+    """The built-in task: sizes of the generated data and the simulated labelers. "topics"
+    (InstructGPT's pipeline, a reward model from simulated rankings) or "sums" (RLVR: a
+    verifiable reward function, no reward model; see docs/algorithms.md)."""
 
-    name: Literal["topics"] = "topics"
+    name: Literal["topics", "sums"] = "topics"
     n_pretrain_texts: int = 4000  # generic sentences: base-model pretraining and ptx data
     n_demonstrations: int = 2000  # SFT demonstrations (mediocre on purpose)
     n_rm_prompts: int = 600  # prompts whose K sampled completions labelers rank
     labeler_noise: float = 0.3  # std of Gaussian noise added to the gold reward when ranking
     n_eval_prompts: int = 128
     vocab_size: int = 384  # BPE vocabulary trained on the task's text
+    # sums only: the fraction of demonstrations of two-digit sums that stop short of their
+    # `#### <sum>` line (one-digit sums are always answered in full)
+    short_fraction: float = 0.75
 
 
 @dataclasses.dataclass(frozen=True)
@@ -438,6 +443,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "labeler_noise": AT_LEAST_0,
         "n_eval_prompts": AT_LEAST_1,
         "vocab_size": Range(259),  # the 256 bytes and 3 special tokens at least
+        "short_fraction": FRACTION,
     },
     "PretrainConfig": {"steps": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},
     "SFTConfig": {"steps": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.contract.samples import SAMPLE_COMPLETIONS, SAMPLE_PROMPTS
+from rlhf_jax.contract.samples import SAMPLE_COMPLETIONS, SAMPLE_FIELD_VALUE, SAMPLE_PROMPTS
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.types import LossOut
 
@@ -193,10 +193,15 @@ def check_filter_returned(what: str, out: Any, batch: Mapping) -> None:
 def check_reward_fn(fn: Callable, name: str, prompts: Sequence[str] = SAMPLE_PROMPTS):
     """Call the reward function `fn` once on tiny texts: the first two of `prompts` (the run's
     own prompts at load, so that a function looking up its answers by prompt finds them),
-    one answered twice, with `SAMPLE_COMPLETIONS` (one of them empty). RlhfJaxError, one line
+    one answered twice, with `SAMPLE_COMPLETIONS` (one of them empty); a row field the function
+    needs (`answer`) is `SAMPLE_FIELD_VALUE` where the prompts are made up. RlhfJaxError, one line
     naming it, when it raises or does not return one finite float32 number per completion.
     Returns its float32 scores."""
-    from rlhf_jax.rewards import score_texts  # (it imports the registry: no cycle at load)
+    from rlhf_jax.rewards import reward_fields, score_texts  # (imports the registry: no cycle)
 
     first, last = prompts[0], prompts[min(1, len(prompts) - 1)]
-    return score_texts(fn, [first, first, last], list(SAMPLE_COMPLETIONS), name)
+    chosen = [first, first, last]
+    fields = None  # the fields the run's prompt rows carry
+    if not any(hasattr(p, "fields") for p in chosen):  # made-up prompts: made-up fields
+        fields = {f: [SAMPLE_FIELD_VALUE] * len(chosen) for f in reward_fields(fn)}
+    return score_texts(fn, chosen, list(SAMPLE_COMPLETIONS), name, fields)

@@ -89,6 +89,9 @@ SAMPLE_PROMPTS = ("What is 2 + 3? Answer with a number.", "Name a colour.")
 SAMPLE_COMPLETIONS = (" 5", "", " Red, I think.")
 
 
+SAMPLE_FIELD_VALUE = "5"  # each row field a reward function needs (`answer`), on SAMPLE_PROMPTS
+
+
 def _prefix(lengths, t):
     return (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.float32)
 

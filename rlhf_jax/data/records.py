@@ -18,7 +18,12 @@ any other field is an error naming it):
   not all equal. `ranks` without `allow_ties`, both fields at once, or a `ties` field are errors.
 - Rankings, pairwise: `{"prompt": str, "chosen": str, "rejected": str}`, the K = 2 case.
 - Prompts (RL): `{"prompt": str}`, or chat `{"messages": [...]}` (roles as for SFT, at least
-  one message, the last one the user's: the model writes the assistant's reply).
+  one message, the last one the user's: the model writes the assistant's reply). A prompt row
+  may carry extra fields whose values are JSON scalars (string, number, boolean), e.g. a
+  reference answer `{"prompt": "...", "answer": "72"}`: they are kept (`PromptExample.fields`)
+  and reach a reward function that names them (`rlhf_jax.rewards`). The fields of the other
+  formats (`completion`, `chosen`, `text`, ...) stay errors: such a row is a file of another
+  kind, not a prompt with extras.
   Pretraining text (ptx): `{"text": str}`.
 
 Every string must be non-empty and not whitespace-only; strings are kept exactly as given.
@@ -88,11 +93,42 @@ class PromptExample:
     messages: tuple[tuple[str, str], ...] | None = None
     path: str | None = dataclasses.field(**_loc)
     line: int | None = dataclasses.field(**_loc)
+    # the row's extra scalar fields, in file order ({"answer": "72"}): for reward functions
+    # (compared, not hashed: a dict is unhashable, and equal examples still hash alike)
+    fields: dict[str, str | int | float | bool] = dataclasses.field(
+        default_factory=dict, hash=False
+    )
 
     @property
     def where(self) -> str:
         """`path:LINE` of the row this example came from (for error messages)."""
         return location(self.path, self.line)
+
+    def text(self) -> PromptText:
+        """The prompt as the data file wrote it, carrying the row's fields and location."""
+        return PromptText(self.prompt, self.fields, self.where)
+
+
+class PromptText(str):
+    """A prompt's text (a `str`: what every consumer of the RL prompts reads) that also carries
+    its row's extra fields and `path:LINE`. Kept on the string itself, not in a second list,
+    so the fields follow the text through every batching, sharding and resume step unchanged
+    and reach the reward function (`rlhf_jax.rewards.score_texts`) with it."""
+
+    fields: dict[str, str | int | float | bool]
+    where: str
+
+    def __new__(cls, text: str, fields: dict | None = None, where: str = "") -> PromptText:
+        self = super().__new__(cls, text)
+        self.fields, self.where = dict(fields or {}), where
+        return self
+
+    def __reduce__(self):  # pickled (multi-process runs) with its fields
+        return (PromptText, (str(self), self.fields, self.where))
+
+
+# Fields of the other row formats: in a prompt row they mean the wrong file, not an extra.
+_OTHER_FORMATS = ("completion", "completions", "chosen", "rejected", "ranking", "ranks", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,10 +322,16 @@ def parse_ranking_row(
 def parse_prompt_row(row: dict, path: str | None = None, line: int | None = None) -> PromptExample:
     """A plain or chat prompt row -> PromptExample (raises RowError)."""
     at = location(path, line)
+    fields = _extra_fields(row, at)
     if "messages" not in row:
-        _fields(row, at, ("prompt",), {"role": "a chat row has only 'messages'"})
-        return PromptExample(_string(row["prompt"], at, "prompt"), None, path, line)
-    _fields(row, at, ("messages",), {k: "a chat row has only 'messages'" for k in row})
+        hints = {
+            "role": "a chat row has only 'messages'",
+            "content": "a chat row has only 'messages'",
+        }
+        _fields({k: v for k, v in row.items() if k not in fields}, at, ("prompt",), hints)
+        return PromptExample(_string(row["prompt"], at, "prompt"), None, path, line, fields)
+    chat = {k: v for k, v in row.items() if k not in fields}
+    _fields(chat, at, ("messages",), {k: "a chat row has only 'messages'" for k in chat})
     messages = _messages(row["messages"], at, 1, "the user's prompt")
     if messages[-1][0] != "user":
         raise RowError(
@@ -298,7 +340,23 @@ def parse_prompt_row(row: dict, path: str | None = None, line: int | None = None
             f"{messages[-1][0]!r})",
             f"messages[{len(messages) - 1}].role",
         )
-    return PromptExample(render_plain(messages), messages, path, line)
+    return PromptExample(render_plain(messages), messages, path, line, fields)
+
+
+def _extra_fields(row: dict, at: str) -> dict[str, str | int | float | bool]:
+    """The prompt row's extra fields (all but prompt/messages and the names the other formats
+    and chat messages use, which `_fields` then reports as unknown); each a JSON scalar."""
+    reserved = ("prompt", "messages", "role", "content", *_OTHER_FORMATS)
+    extra = {k: v for k, v in row.items() if k not in reserved}
+    for key, value in extra.items():
+        if value is None or isinstance(value, list | dict):
+            raise RowError(
+                at,
+                f"an extra field of a prompt row is a JSON string, number or boolean (got "
+                f"{json_type(value)})",
+                key,
+            )
+    return extra
 
 
 def parse_text_row(row: dict, path: str | None = None, line: int | None = None) -> TextExample:

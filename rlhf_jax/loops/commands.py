@@ -239,7 +239,7 @@ def _rl_data(cfg: Config, policy_path: str, rm_path: str | None):
         prompt_arrays = encode_own_rows(
             prompts, encode.prompts, prompt_report, spec["prompts"], own
         )
-        prompt_texts = [e.prompt for e in prompts]
+        prompt_texts = [e.text() for e in prompts]
     checked = {f"ppo.prompts {cfg.ppo.prompts}": prompt_arrays}
     rows = [(prompt_arrays, cfg.ppo.rollout_batch, "ppo.rollout_batch", "ppo.prompts")]
     ptx_arrays, reports = None, [prompt_report]

@@ -46,11 +46,12 @@ class RunEncoder:
         self, examples: Sequence, report: DataReport | None = None
     ) -> tuple[dict[str, np.ndarray], list[str]]:
         """RL prompts at `ppo.max_prompt_len`, with each encoded row's prompt as the data file
-        wrote it (a chat row's messages as `role: content` lines), for a reward function."""
+        wrote it (a chat row's messages as `role: content` lines) and carrying its extra fields
+        (`PromptText`), for a reward function."""
         arrays, rows = encode_prompt_rows(
             examples, self.tokenizer, self.cfg.ppo.max_prompt_len, report, self._chat
         )
-        return arrays, [examples[i].prompt for i in rows]
+        return arrays, [examples[i].text() for i in rows]
 
     def rankings(self, examples: Sequence, report: DataReport | None = None, section: str = "rm"):
         """Rankings at the lengths of the `section` that trains on them ("rm" or "dpo")."""

@@ -2,8 +2,9 @@
 reward model. The pipeline (`run_pipeline`) runs one RL algorithm on it; `rlhf-jax compare`
 runs several from the same foundation.
 
-With `model.path` unset it builds the built-in "topics" task: a random base model pretrained
-on the task's text, simulated labelers ranking SFT samples by a hidden gold reward. Every data
+With `model.path` unset it builds the built-in task (`task.name`): a random base model
+pretrained on the task's text, and for "topics" simulated labelers ranking SFT samples by a
+hidden gold reward ("sums", a verifiable-reward task, is built without a reward model). Every data
 file, generated or the user's, goes through the same validating loaders before anything is
 compiled.
 """
@@ -74,17 +75,18 @@ class Foundation:
     pad: int
     model_cfg: ModelConfig
     sft_params: Any
-    rm_params: Any
     prompt_arrays: dict[str, np.ndarray]  # RL prompts
     prompt_texts: list[str]  # each RL prompt row as the data file wrote it (reward functions)
     ptx_arrays: dict[str, np.ndarray]  # pretraining text for PPO-ptx
     heldout_arrays: dict[str, np.ndarray]  # pretraining text never trained on
     eval_prompts: list[str]
     eval_arrays: dict[str, np.ndarray]
-    rank_train: dict[str, np.ndarray]  # the rankings the RM (and offline DPO) trains on
-    rank_heldout: dict[str, np.ndarray]  # the rankings held out of both
-    rm_heldout: dict[str, float]  # held-out pairwise accuracy, margin, pairs
-    rm_bias_shift: float
+    # The reward model and its rankings; None when built without one (a verifiable task).
+    rm_params: Any = None
+    rank_train: dict[str, np.ndarray] | None = None  # what the RM (and offline DPO) trains on
+    rank_heldout: dict[str, np.ndarray] | None = None  # the rankings held out of both
+    rm_heldout: dict[str, float] | None = None  # held-out pairwise accuracy, margin, pairs
+    rm_bias_shift: float | None = None
     reports: list = dataclasses.field(default_factory=list)  # DataReports of every file
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -150,8 +152,15 @@ class _Data:
 def _load_data(cfg: Config, out: Path) -> _Data:
     """Generate the built-in task's files, then load, validate and encode every file."""
     t = cfg.task
-    task = TASKS[t.name].generate_task(
-        cfg.seed, t.n_pretrain_texts, t.n_demonstrations, t.n_rm_prompts, t.n_eval_prompts
+    module = TASKS[t.name]
+    options = module.task_options(t) if hasattr(module, "task_options") else {}
+    task = module.generate_task(
+        cfg.seed,
+        t.n_pretrain_texts,
+        t.n_demonstrations,
+        t.n_rm_prompts,
+        t.n_eval_prompts,
+        **options,
     )
     data_dir = out / "data"
     paths = {
@@ -255,9 +264,11 @@ def _rankings(cfg: Config, d: _Data, model_cfg, sft_params, key, eos, pad, out: 
     return RunEncoder(cfg, d.tokenizer).rankings(rankings, report), report, notes
 
 
-def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
+def build_foundation(cfg: Config, out_dir: str | Path, reward_model: bool = True) -> Foundation:
     """Check every part the config names, write run_config.json, load and validate all data, then
-    pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm)."""
+    pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm). Without
+    `reward_model` (a verifiable-reward task) no rankings are sampled and no RM is trained:
+    the fields that hold them are None."""
     names = (*cfg.compare.algorithms, *cfg.compare.preference)
     writes = ("sft", "rm", "policy", "data", "sft_adapter", "policy_adapter")
     writes += tuple(f"policies/{n}" for n in names)
@@ -290,6 +301,14 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
         ),
     )
     save_hf(model_cfg, sft_params, out / "sft", d.tokenizer)
+    a = d.arrays
+    common = dict(out=out, logger=logger, runtime=runtime, keys=keys, tokenizer=d.tokenizer,
+                  eos=eos, pad=pad, model_cfg=model_cfg, sft_params=sft_params,
+                  prompt_arrays=a["prompts"], prompt_texts=d.prompt_texts, ptx_arrays=a["ptx"],
+                  heldout_arrays=a["heldout"], eval_prompts=d.eval_prompts,
+                  eval_arrays=a["eval"])  # fmt: skip
+    if not reward_model:
+        return Foundation(**common, reports=list(d.reports))
 
     # Step 2: the reward model on rankings (sampled from SFT and ranked, for the built-in task).
     rank_arrays, rank_report, notes = _rankings(
@@ -304,24 +323,9 @@ def build_foundation(cfg: Config, out_dir: str | Path) -> Foundation:
     save_scalar_model(model_cfg, rm_params, out / "rm", d.tokenizer)
     # Read back from the loss's metrics only once the model is saved (the shift changes no pair).
     held = reward_accuracy(cfg, model_cfg, trained_rm, rm_held)
-    a = d.arrays
     return Foundation(
-        out=out,
-        logger=logger,
-        runtime=runtime,
-        keys=keys,
-        tokenizer=d.tokenizer,
-        eos=eos,
-        pad=pad,
-        model_cfg=model_cfg,
-        sft_params=sft_params,
+        **common,
         rm_params=rm_params,
-        prompt_arrays=a["prompts"],
-        prompt_texts=d.prompt_texts,
-        ptx_arrays=a["ptx"],
-        heldout_arrays=a["heldout"],
-        eval_prompts=d.eval_prompts,
-        eval_arrays=a["eval"],
         rank_train=rm_train,
         rank_heldout=rm_held,
         rm_heldout=held,

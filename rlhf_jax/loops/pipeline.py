@@ -21,11 +21,12 @@ from rlhf_jax.loops.foundation import Foundation, build_foundation
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json, write_markdown
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
+from rlhf_jax.loops.rlvr import run_rlvr
 from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.stages import lm_loss
 from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
-from rlhf_jax.tasks import TASKS
+from rlhf_jax.tasks import TASKS, VERIFIABLE
 
 
 def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True, adapter_dir=None):
@@ -79,10 +80,14 @@ def machine() -> dict[str, str]:
 
 
 def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
-    """Run every stage, write checkpoints, metrics, report.json/.md and curves.png."""
+    """Run every stage, write checkpoints, metrics, report.json/.md and curves.png. A
+    verifiable-reward task (`task.name: sums`) runs `loops/rlvr.py` instead: no reward model,
+    RL on `ppo.reward_fn`, a report of exact accuracies."""
     if cfg.model.path is not None:
         require_language_model(cfg.model.path, "model.path")
     refuse_unread(cfg, "pipeline")
+    if cfg.task.name in VERIFIABLE:  # no reward model: RL on the task's reward function
+        return run_rlvr(cfg, out_dir, command, machine())
     t_start = time.time()
     f = build_foundation(cfg, out_dir)
     out, model_cfg = f.out, f.model_cfg

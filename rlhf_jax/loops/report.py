@@ -14,6 +14,8 @@ CURVES = (
     ("ppo", "objective/scores", "PPO: RM score"),
     ("ppo", "objective/kl", "PPO: KL to SFT"),
     ("ppo", "ppo/ptx/loss", "PPO: ptx loss"),
+    ("grpo", "objective/scores", "GRPO: reward function score"),  # RLVR (loops/rlvr.py)
+    ("grpo", "objective/kl", "GRPO: KL to SFT"),
 )
 
 

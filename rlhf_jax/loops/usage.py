@@ -20,6 +20,7 @@ import jax
 from rlhf_jax import registry
 from rlhf_jax.config import Config
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.tasks import VERIFIABLE
 
 # The keys that shape a random model; a command that loads a model folder takes them from
 # its config.json.
@@ -123,6 +124,26 @@ FOUNDATION = (
         "sft.data is set, so no demonstrations are generated",
         lambda c: c.sft.data is not None,
     ),
+    Unread(
+        ("task.short_fraction",),
+        "only the sums task reads it (task.name is not sums)",
+        lambda c: c.task.name != "sums",
+    ),
+)
+
+# The pipeline on a verifiable-reward task (loops/rlvr.py): no reward model, greedy answers.
+RLVR = (
+    Unread(
+        ("rm", "task.n_rm_prompts", "task.labeler_noise"),
+        "the pipeline trains no reward model on a verifiable-reward task (ppo.reward_fn "
+        "scores the RL stage)",
+        lambda c: c.task.name in VERIFIABLE,
+    ),
+    Unread(
+        ("eval.n_samples", "eval.temperature", "eval.ptx_ablation"),
+        "a verifiable-reward task is evaluated on one greedy answer per prompt",
+        lambda c: c.task.name in VERIFIABLE,
+    ),
 )
 
 LOADED_MODEL = "the command loads a model folder, whose config.json sets its shape"
@@ -163,6 +184,7 @@ RULES: dict[str, tuple[Unread, ...]] = {
     ),
     "pipeline": (
         *FOUNDATION,
+        *RLVR,
         *RL,
         Unread(
             ("eval.ptx_ablation",), "ptx.coef is 0: no ptx to ablate", lambda c: c.ptx.coef == 0

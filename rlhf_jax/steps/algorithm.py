@@ -20,6 +20,7 @@ from rlhf_jax.config import Config, DPOConfig, PPOConfig, compare_preference_run
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.losses.accumulation import KIND_COUNT_KEYS
 from rlhf_jax.ops import REDUCTIONS
+from rlhf_jax.rewards import field_lists
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +231,8 @@ def check_reward_fns(cfg: Config, prompts: Sequence[str]) -> None:
     with tiny completions: one that raises, or returns anything but one finite number per
     completion, fails with a one-line error naming it, before any model is loaded or trained.
     The run's own prompts, not made-up ones, so that a function looking up its answers by
-    prompt finds them."""
+    prompt finds them. First, every prompt row must carry the fields the function needs
+    (`path:LINE: field 'answer': missing (reward function 'gsm8k_strict' needs it)`)."""
     named = {"ppo": cfg.ppo}
     named |= {f"compare.algorithms.{n}": r.ppo for n, r in compare_runs(cfg).items()}
     checked = set()
@@ -239,6 +241,7 @@ def check_reward_fns(cfg: Config, prompts: Sequence[str]) -> None:
             continue
         checked.add((ppo.reward_fn, repr(ppo.reward_fn_kwargs)))
         fn = registry.resolve("reward_fn", ppo.reward_fn, **ppo.reward_fn_kwargs)
+        field_lists(fn, prompts, ppo.reward_fn)  # every row has the fields it needs
         try:
             contract.check_reward_fn(fn, ppo.reward_fn, prompts)
         except RlhfJaxError as e:

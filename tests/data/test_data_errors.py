@@ -56,7 +56,7 @@ EXPECTED = {
     "rank_no_format.jsonl": (1, "field 'completions': missing (a ranking row has"),
     "rank_pair_empty.jsonl": (1, "field 'rejected': empty or whitespace-only string"),
     "rank_pair_identical.jsonl": (1, "field 'rejected': identical to 'chosen'"),
-    "prompts_extra_field.jsonl": (1, "field 'id': unknown field (expected 'prompt')"),
+    "prompts_extra_field.jsonl": (1, "field 'completion': unknown field (expected 'prompt')"),
     "prompts_lone_surrogate.jsonl": (
         2,
         "field 'prompt': an unpaired surrogate (\\ud800) is not text",

@@ -222,3 +222,49 @@ def test_chat_prompts_load_and_must_end_with_the_user(tmp_path):
         load_prompts(
             write(tmp_path, [{"messages": [{"role": "user", "content": "a"}], "prompt": "b"}])
         )
+
+
+def test_prompt_rows_keep_extra_scalar_fields(tmp_path):
+    rows = [
+        {"prompt": "2+2?", "answer": "4", "id": 7},
+        {"messages": [{"role": "user", "content": "3+3?"}], "answer": 6, "hard": False},
+        {"prompt": "no extras"},
+    ]
+    prompts, _ = load_prompts(write(tmp_path, rows, "p.jsonl"))
+    assert [p.fields for p in prompts] == [
+        {"answer": "4", "id": 7},
+        {"answer": 6, "hard": False},
+        {},
+    ]
+    text = prompts[1].text()
+    assert text == "user: 3+3?\nassistant: " and text.fields == {"answer": 6, "hard": False}
+    assert text.where.endswith("p.jsonl:2")
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (
+            {"prompt": "p", "answer": [1]},
+            "field 'answer': an extra field of a prompt row is a JSON "
+            "string, number or boolean (got array)",
+        ),
+        ({"prompt": "p", "answer": None}, "field 'answer': an extra field of a prompt row"),
+        ({"prompt": "p", "meta": {"a": 1}}, "(got object)"),
+        ({"prompt": "p", "completion": "c"}, "field 'completion': unknown field"),
+        ({"prompt": "p", "role": "user"}, "field 'role': unknown field (a chat row has only"),
+        ({"messages": [{"role": "user", "content": "a"}], "text": "t"}, "field 'text': unknown"),
+    ],
+)
+def test_prompt_row_extra_fields_are_checked(tmp_path, row, message):
+    with pytest.raises(RlhfJaxError) as e:
+        load_prompts(write(tmp_path, [row], "p.jsonl"))
+    assert "p.jsonl:1: field" in str(e.value) and message in str(e.value)
+
+
+def test_prompt_text_pickles_with_its_fields():
+    import pickle
+
+    text = PromptExample("q", fields={"answer": "5"}, path="p.jsonl", line=3).text()
+    back = pickle.loads(pickle.dumps(text))
+    assert back == "q" and back.fields == {"answer": "5"} and back.where == "p.jsonl:3"

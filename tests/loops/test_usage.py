@@ -66,7 +66,10 @@ READS = {
     ),  # fmt: skip
     "dpo": ("seed", *LOADED, "data", "dpo", "rm.data", "lora.rank", *RUNTIME),
 }
-_FOUNDATION = ("seed", "model", "task", "data", "pretrain", "sft", "ptx", "eval", "lora.rank",
+_TASK = tuple(
+    f"task.{f.name}" for f in dataclasses.fields(Config().task) if f.name != "short_fraction"
+)
+_FOUNDATION = ("seed", "model", *_TASK, "data", "pretrain", "sft", "ptx", "eval", "lora.rank",
                *RUNTIME, *(f"rm.{f.name}" for f in dataclasses.fields(Config().rm)
                            if f.name != "init"))  # fmt: skip
 _PPO_BASE = tuple(
@@ -169,6 +172,9 @@ def test_every_set_field_of_a_command_is_read_or_refused(command):
         ("pipeline", ["model.path=m", "pretrain.steps=3"], "pretrain.steps", "model.path is set"),
         ("pipeline", ["rm.data=r.jsonl", "rm.k=3"], "rm.k", "rm.data is set"),
         ("pipeline", ["ptx.coef=0", "eval.ptx_ablation=false"], "eval.ptx_ablation", "no ptx"),
+        ("pipeline", ["task.name=sums", "rm.steps=3"], "rm.steps", "trains no reward model"),
+        ("pipeline", ["task.name=sums", "eval.n_samples=2"], "eval.n_samples", "greedy answer"),
+        ("pipeline", ["task.short_fraction=0.5"], "task.short_fraction", "only the sums task"),
         ("dpo", ["dpo.data=d.jsonl", "rm.data=r.jsonl"], "rm.data", "dpo.data is set"),
         ("compare", ["compare.algorithms={g: {policy: runs/sft}}"], "compare.algorithms.g.policy",
          "same SFT policy"),
