@@ -51,3 +51,48 @@ def test_every_config_field_is_read_outside_the_schema():
     unread = [key for key, name in _fields(Config) if name not in attrs]
     assert not unread, f"config fields nothing reads: {unread}"
     assert "cfg.task.name" in "\n".join(text)  # "name" alone is read everywhere
+
+
+# Packages whose functions stay small: the loops and the planner.
+LOOP_SIZE_CHECKED = ("loops", "plan")
+MAX_LINES, MAX_POSITIONAL = 80, 8
+
+
+def _top_functions(tree: ast.AST):
+    """Functions and methods not nested in another function (a closure counts in its
+    parent's lines)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+        elif isinstance(node, ast.ClassDef):
+            yield from _top_functions(node)
+
+
+def _positional(fn: ast.FunctionDef) -> int:
+    names = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+    return len(names) - (1 if names[:1] in (["self"], ["cls"]) else 0)
+
+
+def test_loop_and_plan_functions_are_small():
+    """No function of loops/ or plan/ over 80 lines (its closures included) or taking more
+    than 8 parameters by position: a long one is split, a wide one takes a spec."""
+    long, wide = [], []
+    for package in LOOP_SIZE_CHECKED:
+        for path in sorted((PACKAGE / package).glob("*.py")):
+            for fn in _top_functions(ast.parse(path.read_text())):
+                where = f"{path.relative_to(PACKAGE)}:{fn.lineno} {fn.name}"
+                if fn.end_lineno - fn.lineno + 1 > MAX_LINES:
+                    long.append(where)
+                if _positional(fn) > MAX_POSITIONAL:
+                    wide.append(where)
+    assert not long, f"functions over {MAX_LINES} lines: {long}"
+    assert not wide, f"functions over {MAX_POSITIONAL} positional parameters: {wide}"
+
+
+def test_the_size_check_sees_closures_and_positional_parameters():
+    source = "def f(a, b, *, c):\n    def g():\n        pass\n    return g\n\nclass K:\n"
+    source += "    def m(self, x):\n        pass\n"
+    fns = list(_top_functions(ast.parse(source)))
+    assert [f.name for f in fns] == ["f", "m"]
+    assert [f.end_lineno - f.lineno + 1 for f in fns] == [4, 2]
+    assert [_positional(f) for f in fns] == [2, 1]

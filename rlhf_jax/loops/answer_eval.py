@@ -155,11 +155,11 @@ def evaluate_answers(
         ids,
         mask,
         jax.random.key(seed),
-        max_new_tokens,
-        temperature,
-        eos_ids,
-        pad,
-        batch_size,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_ids=eos_ids,
+        pad_id=pad,
+        batch_size=batch_size,
     )
     texts = decode_responses(tokenizer, out)
     groups = [texts[i * samples : (i + 1) * samples] for i in range(len(examples))]

@@ -23,6 +23,7 @@ from rlhf_jax.data import (
 )
 from rlhf_jax.data.shard import HeldRows, all_rows
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.loops.build_supervised import sft_spec
 from rlhf_jax.loops.checks import (
     check_positions,
     check_reward_model_fits,
@@ -50,9 +51,10 @@ from rlhf_jax.loops.settings import stage_settings
 from rlhf_jax.loops.setup import load_model, shift_reward_bias, start_run, stop_ids
 from rlhf_jax.loops.stages import (
     reward_accuracy,
-    train_lm,
     train_reward_model,
+    train_supervised,
 )
+from rlhf_jax.loops.train import StageRun
 from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import (
     load_scalar_model,
@@ -124,28 +126,25 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "sft")
     model_cfg, params = load_model(model_path, cfg, runtime)
-    params = train_lm(
-        "sft",
-        model_cfg,
+    params = train_supervised(
+        sft_spec(cfg, model_cfg),
         params,
         arrays,
-        cfg.sft,
-        jax.random.key(cfg.seed),
-        cfg.seed,
-        logger,
-        cfg.log.every,
-        runtime,
-        StageCheckpoints(
-            out,
-            "sft",
-            cfg.checkpoint,
-            stage_settings(
-                cfg, STAGE_SECTIONS + ("sft",), {"model.path": model_path, "sft.data": data}
+        StageRun(
+            key=jax.random.key(cfg.seed),
+            logger=logger,
+            runtime=runtime,
+            checkpoints=StageCheckpoints(
+                out,
+                "sft",
+                cfg.checkpoint,
+                stage_settings(
+                    cfg, STAGE_SECTIONS + ("sft",), {"model.path": model_path, "sft.data": data}
+                ),
             ),
+            adapter_dir=out / "sft_adapter",
+            base_model=model_path,
         ),
-        cfg.lora,
-        out / "sft_adapter",
-        model_path,
     )
     _finish(out, logger, [report])
     return save_hf(model_cfg, params, out / "sft", tokenizer)
@@ -188,14 +187,16 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         model_cfg,
         trunk,
         train,
-        jax.random.key(cfg.seed),
-        logger,
-        runtime,
-        StageCheckpoints(
-            out,
-            "rm",
-            cfg.checkpoint,
-            stage_settings(cfg, STAGE_SECTIONS + ("rm",), {"rm.init": init, "rm.data": data}),
+        StageRun(
+            key=jax.random.key(cfg.seed),
+            logger=logger,
+            runtime=runtime,
+            checkpoints=StageCheckpoints(
+                out,
+                "rm",
+                cfg.checkpoint,
+                stage_settings(cfg, STAGE_SECTIONS + ("rm",), {"rm.init": init, "rm.data": data}),
+            ),
         ),
     )
     params = trained
@@ -331,10 +332,11 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
         pad,
         jax.random.key(cfg.seed),
         logger,
-        runtime,
+        runtime=runtime,
         checkpoints=StageCheckpoints(out, "ppo", cfg.checkpoint, settings),
         tokenizer=tokenizer,
         prompt_texts=prompt_texts,
+        algo=algo,
     )
     _finish(out, logger, reports)
     params = final_policy(cfg, models, state, out / "policy_adapter", policy_path)
@@ -367,19 +369,21 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
         model_cfg,
         ref_params,
         train,
-        key,
-        logger,
-        runtime,
-        StageCheckpoints(
-            out,
-            "dpo",
-            cfg.checkpoint,
-            stage_settings(
-                cfg, STAGE_SECTIONS + ("dpo",), {"dpo.policy": policy_path, data_key: data}
+        StageRun(
+            key=key,
+            logger=logger,
+            runtime=runtime,
+            checkpoints=StageCheckpoints(
+                out,
+                "dpo",
+                cfg.checkpoint,
+                stage_settings(
+                    cfg, STAGE_SECTIONS + ("dpo",), {"dpo.policy": policy_path, data_key: data}
+                ),
             ),
+            adapter_dir=out / "policy_adapter",
+            base_model=policy_path,
         ),
-        adapter_dir=out / "policy_adapter",
-        base_model=policy_path,
     )
     # Saved before anything is read back from the loss's metrics: nothing after training
     # can lose the trained policy.

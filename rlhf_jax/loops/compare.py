@@ -27,6 +27,7 @@ from rlhf_jax.loops.preference import preference_metrics, train_preference, with
 from rlhf_jax.loops.report import plot_gold_vs_kl, write_compare_markdown, write_json
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.settings import pipeline_settings
+from rlhf_jax.loops.train import StageRun
 from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
 
@@ -123,10 +124,14 @@ def _preference_run(
             f.model_cfg,
             f.sft_params,
             train,
-            f.keys["ppo"],
-            f.logger,
-            f.runtime,
-            StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(run, "dpo")),
+            StageRun(
+                key=f.keys["ppo"],
+                logger=f.logger,
+                runtime=f.runtime,
+                checkpoints=StageCheckpoints(
+                    f.out, stage, cfg.checkpoint, pipeline_settings(run, "dpo")
+                ),
+            ),
             stage=stage,
         )
     save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)

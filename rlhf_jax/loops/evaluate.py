@@ -22,6 +22,7 @@ def sample_responses(
     prompt_ids: np.ndarray,
     prompt_mask: np.ndarray,
     key: jax.Array,
+    *,
     max_new_tokens: int,
     temperature: float,
     eos_ids: tuple[int, ...],
@@ -134,6 +135,7 @@ def evaluate_gold(
     arrays: dict[str, np.ndarray],
     key: jax.Array,
     gold_fn: Callable[[str, str], float],
+    *,
     max_new_tokens: int,
     temperature: float,
     eos_ids: tuple[int, ...],
@@ -145,8 +147,9 @@ def evaluate_gold(
     ids = np.repeat(arrays["input_ids"], n_samples, axis=0)
     mask = np.repeat(arrays["attention_mask"], n_samples, axis=0)
     samples = sample_responses(
-        cfg, params, ids, mask, key, max_new_tokens, temperature, eos_ids, pad_id, batch_size
-    )
+        cfg, params, ids, mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
+        eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size,
+    )  # fmt: skip
     texts = decode_responses(tokenizer, samples)
     repeated = [p for p in prompts for _ in range(n_samples)]
     gold = np.array([gold_fn(p, c) for p, c in zip(repeated, texts)])

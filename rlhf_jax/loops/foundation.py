@@ -29,6 +29,7 @@ from rlhf_jax.data import (
     split_heldout,
 )
 from rlhf_jax.loops import evaluate as ev
+from rlhf_jax.loops.build_supervised import pretrain_spec, sft_spec
 from rlhf_jax.loops.checks import (
     check_positions,
     check_rows,
@@ -47,9 +48,10 @@ from rlhf_jax.loops.stages import (
     init_random_model,
     random_model_config,
     reward_accuracy,
-    train_lm,
     train_reward_model,
+    train_supervised,
 )
+from rlhf_jax.loops.train import StageRun
 from rlhf_jax.models import ModelConfig, load_tokenizer, save_hf, save_scalar_model
 from rlhf_jax.models.hf import read_hf_config
 from rlhf_jax.steps import check_reward_fns
@@ -102,10 +104,10 @@ def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eo
         ids,
         mask,
         key,
-        cfg.rm.max_completion_len,
-        1.0,
-        eos,
-        pad,
+        max_new_tokens=cfg.rm.max_completion_len,
+        temperature=1.0,
+        eos_ids=eos,
+        pad_id=pad,
         batch_size=256,
     )
     texts = ev.decode_responses(tokenizer, samples)
@@ -233,18 +235,18 @@ def _base_model(cfg: Config, d: _Data, keys, logger, runtime, out: Path):
         return load_model(cfg.model.path, cfg, runtime)
     model_cfg, params = init_random_model(cfg.model, d.tokenizer, keys["init"], runtime)
     pre = cfg.pretrain
-    params = train_lm(
-        "pretrain",
-        model_cfg,
+    params = train_supervised(
+        pretrain_spec(cfg, model_cfg),
         params,
         RunEncoder(cfg, d.tokenizer).lm_texts(d.ptx_examples, pre.max_len),
-        pre,
-        keys["pretrain"],
-        cfg.seed,
-        logger,
-        cfg.log.every,
-        runtime,
-        StageCheckpoints(out, "pretrain", cfg.checkpoint, pipeline_settings(cfg, "pretrain")),
+        StageRun(
+            key=keys["pretrain"],
+            logger=logger,
+            runtime=runtime,
+            checkpoints=StageCheckpoints(
+                out, "pretrain", cfg.checkpoint, pipeline_settings(cfg, "pretrain")
+            ),
+        ),
     )
     return model_cfg, params
 
@@ -286,20 +288,17 @@ def build_foundation(cfg: Config, out_dir: str | Path, reward_model: bool = True
     model_cfg = model_cfg.replace(pad_token_id=pad)
 
     # Step 1: SFT.
-    sft_params = train_lm(
-        "sft",
-        model_cfg,
+    sft_params = train_supervised(
+        sft_spec(cfg, model_cfg),
         params,
         d.arrays["sft"],
-        cfg.sft,
-        keys["sft"],
-        cfg.seed,
-        logger,
-        cfg.log.every,
-        runtime,
-        StageCheckpoints(out, "sft", cfg.checkpoint, pipeline_settings(cfg, "sft")),
-        cfg.lora,
-        out / "sft_adapter",
+        StageRun(
+            key=keys["sft"],
+            logger=logger,
+            runtime=runtime,
+            checkpoints=StageCheckpoints(out, "sft", cfg.checkpoint, pipeline_settings(cfg, "sft")),
+            adapter_dir=out / "sft_adapter",
+        ),
     )
     save_hf(model_cfg, sft_params, out / "sft", d.tokenizer)
     a = d.arrays
@@ -317,9 +316,8 @@ def build_foundation(cfg: Config, out_dir: str | Path, reward_model: bool = True
     )
     rm_train, rm_held = split_heldout(rank_arrays, cfg.rm.heldout_fraction, cfg.seed)
     rm_checkpoints = StageCheckpoints(out, "rm", cfg.checkpoint, pipeline_settings(cfg, "rm"))
-    rm_params = train_reward_model(
-        cfg, model_cfg, sft_params, rm_train, keys["rm"], logger, runtime, rm_checkpoints
-    )
+    rm_run = StageRun(key=keys["rm"], logger=logger, runtime=runtime, checkpoints=rm_checkpoints)
+    rm_params = train_reward_model(cfg, model_cfg, sft_params, rm_train, rm_run)
     trained_rm = rm_params
     rm_params, bias_shift = shift_reward_bias(model_cfg, trained_rm, d.arrays["demo"])
     save_scalar_model(model_cfg, rm_params, out / "rm", d.tokenizer)

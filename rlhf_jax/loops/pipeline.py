@@ -43,7 +43,7 @@ def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True, adapter_dir
         f.pad,
         f.keys["ppo"],
         f.logger,
-        f.runtime,
+        runtime=f.runtime,
         stage=stage,
         checkpoints=StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(cfg, "rl")),
         tokenizer=f.tokenizer,
@@ -63,10 +63,10 @@ def evaluate_policy(cfg: Config, f: Foundation, params) -> ev.GoldEval:
         f.eval_arrays,
         f.keys["eval"],
         TASKS[cfg.task.name].gold_reward,
-        cfg.ppo.max_new_tokens,
-        cfg.eval.temperature,
-        f.eos,
-        f.pad,
+        max_new_tokens=cfg.ppo.max_new_tokens,
+        temperature=cfg.eval.temperature,
+        eos_ids=f.eos,
+        pad_id=f.pad,
         n_samples=cfg.eval.n_samples,
     )
 

@@ -12,25 +12,21 @@ more than once) and 4 bytes per completion of host memory.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
-from rlhf_jax.loops.adapters import adapter_key, announce, save_stage_adapters, stage_weights
 from rlhf_jax.loops.batched import map_params
-from rlhf_jax.loops.logging import MetricsLogger
-from rlhf_jax.loops.resume import StageCheckpoints
-from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import train_section
+from rlhf_jax.loops.build_supervised import dpo_spec
+from rlhf_jax.loops.stages import train_supervised
+from rlhf_jax.loops.train import StageRun
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.steps.preference import (
     completion_token_mask,
     make_logps_fn,
-    make_preference_step,
 )
 
 
@@ -61,31 +57,13 @@ def train_preference(
     model_cfg: ModelConfig,
     policy_params,
     train: dict[str, np.ndarray],
-    key: jax.Array,
-    logger: MetricsLogger,
-    runtime: Runtime,
-    checkpoints: StageCheckpoints | None = None,
+    run: StageRun,
     stage: str = "dpo",
-    adapter_dir: Path | None = None,
-    base_model: str | None = None,
 ):
     """`dpo.steps` updates of the `dpo.loss` on `train` (ranking arrays with `ref_logps`),
     from `policy_params` (left intact); returns the trained weights (a LoRA policy's
-    adapters folded in; with `lora.save_adapters` also written alone to `adapter_dir`)."""
-    d = cfg.dpo
-    if d.steps == 0:
-        return policy_params
-    w = stage_weights(cfg.lora, "policy", model_cfg, policy_params, adapter_key(key), runtime)
-    announce(w, stage)
-    step_fn = make_preference_step(w.config, _loss_fn(cfg), d.optim.grad_accum)
-    state = train_section(
-        stage, d, step_fn, w.trained, train, cfg.seed + 3, key, logger, runtime,
-        w.trained_shardings, cfg.log.every, checkpoints, "dpo.batch_size", frozen=w.frozen,
-        frozen_shardings=w.frozen_shardings,
-    )  # fmt: skip
-    if adapter_dir is not None:
-        save_stage_adapters(cfg.lora, w, state.params, adapter_dir, base_model)
-    return w.finished(state.params, state.frozen)[1]
+    adapters folded in; with `lora.save_adapters` also written alone to `run.adapter_dir`)."""
+    return train_supervised(dpo_spec(cfg, model_cfg, stage), policy_params, train, run)
 
 
 def preference_metrics(cfg: Config, model_cfg: ModelConfig, params, arrays: dict) -> dict:
@@ -117,6 +95,7 @@ def heldout_kl(
     key: jax.Array,
     eos: tuple[int, ...],
     pad: int,
+    *,
     lengths: str = "dpo",
 ) -> float:
     """Mean KL estimate `log pi(y|x) - log pi_ref(y|x)` of the policy's own samples (temperature
@@ -129,10 +108,10 @@ def heldout_kl(
         prompts["input_ids"],
         prompts["attention_mask"],
         key,
-        section.max_completion_len,
-        1.0,
-        eos,
-        pad,
+        max_new_tokens=section.max_completion_len,
+        temperature=1.0,
+        eos_ids=eos,
+        pad_id=pad,
         batch_size=min(128, len(prompts["input_ids"])),
     )
     return float(np.mean(ev.kl_to_reference(model_cfg, params, ref_params, samples, 1.0, 128)))

@@ -23,40 +23,21 @@ import numpy as np
 from rlhf_jax.config import Config
 from rlhf_jax.data import batches
 from rlhf_jax.data.shard import HeldRows
-from rlhf_jax.loops.adapters import StageWeights, adapter_key, adapts, announce, stage_weights
+from rlhf_jax.loops.adapters import adapts, announce
+from rlhf_jax.loops.build import Assembly, StageBuild
+from rlhf_jax.loops.build_rl import RLBuildSpec, rl_build, uses_ptx
 from rlhf_jax.loops.host_scoring import host_scorer
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rollout_stages import filtered_experience, prompt_drawer
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
-from rlhf_jax.losses import get_loss
 from rlhf_jax.metrics import merged_metrics
-from rlhf_jax.models import ModelConfig, init_scalar_head, scalar_trunk
+from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.hf.adapters import save_adapters
 from rlhf_jax.models.lora import fold_adapters, merge_trees, with_lora
-from rlhf_jax.sharding import (
-    init_sharded_state,
-    jit_experience,
-    jit_finish,
-    jit_sample,
-    jit_update,
-    local_batch_rows,
-    make_global_batch,
-    shard_tree,
-)
-from rlhf_jax.steps import (
-    Frozen,
-    RLAlgorithm,
-    init_rl_state,
-    make_experience_fn,
-    make_finish_fn,
-    make_optimizer,
-    make_sample_fn,
-    make_update_fn,
-    policy_weights,
-    policy_with,
-)
+from rlhf_jax.sharding import init_sharded_state, local_batch_rows, make_global_batch
+from rlhf_jax.steps import RLAlgorithm, policy_weights
 
 
 @dataclasses.dataclass
@@ -69,14 +50,6 @@ class RLModels:
     sft_params: dict
     reward_cfg: ModelConfig | None = None
     reward_params: dict | None = None
-
-
-def _critic_init(models: RLModels, key: jax.Array) -> tuple[ModelConfig, dict]:
-    """The critic starts as the reward model; without one, as the SFT trunk with a fresh head."""
-    if models.reward_params is not None:
-        return models.reward_cfg, models.reward_params
-    head = init_scalar_head(models.policy_cfg, key)
-    return models.policy_cfg, {"trunk": scalar_trunk(models.sft_params), "head": head}
 
 
 def final_policy(
@@ -100,7 +73,7 @@ def final_policy(
 class _Programs:
     """The compiled programs of one RL run and what feeds them."""
 
-    experience: Callable  # (state, prompt batch, key) -> (Experience, metrics)
+    experience: Callable  # (state, prompt batch, key, texts, draw) -> (Experience, metrics)
     update: Callable  # (state, experience, ptx batch, key) -> (state, metrics)
     compiled: list[CompiledOnce]  # every program, for the memory figure
     use_ptx: bool
@@ -116,73 +89,61 @@ def train_rl(
     pad_id: int,
     key: jax.Array,
     logger: MetricsLogger,
+    *,
     runtime: Runtime,
     stage: str = "ppo",
     checkpoints: StageCheckpoints | None = None,
     tokenizer=None,
     prompt_texts: list[str] | None = None,
+    algo: RLAlgorithm | None = None,
 ):
-    """RL from the SFT policy by the algorithm `cfg.ppo` names; returns the final RLState.
-    `tokenizer` decodes responses and `prompt_texts` (each prompt row as the data file wrote
-    it) are the prompts for a reward function (`ppo.reward_fn`)."""
+    """RL from the SFT policy by the algorithm `cfg.ppo` names (`algo`: resolved already by
+    the caller, else here); returns the final RLState. `tokenizer` decodes responses and
+    `prompt_texts` (each prompt row as the data file wrote it) are the prompts for a reward
+    function (`ppo.reward_fn`)."""
     data = (prompts, ptx, prompt_texts)
-    spec = rl_stage(cfg, models, data, (eos_ids, pad_id), key, runtime, stage, tokenizer)
+    spec = rl_stage(
+        cfg, models, data, (eos_ids, pad_id), key, runtime, stage=stage, tokenizer=tokenizer,
+        algo=algo,
+    )  # fmt: skip
     return run_stage(spec, key, logger, checkpoints)
 
 
-def rl_stage(cfg, models, data, special, key, runtime, stage="ppo", tokenizer=None) -> Stage:
+def rl_stage(
+    cfg, models, data, special, key, runtime, *, stage="ppo", tokenizer=None, algo=None
+) -> Stage:
     """The RL stage for the one host loop: an iteration (experience, then the update's epochs
     x minibatches) is one step. data: (prompt arrays, ptx arrays or None, prompt texts or
     None: needed with a reward function); special: (EOS ids, pad id)."""
     ppo = cfg.ppo
-    algo = RLAlgorithm.from_config(ppo)
-    updates = ppo.iterations * ppo.epochs * (ppo.episodes // ppo.minibatch_size)
-    # Iteration i uses fold_in(key, i); the keys below are ones no iteration reaches.
-    policy = stage_weights(
-        cfg.lora, "policy", models.policy_cfg, models.sft_params, adapter_key(key), runtime
+    algo = algo if algo is not None else RLAlgorithm.from_config(ppo)
+    spec = RLBuildSpec(
+        cfg=cfg,
+        algo=algo,
+        policy_cfg=models.policy_cfg,
+        reward_cfg=models.reward_cfg,
+        special=special,
+        use_ptx=uses_ptx(cfg, data[1] is not None),
     )
-    announce(policy, stage)
-    critic = None
-    critic_tx = None
-    head_key = jax.random.fold_in(key, 2**31 - 1)
-    if algo.shared_critic:  # the value head trains with the policy, on its trunk
-        head_sh = runtime.param_shardings(models.policy_cfg, scalar=True)["head"]
-        policy = dataclasses.replace(
-            policy,
-            trained={**policy.trained, "value_head": init_scalar_head(models.policy_cfg, head_key)},
-            trained_shardings={**policy.trained_shardings, "value_head": head_sh},
-        )
-    elif algo.needs_critic:
-        critic_cfg, critic_params = _critic_init(models, head_key)
-        critic = stage_weights(
-            cfg.lora, "critic", critic_cfg, critic_params, adapter_key(key, 1), runtime, True
-        )
-        announce(critic, f"{stage} critic")
-        critic_tx = make_optimizer(ppo.value_optim, updates)
-    policy_tx = make_optimizer(ppo.policy_optim, updates)
-    parts = (policy, critic)
-    # A LoRA policy's steps run the adapted config; its base stays in `models.sft_params`,
-    # placed once as `Frozen.ref` (the reference too).
-    models = dataclasses.replace(models, policy_cfg=policy.config)
+    build = rl_build(spec, runtime)
+    starts = {"policy": models.sft_params}
+    if algo.reward_fn is None:
+        starts["reward"] = models.reward_params
+    a = build.assemble(starts, key)
+    weights = a.info["weights"]
+    announce(weights["policy"], stage)
+    if weights["critic"].config is not None:
+        announce(weights["critic"], f"{stage} critic")
 
     def init():
-        c = critic or StageWeights(None, None, None)
-        return init_sharded_state(
-            lambda p, c, cf: init_rl_state(p, c, policy_tx, critic_tx, ppo, cf),
-            (policy.trained, c.trained, c.frozen),
-            (policy.trained_shardings, c.trained_shardings, c.frozen_shardings),
-            runtime.mesh,
-        )
+        return init_sharded_state(a.create, a.inputs, a.input_shardings, runtime.mesh)
 
     def program(state_sh, start: int):
-        use_ptx = data[1] is not None and cfg.ptx.coef > 0
-        programs = _compile(
-            cfg, algo, models, parts, state_sh, special, runtime, tokenizer, use_ptx
-        )
+        programs = _compile(spec, build, a, state_sh, (runtime, tokenizer))
         return _iteration(cfg, programs, data, start, runtime)
 
     limits = {"ppo/policy": ppo.policy_optim.max_consecutive_skips}
-    if critic is not None:
+    if weights["critic"].config is not None:
         limits["ppo/value"] = ppo.value_optim.max_consecutive_skips
     return Stage(
         stage,
@@ -196,76 +157,30 @@ def rl_stage(cfg, models, data, special, key, runtime, stage="ppo", tokenizer=No
     )
 
 
-def _compile(cfg, algo, models, parts, state_sh, special, runtime, tokenizer, use_ptx):
-    """The run's programs: experience (with the frozen weights placed) and update.
-    parts: the policy's and critic's `StageWeights` (critic None without one)."""
-    ppo = cfg.ppo
-    policy, critic = parts
-    critic_cfg = critic.config if critic is not None else None
-    lora_policy = policy.frozen is not None
-    ref_sh = None
-    if algo.uses_reference or lora_policy:  # (not trained_shardings: it may hold a value head)
-        ref_sh = policy.frozen_shardings if lora_policy else runtime.param_shardings(policy.config)
-    reward_sh = None
-    if algo.reward_fn is None:
-        reward_sh = runtime.param_shardings(models.reward_cfg, scalar=True)
-    frozen_sh = Frozen(ref=ref_sh, reward=reward_sh)
-    dtype = cfg.model.frozen_dtype
-    frozen = Frozen(
-        ref=None if ref_sh is None else _place_frozen(models.sft_params, ref_sh, dtype),
-        reward=None if reward_sh is None else _place_frozen(models.reward_params, reward_sh, dtype),
-    )
-    experience, compiled = _make_experience(
-        cfg, algo, models, critic_cfg, (state_sh, frozen_sh), frozen, special, runtime, tokenizer
-    )
-    update_fn = make_update_fn(
-        models.policy_cfg,
-        critic_cfg,
-        ppo,
-        algo,
-        get_loss("ptx", cfg.ptx.loss) if use_ptx else None,
-        cfg.ptx.coef,
-        ppo.policy_optim.grad_accum,
-    )
-    if lora_policy:  # the update reads the policy's base in `frozen`
-        compiled_update = CompiledOnce(
-            jit_update(
-                update_fn,
-                state_sh,
-                runtime.mesh,
-                runtime.rules,
-                frozen_shardings=frozen_sh,
-                activation_rules=runtime.activation_rules,
-            )
-        )
+def _compile(spec: RLBuildSpec, build: StageBuild, a: Assembly, state_sh, where) -> _Programs:
+    """The run's programs from the stage's build: experience and update.
+    where: (runtime, tokenizer)."""
+    runtime, tokenizer = where
+    ppo, frozen = spec.cfg.ppo, a.frozen
+    *made, update_program = build.programs(a, state_sh)
+    if spec.algo.filters:  # sample -> score -> filters (-> more rounds) -> finish
+        by_name = {p.name: CompiledOnce(p.jitted) for p in made}
+        experience = filtered_experience(
+            spec, by_name, policy_cfg=a.info["policy"], frozen=frozen, runtime=runtime,
+            tokenizer=tokenizer,
+        )  # fmt: skip
+        compiled = list(by_name.values())
+    else:
+        experience, compiled = _experience(spec, made, a, runtime, tokenizer)
+    compiled_update = CompiledOnce(update_program.jitted)
+    update = compiled_update
+    if "frozen" in update_program.roles:  # a LoRA policy: the update reads its base
 
         def update(state, exp, ptx_batch, key):
             return compiled_update(state, exp, ptx_batch, key, frozen)
-    else:
-        compiled_update = update = CompiledOnce(
-            jit_update(
-                update_fn,
-                state_sh,
-                runtime.mesh,
-                runtime.rules,
-                activation_rules=runtime.activation_rules,
-            )
-        )
+
     n_mb = ppo.episodes // ppo.minibatch_size
-    return _Programs(experience, update, [*compiled, compiled_update], use_ptx, n_mb)
-
-
-def _place_frozen(params, shardings, dtype: str | None):
-    """Weights RL only reads, in their shards and (with `model.frozen_dtype`) cast there:
-    a new copy, so the caller's full-precision weights (e.g. the SFT policy a LoRA policy
-    folds into at the end) stay as they are."""
-    if dtype is None or all(x.dtype != jnp.float32 for x in jax.tree.leaves(params)):
-        return shard_tree(params, shardings)  # the same buffers when already placed
-    cast = jax.jit(
-        lambda p: jax.tree.map(lambda x: x.astype(dtype) if x.dtype == jnp.float32 else x, p),
-        out_shardings=shardings,
-    )
-    return cast(shard_tree(params, shardings))
+    return _Programs(experience, update, [*compiled, compiled_update], spec.use_ptx, n_mb)
 
 
 def rl_batches(cfg: Config) -> dict[str, tuple[int, int, int, str]]:
@@ -337,49 +252,14 @@ def _iteration(cfg, programs, data, start, runtime):
     return step
 
 
-def _make_experience(
-    cfg: Config,
-    algo: RLAlgorithm,
-    models: RLModels,
-    critic_cfg: ModelConfig | None,
-    shardings: tuple,
-    frozen: Frozen,
-    special: tuple[tuple[int, ...], int],
-    runtime: Runtime,
-    tokenizer,
-) -> tuple[Callable, list[CompiledOnce]]:
+def _experience(spec: RLBuildSpec, made: list, a: Assembly, runtime: Runtime, tokenizer):
     """`experience(state, prompt_batch, key, prompt texts, draw) -> (Experience, metrics)` and
-    its compiled programs: one call when the reward model scores; sample, host scoring, finish
-    when a reward function does; the rollout stages of `loops/rollout_stages.py` with rollout
-    filters (`draw` gives their extra rounds' prompts).
-    shardings: (state's, frozen's); special: (EOS ids, pad id)."""
-    if algo.filters:  # sample -> score -> filters (-> more rounds) -> finish
-        return filtered_experience(
-            cfg,
-            algo,
-            models=models,
-            critic_cfg=critic_cfg,
-            shardings=shardings,
-            frozen=frozen,
-            special=special,
-            runtime=runtime,
-            tokenizer=tokenizer,
-        )
-    mesh, rules, ppo = runtime.mesh, runtime.rules, cfg.ppo
-    (state_sh, frozen_sh), (eos_ids, pad_id) = shardings, special
-    if algo.reward_fn is None:
-        fn = CompiledOnce(
-            jit_experience(
-                make_experience_fn(
-                    models.policy_cfg, critic_cfg, models.reward_cfg, ppo, algo, eos_ids, pad_id
-                ),
-                state_sh,
-                frozen_sh,
-                mesh,
-                rules,
-                activation_rules=runtime.activation_rules,
-            )
-        )
+    its compiled programs (`made`: the build's, `a` its assembly): one call when the reward
+    model scores; sample, host scoring, finish when a reward function does."""
+    frozen = a.frozen
+    if spec.algo.reward_fn is None:
+        (p,) = made
+        fn = CompiledOnce(p.jitted)
 
         def experience(state, b, k, prompt_texts=None, draw=None):
             return fn(state, frozen, b["input_ids"], b["attention_mask"], k)
@@ -387,31 +267,14 @@ def _make_experience(
         return experience, [fn]
     if tokenizer is None:
         raise ValueError("a reward function over text needs the tokenizer to decode responses")
-    sample = CompiledOnce(
-        jit_sample(
-            make_sample_fn(models.policy_cfg, ppo, eos_ids, pad_id),
-            policy_with(models.policy_cfg, state_sh.policy.params, frozen_sh),
-            mesh,
-            rules,
-            activation_rules=runtime.activation_rules,
-        )
-    )
-    finish = CompiledOnce(
-        jit_finish(
-            make_finish_fn(models.policy_cfg, critic_cfg, None, ppo, algo, eos_ids),
-            state_sh,
-            frozen_sh,
-            mesh,
-            rules,
-            activation_rules=runtime.activation_rules,
-        )
-    )
-    score = host_scorer(algo, tokenizer, ppo.samples_per_prompt)
+    sample, finish = (CompiledOnce(p.jitted) for p in made)
+    trained_cfg, mesh, rules = a.info["policy"], runtime.mesh, runtime.rules
+    score = host_scorer(spec.algo, tokenizer, spec.cfg.ppo.samples_per_prompt)
 
     def experience(state, b, k, prompt_texts, draw=None):
         if prompt_texts is None:
             raise ValueError("a reward function over text needs the prompts' texts")
-        policy = policy_weights(models.policy_cfg, state, frozen)
+        policy = policy_weights(trained_cfg, state, frozen)
         rollout = sample(policy, b["input_ids"], b["attention_mask"], k)
         rows, local_scores = score(rollout, prompt_texts)
         n = rollout.response_ids.shape[0]

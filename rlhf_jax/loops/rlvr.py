@@ -41,10 +41,10 @@ def _greedy_answers(cfg: Config, f: Foundation, params) -> ev.GoldEval:
         f.eval_arrays,
         f.keys["eval"],
         TASKS[cfg.task.name].exact_reward,
-        cfg.ppo.max_new_tokens,
-        0.0,
-        f.eos,
-        f.pad,
+        max_new_tokens=cfg.ppo.max_new_tokens,
+        temperature=0.0,
+        eos_ids=f.eos,
+        pad_id=f.pad,
     )
 
 
@@ -66,7 +66,8 @@ def _kl_to_sft(cfg: Config, f: Foundation, params) -> tuple[float, float]:
     t = cfg.ppo.temperature
     sampled = ev.evaluate_gold(
         f.model_cfg, params, f.tokenizer, f.eval_prompts, f.eval_arrays, f.keys["eval"],
-        TASKS[cfg.task.name].exact_reward, cfg.ppo.max_new_tokens, t, f.eos, f.pad,
+        TASKS[cfg.task.name].exact_reward, max_new_tokens=cfg.ppo.max_new_tokens,
+        temperature=t, eos_ids=f.eos, pad_id=f.pad,
     )  # fmt: skip
     kl = ev.kl_to_reference(f.model_cfg, params, f.sft_params, sampled.samples, t, 128)
     return float(np.mean(kl)), float(sampled.gold.mean())
@@ -110,7 +111,7 @@ def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, 
         f.pad,
         f.keys["ppo"],
         f.logger,
-        f.runtime,
+        runtime=f.runtime,
         stage=STAGE,
         checkpoints=StageCheckpoints(f.out, STAGE, cfg.checkpoint, pipeline_settings(cfg, "rl")),
         tokenizer=f.tokenizer,

@@ -39,17 +39,12 @@ from rlhf_jax.contract.returns import check_filter_returned
 from rlhf_jax.loops.host_scoring import host_scorer
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce
-from rlhf_jax.sharding import jit_finish, jit_sample, make_global_batch
-from rlhf_jax.sharding.rules import batch_sharding, replicated
+from rlhf_jax.sharding import make_global_batch
 from rlhf_jax.steps import policy_weights
 from rlhf_jax.steps.algorithm import RLAlgorithm
 from rlhf_jax.steps.experience import (
     Rollout,
     Scored,
-    make_sample_fn,
-    make_score_fn,
-    make_scored_finish_fn,
-    missing_eos_rule,
 )
 
 # `draw(key) -> (prompt batch on the mesh, their texts or None)`: a round's extra prompts.
@@ -101,7 +96,7 @@ def keep_groups(algo: RLAlgorithm, rollout: Rollout, scored: Scored, g: int) -> 
     return keep.reshape(-1, g).all(axis=1)  # a group's g rows are consecutive (sample)
 
 
-def _merge_fn(g: int) -> Callable:
+def merge_fn(g: int) -> Callable:
     """`merge(buffer, new, src, take)`: row j becomes new[src[j]] where take[j], else stays
     buffer[j]; group ids renumbered by position (groups always move whole)."""
 
@@ -165,7 +160,7 @@ def fill_rounds(
 ) -> tuple[Any, dict[str, float]]:
     """Sample rounds until the kept groups fill the batch: `(batch, metrics)`.
     sample_round(r): round r's (Rollout, Scored); decide(round) -> [n_groups] bool, the
-    groups kept; merge: `_merge_fn`'s; sizes: (groups per batch, samples per group, most
+    groups kept; merge: `merge_fn`'s; sizes: (groups per batch, samples per group, most
     rounds); on_mesh(src, take): the merge's row indices placed like the rows."""
     n_groups, g, max_rounds = sizes
     filling = _Filling(n_groups, g)
@@ -181,67 +176,48 @@ def fill_rounds(
     return buffer, filling.metrics(rounds)
 
 
-def _round_programs(cfg, algo: RLAlgorithm, models, shardings, frozen, special, runtime, tokenizer):
-    """`(one_round, programs)`: one_round(state, prompt batch, key, texts) -> (Rollout,
-    Scored), sample and score as one program when the reward model scores, sample, host
-    scoring and the missing-EOS rule when a reward function does."""
-    mesh, rules, ppo = runtime.mesh, runtime.rules, cfg.ppo
-    (state_sh, frozen_sh), (eos_ids, pad_id) = shardings, special
-    rows, rep = batch_sharding(mesh, rules, 1), replicated(mesh)
-    sample_fn = make_sample_fn(models.policy_cfg, ppo, eos_ids, pad_id)
+def _one_round(spec, programs: dict, frozen, runtime: Runtime, tokenizer) -> Callable:
+    """`one_round(state, prompt batch, key, texts) -> (Rollout, Scored)` over the build's
+    compiled programs: sample and score as one program when the reward model scores; sample,
+    host scoring and the missing-EOS rule when a reward function does."""
+    algo, ppo, policy_cfg = spec.algo, spec.cfg.ppo, programs["policy_cfg"]
+    sample = programs["sample"]
     if algo.reward_fn is None:
-        score_fn = make_score_fn(models.reward_cfg, ppo, eos_ids)
-
-        def sample_score(state, frozen, ids, mask, key):
-            r = sample_fn(policy_weights(models.policy_cfg, state, frozen), ids, mask, key)
-            return r, score_fn(frozen, r)
-
-        shardings_in = (state_sh, frozen_sh, rows, rows, rep)
-        sample = CompiledOnce(jax.jit(sample_score, in_shardings=shardings_in, out_shardings=rows))
 
         def one_round(state, batch, key, texts):
             return sample(state, frozen, batch["input_ids"], batch["attention_mask"], key)
 
-        return one_round, [sample]
+        return one_round
     if tokenizer is None:
         raise ValueError("a reward function over text needs the tokenizer to decode responses")
-    policy_sh = policy_weights(models.policy_cfg, state_sh, frozen_sh)
-    sample = CompiledOnce(jit_sample(sample_fn, policy_sh, mesh, rules))
-    eos_rule = CompiledOnce(
-        jax.jit(
-            lambda r, s: missing_eos_rule(s, r, eos_ids, ppo),
-            in_shardings=(rows, rows),
-            out_shardings=rows,
-        )
+    eos_rule, host_score = (
+        programs["eos_rule"],
+        host_scorer(algo, tokenizer, ppo.samples_per_prompt),
     )
-    host_score = host_scorer(algo, tokenizer, ppo.samples_per_prompt)
 
     def one_round(state, batch, key, texts):
         if texts is None:
             raise ValueError("a reward function over text needs the prompts' texts")
-        policy = policy_weights(models.policy_cfg, state, frozen)
+        policy = policy_weights(policy_cfg, state, frozen)
         r = sample(policy, batch["input_ids"], batch["attention_mask"], key)
         _, local_scores = host_score(r, texts)  # this process's rows of the rollout
         raw = make_global_batch(local_scores, runtime.mesh, runtime.rules, "ppo.rollout_batch")
         return r, eos_rule(r, raw)
 
-    return one_round, [sample, eos_rule]
+    return one_round
 
 
 def filtered_experience(
-    cfg, algo: RLAlgorithm, *, models, critic_cfg, shardings, frozen, special, runtime, tokenizer
-) -> tuple[Callable, list[CompiledOnce]]:
-    """`experience(state, prompt batch, key, prompt texts, draw) -> (Experience, metrics)` and
-    its compiled programs, for a run with rollout filters; arguments as `loops.rl`'s
-    `_make_experience` (shardings: (state's, frozen's); special: (EOS ids, pad id))."""
-    mesh, rules, ppo, g = runtime.mesh, runtime.rules, cfg.ppo, cfg.ppo.samples_per_prompt
-    state_sh, frozen_sh = shardings
-    args = (models, shardings, frozen, special, runtime, tokenizer)
-    one_round, programs = _round_programs(cfg, algo, *args)
-    rows = batch_sharding(mesh, rules, 1)
-    merge = CompiledOnce(jax.jit(_merge_fn(g), in_shardings=(rows,) * 4, out_shardings=rows))
-    scored_finish = make_scored_finish_fn(models.policy_cfg, critic_cfg, ppo, algo)
-    finish = CompiledOnce(jit_finish(scored_finish, state_sh, frozen_sh, mesh, rules))
+    spec, compiled: dict[str, CompiledOnce], *, policy_cfg, frozen, runtime, tokenizer
+) -> Callable:
+    """`experience(state, prompt batch, key, prompt texts, draw) -> (Experience, metrics)` for
+    a run with rollout filters, over the stage build's compiled round programs (`compiled`:
+    sample, eos_rule with a reward function, merge, finish; `loops.build_rl`). spec: the
+    build's `RLBuildSpec`; policy_cfg: the config the policy's steps run."""
+    ppo, algo, g = spec.cfg.ppo, spec.algo, spec.cfg.ppo.samples_per_prompt
+    programs = {**compiled, "policy_cfg": policy_cfg}
+    one_round = _one_round(spec, programs, frozen, runtime, tokenizer)
+    merge, finish = compiled["merge"], compiled["finish"]
 
     def experience(state, batch, key, prompt_texts, draw: Draw):
         def sample_round(r: int) -> tuple[Rollout, Scored]:
@@ -261,4 +237,4 @@ def filtered_experience(
         exp, exp_metrics = finish(state, frozen, *buffer)
         return exp, {**exp_metrics, **metrics}
 
-    return experience, [*programs, merge, finish]
+    return experience

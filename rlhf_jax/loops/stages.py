@@ -3,20 +3,19 @@ with their evaluation helpers. The RL stage is in `loops/rl.py`."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.config import Config, LoraConfig, ModelSpec, PretrainConfig, SFTConfig
-from rlhf_jax.loops.adapters import adapter_key, announce, save_stage_adapters, stage_weights
+from rlhf_jax.config import Config, ModelSpec
+from rlhf_jax.loops.adapters import save_stage_adapters
 from rlhf_jax.loops.batched import map_params
-from rlhf_jax.loops.logging import MetricsLogger
-from rlhf_jax.loops.resume import StageCheckpoints
+from rlhf_jax.loops.build_supervised import SupervisedSpec, rm_spec
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import train_section
+from rlhf_jax.loops.train import StageRun, run_supervised
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig, forward, init_params, init_scalar_head, scalar_trunk
 from rlhf_jax.models.config import FAMILY_SWITCHES
@@ -24,8 +23,6 @@ from rlhf_jax.ops import next_token_logprobs
 from rlhf_jax.sharding import init_sharded
 from rlhf_jax.steps import (
     completion_rewards,
-    make_reward_step,
-    make_sft_step,
     score_sequences,
 )
 
@@ -64,42 +61,16 @@ def init_random_model(spec: ModelSpec, tokenizer, key: jax.Array, runtime: Runti
     return config, params
 
 
-def train_lm(
-    stage: str,
-    model_cfg: ModelConfig,
-    params,
-    arrays: dict[str, np.ndarray],
-    section: PretrainConfig | SFTConfig,
-    key: jax.Array,
-    seed: int,
-    logger: MetricsLogger,
-    log_every: int,
-    runtime: Runtime,
-    checkpoints: StageCheckpoints | None = None,
-    lora: LoraConfig | None = None,
-    adapter_dir: Path | None = None,
-    base_model: str | None = None,
-):
-    """Next-token training on `arrays` (input_ids, attention_mask, loss_mask) as the config
-    `section` says (steps, batch size, optimizer; SFT's also names its loss). With `lora`
-    naming the policy, only adapters train; the weights returned have them folded in, and
-    with `lora.save_adapters` the adapters alone go to `adapter_dir` (trained on
-    `base_model`)."""
-    if section.steps == 0:
+def train_supervised(spec: SupervisedSpec, params, data: dict, run: StageRun):
+    """`spec`'s stage from `params` (left intact) on `data`'s arrays; returns the trained
+    weights as plain weights of `spec.model_cfg` (a LoRA stage's adapters folded in; with
+    `lora.save_adapters` also written alone to `run.adapter_dir`, trained on
+    `run.base_model`). A stage of 0 steps returns `params`."""
+    if spec.section.steps == 0:
         return params
-    loss_fn = get_loss(
-        "sft", getattr(section, "loss", "default"), **getattr(section, "loss_kwargs", {})
-    )
-    w = stage_weights(lora or LoraConfig(), "policy", model_cfg, params, adapter_key(key), runtime)
-    announce(w, stage)
-    step_fn = make_sft_step(w.config, loss_fn, section.optim.grad_accum)
-    state = train_section(
-        stage, section, step_fn, w.trained, arrays, seed, key, logger, runtime,
-        w.trained_shardings, log_every, checkpoints, frozen=w.frozen,
-        frozen_shardings=w.frozen_shardings,
-    )  # fmt: skip
-    if adapter_dir is not None:
-        save_stage_adapters(lora, w, state.params, adapter_dir, base_model)
+    state, w = run_supervised(spec, params, data, run)
+    if run.adapter_dir is not None:
+        save_stage_adapters(spec.lora, w, state.params, run.adapter_dir, run.base_model)
     return w.finished(state.params, state.frozen)[1]
 
 
@@ -131,29 +102,15 @@ def train_reward_model(
     model_cfg: ModelConfig,
     trunk_params,
     train: dict[str, np.ndarray],
-    key: jax.Array,
-    logger: MetricsLogger,
-    runtime: Runtime,
-    checkpoints: StageCheckpoints | None = None,
+    run: StageRun,
 ):
     """RM = SFT trunk + a fresh scalar head, trained on K-wise rankings (with `lora.models`
     naming the reward model: adapters on the trunk and the whole head; returned folded)."""
-    head_key, train_key = jax.random.split(key)
+    head_key, train_key = jax.random.split(run.key)
     # The SFT trunk's LM head is left behind: the RM never reads it (nor trains its moments).
     params = {"trunk": scalar_trunk(trunk_params), "head": init_scalar_head(model_cfg, head_key)}
-    rm = cfg.rm
-    loss_fn = get_loss("reward", rm.loss, **rm.loss_kwargs)
-    w = stage_weights(
-        cfg.lora, "reward", model_cfg, params, adapter_key(train_key), runtime, scalar=True
-    )
-    announce(w, "rm")
-    step_fn = make_reward_step(w.config, loss_fn, rm.optim.grad_accum)
-    state = train_section(
-        "rm", rm, step_fn, w.trained, train, cfg.seed + 1, train_key, logger, runtime,
-        w.trained_shardings, cfg.log.every, checkpoints, frozen=w.frozen,
-        frozen_shardings=w.frozen_shardings,
-    )  # fmt: skip
-    return w.finished(state.params, state.frozen)[1]
+    run = dataclasses.replace(run, key=train_key, adapter_dir=None)
+    return train_supervised(rm_spec(cfg, model_cfg), params, train, run)
 
 
 def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:

@@ -7,8 +7,9 @@ the NaN/Inf skip guard, logging and the progress bar, saving (and SIGTERM, throu
 checkpoints), and the end-of-stage check that something was learned. A stage says only how to
 build its state, how to take one step, and which optimizers to watch.
 
-Adding a stage takes a step function, a `Stage` and a row in the CLI's table of commands
-(`supervised_stage` already covers any `step(state, batch, key)` over a dataset).
+Adding a stage takes a builder (`loops/build.py`), a `Stage` and a row in the CLI's table of
+commands (a `SupervisedSpec` and `run_supervised` already cover any `step(state, batch, key)`
+over a dataset).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from typing import Any
 import jax
 
 from rlhf_jax.data import batches
+from rlhf_jax.loops.adapters import StageWeights, announce
+from rlhf_jax.loops.build import Assembly, StageBuild
+from rlhf_jax.loops.build_supervised import SupervisedSpec, supervised_build
 from rlhf_jax.loops.guard import SkipGuard
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.sharding import batch_sharding, init_sharded_state, jit_step, shard_tree
-from rlhf_jax.steps import TrainState, make_optimizer
+from rlhf_jax.sharding import init_sharded_state, shard_tree
+from rlhf_jax.steps import TrainState
 
 # Metrics shown in the progress bar when present.
 BAR_KEYS = (
@@ -146,60 +150,72 @@ def _steps(stage, step, state, start, key, logger, checkpoints, guard):
     return state
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageRun:
+    """Where a stage runs: its key (step i takes `fold_in(key, i)`; its LoRA adapters a key
+    no step reaches), logger, runtime, checkpoints; with `lora.save_adapters`, the folder
+    a LoRA policy's adapters alone go to and the base model they name."""
+
+    key: jax.Array
+    logger: MetricsLogger
+    runtime: Runtime
+    checkpoints: StageCheckpoints | None = None
+    adapter_dir: Any = None
+    base_model: str | None = None
+
+
+def run_supervised(
+    spec: SupervisedSpec, params, data: dict | Callable[[int], Iterator[dict]], run: StageRun
+) -> tuple[TrainState, StageWeights]:
+    """`run_stage` of the supervised stage `spec` from `params` (left intact) over `data`:
+    arrays shuffled into `spec.section.batch_size` batches by `spec.data_seed`, or
+    `data(start)`, the batches from step `start` on. Returns the final state and what
+    trained (`StageWeights.finished` folds LoRA adapters into their base)."""
+    section = spec.section
+    if callable(data):
+        make_batches = data
+    else:
+
+        def make_batches(start: int) -> Iterator[dict]:
+            return batches(data, section.batch_size, spec.data_seed, start=start)
+
+    build = supervised_build(spec, run.runtime)
+    assembly = build.assemble({"model": params}, run.key)
+    announce(assembly.info["weights"], spec.name)
+    stage = supervised_stage(spec, build, assembly, make_batches, run.runtime)
+    state = run_stage(stage, run.key, run.logger, run.checkpoints)
+    return state, assembly.info["weights"]
+
+
 def supervised_stage(
-    name: str,
-    step_fn: Callable,
-    params,
-    tx,
+    spec: SupervisedSpec,
+    build: StageBuild,
+    a: Assembly,
     make_batches: Callable[[int], Iterator[dict]],
-    n_steps: int,
     runtime: Runtime,
-    param_shardings,
-    batch_key: str,
-    log_every: int,
-    max_consecutive_skips: int = 10,
-    frozen=None,
-    frozen_shardings=None,
 ) -> Stage:
-    """A stage of `step_fn(state, batch, key) -> (state, metrics)` over a `TrainState` of
-    `params` (fresh buffers: the caller's `params` survive, e.g. SFT weights that also start
-    the reward model) with batch i of `make_batches(start)`, jitted once with explicit
-    shardings and the old state donated. `batch_key` names the batch size's config key in
-    errors. `frozen`: weights the model reads but does not train (LoRA's base)."""
-    mesh = runtime.mesh
+    """The loop's stage of `spec`'s `build` (`a`: its assembly of the starting weights): the
+    state created in its shardings, the frozen weights (LoRA's base) placed beside it, one
+    step program over batch i of `make_batches(start)`."""
+    section, batch_key = spec.section, spec.size_key
 
     def init():
-        state, shardings = init_sharded_state(
-            lambda p: TrainState.create(p, tx), (params,), (param_shardings,), mesh
-        )
-        if frozen is None:
+        state, shardings = init_sharded_state(a.create, a.inputs, a.input_shardings, runtime.mesh)
+        if a.frozen is None:
             return state, shardings
         # The frozen weights are the caller's own buffers, placed (not copied): one copy of a
         # LoRA base however many stages and states read it.
-        placed = shard_tree(frozen, frozen_shardings)
-        return state.replace(frozen=placed), shardings.replace(frozen=frozen_shardings)
+        placed = shard_tree(a.frozen, a.frozen_shardings)
+        return state.replace(frozen=placed), shardings.replace(frozen=a.frozen_shardings)
 
     def program(shardings, start: int) -> StepFn:
-        rows = batch_sharding(mesh, runtime.rules, 1)
-        if frozen is None:
-            compiled = CompiledOnce(
-                jit_step(step_fn, shardings, rows, activation_rules=runtime.activation_rules)
-            )
-        else:
-            compiled = CompiledOnce(
-                jit_step(
-                    frozen_apart(step_fn),
-                    shardings.replace(frozen=None),
-                    rows,
-                    frozen_shardings=shardings.frozen,
-                    activation_rules=runtime.activation_rules,
-                )
-            )
+        (p,) = build.programs(a, shardings.replace(frozen=None))
+        compiled = CompiledOnce(p.jitted)
         batches = make_batches(start)
 
         def step(state, i, key):
             batch = runtime.global_batch(next(batches), batch_key)
-            if frozen is None:
+            if a.frozen is None:
                 state, metrics = compiled(state, batch, key)
             else:  # the old state is donated, its frozen weights are not
                 new, metrics = compiled(state.replace(frozen=None), state.frozen, batch, key)
@@ -211,101 +227,11 @@ def supervised_stage(
         return step
 
     return Stage(
-        name,
-        n_steps,
+        build.name,
+        section.steps,
         init,
         program,
         learned=lambda state: {"train": state},
-        limits={"train": max_consecutive_skips},
-        log_every=log_every,
-    )
-
-
-def frozen_apart(step_fn: Callable) -> Callable:
-    """`step(state, batch, key)` as `step(state, frozen, batch, key)` over a state without
-    its frozen weights: what `jit_step(..., frozen_shardings=...)` compiles."""
-
-    def step(state, frozen, batch, key):
-        new, metrics = step_fn(state.replace(frozen=frozen), batch, key)
-        return new.replace(frozen=None), metrics
-
-    return step
-
-
-def run_train_loop(
-    step_fn: Callable,
-    params,
-    tx,
-    make_batches: Callable[[int], Iterator[dict]],
-    n_steps: int,
-    key: jax.Array,
-    logger: MetricsLogger,
-    stage: str,
-    log_every: int,
-    runtime: Runtime,
-    param_shardings,
-    batch_key: str,
-    checkpoints: StageCheckpoints | None = None,
-    max_consecutive_skips: int = 10,
-    frozen=None,
-    frozen_shardings=None,
-):
-    """`run_stage` of a `supervised_stage`: pretraining, SFT, the reward model, DPO."""
-    spec = supervised_stage(
-        stage,
-        step_fn,
-        params,
-        tx,
-        make_batches,
-        n_steps,
-        runtime,
-        param_shardings,
-        batch_key,
-        log_every,
-        max_consecutive_skips,
-        frozen,
-        frozen_shardings,
-    )
-    return run_stage(spec, key, logger, checkpoints)
-
-
-def train_section(
-    stage: str,
-    section: Any,
-    step_fn: Callable,
-    params,
-    arrays: dict,
-    data_seed: int,
-    key: jax.Array,
-    logger: MetricsLogger,
-    runtime: Runtime,
-    param_shardings,
-    log_every: int,
-    checkpoints: StageCheckpoints | None = None,
-    batch_key: str | None = None,
-    frozen=None,
-    frozen_shardings=None,
-):
-    """`run_train_loop` for a config section with `steps`, `batch_size` and `optim` (pretrain,
-    sft, rm, dpo): Adam from `section.optim`, shuffled batches of `arrays` seeded by
-    `data_seed`. `batch_key` (default `<stage>.batch_size`) names the batch size in errors.
-    `frozen`: weights read but not trained (LoRA's base); the returned state's
-    `model_params` joins them with the trained ones."""
-    return run_train_loop(
-        step_fn,
-        params,
-        make_optimizer(section.optim, section.steps),
-        lambda start: batches(arrays, section.batch_size, data_seed, start=start),
-        section.steps,
-        key,
-        logger,
-        stage,
-        log_every,
-        runtime,
-        param_shardings,
-        batch_key or f"{stage}.batch_size",
-        checkpoints,
-        section.optim.max_consecutive_skips,
-        frozen,
-        frozen_shardings,
+        limits={"train": section.optim.max_consecutive_skips},
+        log_every=spec.log_every,
     )

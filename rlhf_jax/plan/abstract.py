@@ -5,27 +5,19 @@ the bytes each device holds of any such tree."""
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from rlhf_jax.config import Config
+from rlhf_jax.loops.build import StageBuild
 from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.shapes import step_key, with_shardings
 from rlhf_jax.loops.stages import random_model_config
 from rlhf_jax.models import ModelConfig, param_shapes, scalar_trunk
 from rlhf_jax.models.hf import read_hf_config
-from rlhf_jax.sharding import (
-    batch_sharding,
-    check_batch_divisible,
-    replicated,
-    state_shardings,
-)
-from rlhf_jax.storage import local_copy
+from rlhf_jax.sharding import state_shardings
 
 
 class _TaskVocab:
@@ -68,13 +60,6 @@ def reward_model(cfg: Config, path: str) -> ModelConfig:
     )
 
 
-def with_shardings(tree: Any, shardings: Any) -> Any:
-    """`tree`'s leaves as ShapeDtypeStructs with the matching sharding of `shardings`."""
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
 def scalar_shapes(model_cfg: ModelConfig) -> dict:
     """`{"trunk", "head"}` of a reward or value model (the trunk without an LM head, as the
     loops build it: `models.scalar_trunk`)."""
@@ -100,102 +85,36 @@ def abstract_state(
     return with_shardings(shapes, shardings), shardings
 
 
-def nbytes(tree: Any) -> int:
-    """Bytes one device holds of `tree` (ShapeDtypeStructs with or without a sharding; the
-    most loaded device when a dimension does not split evenly)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = leaf.shape
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            shape = sharding.shard_shape(shape)
-        total += math.prod(shape) * leaf.dtype.itemsize  # (a PRNG key's dtype has one too)
-    return int(total)
-
-
-def _rows(
-    runtime: Runtime, shapes: dict[str, tuple], dtypes: dict[str, Any], key: str, axis: int = 0
-) -> dict:
-    """A batch of ShapeDtypeStructs split along `axis` over the batch mesh axes; the same
-    RlhfJaxError as the run's when config key `key` does not split over them."""
-    rows = next(iter(shapes.values()))[axis]
-    check_batch_divisible(rows, runtime.mesh, runtime.rules, key)
-    out = {}
-    for key, shape in shapes.items():
-        sharding = batch_sharding(runtime.mesh, runtime.rules, len(shape), axis)
-        out[key] = jax.ShapeDtypeStruct(shape, dtypes.get(key, jnp.float32), sharding=sharding)
-    return out
-
-
-def lm_batch(runtime: Runtime, rows: int, length: int, key: str, packed: bool = False) -> dict:
-    """An SFT / pretraining batch as `data.encode_sft` / `encode_texts` build it."""
-    keys = ["input_ids", "attention_mask", "loss_mask"] + (["segment_ids"] if packed else [])
-    ints = {"input_ids": jnp.int32, "segment_ids": jnp.int32}
-    return _rows(runtime, dict.fromkeys(keys, (rows, length)), ints, key)
-
-
-def ranking_batch(
-    runtime: Runtime, rows: int, k: int, length: int, key: str, ref_logps: bool
-) -> dict:
-    """A ranking batch as `data.encode_rankings` builds it (+ DPO's reference log-probs)."""
-    shapes = {
-        "input_ids": (rows, k, length),
-        "attention_mask": (rows, k, length),
-        "completion_mask": (rows, k),
-        "rank": (rows, k),
-        "completion_start": (rows,),
+def abstract_stage(build: StageBuild, runtime: Runtime) -> tuple[Any, Any, Any]:
+    """`(assembly, state, state shardings)` of `build` as ShapeDtypeStructs (sharded), nothing
+    allocated: the stage's own `assemble` under `jax.eval_shape`, its own programs with their
+    abstract arguments. Fills the build's `detail`, `facts` and `program_list`."""
+    starts = {
+        name: model_params(s.config, runtime, s.scalar)[0] for name, s in build.starts.items()
     }
-    if ref_logps:
-        shapes["ref_logps"] = (rows, k)
-    ints = {"input_ids": jnp.int32, "rank": jnp.int32, "completion_start": jnp.int32}
-    return _rows(runtime, shapes, ints, key)
+    box = {}
+
+    def run(starts, key):
+        box["a"] = a = build.assemble(starts, key)
+        return a.inputs, a.frozen, a.kept
+
+    inputs, frozen, kept = jax.eval_shape(run, starts, step_key(runtime))
+    a = box["a"]
+    a.inputs = tuple(with_shardings(x, s) for x, s in zip(inputs, a.input_shardings))
+    a.frozen = None if frozen is None else with_shardings(frozen, a.frozen_shardings)
+    a.kept = _kept(kept, starts)
+    a.info = {k: v for k, v in a.info.items() if k != "weights"}  # (traced: not for use)
+    state, state_sh = abstract_state(a.create, a.inputs, a.input_shardings, runtime)
+    build.detail = build.describe(state, a)
+    build.facts = {**build.make_facts(), "lora_on": a.info["lora"]}
+    build.program_list = build.programs(a, state_sh)
+    build.inputs(a, state, build.program_list)
+    return a, state, state_sh
 
 
-def prompt_batch(runtime: Runtime, rows: int, length: int) -> tuple:
-    """`(prompt_ids, prompt_mask)` as `data.encode_prompts` builds them."""
-    shapes = {"ids": (rows, length), "mask": (rows, length)}
-    b = _rows(runtime, shapes, {"ids": jnp.int32}, "ppo.rollout_batch")
-    return b["ids"], b["mask"]
-
-
-def ptx_batch(runtime: Runtime, epochs: int, n_mb: int, rows: int, length: int) -> dict:
-    """The RL update's pretraining batches, [epochs, minibatches, rows, length]."""
-    shape = (epochs, n_mb, rows, length)
-    shapes = {"input_ids": shape, "attention_mask": shape}
-    return _rows(runtime, shapes, {"input_ids": jnp.int32}, "ptx.batch_size", axis=2)
-
-
-def rows_like(runtime: Runtime, tree: Any) -> Any:
-    """`tree`'s leaves (arrays of rows, e.g. an Experience) split over the batch axes."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=batch_sharding(runtime.mesh, runtime.rules, x.ndim)
-        ),
-        tree,
-    )
-
-
-def step_key(runtime: Runtime) -> jax.ShapeDtypeStruct:
-    """A PRNG key, replicated, as every step takes one."""
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated(runtime.mesh))
-
-
-def ranking_k(path: str | None, default: int) -> int:
-    """K of a rankings file (its largest number of completions per row, as the encoder pads
-    to), read without tokenizing; `default` (rm.k, the built-in task's) without a file."""
-    if path is None:
-        return default
-    path = local_copy(path, "data file")  # a URL's cached copy; a local path as it is
-    if not path.is_file():
-        return default
-    k = 2
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the loaders report bad rows; the plan only needs the widest one
-            if isinstance(row, dict) and isinstance(row.get("completions"), list):
-                k = max(k, len(row["completions"]))
-    return k
+def _kept(kept: Any, starts: dict) -> Any:
+    """The kept trees with the shardings of the starting weights they are."""
+    if kept is None:
+        return None
+    shardings = {k: jax.tree.map(lambda x: x.sharding, v) for k, v in starts.items()}
+    return with_shardings(kept, {k: shardings[k] for k in kept})

@@ -17,11 +17,11 @@ import dataclasses
 from collections.abc import Callable
 
 from rlhf_jax.config import Config
+from rlhf_jax.loops.build import Forward
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.attention import resolve
 from rlhf_jax.models.token_stats import logits_chunk
 from rlhf_jax.plan.planner import ProgramPlan, StagePlan
-from rlhf_jax.plan.programs import Forward
 from rlhf_jax.sharding import data_parallel_size
 
 LORA_RANK = 16
@@ -321,7 +321,7 @@ def _no_ema(stage: StagePlan, ctx: Context):
 
 
 # Not among them: model.frozen_dtype=bfloat16. As the RL loop places the frozen models today
-# (`loops.rl._place_frozen`), their bf16 copies join the float32 originals it keeps, which
+# (`loops.build_rl.place_frozen`), their bf16 copies join the float32 originals it keeps, which
 # raises the peak by half the frozen models (docs/memory.md).
 SWITCHES: tuple[Callable, ...] = (
     _lora,

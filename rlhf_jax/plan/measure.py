@@ -160,11 +160,19 @@ def measure(cfg, stage: str) -> dict:
     import numpy as np
 
     from rlhf_jax.loops.runtime import Runtime
+    from rlhf_jax.plan import abstract as ab
     from rlhf_jax.plan.planner import builders, compile_program, plan_program, totals
 
     runtime = Runtime.from_config(cfg)
     build = builders(cfg, runtime)[stage]()
-    build.abstract(runtime)
+    ab.abstract_stage(build, runtime)
+    if any(p.name == "merge" for p in build.program_list):
+        from rlhf_jax.errors import RlhfJaxError
+
+        raise RlhfJaxError(
+            "config key 'ppo.rollout_filters': the measured check runs one unfiltered RL "
+            "iteration; measure with ppo.rollout_filters=[]"
+        )
     resident = totals(build.detail)
     compiled, planned = {}, {}
     for program in build.program_list:

@@ -11,10 +11,18 @@ import jax
 
 from rlhf_jax.config import Config
 from rlhf_jax.errors import RlhfJaxError
+from rlhf_jax.loops.build import RESIDENT_ROLES, Program, StageBuild
+from rlhf_jax.loops.build_rl import RLBuildSpec, rl_build, uses_ptx
+from rlhf_jax.loops.build_supervised import (
+    dpo_spec,
+    pretrain_spec,
+    rm_spec,
+    sft_spec,
+    supervised_build,
+)
 from rlhf_jax.loops.runtime import Runtime
+from rlhf_jax.loops.shapes import nbytes
 from rlhf_jax.plan import abstract as ab
-from rlhf_jax.plan import programs as pg
-from rlhf_jax.plan.rl import rl
 from rlhf_jax.steps import RLAlgorithm, TrainState
 
 # Every stage reports every part (0 where absent), so the JSON has one shape. They sum to the
@@ -43,7 +51,7 @@ class ProgramPlan:
 class StagePlan:
     name: str
     programs: list[ProgramPlan]
-    build: pg.StageBuild
+    build: StageBuild
     # An optimizer update's temporaries and gradients: the part of a training program's
     # temporaries that no activation switch (remat, micro-batches) can remove.
     floor: int = 0
@@ -79,28 +87,52 @@ def stage_names(cfg: Config) -> list[str]:
     return names
 
 
-def _reward_cfg(cfg: Config):
+def _reward_cfg(cfg: Config, algo: RLAlgorithm):
     """The reward model RL reads: `ppo.reward_model`'s folder, or (pipeline) the RM trained
     from the SFT model; None when a reward function scores."""
-    if RLAlgorithm.from_config(cfg.ppo).reward_fn is not None:
+    if algo.reward_fn is not None:
         return None
     if cfg.ppo.reward_model is not None:
         return ab.reward_model(cfg, cfg.ppo.reward_model)
     return ab.base_model(cfg, cfg.rm.init or cfg.model.path)
 
 
-def builders(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], pg.StageBuild]]:
-    """Stage name -> a function building its programs (model configs read when called)."""
+def _rl(cfg: Config, runtime: Runtime) -> StageBuild:
+    """The RL stage from the SFT policy, with ptx batches whenever `ptx.coef > 0` (the
+    pipeline has them; `rlhf-jax ppo` then requires `ptx.data`)."""
+    algo = RLAlgorithm.from_config(cfg.ppo)
+    policy_cfg = ab.base_model(cfg, cfg.ppo.policy or cfg.model.path)
+    spec = RLBuildSpec(
+        cfg=cfg,
+        algo=algo,
+        policy_cfg=policy_cfg,
+        reward_cfg=_reward_cfg(cfg, algo),
+        special=(policy_cfg.eos_ids or (0,), policy_cfg.pad_token_id or 0),
+        use_ptx=uses_ptx(cfg, True),
+    )
+    return rl_build(spec, runtime)
+
+
+def stage_table(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], StageBuild]]:
+    """Every stage name -> a function building it as the loop does (model configs read when
+    called), whether the config runs it or not."""
     path = cfg.model.path
-    table = {
-        "pretrain": lambda: pg.pretrain(cfg, ab.base_model(cfg, None), runtime),
-        "sft": lambda: pg.sft(cfg, ab.base_model(cfg, path), runtime),
-        "rm": lambda: pg.rm(cfg, ab.base_model(cfg, cfg.rm.init or path), runtime),
-        "ppo": lambda: rl(
-            cfg, ab.base_model(cfg, cfg.ppo.policy or path), _reward_cfg(cfg), runtime
-        ),
-        "dpo": lambda: pg.dpo(cfg, ab.base_model(cfg, cfg.dpo.policy or path), runtime),
+
+    def supervised(make_spec, model_path):
+        return lambda: supervised_build(make_spec(cfg, ab.base_model(cfg, model_path)), runtime)
+
+    return {
+        "pretrain": supervised(pretrain_spec, None),
+        "sft": supervised(sft_spec, path),
+        "rm": supervised(rm_spec, cfg.rm.init or path),
+        "ppo": lambda: _rl(cfg, runtime),
+        "dpo": supervised(dpo_spec, cfg.dpo.policy or path),
     }
+
+
+def builders(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], StageBuild]]:
+    """The stages the config runs (`stage_names`) -> a function building each."""
+    table = stage_table(cfg, runtime)
     names = stage_names(cfg)
     if not names:
         raise RlhfJaxError(
@@ -119,14 +151,14 @@ def totals(detail: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def compile_program(program: pg.Program):
+def compile_program(program: Program):
     """`(compiled executable, seconds)`: lowered and compiled on the abstract arguments."""
     t0 = time.time()
     compiled = program.jitted.lower(*program.args).compile()
     return compiled, time.time() - t0
 
 
-def plan_program(program: pg.Program, resident: dict[str, int], compiled=None) -> ProgramPlan:
+def plan_program(program: Program, resident: dict[str, int], compiled=None) -> ProgramPlan:
     """Compile `program` (nothing is allocated) and split its per-device peak into parts.
 
     Peak = what lives through the stage (`resident`) + this call's other arguments and
@@ -139,9 +171,7 @@ def plan_program(program: pg.Program, resident: dict[str, int], compiled=None) -
     if m is None:
         raise RlhfJaxError("this JAX backend gives no memory analysis of compiled programs")
     in_resident = sum(
-        ab.nbytes(arg)
-        for arg, role in zip(program.args, program.roles)
-        if role in pg.RESIDENT_ROLES
+        nbytes(arg) for arg, role in zip(program.args, program.roles) if role in RESIDENT_ROLES
     )
     io = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes - in_resident
     temp = int(m.temp_size_in_bytes)
@@ -179,7 +209,7 @@ def optimizer_floor(state, state_sh) -> int:
     if not states:
         return 0
     temps = max(_apply_temps(ts, sh) for ts, sh in zip(states, shardings))
-    return ab.nbytes([ts.params for ts in states]) + temps
+    return nbytes([ts.params for ts in states]) + temps
 
 
 def plan_stages(
@@ -191,8 +221,7 @@ def plan_stages(
     built = []
     for build_fn in builders(cfg, runtime).values():
         build = build_fn()
-        a, state, state_sh = build.abstract(runtime)
-        build.facts["lora_on"] = a.info["lora"]
+        _, state, state_sh = ab.abstract_stage(build, runtime)
         built.append((build, state, state_sh))
     plans = []
     for i, (build, state, state_sh) in enumerate(built, 1):

@@ -11,14 +11,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlhf_jax.checkpointing import Checkpointer
 from rlhf_jax.cli import main
-from rlhf_jax.config import DEFAULT_RULES, CheckpointConfig, MeshConfig, OptimConfig
+from rlhf_jax.config import (
+    DEFAULT_RULES,
+    CheckpointConfig,
+    MeshConfig,
+    OptimConfig,
+    PretrainConfig,
+)
+from rlhf_jax.loops.build_supervised import SupervisedSpec
 from rlhf_jax.loops.guard import TrainingDiverged
 from rlhf_jax.loops.logging import MetricsLogger
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.train import run_train_loop
+from rlhf_jax.loops.train import StageRun, run_supervised
 from rlhf_jax.sharding import make_mesh
-from rlhf_jax.steps.optim import make_optimizer
 from rlhf_jax.steps.state import make_supervised_step
 
 W_TRUE = np.array([1.0, -2.0, 0.5], np.float32)
@@ -51,23 +57,20 @@ def _run(tmp_path, n_steps, poisoned, limit=10, checkpoints=None, drop_poisoned=
     def make_batches(start):
         return (_batch(i, poisoned) for i in steps[start:])
 
-    tx = make_optimizer(OptimConfig(lr=0.1, schedule="constant", grad_clip=0.0), len(steps))
-    state = run_train_loop(
-        make_supervised_step(_loss, 1, lambda batch: {}),  # a toy loss: no counts
-        {"w": jnp.zeros(3)},
-        tx,
-        make_batches,
-        len(steps),
-        jax.random.key(0),
-        logger,
-        "toy",
-        1,
-        runtime,
-        {"w": NamedSharding(runtime.mesh, PartitionSpec())},
-        "toy.batch_size",
-        checkpoints,
-        limit,
+    optim = OptimConfig(lr=0.1, schedule="constant", grad_clip=0.0, max_consecutive_skips=limit)
+    step = make_supervised_step(_loss, 1, lambda batch: {})  # a toy loss: no counts
+    spec = SupervisedSpec(
+        name="toy",
+        section=PretrainConfig(steps=len(steps), batch_size=4, optim=optim),
+        model_cfg=None,
+        make_step=lambda _: step,
+        batch=lambda _: {},
+        data_seed=0,
+        log_every=1,
+        shardings={"w": NamedSharding(runtime.mesh, PartitionSpec())},
     )
+    run = StageRun(key=jax.random.key(0), logger=logger, runtime=runtime, checkpoints=checkpoints)
+    state, _ = run_supervised(spec, {"w": jnp.zeros(3)}, make_batches, run)
     logger.close()
     return state, logger
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.cli import main
-from rlhf_jax.loops.rollout_stages import _merge_fn, fill_rounds
+from rlhf_jax.loops.rollout_stages import fill_rounds, merge_fn
 from rlhf_jax.steps.experience import Rollout, Scored
 
 G, GROUPS, N = 3, 4, 2  # samples per group, groups per batch, response tokens
@@ -59,7 +59,7 @@ def test_rounds_fill_the_batch_as_by_hand(keeps, max_rounds, rounds):
         r = int(new[1].scores[0]) // 100
         return keeps[r]
 
-    merge = jax.jit(_merge_fn(G))
+    merge = jax.jit(merge_fn(G))
     (rollout, scored), metrics = fill_rounds(sample_round, decide, merge, (GROUPS, G, max_rounds))
     assert seen == list(range(rounds))
     want = _by_hand(keeps[:rounds])

@@ -22,6 +22,7 @@ import jax  # noqa: E402
 
 from rlhf_jax.config import Config, load_config  # noqa: E402
 from rlhf_jax.loops.runtime import Runtime  # noqa: E402
+from rlhf_jax.plan.abstract import abstract_stage  # noqa: E402
 from rlhf_jax.plan.planner import builders, compile_program, plan_program, totals  # noqa: E402
 from rlhf_jax.sharding import jit as sharding_jit  # noqa: E402
 
@@ -107,7 +108,7 @@ def main() -> None:
         if UNCONSTRAINED and stage != "sft":
             continue
         build = build_fn()
-        build.abstract(runtime)
+        abstract_stage(build, runtime)
         for program in build.program_list:
             compiled, _ = compile_program(program)
             plan = plan_program(program, totals(build.detail), compiled)
