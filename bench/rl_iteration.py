@@ -157,7 +157,7 @@ class JaxRL:
                 mask,
                 key,
                 ppo.max_new_tokens,
-                ppo.temperature,
+                temperature=ppo.temperature,
                 pad_id=trl_setup.PAD,
             )
 

@@ -114,51 +114,66 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
     key the library may provide; free[key] marks the output entries the part must ignore.
     For `advantage`, outputs is empty and free marks the batch entries on padding."""
     rng = np.random.default_rng(seed)
-
-    def normal(*shape):
-        return rng.normal(size=shape).astype(np.float32)
-
     if kind in ("sft", "ptx"):
-        ids = rng.integers(0, V, size=(ROWS, T_LM)).astype(np.int32)
-        # Left padding, right padding, none, and a row of one real token (nothing to score).
-        attn = _prefix([T_LM, 7, T_LM, 1], T_LM)
-        attn[2, :2] = 0
-        outputs = {"logits": normal(ROWS, T_LM, V) * 2}
-        batch = {"input_ids": ids, "attention_mask": attn}
-        if kind == "sft":
-            # 9, 3, 8 and 0 target tokens: micro-batches of 17 and 3 (or 9, 3, 8, 0).
-            loss_mask = np.zeros((ROWS, T_LM), np.float32)
-            loss_mask[0, 1:] = loss_mask[1, 4:7] = loss_mask[2, 2:] = 1.0
-            batch["loss_mask"] = loss_mask
-            free = _shifted_free(loss_mask)
-        else:
-            pairs = np.zeros((ROWS, T_LM), np.float32)
-            pairs[:, 1:] = attn[:, :-1] * attn[:, 1:]  # token t is scored from a real context
-            free = _shifted_free(pairs)
-        batch.update(_counts(kind, batch))
-        return outputs, batch, {"logits": free[..., None].repeat(V, -1)}
+        return _lm_inputs(kind, rng)
     if kind in ("reward", "preference"):
-        # 10, 0 (a tie), 2 and 2 ranked pairs: micro-batches of 12 and 2 pairs (or 10, 0, 2, 2).
-        ks = [5, 2, 3, 3]
-        mask = _prefix(ks, K)
-        rank = np.stack([np.concatenate([rng.permutation(k), np.zeros(K - k, int)]) for k in ks])
-        rank[1, :2] = 0
-        rank[2, :3] = rank[3, :3] = [0, 1, 1]
-        batch = {"rank": rank.astype(np.int32), "completion_mask": mask}
-        if kind == "reward":
-            batch.update(_counts(kind, batch))
-            return {"rewards": normal(ROWS, K)}, batch, {"rewards": mask == 0}
-        ref = -np.abs(normal(ROWS, K)) * 8
-        batch["ref_logps"] = ref
-        batch["completion_tokens"] = rng.integers(1, 9, size=(ROWS, K)).astype(np.float32) * mask
+        return _ranking_inputs(kind, rng)
+    return _rl_inputs(kind, rng)
+
+
+def _normal(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.normal(size=shape).astype(np.float32)
+
+
+def _lm_inputs(kind: str, rng: np.random.Generator) -> tuple[dict, dict, dict]:
+    """The sft and ptx samples: token ids and logits of [ROWS, T_LM]."""
+    ids = rng.integers(0, V, size=(ROWS, T_LM)).astype(np.int32)
+    # Left padding, right padding, none, and a row of one real token (nothing to score).
+    attn = _prefix([T_LM, 7, T_LM, 1], T_LM)
+    attn[2, :2] = 0
+    outputs = {"logits": _normal(rng, ROWS, T_LM, V) * 2}
+    batch = {"input_ids": ids, "attention_mask": attn}
+    if kind == "sft":
+        # 9, 3, 8 and 0 target tokens: micro-batches of 17 and 3 (or 9, 3, 8, 0).
+        loss_mask = np.zeros((ROWS, T_LM), np.float32)
+        loss_mask[0, 1:] = loss_mask[1, 4:7] = loss_mask[2, 2:] = 1.0
+        batch["loss_mask"] = loss_mask
+        free = _shifted_free(loss_mask)
+    else:
+        pairs = np.zeros((ROWS, T_LM), np.float32)
+        pairs[:, 1:] = attn[:, :-1] * attn[:, 1:]  # token t is scored from a real context
+        free = _shifted_free(pairs)
+    batch.update(_counts(kind, batch))
+    return outputs, batch, {"logits": free[..., None].repeat(V, -1)}
+
+
+def _ranking_inputs(kind: str, rng: np.random.Generator) -> tuple[dict, dict, dict]:
+    """The reward and preference samples: K ranked completions of each of ROWS prompts."""
+    # 10, 0 (a tie), 2 and 2 ranked pairs: micro-batches of 12 and 2 pairs (or 10, 0, 2, 2).
+    ks = [5, 2, 3, 3]
+    mask = _prefix(ks, K)
+    rank = np.stack([np.concatenate([rng.permutation(k), np.zeros(K - k, int)]) for k in ks])
+    rank[1, :2] = 0
+    rank[2, :3] = rank[3, :3] = [0, 1, 1]
+    batch = {"rank": rank.astype(np.int32), "completion_mask": mask}
+    if kind == "reward":
         batch.update(_counts(kind, batch))
-        return {"logps": ref + normal(ROWS, K)}, batch, {"logps": mask == 0}
+        return {"rewards": _normal(rng, ROWS, K)}, batch, {"rewards": mask == 0}
+    ref = -np.abs(_normal(rng, ROWS, K)) * 8
+    batch["ref_logps"] = ref
+    batch["completion_tokens"] = rng.integers(1, 9, size=(ROWS, K)).astype(np.float32) * mask
+    batch.update(_counts(kind, batch))
+    return {"logps": ref + _normal(rng, ROWS, K)}, batch, {"logps": mask == 0}
+
+
+def _rl_inputs(kind: str, rng: np.random.Generator) -> tuple[dict, dict, dict]:
+    """The RL samples: B responses of T tokens (LENGTHS long) in two groups."""
     mask = _prefix(LENGTHS, T)
     pad = mask == 0
-    scores = normal(B)
+    scores = _normal(rng, B)
     rewards = np.zeros((B, T), np.float32)
     rewards[np.arange(B), np.asarray(LENGTHS) - 1] = scores
-    rewards -= 0.05 * np.abs(normal(B, T)) * mask
+    rewards -= 0.05 * np.abs(_normal(rng, B, T)) * mask
     common = {
         "response_mask": mask,
         "group_ids": GROUP_IDS,
@@ -167,39 +182,46 @@ def sample_inputs(kind: str, seed: int = 0) -> tuple[dict, dict, dict]:
     }
     if kind == "advantage":
         ids = rng.integers(0, V, size=(B, T)).astype(np.int32) * (mask > 0)
-        batch = {**common, "values": normal(B, T) * mask, "response_ids": ids}
+        batch = {**common, "values": _normal(rng, B, T) * mask, "response_ids": ids}
         return {}, batch, {"rewards": pad, "values": pad, "response_ids": pad}
     if kind == "rollout_filter":
         scores[3] = scores[2]  # group 1's scores all agree, group 0's do not
         ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
         batch = {k: common[k] for k in ("scores", "group_ids", "response_mask")}
         return {}, {**batch, "response_ids": ids * (mask > 0)}, {"response_ids": pad}
-    old = -np.abs(normal(B, T))
+    old = -np.abs(_normal(rng, B, T))  # drawn for "value" too: its samples stay as they were
     if kind == "policy":
-        outputs = {"logprobs": old + 0.2 * normal(B, T), "entropy": np.abs(normal(B, T))}
-        batch = {
-            **common,
-            "old_logprobs": old,
-            "advantages": normal(B, T) * mask,
-            "ref_logprobs": old + 0.1 * normal(B, T),
-            "old_values": normal(B, T),
-            "returns": normal(B, T),
-            "beta": np.float32(0.05),
-            "iteration": np.int32(3),
-            **_counts(kind, common),
-        }
-        return outputs, batch, {"logprobs": pad, "entropy": pad}
+        return _policy_inputs(rng, common, old, pad)
     if kind == "value":
-        old_values = normal(B, T)
-        outputs = {"values": old_values + 0.3 * normal(B, T)}
+        old_values = _normal(rng, B, T)
+        outputs = {"values": old_values + 0.3 * _normal(rng, B, T)}
         batch = {
             **common,
             "old_values": old_values,
-            "returns": normal(B, T),
+            "returns": _normal(rng, B, T),
             **_counts(kind, common),
         }
         return outputs, batch, {"values": pad}
     raise ValueError(f"no sample inputs for kind {kind!r}")
+
+
+def _policy_inputs(
+    rng: np.random.Generator, common: dict, old: np.ndarray, pad: np.ndarray
+) -> tuple[dict, dict, dict]:
+    """The policy loss's sample: log-probs near the rollout's `old` ones."""
+    outputs = {"logprobs": old + 0.2 * _normal(rng, B, T), "entropy": np.abs(_normal(rng, B, T))}
+    batch = {
+        **common,
+        "old_logprobs": old,
+        "advantages": _normal(rng, B, T) * common["response_mask"],
+        "ref_logprobs": old + 0.1 * _normal(rng, B, T),
+        "old_values": _normal(rng, B, T),
+        "returns": _normal(rng, B, T),
+        "beta": np.float32(0.05),
+        "iteration": np.int32(3),
+        **_counts("policy", common),
+    }
+    return outputs, batch, {"logprobs": pad, "entropy": pad}
 
 
 def stage_inputs(kind: str) -> dict:

@@ -32,6 +32,7 @@ class Batches(Iterator[dict[str, np.ndarray]]):
         batch_size: int,
         seed: int,
         drop_last: bool = True,
+        *,
         shuffle: bool = True,
         start: int | tuple[int, int] = 0,
         epochs: int | None = None,
@@ -138,7 +139,15 @@ def batches(
     else:
         seed = int(seed) % 2**64  # SeedSequence needs a non-negative entropy
     return Batches(
-        arrays, batch_size, seed, drop_last, shuffle, start, epochs, process_index, process_count
+        arrays,
+        batch_size,
+        seed,
+        drop_last,
+        shuffle=shuffle,
+        start=start,
+        epochs=epochs,
+        process_index=process_index,
+        process_count=process_count,
     )
 
 

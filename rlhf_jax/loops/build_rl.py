@@ -47,13 +47,15 @@ from rlhf_jax.steps import (
     policy_with,
 )
 from rlhf_jax.steps.experience import make_score_fn, make_scored_finish_fn, missing_eos_rule
+from rlhf_jax.steps.rl_inputs import uses_ptx as steps_uses_ptx
 
 
 def uses_ptx(cfg: Config, has_ptx_data: bool) -> bool:
     """Whether the update mixes in the pretraining loss: `ptx.coef > 0` and ptx batches to
     feed it (the pipeline always has them; `rlhf-jax ppo` requires `ptx.data` then; a run
-    without them, e.g. the pipeline's ptx ablation, passes False)."""
-    return has_ptx_data and cfg.ptx.coef > 0
+    without them, e.g. the pipeline's ptx ablation, passes False). The rule itself is the
+    update's (`steps.rl_inputs.uses_ptx`), so the loop, the planner and the update agree."""
+    return steps_uses_ptx(cfg.ptx.coef, has_ptx_data)
 
 
 def critic_start(

@@ -148,6 +148,7 @@ def chunked_token_stats(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    *,
     support_BTW: jax.Array | None = None,
     compute_dtype: jnp.dtype = jnp.float32,
 ) -> TokenStats:

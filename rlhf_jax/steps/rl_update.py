@@ -1,4 +1,6 @@
-"""The RL update: epochs x minibatches as nested scans over one rollout batch.
+"""The RL update: epochs x minibatches as nested scans over one rollout batch, as module-level
+functions (`update` -> `train_epoch` -> `minibatch_step` -> `train_minibatch`, then
+`end_iteration`; the loss is `steps/rl_loss.py`), each reading the run's `UpdateConfig`.
 
 Each minibatch is one optimizer update of the policy (and of the critic, when there is one):
 loss = policy loss (+ beta * KL when `ppo.kl_penalty=loss`) (+ vf_coef * critic loss)
@@ -16,6 +18,7 @@ values `beta` and `iteration`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -25,44 +28,37 @@ from rlhf_jax.config import PPOConfig
 from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models import ModelConfig
-from rlhf_jax.ops import (
-    adaptive_kl_update,
-    kl_estimate,
-    masked_mean,
-    reduce_tokens,
-)
+from rlhf_jax.ops import adaptive_kl_update
 from rlhf_jax.steps.algorithm import RLAlgorithm
-from rlhf_jax.steps.experience import (
-    Experience,
-    advantage_batch,
-    response_logprobs,
-    response_values,
+from rlhf_jax.steps.experience import Experience, advantage_batch
+from rlhf_jax.steps.rl_inputs import (
+    EpochInputs,
+    MinibatchInputs,
+    Normalisers,
+    UpdateConfig,
+    uses_ptx,
 )
+from rlhf_jax.steps.rl_loss import loss_batch, minibatch_loss
 from rlhf_jax.steps.rl_state import Frozen, RLState, policy_with
-from rlhf_jax.steps.sft import lm_outputs
 from rlhf_jax.steps.state import accumulate_gradients, skip_metrics
 from rlhf_jax.types import LossOut
 
+__all__ = [
+    "FIRST_MINIBATCH",
+    "UpdateConfig",
+    "end_iteration",
+    "loss_batch",
+    "make_update_fn",
+    "minibatch_step",
+    "normalisers",
+    "train_epoch",
+    "train_minibatch",
+    "update",
+    "uses_ptx",
+]
+
 # Metrics taken from the first minibatch of the first epoch (before any update), not averaged.
 FIRST_MINIBATCH = ("rollout/logprob_mismatch_mean", "rollout/logprob_mismatch_max")
-
-
-def loss_batch(mb: dict, scalars: dict) -> dict:
-    """The minibatch under the names losses read (old_logprobs, old_values, ...)."""
-    out = {
-        "old_logprobs": mb["logprobs"],
-        "advantages": mb["advantages"],
-        "response_mask": mb["response_mask"],
-        "group_ids": mb["group_ids"],
-        "scores": mb["scores"],
-        "rewards": mb["rewards"],
-        **scalars,
-    }
-    if "ref_logprobs" in mb:
-        out["ref_logprobs"] = mb["ref_logprobs"]
-    if "values" in mb:
-        out["old_values"], out["returns"] = mb["values"], mb["returns"]
-    return out
 
 
 def make_update_fn(
@@ -74,147 +70,141 @@ def make_update_fn(
     ptx_coef: float = 0.0,
     grad_accum: int = 1,
 ) -> Callable:
-    """`update(state, exp, ptx_batch, key, frozen=None) -> (state, metrics)`.
+    """`update(state, exp, ptx_batch, key, frozen=None) -> (state, metrics)`: `update` with
+    its `UpdateConfig` bound.
 
     ptx_batch: `input_ids`, `attention_mask` of shape [epochs, n_minibatches, ptx_bs, L]
     (one pretraining batch per minibatch), or None when ptx is off. frozen: RL's `Frozen`
     weights, needed for a LoRA policy (`policy_cfg.lora_rank`: its base is `frozen.ref`).
     """
-    use_ptx = ptx_loss_fn is not None and ptx_coef > 0
-    kl_in_loss = algo.kl_penalty == "loss"
+    cfg = UpdateConfig(policy_cfg, critic_cfg, ppo, algo, ptx_loss_fn, ptx_coef, grad_accum)
+    # A partial (its signature without `cfg`) named as the function it binds: jit names
+    # its program after `__name__`, also through the wrappers of `sharding.jit`.
+    bound = functools.partial(update, cfg)
+    bound.__name__, bound.__doc__ = update.__name__, update.__doc__
+    return bound
 
-    def minibatch_loss(params, mb, scalars, ptx_counts):
-        policy_params, critic_params = params
-        mask = mb["response_mask"]
-        # Over the support the rollout recorded (with top-k / top-p), not this policy's own
-        # top-k: a sampled token stays in it whatever the update does to the weights. With a
-        # shared trunk, the values come from the same forward.
-        logp, entropy, values = response_logprobs(
-            policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"],
-            mb["response_ids"], ppo.temperature, mb.get("support"), values=algo.shared_critic,
-        )  # fmt: skip
-        batch = loss_batch(mb, scalars)
-        pol = algo.policy_loss({"logprobs": logp, "entropy": entropy}, batch)
-        total = pol.loss
-        library: dict = {}  # what the update writes itself, next to the parts' metrics
-        sources = [("the policy loss (ppo.policy_loss)", pol.metrics)]
-        # The trainer recomputes what the sampler computed: on the first minibatch (weights
-        # still those that sampled) the two must agree to float rounding.
-        gap = jnp.where(mask != 0, jnp.abs(logp - mb["logprobs"]), 0.0)
-        library["rollout/logprob_mismatch_mean"] = masked_mean(
-            gap, mask, count=scalars["token_count"]
-        )
-        library["rollout/logprob_mismatch_max"] = jnp.max(gap)
-        if kl_in_loss:
-            kl = kl_estimate(logp, mb["ref_logprobs"], algo.kl_estimator, mask)
-            kl_loss = reduce_tokens(
-                kl, mask, algo.reduction, scalars["token_count"], scalars["sequence_count"]
-            )
-            total = total + scalars["beta"] * kl_loss
-            library["ppo/kl_loss"] = kl_loss
-        if algo.needs_critic:
-            if values is None:
-                p = mb["sequence_ids"].shape[1] - mb["response_ids"].shape[1]
-                values = response_values(
-                    critic_cfg, critic_params, mb["sequence_ids"], mb["sequence_mask"], p
-                )
-            val = algo.value_loss({"values": values}, batch)
-            total = total + ppo.vf_coef * val.loss
-            sources.append(("the value loss (ppo.value_loss)", val.metrics))
-        if use_ptx:
-            ptx_batch = {"input_ids": mb["ptx_input_ids"], "attention_mask": mb["ptx_mask"]}
-            ptx_batch.update(ptx_counts)
-            ptx_outputs = lm_outputs(
-                policy_cfg, policy_params, ptx_batch["input_ids"], ptx_batch["attention_mask"]
-            )
-            ptx = ptx_loss_fn(ptx_outputs, ptx_batch)
-            total = total + ptx_coef * ptx.loss
-            sources.append(("the pretraining loss (ptx.loss)", ptx.metrics))
-        library["ppo/loss/total"] = total
-        return total, merged_metrics(*sources, ("the RL update itself", library))
 
-    def train_minibatch(state: RLState, mb: dict, frozen: Frozen | None):
-        critic = state.critic
-        params = (state.policy.params, critic.params if critic is not None else None)
-        # The whole minibatch's normalisers, computed before it is split into micro-batches
-        # (`losses.accumulation`); the micro-batches' losses and gradients are then summed.
-        whole_mb = loss_batch(mb, {})
-        scalars = {
-            **batch_counts("policy", algo.policy_loss, whole_mb),
-            **(batch_counts("value", algo.value_loss, whole_mb) if algo.needs_critic else {}),
-            "beta": state.beta,
-            "iteration": state.iteration,
-        }
-        ptx_counts = {}
-        if use_ptx:
-            ptx_whole = {"input_ids": mb["ptx_input_ids"], "attention_mask": mb["ptx_mask"]}
-            ptx_counts = batch_counts("ptx", ptx_loss_fn, ptx_whole)
+def update(
+    cfg: UpdateConfig,
+    state: RLState,
+    exp: Experience,
+    ptx_batch: dict | None,
+    key: jax.Array,
+    frozen: Frozen | None = None,
+) -> tuple[RLState, dict]:
+    """One RL iteration's optimizer updates: `ppo.epochs` shuffles of the experience, each
+    cut into minibatches of `ppo.minibatch_size` rows; then `end_iteration`."""
+    fields = {k: v for k, v in exp._asdict().items() if v is not None}
+    keys = jax.random.split(key, cfg.ppo.epochs)
+    xs = EpochInputs(keys, ptx_batch if cfg.use_ptx else None)
+    epoch = functools.partial(train_epoch, cfg, fields, frozen)
+    state, metrics = jax.lax.scan(epoch, state, xs)
+    return end_iteration(cfg, state, exp, metrics)
 
-        def loss_of_trained(trained, mb):  # gradients for the trained weights only
-            policy_trained, critic_trained = trained
-            whole = (
-                policy_with(policy_cfg, policy_trained, frozen),
-                critic.with_trained(critic_trained) if critic is not None else None,
-            )
-            return minibatch_loss(whole, mb, scalars, ptx_counts)
 
-        _, grads, metrics = accumulate_gradients(loss_of_trained, params, mb, grad_accum)
-        policy = state.policy.apply_gradients(grads[0])
-        if critic is not None:
-            critic = critic.apply_gradients(grads[1])
-        ema = state.ema_params
-        if ema is not None:
-            d = ppo.ema_decay
-            ema = jax.tree.map(lambda e, w: d * e + (1 - d) * w, ema, policy.params)
-        return state.replace(policy=policy, critic=critic, ema_params=ema), metrics
+def train_epoch(
+    cfg: UpdateConfig, fields: dict, frozen: Frozen | None, state: RLState, xs: EpochInputs
+) -> tuple[RLState, dict]:
+    """One pass over the experience `fields` in a fresh random order."""
+    b = fields["response_ids"].shape[0]
+    size = cfg.ppo.minibatch_size
+    order = jax.random.permutation(xs.key, b).reshape(b // size, size)
+    step = functools.partial(minibatch_step, cfg, fields, frozen)
+    return jax.lax.scan(step, state, MinibatchInputs(order, xs.ptx))
 
-    def update(
-        state: RLState,
-        exp: Experience,
-        ptx_batch: dict | None,
-        key: jax.Array,
-        frozen: Frozen | None = None,
-    ):
+
+def minibatch_step(
+    cfg: UpdateConfig, fields: dict, frozen: Frozen | None, state: RLState, xs: MinibatchInputs
+) -> tuple[RLState, dict]:
+    """The minibatch of rows `xs.rows` (and its ptx batch) gathered, then trained on."""
+    mb = {k: v[xs.rows] for k, v in fields.items()}
+    if cfg.use_ptx:
+        mb["ptx_input_ids"] = xs.ptx["input_ids"]
+        mb["ptx_mask"] = xs.ptx["attention_mask"]
+    return train_minibatch(cfg, state, mb, frozen)
+
+
+def normalisers(cfg: UpdateConfig, state: RLState, mb: dict) -> Normalisers:
+    """The whole minibatch's normalisers, computed before it is split into micro-batches
+    (`losses.accumulation`); the micro-batches' losses and gradients are then summed."""
+    algo = cfg.algo
+    whole_mb = loss_batch(mb, {})
+    counts = {
+        **batch_counts("policy", algo.policy_loss, whole_mb),
+        **(batch_counts("value", algo.value_loss, whole_mb) if algo.needs_critic else {}),
+    }
+    ptx_counts = {}
+    if cfg.use_ptx:
+        ptx_whole = {"input_ids": mb["ptx_input_ids"], "attention_mask": mb["ptx_mask"]}
+        ptx_counts = batch_counts("ptx", cfg.ptx_loss_fn, ptx_whole)
+    return Normalisers(counts, state.beta, state.iteration, ptx_counts)
+
+
+def trained_loss(
+    cfg: UpdateConfig,
+    state: RLState,
+    frozen: Frozen | None,
+    norm: Normalisers,
+    trained: tuple,
+    mb: dict,
+) -> tuple[jax.Array, dict]:
+    """`minibatch_loss` as a function of the trained weights only (what gets gradients): a
+    LoRA policy's adapters joined with their frozen base, a critic's trained part with its
+    frozen one."""
+    policy_trained, critic_trained = trained
+    critic = state.critic
+    whole = (
+        policy_with(cfg.policy_cfg, policy_trained, frozen),
+        critic.with_trained(critic_trained) if critic is not None else None,
+    )
+    return minibatch_loss(cfg, whole, mb, norm)
+
+
+def train_minibatch(
+    cfg: UpdateConfig, state: RLState, mb: dict, frozen: Frozen | None
+) -> tuple[RLState, dict]:
+    """One optimizer update of the policy (and critic) on `mb`, over `cfg.grad_accum`
+    micro-batches, and the policy's EMA moved on."""
+    critic = state.critic
+    params = (state.policy.params, critic.params if critic is not None else None)
+    norm = normalisers(cfg, state, mb)
+    loss_fn = functools.partial(trained_loss, cfg, state, frozen, norm)
+    _, grads, metrics = accumulate_gradients(loss_fn, params, mb, cfg.grad_accum)
+    policy = state.policy.apply_gradients(grads[0])
+    if critic is not None:
+        critic = critic.apply_gradients(grads[1])
+    ema = state.ema_params
+    if ema is not None:
+        d = cfg.ppo.ema_decay
+        ema = jax.tree.map(lambda e, w: d * e + (1 - d) * w, ema, policy.params)
+    return state.replace(policy=policy, critic=critic, ema_params=ema), metrics
+
+
+def end_iteration(
+    cfg: UpdateConfig, state: RLState, exp: Experience, metrics: dict
+) -> tuple[RLState, dict]:
+    """After the last minibatch: the metrics reduced over epochs x minibatches, the KL
+    controller's next beta, the iteration counted and the estimator's next state."""
+    ppo = cfg.ppo
+    metrics = {k: v[0, 0] if k in FIRST_MINIBATCH else jnp.mean(v) for k, v in metrics.items()}
+    beta = state.beta
+    if ppo.adaptive_kl:
         b = exp.response_ids.shape[0]
-        n_mb = b // ppo.minibatch_size
-        fields = {k: v for k, v in exp._asdict().items() if v is not None}
-
-        def epoch(state, xs):
-            epoch_key, ptx_epoch = xs
-            order = jax.random.permutation(epoch_key, b).reshape(n_mb, ppo.minibatch_size)
-
-            def one(state, ys):
-                idx, ptx_mb = ys
-                mb = {k: v[idx] for k, v in fields.items()}
-                if use_ptx:
-                    mb["ptx_input_ids"] = ptx_mb["input_ids"]
-                    mb["ptx_mask"] = ptx_mb["attention_mask"]
-                return train_minibatch(state, mb, frozen)
-
-            return jax.lax.scan(one, state, (order, ptx_epoch))
-
-        keys = jax.random.split(key, ppo.epochs)
-        ptx_xs = ptx_batch if use_ptx else None
-        state, metrics = jax.lax.scan(epoch, state, (keys, ptx_xs))
-        metrics = {k: v[0, 0] if k in FIRST_MINIBATCH else jnp.mean(v) for k, v in metrics.items()}
-        beta = state.beta
-        if ppo.adaptive_kl:
-            mean_kl = jnp.mean(jnp.sum(exp.kl * exp.response_mask, axis=1))
-            beta = adaptive_kl_update(beta, mean_kl, b, ppo.kl_target, ppo.kl_horizon)
-        skips = skip_metrics(state.policy, "ppo/policy")
-        if state.critic is not None:
-            skips.update(skip_metrics(state.critic, "ppo/value"))
-        metrics = merged_metrics(("the losses", metrics), ("the optimizer guard", skips))
-        if state.advantage_state is None:
-            return state.replace(beta=beta, iteration=state.iteration + 1), metrics
-        # The estimator's next state, from the batch and state it made this experience with
-        # (the experience program returns no state; the estimator is cheap next to a forward).
-        batch = advantage_batch(
-            exp.rewards, exp.response_mask, exp.scores, exp, exp.values, state.advantage_state
-        )
-        advantage_state = algo.advantage(batch).state
-        return state.replace(
-            beta=beta, iteration=state.iteration + 1, advantage_state=advantage_state
-        ), metrics
-
-    return update
+        mean_kl = jnp.mean(jnp.sum(exp.kl * exp.response_mask, axis=1))
+        beta = adaptive_kl_update(beta, mean_kl, b, ppo.kl_target, ppo.kl_horizon)
+    skips = skip_metrics(state.policy, "ppo/policy")
+    if state.critic is not None:
+        skips.update(skip_metrics(state.critic, "ppo/value"))
+    metrics = merged_metrics(("the losses", metrics), ("the optimizer guard", skips))
+    if state.advantage_state is None:
+        return state.replace(beta=beta, iteration=state.iteration + 1), metrics
+    # The estimator's next state, from the batch and state it made this experience with
+    # (the experience program returns no state; the estimator is cheap next to a forward).
+    batch = advantage_batch(
+        exp.rewards, exp.response_mask, exp.scores, exp, exp.values, state.advantage_state
+    )
+    advantage_state = cfg.algo.advantage(batch).state
+    return state.replace(
+        beta=beta, iteration=state.iteration + 1, advantage_state=advantage_state
+    ), metrics

@@ -86,7 +86,9 @@ def test_values_and_gradients_equal_the_dense_reference(case, chunk):
     )  # fmt: skip
 
     def chunked(h, head):
-        s = chunked_token_stats(h, head, tokens, chunk, temperature, top_k, top_p, words)
+        s = chunked_token_stats(
+            h, head, tokens, chunk, temperature, top_k, top_p, support_BTW=words
+        )
         return jnp.sum(s.logprobs * g_logp + s.entropy * g_ent), s
 
     def dense(h, head):

@@ -131,3 +131,23 @@ def test_recorded_support_is_the_kept_set_each_token_was_drawn_from():
         config, params, ids, mask, jax.random.key(2), 6, record_support=True, temperature=0.9
     )
     assert untruncated.support is None
+
+
+def test_a_sampling_spec_is_the_same_call_as_its_keywords():
+    """`SamplingSpec.of` takes `generate`'s keywords; `generate(spec=...)` samples exactly
+    what the keywords do, and giving both max_new_tokens and a spec is refused."""
+    from rlhf_jax.rollout import SamplingSpec
+
+    config, params = tiny_model()
+    ids, mask = prompts(True)
+    kw = dict(temperature=0.8, top_p=0.9, eos_id=3, record_support=True)
+    by_keywords = generate(config, params, ids, mask, jax.random.key(4), 5, **kw)
+    spec = SamplingSpec.of(5, **kw)
+    assert spec.eos_ids == (3,) and spec.pad_id == 3  # the pad id defaults to the first EOS
+    by_spec = generate(config, params, ids, mask, jax.random.key(4), spec=spec)
+    for a, b in zip(by_keywords, by_spec):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="not both"):
+        generate(config, params, ids, mask, jax.random.key(4), 5, spec=spec)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingSpec.of(5, top_p=0.0)
