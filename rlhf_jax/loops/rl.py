@@ -127,7 +127,9 @@ def rl_stage(
     )
     build = rl_build(spec, runtime)
     starts = {"policy": models.sft_params}
-    if algo.reward_fn is None:
+    if models.reward_params is not None:
+        # Also with a reward function: a critic starts as the reward model when there is one
+        # (compare's "<name>_gold" rows), which is then only read to initialise it.
         starts["reward"] = models.reward_params
     a = build.assemble(starts, key)
     weights = a.info["weights"]
