@@ -356,6 +356,10 @@ class CompareConfig:
     # name -> changes to the `dpo` section: offline preference runs from the same SFT policy
     # on the rankings the reward model learns from, e.g. {"dpo": {}, "ipo": {"loss": "ipo"}}
     preference: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Train and evaluate every row once per seed (seed + 0, ..., seed + seeds - 1) from the
+    # one foundation built from `seed`; the report gives means over seeds with a Student-t
+    # 95% interval across them (1: today's single run, bootstrap interval over prompts).
+    seeds: int = 1
 
     def __post_init__(self) -> None:
         """Each row's name becomes a folder (OUT/policies/<name>), a checkpoint stage and a
@@ -486,6 +490,7 @@ RANGES: dict[str, dict[str, Range]] = {
     },
     "PtxConfig": {"coef": AT_LEAST_0, "batch_size": AT_LEAST_1, "max_len": LENGTH},
     "LoraConfig": {"rank": AT_LEAST_0, "alpha": POSITIVE},
+    "CompareConfig": {"seeds": AT_LEAST_1},
     "EvalConfig": {"n_samples": AT_LEAST_1, "temperature": AT_LEAST_0, "bootstrap": AT_LEAST_1},
     "LogConfig": {"every": AT_LEAST_1},
     # mesh axes: a size or -1 ("the rest"), checked in MeshConfig itself

@@ -5,7 +5,9 @@ reward; each also once more against the gold reward used directly as a verifiabl
 Writes OUT/report.json (`sft.gold_reward`, `algorithms.<name>.{gold_reward, gold_reward_ci,
 win_rate_vs_sft, kl_to_sft, wall_seconds, peak_device_mib, ...}`), report.md (the table),
 gold_vs_kl.png and every run's metrics and policy (OUT/policies/<name>). Each run is a stage
-with its own checkpoints, so rerunning the command continues where it stopped.
+with its own checkpoints, so rerunning the command continues where it stopped. With
+`compare.seeds` > 1 every row runs once per seed and its numbers are means over seeds with
+Student-t intervals (loops/compare_seeds.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from rlhf_jax import registry
 from rlhf_jax.config import Config, compare_preference_runs, compare_runs
+from rlhf_jax.loops import compare_seeds as cs
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.checks import require_language_model
 from rlhf_jax.loops.compare_rows import RowFacts
@@ -35,6 +38,7 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     refuse_unread(cfg, "compare")
     t_start = time.time()
     runs = compare_runs(cfg)
+    cs.check_seeds(cfg)
     f = build_foundation(cfg, out_dir)
     boot, seed = cfg.eval.bootstrap, cfg.seed
     sft_eval = evaluate_policy(cfg, f, f.sft_params)
@@ -47,37 +51,20 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
         "algorithms": {},
     }
     facts = RowFacts(f.out / "compare_rows.json", f.logger)
+    seeds = range(cfg.compare.seeds)
     for name, run in runs.items():
-        stage = f"rl_{name}"
-        with facts.training(name, stage):
-            params, state = run_rl(run, f, stage, ptx=run.ptx.coef > 0)
-        save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
-        result = evaluate_policy(cfg, f, params)
-        kl = ev.kl_to_reference(
-            f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
-        )
-        p = run.ppo
-        report["algorithms"][name] = {
-            **ev.compare_to_reference(result, sft_eval, kl, boot, seed),
-            **facts.of(name),
-            "final_beta": float(state.beta),
-            "reward": p.reward_fn or "reward model",
-            "setup": {
-                "advantage": p.advantage,
-                "samples_per_prompt": p.samples_per_prompt,
-                "rollout_batch": p.rollout_batch,
-                "kl_penalty": p.kl_penalty,
-                "policy_loss": p.policy_loss,
-                "critic": "yes" if _needs_critic(p.advantage) else "no",
-                "rollout_filters": [f.name for f in p.rollout_filters],
-            },
-            "samples": [
-                {"prompt": q, "response": r}
-                for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])
-            ][:4],
-        }
+        per_seed = [
+            _rl_run(cfg, *cs.seeded(run, f, s), cs.label(name, s), sft_eval, facts) for s in seeds
+        ]
+        report["algorithms"][name] = cs.combine(per_seed)
     for name, run in compare_preference_runs(cfg).items():
-        report["algorithms"][name] = _preference_run(cfg, run, f, name, sft_eval, facts)
+        per_seed = [
+            _preference_run(cfg, *cs.seeded(run, f, s), cs.label(name, s), sft_eval, facts)
+            for s in seeds
+        ]
+        report["algorithms"][name] = cs.combine(per_seed)
+    report["seeds"] = cfg.compare.seeds
+    report["interval"] = cs.interval_text(cfg.compare.seeds)
     report["eval"] = {"prompts": len(f.eval_prompts), "samples_per_prompt": cfg.eval.n_samples}
     report["training"] = facts.training_summary()
     report["wall_seconds"] = time.time() - t_start
@@ -89,11 +76,44 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     return report
 
 
+def _rl_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval, facts: RowFacts) -> dict:
+    """One seed of one `compare.algorithms` row (`name` is the row x seed's label; `run` and
+    `f` carry that seed's keys): trained, saved and evaluated against the SFT policy."""
+    stage = f"rl_{name}"
+    with facts.training(name, stage):
+        params, state = run_rl(run, f, stage, ptx=run.ptx.coef > 0)
+    save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
+    result = evaluate_policy(cfg, f, params)
+    kl = ev.kl_to_reference(
+        f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
+    )
+    p = run.ppo
+    return {
+        **ev.compare_to_reference(result, sft_eval, kl, cfg.eval.bootstrap, run.seed),
+        **facts.of(name),
+        "final_beta": float(state.beta),
+        "reward": p.reward_fn or "reward model",
+        "setup": {
+            "advantage": p.advantage,
+            "samples_per_prompt": p.samples_per_prompt,
+            "rollout_batch": p.rollout_batch,
+            "kl_penalty": p.kl_penalty,
+            "policy_loss": p.policy_loss,
+            "critic": "yes" if _needs_critic(p.advantage) else "no",
+            "rollout_filters": [f.name for f in p.rollout_filters],
+        },
+        "samples": [
+            {"prompt": q, "response": r}
+            for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])
+        ][:4],
+    }
+
+
 def _preference_run(
     cfg: Config, run: Config, f: Foundation, name: str, sft_eval, facts: RowFacts
 ) -> dict:
-    """One `compare.preference` run: offline from the SFT policy on the rankings the reward
-    model was trained on, evaluated like the RL runs."""
+    """One seed of one `compare.preference` row: offline from the SFT policy on the rankings
+    the reward model was trained on, evaluated like the RL runs."""
     stage = f"dpo_{name}"
     d = run.dpo
     with facts.training(name, stage):
@@ -115,9 +135,8 @@ def _preference_run(
         f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
     )
     held = with_reference_logps(f.model_cfg, f.sft_params, f.rank_heldout, d.batch_size)
-    boot, seed = cfg.eval.bootstrap, cfg.seed
     return {
-        **ev.compare_to_reference(result, sft_eval, kl, boot, seed),
+        **ev.compare_to_reference(result, sft_eval, kl, cfg.eval.bootstrap, run.seed),
         **facts.of(name),
         "reward": "rankings (offline)",
         "heldout_pair_accuracy": preference_metrics(run, f.model_cfg, params, held)["accuracy"],

@@ -119,7 +119,8 @@ def _ci(pair) -> str:
 def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
     """Gold reward (95% interval) against KL to SFT for every algorithm of a comparison, one
     colour per algorithm (legend): filled markers trained on the reward model, hollow ones on
-    the gold reward itself."""
+    the gold reward itself. Over several seeds: each seed's point, faint, and the mean with
+    its Student-t interval across seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,11 +138,22 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
         color = colors.setdefault(base, f"C{len(colors)}")
         gold = name.endswith("_gold")
         y, (ylo, yhi) = row["gold_reward"], row["gold_reward_ci"]
+        marker = "D" if row.get("reward") == "rankings (offline)" else "o"
+        if "gold_reward_seeds" in row:  # each seed small and faint, the mean drawn over them
+            ax.scatter(
+                row["kl_to_sft_seeds"],
+                row["gold_reward_seeds"],
+                s=14,
+                marker=marker,
+                color=color,
+                alpha=0.35,
+                linewidths=0,
+            )
         ax.errorbar(
             row["kl_to_sft"],
             y,
             yerr=[[y - ylo], [yhi - y]],
-            fmt="D" if row.get("reward") == "rankings (offline)" else "o",
+            fmt=marker,
             color=color,
             mfc="white" if gold else color,
             capsize=3,
@@ -149,9 +161,15 @@ def plot_gold_vs_kl(report: dict[str, Any], path: Path) -> Path:
         )
     ax.set_xlabel("KL(policy || SFT) per response (nats)")
     ax.set_ylabel("gold reward on held-out prompts")
+    seeds = report.get("seeds", 1)
     ax.set_title(
         "filled: RL on the reward model; hollow: RL on the gold reward; "
-        "diamond: offline on the rankings",
+        "diamond: offline on the rankings\n"
+        + (
+            "bars: 95% bootstrap interval over prompts (one seed)"
+            if seeds == 1
+            else f"large: mean of {seeds} seeds, bars: 95% t-interval over seeds; faint: each seed"
+        ),
         fontsize=9,
     )
     ax.grid(alpha=0.3)
@@ -178,10 +196,21 @@ def _setup_text(setup: dict[str, Any]) -> str:
     )
 
 
+def _interval_note(seeds: int) -> str:
+    if seeds == 1:
+        return "95% percentile bootstrap over the held-out prompts of the one seed"
+    return (
+        f"means over {seeds} seeds (compare.seeds) with the 95% Student-t interval across "
+        "seeds; wall (s) is the mean per seed. Per-seed values: report.json `<metric>_seeds`"
+    )
+
+
 def write_compare_markdown(path: Path, report: dict[str, Any], command: str) -> None:
     """The comparison as a table, best gold reward first."""
     sft = report["sft"]
     rows = sorted(report["algorithms"].items(), key=lambda kv: -kv[1]["gold_reward"])
+    seeds = report.get("seeds", 1)
+    which = "bootstrap CI" if seeds == 1 else f"t-interval, {seeds} seeds"
     lines = [
         "# rlhf_jax algorithm comparison",
         "",
@@ -190,10 +219,13 @@ def write_compare_markdown(path: Path, report: dict[str, Any], command: str) -> 
         f"{report['eval']['prompts']} held-out prompts x {report['eval']['samples_per_prompt']} "
         "samples, scored by the task's gold reward.",
         "",
-        f"SFT gold reward: {sft['gold_reward']:.3f} {_ci(sft['gold_reward_ci'])}",
+        f"SFT gold reward: {sft['gold_reward']:.3f} {_ci(sft['gold_reward_ci'])} (95% bootstrap "
+        "interval over prompts; one SFT policy serves every row and seed)",
         "",
-        "| algorithm | trained on | gold reward [95% CI] | gain vs SFT [95% CI] | win rate vs SFT "
-        "| KL to SFT | wall (s) | peak device MiB |",
+        f"Intervals in the table: {_interval_note(seeds)}.",
+        "",
+        f"| algorithm | trained on | gold reward [{which}] | gain vs SFT [{which}] "
+        "| win rate vs SFT | KL to SFT | wall (s) | peak device MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:

@@ -1,0 +1,102 @@
+"""`compare.seeds`: a one-seed run, then the same output folder at two seeds (seed 0 restored
+from its checkpoints, seed 1 trained). The two-seed report's means and intervals are
+recomputed here with NumPy and SciPy from its per-seed values, and its seed-0 values are the
+one-seed report's numbers. (A preference row takes the same path, compare_seeds.seeded and
+label; it is left out to keep the test near a minute.)"""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+from test_pipeline import TINY
+
+from rlhf_jax.cli import main
+from rlhf_jax.loops.compare_seeds import combine
+
+METRICS = ("gold_reward", "gold_gain", "win_rate_vs_sft", "kl_to_sft")
+
+
+def _args(out, seeds: int) -> list[str]:
+    return [
+        "compare",
+        "--config",
+        "configs/compare.yaml",
+        "--output",
+        str(out),
+        *(a for a in TINY if not a.startswith("ptx.")),  # compare.yaml: ptx off, so unread
+        "ppo.rollout_batch=8",
+        "eval.n_samples=2",
+        "compare.reward_fn=null",
+        "compare.algorithms={grpo: {advantage: grpo, samples_per_prompt: 2, rollout_batch: 4, "
+        "kl_penalty: loss}}",
+        f"compare.seeds={seeds}",
+    ]
+
+
+def _t_interval(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+
+
+def test_two_seeds_report_means_t_intervals_and_per_seed_values(tmp_path):
+    out = tmp_path / "c"
+    assert main(_args(out, 1)) == 0
+    one = json.loads((out / "report.json").read_text())
+    assert one["seeds"] == 1 and "bootstrap" in one["interval"]
+    for row in one["algorithms"].values():
+        assert not [k for k in row if k.endswith("_seeds")]
+        lo, hi = row["gold_reward_ci"]
+        assert lo <= row["gold_reward"] <= hi
+    assert "[bootstrap CI]" in (out / "report.md").read_text()
+
+    assert main(_args(out, 2)) == 0
+    two = json.loads((out / "report.json").read_text())
+    assert two["seeds"] == 2 and "Student-t" in two["interval"]
+    assert two["sft"] == one["sft"]  # one SFT policy, evaluated once, for every seed
+    for name in ("grpo",):
+        row, single = two["algorithms"][name], one["algorithms"][name]
+        assert row["seeds"] == 2
+        for key in METRICS + ("wall_seconds",):
+            values = row[f"{key}_seeds"]
+            assert len(values) == 2
+            assert values[0] == single[key], (name, key)  # seed 0 is the one-seed run
+            assert row[key] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-12)
+            lo, hi = _t_interval(values)
+            got_lo, got_hi = row[f"{key}_ci"]
+            assert (got_lo + got_hi) / 2 == pytest.approx(row[key], rel=1e-12, abs=1e-12)
+            # the t table has 3 decimals: 12.706 against SciPy's 12.7062...
+            assert got_hi - got_lo == pytest.approx(hi - lo, rel=1e-4, abs=1e-12), (name, key)
+        # seed 1 sampled with other keys: its numbers are its own
+        assert any(row[f"{k}_seeds"][0] != row[f"{k}_seeds"][1] for k in METRICS), name
+        assert row["peak_device_mib"] == max(row["peak_device_mib_seeds"])
+    stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").open()}
+    assert "rl_grpo.seed1" in stages
+    assert (out / "policies" / "grpo.seed1" / "model.safetensors").is_file()
+    assert (out / "gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (out / "report.md").read_text()
+    assert "[t-interval, 2 seeds]" in markdown and "Student-t interval across seeds" in markdown
+
+
+def test_combine_by_hand():
+    """Three seeds: mean 2, sample sd 1, half-width t_{0.975,2} / sqrt(3) = 4.303 / 1.732."""
+    rows = [
+        {"gold_reward": v, "gold_reward_ci": (0.0, 9.0), "peak_device_mib": m, "setup": {"s": i}}
+        for i, (v, m) in enumerate([(1.0, 10.0), (2.0, None), (3.0, 12.0)])
+    ]
+    row = combine(rows)
+    half = 4.303 / np.sqrt(3)
+    assert row["gold_reward"] == 2.0 and row["gold_reward_seeds"] == [1.0, 2.0, 3.0]
+    assert row["gold_reward_ci"] == pytest.approx((2.0 - half, 2.0 + half))
+    assert row["peak_device_mib"] == 12.0 and row["setup"] == {"s": 0} and row["seeds"] == 3
+    assert combine(rows[:1]) == rows[0]  # one seed: the row itself, its bootstrap interval
+
+
+def test_bad_seed_counts_fail_with_the_key(tmp_path, capsys):
+    out = tmp_path / "c"
+    assert main(_args(out, 0)) == 2
+    assert "compare.seeds" in capsys.readouterr().err
+    assert main([*_args(out, 3), f"seed={2**32 - 2}"]) == 2
+    err = capsys.readouterr().err
+    assert "compare.seeds" in err and "4294967296" in err
+    assert not (out / "checkpoints").exists()
