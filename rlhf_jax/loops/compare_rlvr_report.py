@@ -16,7 +16,7 @@ def _setup_text(setup: dict[str, Any]) -> str:
         f"advantage {setup['advantage']}, G={setup['samples_per_prompt']} x "
         f"{setup['rollout_batch']} prompts x {setup['iterations']} iterations, KL in "
         f"{setup['kl_penalty']}, policy loss {setup['policy_loss']}{extra}, reduction "
-        f"{setup['loss_reduction']}, critic {setup['critic']}"
+        f"{setup['loss_reduction'] or 'the loss default'}, critic {setup['critic']}"
     )
 
 
