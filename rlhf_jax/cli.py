@@ -270,6 +270,11 @@ def _run_compare(args: argparse.Namespace) -> int:
     command = "rlhf-jax " + " ".join(sys.argv[1:]) if sys.argv else ""
     report = run_compare(cfg, args.output, command)
     print(f"report: {args.output}/report.md")
+    if "accuracy" in report["sft"]:  # a verifiable-reward task (loops/compare_rlvr.py)
+        from rlhf_jax.loops.compare_rlvr_report import summary_lines
+
+        print("\n".join(summary_lines(report)))
+        return 0
     sft = report["sft"]["gold_reward"]
     for name, row in sorted(report["algorithms"].items(), key=lambda kv: -kv[1]["gold_reward"]):
         lo, hi = row["gold_reward_ci"]

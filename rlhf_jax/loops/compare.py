@@ -7,7 +7,8 @@ win_rate_vs_sft, kl_to_sft, wall_seconds, peak_device_mib, ...}`), report.md (th
 gold_vs_kl.png and every run's metrics and policy (OUT/policies/<name>). Each run is a stage
 with its own checkpoints, so rerunning the command continues where it stopped. With
 `compare.seeds` > 1 every row runs once per seed and its numbers are means over seeds with
-Student-t intervals (loops/compare_seeds.py).
+Student-t intervals (loops/compare_seeds.py). On a verifiable-reward task (`task.name: sums`)
+the comparison is loops/compare_rlvr.py's: no reward model, exact-answer accuracy.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.train import StageRun
 from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
+from rlhf_jax.tasks import VERIFIABLE
 
 
 def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
@@ -37,6 +39,10 @@ def run_compare(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     if cfg.model.path is not None:
         require_language_model(cfg.model.path, "model.path")
     refuse_unread(cfg, "compare")
+    if cfg.task.name in VERIFIABLE:  # no reward model: every row on ppo.reward_fn
+        from rlhf_jax.loops.compare_rlvr import run_compare_rlvr
+
+        return run_compare_rlvr(cfg, out_dir, command, machine())
     t_start = time.time()
     runs = compare_runs(cfg)
     cs.check_seeds(cfg)

@@ -146,6 +146,22 @@ RLVR = (
     ),
 )
 
+# `rlhf-jax compare` on a verifiable-reward task (loops/compare_rlvr.py).
+RLVR_COMPARE = (
+    Unread(
+        ("compare.reward_fn",),
+        "its '<name>_gold' rows rerun each row on the topics task's hidden gold reward; on a "
+        "verifiable-reward task every row already trains on ppo.reward_fn (set it to null)",
+        lambda c: c.task.name in VERIFIABLE and c.compare.reward_fn is not None,
+    ),
+    Unread(
+        ("compare.preference",),
+        "offline preference rows train on the reward model's rankings, and a "
+        "verifiable-reward task samples none",
+        lambda c: c.task.name in VERIFIABLE,
+    ),
+)
+
 LOADED_MODEL = "the command loads a model folder, whose config.json sets its shape"
 
 RULES: dict[str, tuple[Unread, ...]] = {
@@ -192,6 +208,8 @@ RULES: dict[str, tuple[Unread, ...]] = {
     ),
     "compare": (
         *FOUNDATION,
+        *RLVR,
+        *RLVR_COMPARE,
         Unread(("eval.ptx_ablation",), "only `rlhf-jax pipeline` runs the ptx ablation"),
         Unread(PTX_DETAILS, "ptx.coef is 0 (no ptx term)", lambda c: c.ptx.coef == 0),
     ),
