@@ -104,7 +104,7 @@ def _train(run: Config, f: Foundation, stage: str):
         f.pad,
         f.keys["ppo"],
         f.logger,
-        f.runtime,
+        runtime=f.runtime,
         stage=stage,
         checkpoints=StageCheckpoints(f.out, stage, run.checkpoint, pipeline_settings(run, "rl")),
         tokenizer=f.tokenizer,
