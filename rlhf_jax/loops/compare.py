@@ -23,7 +23,8 @@ from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.checks import require_language_model
 from rlhf_jax.loops.compare_rows import RowFacts
 from rlhf_jax.loops.foundation import Foundation, build_foundation
-from rlhf_jax.loops.pipeline import evaluate_policy, machine, run_rl
+from rlhf_jax.loops.foundation_runs import evaluate_policy, run_rl
+from rlhf_jax.loops.pipeline import machine
 from rlhf_jax.loops.preference import preference_metrics, train_preference, with_reference_logps
 from rlhf_jax.loops.report import plot_gold_vs_kl, write_compare_markdown, write_json
 from rlhf_jax.loops.resume import StageCheckpoints

@@ -3,7 +3,7 @@
 names (no reward model, as `loops/rlvr.py` builds it), at one budget of sampled responses,
 once per seed (`compare.seeds`), and scored as the RLVR pipeline scores its GRPO policy.
 
-Each row x seed: greedy exact accuracy on the held-out prompts (`rlvr._policy_report`:
+Each row x seed: greedy exact accuracy on the held-out prompts (`rlvr.policy_report`:
 `answer_eval.score_answers`' strict pass@1, Wilson interval), the lenient accuracy, the format
 rate, the gain over SFT paired over prompts, the KL to SFT on its own samples at
 `ppo.temperature`, wall time and peak device memory. Over several seeds every number is the
@@ -31,11 +31,9 @@ from rlhf_jax.loops.compare import _needs_critic
 from rlhf_jax.loops.compare_rlvr_report import plot_accuracy_vs_kl, write_markdown
 from rlhf_jax.loops.compare_rows import RowFacts
 from rlhf_jax.loops.foundation import Foundation, build_foundation
+from rlhf_jax.loops.foundation_runs import run_rl
 from rlhf_jax.loops.report import write_json
-from rlhf_jax.loops.resume import StageCheckpoints
-from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
-from rlhf_jax.loops.rlvr import _greedy_answers, _kl_to_sft, _policy_report, paired_gain
-from rlhf_jax.loops.settings import pipeline_settings
+from rlhf_jax.loops.rlvr import greedy_answers, kl_to_sft, paired_gain, policy_report
 from rlhf_jax.models import save_hf
 
 WILSON = "95% Wilson interval over held-out prompts (accuracy; one seed)"
@@ -68,8 +66,8 @@ def run_compare_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: di
     runs = compare_runs(cfg)
     cs.check_seeds(cfg)
     f = build_foundation(cfg, out_dir, reward_model=False)
-    sft_answers = _greedy_answers(cfg, f, f.sft_params)
-    sft = _policy_report(cfg, f, sft_answers)
+    sft_answers = greedy_answers(cfg, f, f.sft_params)
+    sft = policy_report(cfg, f, sft_answers)
     report: dict[str, Any] = {"task": cfg.task.name, "sft": sft, "algorithms": {}}
     facts = RowFacts(f.out / "compare_rows.json", f.logger)
     for name, run in runs.items():
@@ -91,28 +89,6 @@ def run_compare_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: di
     return report
 
 
-def _train(run: Config, f: Foundation, stage: str):
-    """The RL stage of `run.ppo` from the SFT policy, scored by `run.ppo.reward_fn` (the
-    critic, for PPO, starts as the SFT trunk with a fresh head: there is no reward model)."""
-    models = RLModels(f.model_cfg, f.sft_params)
-    state = train_rl(
-        run,
-        models,
-        f.prompt_arrays,
-        f.ptx_arrays if run.ptx.coef > 0 else None,
-        f.eos,
-        f.pad,
-        f.keys["ppo"],
-        f.logger,
-        runtime=f.runtime,
-        stage=stage,
-        checkpoints=StageCheckpoints(f.out, stage, run.checkpoint, pipeline_settings(run, "rl")),
-        tokenizer=f.tokenizer,
-        prompt_texts=f.prompt_texts,
-    )
-    return final_policy(run, models, state, None, str(f.out / "sft"))
-
-
 def _row(
     cfg: Config, run: Config, f: Foundation, name: str, sft_answers, facts: RowFacts
 ) -> dict[str, Any]:
@@ -120,11 +96,11 @@ def _row(
     seed and keys): trained, saved to OUT/policies/<name> and scored like rlvr.py's GRPO."""
     stage = f"rl_{name}"
     with facts.training(name, stage):
-        params = _train(run, f, stage)
+        params, _ = run_rl(run, f, stage, ptx=run.ptx.coef > 0)
     save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
-    answers = _greedy_answers(run, f, params)
-    kl, sampled_accuracy = _kl_to_sft(run, f, params)
-    policy = _policy_report(run, f, answers)
+    answers = greedy_answers(run, f, params)
+    kl, sampled_accuracy = kl_to_sft(run, f, params)
+    policy = policy_report(run, f, answers)
     gain = paired_gain(answers.gold, sft_answers.gold, cfg.eval.bootstrap, run.seed)
     p = run.ppo
     return {

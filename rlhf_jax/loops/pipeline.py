@@ -17,58 +17,14 @@ import jax
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.checks import require_language_model
-from rlhf_jax.loops.foundation import Foundation, build_foundation
+from rlhf_jax.loops.foundation import build_foundation
+from rlhf_jax.loops.foundation_runs import evaluate_policy, run_rl
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json, write_markdown
-from rlhf_jax.loops.resume import StageCheckpoints
-from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
 from rlhf_jax.loops.rlvr import run_rlvr
-from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.loops.stages import lm_loss
 from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
-from rlhf_jax.tasks import TASKS, VERIFIABLE
-
-
-def run_rl(cfg: Config, f: Foundation, stage: str, ptx: bool = True, adapter_dir=None):
-    """The RL stage of `cfg.ppo` from the foundation's SFT policy and reward model; returns
-    the weights to evaluate (the EMA when kept) and the final state. `adapter_dir`: where
-    `lora.save_adapters` writes a LoRA policy's adapters."""
-    models = RLModels(f.model_cfg, f.sft_params, f.model_cfg, f.rm_params)
-    state = train_rl(
-        cfg,
-        models,
-        f.prompt_arrays,
-        f.ptx_arrays if ptx else None,
-        f.eos,
-        f.pad,
-        f.keys["ppo"],
-        f.logger,
-        runtime=f.runtime,
-        stage=stage,
-        checkpoints=StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(cfg, "rl")),
-        tokenizer=f.tokenizer,
-        prompt_texts=f.prompt_texts,
-    )
-    params = final_policy(cfg, models, state, adapter_dir, str(f.out / "sft"))
-    return params, state
-
-
-def evaluate_policy(cfg: Config, f: Foundation, params) -> ev.GoldEval:
-    """Samples of `params` on the held-out evaluation prompts, scored by the gold reward."""
-    return ev.evaluate_gold(
-        f.model_cfg,
-        params,
-        f.tokenizer,
-        f.eval_prompts,
-        f.eval_arrays,
-        f.keys["eval"],
-        TASKS[cfg.task.name].gold_reward,
-        max_new_tokens=cfg.ppo.max_new_tokens,
-        temperature=cfg.eval.temperature,
-        eos_ids=f.eos,
-        pad_id=f.pad,
-        n_samples=cfg.eval.n_samples,
-    )
+from rlhf_jax.tasks import VERIFIABLE
 
 
 def machine() -> dict[str, str]:

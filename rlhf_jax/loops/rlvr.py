@@ -21,31 +21,18 @@ from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.answer_eval import score_answers
 from rlhf_jax.loops.foundation import Foundation, build_foundation
+from rlhf_jax.loops.foundation_runs import evaluate_policy, run_rl
 from rlhf_jax.loops.report import plot_curves, training_summary, write_json
-from rlhf_jax.loops.resume import StageCheckpoints
-from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
-from rlhf_jax.loops.settings import pipeline_settings
 from rlhf_jax.models import save_hf
 from rlhf_jax.tasks import TASKS
 
 STAGE = "grpo"  # the RL stage's name in metrics.jsonl, checkpoints and the report
 
 
-def _greedy_answers(cfg: Config, f: Foundation, params) -> ev.GoldEval:
+def greedy_answers(cfg: Config, f: Foundation, params) -> ev.GoldEval:
     """One greedy answer per held-out prompt, scored 1/0 by the task's exact reward."""
-    return ev.evaluate_gold(
-        f.model_cfg,
-        params,
-        f.tokenizer,
-        f.eval_prompts,
-        f.eval_arrays,
-        f.keys["eval"],
-        TASKS[cfg.task.name].exact_reward,
-        max_new_tokens=cfg.ppo.max_new_tokens,
-        temperature=0.0,
-        eos_ids=f.eos,
-        pad_id=f.pad,
-    )
+    exact = TASKS[cfg.task.name].exact_reward
+    return evaluate_policy(cfg, f, params, score=exact, temperature=0.0, n_samples=1)
 
 
 def paired_gain(after: np.ndarray, before: np.ndarray, n_resamples: int, seed: int) -> dict:
@@ -60,20 +47,17 @@ def paired_gain(after: np.ndarray, before: np.ndarray, n_resamples: int, seed: i
     }
 
 
-def _kl_to_sft(cfg: Config, f: Foundation, params) -> tuple[float, float]:
+def kl_to_sft(cfg: Config, f: Foundation, params) -> tuple[float, float]:
     """(KL estimate per response, sampled accuracy) of the RL policy's own samples at
     `ppo.temperature` on the held-out prompts: log pi - log pi_sft, averaged."""
     t = cfg.ppo.temperature
-    sampled = ev.evaluate_gold(
-        f.model_cfg, params, f.tokenizer, f.eval_prompts, f.eval_arrays, f.keys["eval"],
-        TASKS[cfg.task.name].exact_reward, max_new_tokens=cfg.ppo.max_new_tokens,
-        temperature=t, eos_ids=f.eos, pad_id=f.pad,
-    )  # fmt: skip
+    exact = TASKS[cfg.task.name].exact_reward
+    sampled = evaluate_policy(cfg, f, params, score=exact, temperature=t, n_samples=1)
     kl = ev.kl_to_reference(f.model_cfg, params, f.sft_params, sampled.samples, t, 128)
     return float(np.mean(kl)), float(sampled.gold.mean())
 
 
-def _policy_report(cfg: Config, f: Foundation, answers: ev.GoldEval) -> dict[str, Any]:
+def policy_report(cfg: Config, f: Foundation, answers: ev.GoldEval) -> dict[str, Any]:
     """Greedy exact accuracy (`answer_eval.score_answers`' strict pass@1, one trial per
     prompt, with its Wilson 95% interval), the lenient reading's accuracy and the format rate
     (a `#### N` answer at all) of one answer per held-out prompt."""
@@ -101,28 +85,13 @@ def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, 
         )
     t_start = time.time()
     f = build_foundation(cfg, out_dir, reward_model=False)
-    models = RLModels(f.model_cfg, f.sft_params)
-    state = train_rl(
-        cfg,
-        models,
-        f.prompt_arrays,
-        f.ptx_arrays if cfg.ptx.coef > 0 else None,
-        f.eos,
-        f.pad,
-        f.keys["ppo"],
-        f.logger,
-        runtime=f.runtime,
-        stage=STAGE,
-        checkpoints=StageCheckpoints(f.out, STAGE, cfg.checkpoint, pipeline_settings(cfg, "rl")),
-        tokenizer=f.tokenizer,
-        prompt_texts=f.prompt_texts,
-    )
-    params = final_policy(cfg, models, state, f.out / "policy_adapter", str(f.out / "sft"))
+    # Its reward is the function: no ptx batches unless ptx.coef asks for them.
+    params, _ = run_rl(cfg, f, STAGE, ptx=cfg.ptx.coef > 0, adapter_dir=f.out / "policy_adapter")
     save_hf(f.model_cfg, params, f.out / "policy", f.tokenizer)
 
-    sft_answers = _greedy_answers(cfg, f, f.sft_params)
-    rl_answers = _greedy_answers(cfg, f, params)
-    kl, sampled_accuracy = _kl_to_sft(cfg, f, params)
+    sft_answers = greedy_answers(cfg, f, f.sft_params)
+    rl_answers = greedy_answers(cfg, f, params)
+    kl, sampled_accuracy = kl_to_sft(cfg, f, params)
     report: dict[str, Any] = {
         "task": cfg.task.name,
         "rl": {
@@ -131,9 +100,9 @@ def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, 
             "samples_per_prompt": cfg.ppo.samples_per_prompt,
             "iterations": cfg.ppo.iterations,
         },
-        "sft": _policy_report(cfg, f, sft_answers),
+        "sft": policy_report(cfg, f, sft_answers),
         STAGE: {
-            **_policy_report(cfg, f, rl_answers),
+            **policy_report(cfg, f, rl_answers),
             **paired_gain(rl_answers.gold, sft_answers.gold, cfg.eval.bootstrap, cfg.seed),
             "kl_to_sft": kl,
             "sampled_accuracy": sampled_accuracy,
