@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -91,6 +92,28 @@ def _start(cfg: Config, out_dir: str | Path, writes: str) -> tuple[Path, Metrics
     return start_run(cfg, out_dir, _inputs(cfg), (writes, f"{writes}_adapter"))
 
 
+def _stage_run(
+    cfg: Config,
+    out: Path,
+    logger: MetricsLogger,
+    runtime: Runtime,
+    stage: str,
+    inputs: dict,
+    **saved: Any,
+) -> StageRun:
+    """A standalone command's one stage: keyed by `cfg.seed`, checkpointed in OUT under
+    `stage` with the settings that must match to resume (the stage's sections and its input
+    paths `inputs`); `saved`: where LoRA adapters go and the base model they name."""
+    settings = stage_settings(cfg, STAGE_SECTIONS + (stage,), inputs)
+    return StageRun(
+        key=jax.random.key(cfg.seed),
+        logger=logger,
+        runtime=runtime,
+        checkpoints=StageCheckpoints(out, stage, cfg.checkpoint, settings),
+        **saved,
+    )
+
+
 def _finish(out: Path, logger: MetricsLogger, reports: list, extra: dict | None = None) -> None:
     """Write OUT/summary.json (data kept/skipped/truncated per file, skipped updates,
     warnings) and print its one-line data summaries."""
@@ -130,18 +153,13 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
         sft_spec(cfg, model_cfg),
         params,
         arrays,
-        StageRun(
-            key=jax.random.key(cfg.seed),
-            logger=logger,
-            runtime=runtime,
-            checkpoints=StageCheckpoints(
-                out,
-                "sft",
-                cfg.checkpoint,
-                stage_settings(
-                    cfg, STAGE_SECTIONS + ("sft",), {"model.path": model_path, "sft.data": data}
-                ),
-            ),
+        _stage_run(
+            cfg,
+            out,
+            logger,
+            runtime,
+            "sft",
+            {"model.path": model_path, "sft.data": data},
             adapter_dir=out / "sft_adapter",
             base_model=model_path,
         ),
@@ -187,17 +205,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
         model_cfg,
         trunk,
         train,
-        StageRun(
-            key=jax.random.key(cfg.seed),
-            logger=logger,
-            runtime=runtime,
-            checkpoints=StageCheckpoints(
-                out,
-                "rm",
-                cfg.checkpoint,
-                stage_settings(cfg, STAGE_SECTIONS + ("rm",), {"rm.init": init, "rm.data": data}),
-            ),
-        ),
+        _stage_run(cfg, out, logger, runtime, "rm", {"rm.init": init, "rm.data": data}),
     )
     params = trained
     if demo_arrays is not None:  # InstructGPT: shift the bias so demonstrations score 0
@@ -369,18 +377,13 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
         model_cfg,
         ref_params,
         train,
-        StageRun(
-            key=key,
-            logger=logger,
-            runtime=runtime,
-            checkpoints=StageCheckpoints(
-                out,
-                "dpo",
-                cfg.checkpoint,
-                stage_settings(
-                    cfg, STAGE_SECTIONS + ("dpo",), {"dpo.policy": policy_path, data_key: data}
-                ),
-            ),
+        _stage_run(
+            cfg,
+            out,
+            logger,
+            runtime,
+            "dpo",
+            {"dpo.policy": policy_path, data_key: data},
             adapter_dir=out / "policy_adapter",
             base_model=policy_path,
         ),
