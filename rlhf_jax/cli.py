@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NeverRaised(Exception):
+    """Stands for `StagePaused` until its module is imported."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # transformers' import-time advice ("PyTorch was not found ...") would turn every one-line
     # error of a torch-free install (PyTorch is a test-time reference only) into two lines.
@@ -366,9 +370,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    # Bound before the try: an import that fails for another reason (e.g. jax not installed)
+    # must reach the user as itself, not as an unbound name in the `except` clauses below.
+    stage_paused: type[BaseException] = _NeverRaised
     try:
         # Inside the try: a Ctrl-C while jax is still importing is a plain "interrupted" too.
-        from rlhf_jax.loops.resume import StagePaused
+        from rlhf_jax.loops.resume import StagePaused as stage_paused
 
         return args.run(args)
     except RlhfJaxError as e:
@@ -383,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before a training command took over SIGINT
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED
-    except StagePaused as e:  # (after KeyboardInterrupt: unbound if the import was cut short)
+    except stage_paused as e:  # (after KeyboardInterrupt: the import may have been cut short)
         print(f"stopped: {e}", file=sys.stderr)
         return 0
     finally:
