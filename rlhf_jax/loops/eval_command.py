@@ -55,7 +55,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="send plain prompt rows through the tokenizer's chat template as user messages "
         "(chat rows always are)",
     )
-    p.add_argument("--output", help="write the report as JSON to this file")
+    p.add_argument("--output", help="write the report as JSON to this file (or gs://, s3:// URL)")
     p.set_defaults(run=run_eval)
 
 
@@ -93,7 +93,7 @@ def run_eval(args: argparse.Namespace) -> int:
     evaluate, print the table and write the report."""
     from rlhf_jax.data import load_prompts
     from rlhf_jax.rewards import field_lists, get_reward_fn
-    from rlhf_jax.storage import check_location
+    from rlhf_jax.storage import check_location, output_path
 
     if args.samples is not None and args.temperature <= 0:
         raise RlhfJaxError(
@@ -101,6 +101,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "completion every time; greedy pass@1 is always reported)"
         )
     check_location(args.model, "--model")
+    if args.output:  # a local file or a bucket URL, checked before any weights load
+        check_location(args.output, "--output", output=True)
     examples, _ = load_prompts(args.data)
     references = reference_answers(examples)
     texts = [e.text() for e in examples]
@@ -109,9 +111,9 @@ def run_eval(args: argparse.Namespace) -> int:
     report = _evaluate(args, examples, texts, references, reward_fn)
     print(format_table(report))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+        path = output_path(args.output)
+        path.parent.mkdir(parents=True, exist_ok=True)  # (a bucket has no folders: no-op)
+        path.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

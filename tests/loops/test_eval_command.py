@@ -94,3 +94,13 @@ def test_bad_input_is_one_line_and_exit_2(model, tmp_path, capsys, rows, extra, 
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_eval_writes_its_report_to_a_bucket_url(model, tmp_path, fake_bucket, capsys):
+    url = f"gs://eval-reports/{tmp_path.name}/report.json"
+    args = ["eval", "--model", str(model), "--data", str(_data(tmp_path, ROWS))]
+    args += ["--reward", "gsm8k_strict", "--max-new-tokens", "4", "--output", url]
+    assert main(args) == 0
+    written = fake_bucket / "eval-reports" / tmp_path.name / "report.json"
+    assert json.loads(written.read_text())["greedy"]["n_prompts"] == 3
+    assert not (tmp_path / "gs:").exists()  # not a local folder named like the URL
