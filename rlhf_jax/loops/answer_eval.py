@@ -55,11 +55,9 @@ def rate_block(correct: np.ndarray, seed: int = 0) -> dict:
     p, n = correct.shape
     counts = correct.sum(axis=1).astype(int)
     per_prompt = counts / n
-    if n == 1:
-        ci = wilson_interval(int(counts.sum()), p)
-    else:
-        ci = bootstrap_mean_ci(per_prompt, BOOTSTRAP_RESAMPLES, seed)
     mean_ci = bootstrap_mean_ci(per_prompt, BOOTSTRAP_RESAMPLES, seed)
+    # One greedy answer per prompt: independent pass/fail trials (Wilson); else the bootstrap.
+    ci = wilson_interval(int(counts.sum()), p) if n == 1 else mean_ci
     return {
         "pass@1": float(per_prompt.mean()),
         "pass@1_ci": [float(ci[0]), float(ci[1])],
