@@ -18,12 +18,10 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
-
 from rlhf_jax.config import Config
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.intervals import student_t_interval
-from rlhf_jax.loops.foundation import STAGE_KEYS, Foundation
+from rlhf_jax.loops.foundation import Foundation, stage_keys
 
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits (Config.seed's range)
 
@@ -53,8 +51,7 @@ def seeded(run: Config, f: Foundation, s: int) -> tuple[Config, Foundation]:
     if s == 0:
         return run, f
     seed = run.seed + s
-    keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(seed), len(STAGE_KEYS))))
-    return dataclasses.replace(run, seed=seed), dataclasses.replace(f, keys=keys)
+    return dataclasses.replace(run, seed=seed), dataclasses.replace(f, keys=stage_keys(seed))
 
 
 def interval_text(seeds: int) -> str:

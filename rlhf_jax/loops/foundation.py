@@ -62,6 +62,12 @@ from rlhf_jax.tasks.tokenizer import train_tokenizer
 STAGE_KEYS = ("init", "pretrain", "sft", "rm_sample", "rm", "ppo", "eval")
 
 
+def stage_keys(seed: int) -> dict[str, jax.Array]:
+    """Each stage's random key (`STAGE_KEYS`) from the run's seed: one split, so a stage's
+    key does not change when another stage is added or skipped."""
+    return dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(seed), len(STAGE_KEYS))))
+
+
 @dataclasses.dataclass
 class Foundation:
     """Everything the RL stage and the evaluation need, built once per output folder."""
@@ -273,7 +279,7 @@ def build_foundation(cfg: Config, out_dir: str | Path, reward_model: bool = True
     writes = ("sft", "rm", "policy", "data", "sft_adapter", "policy_adapter")
     writes += tuple(f"policies/{n}" for n in names)
     out, logger, runtime = start_run(cfg, out_dir, {"model.path": cfg.model.path}, writes)
-    keys = dict(zip(STAGE_KEYS, jax.random.split(jax.random.key(cfg.seed), len(STAGE_KEYS))))
+    keys = stage_keys(cfg.seed)
     d = _load_data(cfg, out)
     check_reward_fns(cfg, d.prompt_texts)  # before any model is made or trained
     eos, pad = stop_ids(d.tokenizer)
