@@ -28,7 +28,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.ops.logprobs import kept_scaled_logits, policy_token_logprobs, truncates
+from rlhf_jax.ops.logprobs import (
+    divides,
+    kept_scaled_logits,
+    policy_token_logprobs,
+    truncates,
+)
 
 
 class ChunkSpec(NamedTuple):
@@ -122,7 +127,7 @@ def _stats_bwd(spec, chunk, residuals, cotangents):
         if truncated:  # outside K, q = 0 but log q is huge: keep the product exactly 0
             d_ent_BCV = jnp.where(keep_BCV, d_ent_BCV, 0.0)
         d_BCV = g_logp_BC[..., None] * (onehot_BCV - q_BCV) - g_ent_BC[..., None] * d_ent_BCV
-        if spec.temperature != 1.0:
+        if divides(spec.temperature):
             d_BCV = d_BCV / spec.temperature
         b, c, v = d_BCV.shape
         d_RV = d_BCV.reshape(b * c, v).astype(cd)

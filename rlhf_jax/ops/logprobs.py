@@ -18,14 +18,40 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# Below float32's smallest normal number a temperature cannot divide (XLA flushes it to 0).
+GREEDY_BELOW = float(np.finfo(np.float32).tiny)
+
+
+def is_greedy(temperature: float) -> bool:
+    """Whether `temperature` samples greedily: 0, or a positive value below float32's
+    smallest normal number (1.2e-38), which float32 cannot divide by. Every other temperature
+    samples from its distribution; for a tiny one that is the greedy token too (log-prob 0)."""
+    return temperature < GREEDY_BELOW
+
+
+def divides(temperature: float) -> bool:
+    """Whether log-probs at `temperature` divide the logits by it: not at 1 (nothing to do)
+    and not at a greedy temperature, whose tokens are scored at temperature 1 as the sampler
+    scores them (`rollout.sampling.sample_token`). A traced temperature always divides."""
+    if isinstance(temperature, int | float):
+        return temperature != 1.0 and not is_greedy(temperature)
+    return True
 
 
 def _scaled(logits_BTV: jax.Array, temperature: float) -> jax.Array:
     logits_BTV = logits_BTV.astype(jnp.promote_types(logits_BTV.dtype, jnp.float32))
     # Skipping the division at T = 1 keeps the common path free of one elementwise pass.
-    if isinstance(temperature, int | float) and temperature == 1.0:
+    if not divides(temperature):
         return logits_BTV
-    return logits_BTV / temperature
+    # Shifted by each row's maximum before the division, as the sampler does
+    # (`rollout.sampling._tempered`): at a small temperature logits / T are huge (1e13 at
+    # T = 1e-12), and a log-prob taken as their difference with logsumexp loses every digit.
+    # The shift changes no log-prob or gradient (softmax is shift-invariant), and makes the
+    # trainer's formula the sampler's, so their log-probs agree at any temperature.
+    row_max_BT1 = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1, keepdims=True))
+    return (logits_BTV - row_max_BT1) / temperature
 
 
 def _plain_token_logprobs(logits_BTV, tokens_BT, temperature):
@@ -52,7 +78,7 @@ def _fused_bwd(temperature, residuals, g_BT):
     onehot_BTV = (vocab == tokens_BT[..., None].astype(jnp.int32)).astype(z_BTV.dtype)
     g_BTV = g_BT[..., None].astype(z_BTV.dtype)
     d_BTV = g_BTV * (onehot_BTV - jnp.exp(z_BTV - lse_BT[..., None]))
-    if not (isinstance(temperature, int | float) and temperature == 1.0):
+    if divides(temperature):
         d_BTV = d_BTV / temperature
     return d_BTV.astype(logits_BTV.dtype), None
 

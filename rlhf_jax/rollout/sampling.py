@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rlhf_jax.ops.logprobs import filter_logits, pack_support, truncates
+from rlhf_jax.ops.logprobs import (
+    filter_logits,
+    is_greedy,
+    pack_support,
+    truncates,
+)
 
 __all__ = [
     "filter_logits",
@@ -38,17 +42,6 @@ def sampling_log_probs(
     if is_greedy(temperature):
         return jax.nn.log_softmax(logits_BV, axis=-1)
     return jax.nn.log_softmax(filter_logits(_tempered(logits_BV, temperature), top_k, top_p), -1)
-
-
-# Below float32's smallest normal number a temperature cannot divide (XLA flushes it to 0).
-GREEDY_BELOW = float(np.finfo(np.float32).tiny)
-
-
-def is_greedy(temperature: float) -> bool:
-    """Whether `temperature` samples greedily: 0, or a positive value below float32's
-    smallest normal number (1.2e-38), which float32 cannot divide by. Every other temperature
-    samples from its distribution; for a tiny one that is the greedy token too (log-prob 0)."""
-    return temperature < GREEDY_BELOW
 
 
 def _tempered(logits_BV: jax.Array, temperature: float) -> jax.Array:

@@ -198,3 +198,27 @@ def test_log_probs_from_top_k_top_p_equal_those_over_the_packed_kept_set(top_k, 
     recorded = policy_token_logprobs(logits, tokens, 0.8, support_BTW=words)
     for a, b in zip(derived, recorded):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 1e-12, 1e-6, 0.7, 3.0])
+def test_any_temperature_gives_the_samplers_log_probs_and_float64s(temperature):
+    # The trainer divided unshifted logits by T (the sampler shifts first): at T != 1 the two
+    # formulas differed in rounding, the entropy lost its digits to cancellation (-3e-5 at
+    # T = 0.7 here), and below float32's smallest normal number (the sampler's greedy
+    # temperatures, scored at T = 1) the trainer divided by a flushed 0 and gave NaN.
+    from rlhf_jax.rollout.sampling import sample_token_and_support
+
+    logits = jax.random.normal(jax.random.key(3), (4, 11)) * 5.0 + 40.0
+    token, sampler_logp, _ = sample_token_and_support(logits, jax.random.key(4), temperature)
+    trainer_logp = token_logprobs(logits[:, None, :], token[:, None], temperature)[:, 0]
+    entropy = entropy_from_logits(logits[:, None, :], temperature)[:, 0]
+    t = 1.0 if temperature < np.finfo(np.float32).tiny else temperature
+    z = np.asarray(logits, np.float64)
+    z = (z - z.max(-1, keepdims=True)) / t
+    logq = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want_entropy = -(np.exp(logq) * logq).sum(-1)
+    np.testing.assert_allclose(trainer_logp, logq[np.arange(4), np.asarray(token)], atol=1e-5)
+    np.testing.assert_allclose(trainer_logp, sampler_logp, rtol=1e-5, atol=1e-5)
+    # At T = 1 (and so at a greedy temperature) the logits are not shifted: the common path
+    # keeps its bits, and `lse - sum p z` keeps float32's cancellation, ~eps * |logit| (40).
+    np.testing.assert_allclose(entropy, want_entropy, rtol=1e-4, atol=1e-6 if t != 1 else 3e-4)
