@@ -245,8 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    cfg = load_config(Config, args.config, args.overrides)
-    print(json.dumps(measure(cfg, args.stage)))
+    from rlhf_jax.errors import RlhfJaxError
+
+    try:
+        cfg = load_config(Config, args.config, args.overrides)
+        result = measure(cfg, args.stage)
+    except RlhfJaxError as e:  # a bad config or a stage it cannot measure: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
     return 0
 
 

@@ -158,3 +158,17 @@ def test_devices_once_jax_runs_is_refused(capsys):
     assert main(["plan", "--config", CONFIG, "--devices", str(n)]) == 2
     assert "run `rlhf-jax plan` in a fresh process" in capsys.readouterr().err
     assert jax.device_count() == n - 1
+
+
+def test_measure_refuses_a_filtered_run_in_one_line():
+    """`python -m rlhf_jax.plan.measure` on a stage it cannot measure (an RL run with rollout
+    filters) exits 2 with the reason as one line, not a traceback."""
+    cmd = [sys.executable, "-m", "rlhf_jax.plan.measure", "--config", CONFIG, "ppo"]
+    filtered = ["ppo.samples_per_prompt=2", "ppo.rollout_filters=[{name: dynamic_sampling}]"]
+    out = run([*cmd, *SMALL, *filtered], capture_output=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: config key 'ppo.rollout_filters': the measured check runs one unfiltered RL "
+        "iteration; measure with ppo.rollout_filters=[]"
+    ]
