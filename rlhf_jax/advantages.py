@@ -86,6 +86,12 @@ def get_advantage(name: str = "gae", **hparams: Any) -> Callable[[Arrays], Advan
     return registry.resolve("advantage", name, **hparams)
 
 
+def estimator_needs_critic(name: str) -> bool:
+    """Whether the registered advantage estimator `name` trains a critic: what it declares
+    (`registry.declare(needs_critic=True)`), not what a custom value loss's metrics say."""
+    return bool(registry.info(registry.lookup("advantage", name)).get("needs_critic", False))
+
+
 def _mask(batch: Arrays) -> jax.Array:
     return jnp.asarray(batch["response_mask"], jnp.float32)
 

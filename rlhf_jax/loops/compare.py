@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rlhf_jax import registry
+from rlhf_jax.advantages import estimator_needs_critic
 from rlhf_jax.config import Config, compare_preference_runs, compare_runs
 from rlhf_jax.loops import compare_seeds as cs
 from rlhf_jax.loops import evaluate as ev
@@ -107,7 +107,7 @@ def _rl_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval, facts:
             "rollout_batch": p.rollout_batch,
             "kl_penalty": p.kl_penalty,
             "policy_loss": p.policy_loss,
-            "critic": "yes" if _needs_critic(p.advantage) else "no",
+            "critic": "yes" if estimator_needs_critic(p.advantage) else "no",
             "rollout_filters": [f.name for f in p.rollout_filters],
         },
         "samples": [
@@ -164,9 +164,3 @@ def _preference_run(
             for q, r in zip(f.eval_prompts, result.texts[:: cfg.eval.n_samples])
         ][:4],
     }
-
-
-def _needs_critic(advantage: str) -> bool:
-    """Whether the estimator trains a critic (what it declares, not a metric a custom value
-    loss may name otherwise)."""
-    return bool(registry.info(registry.lookup("advantage", advantage)).get("needs_critic"))

@@ -24,10 +24,10 @@ from typing import Any
 
 import jax
 
+from rlhf_jax.advantages import estimator_needs_critic
 from rlhf_jax.config import Config, compare_runs
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops import compare_seeds as cs
-from rlhf_jax.loops.compare import _needs_critic
 from rlhf_jax.loops.compare_rlvr_report import plot_accuracy_vs_kl, write_markdown
 from rlhf_jax.loops.compare_rows import RowFacts
 from rlhf_jax.loops.foundation import Foundation, build_foundation
@@ -123,7 +123,7 @@ def _row(
             "policy_loss": p.policy_loss,
             "policy_loss_kwargs": p.policy_loss_kwargs,
             "loss_reduction": p.loss_reduction,
-            "critic": "yes" if _needs_critic(p.advantage) else "no",
+            "critic": "yes" if estimator_needs_critic(p.advantage) else "no",
         },
         "samples": [{"prompt": q, "response": r} for q, r in zip(f.eval_prompts, answers.texts)][
             :4

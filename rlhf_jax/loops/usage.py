@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import jax
 
-from rlhf_jax import registry
+from rlhf_jax.advantages import estimator_needs_critic
 from rlhf_jax.config import Config
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.tasks import VERIFIABLE
@@ -46,10 +46,9 @@ class Unread:
 
 def _needs_critic(cfg: Config) -> bool:
     try:
-        fn = registry.lookup("advantage", cfg.ppo.advantage)
+        return estimator_needs_critic(cfg.ppo.advantage)
     except RlhfJaxError:
         return True  # a misspelt estimator fails on its own, with its own message
-    return bool(registry.info(fn).get("needs_critic", False))
 
 
 EVERY_COMMAND = (
