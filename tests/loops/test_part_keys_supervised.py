@@ -32,12 +32,12 @@ def test_sft(run_dir, tmp_path, pack):
 def test_reward_model_and_dpo(run_dir, tmp_path):
     rankings = run_dir / "data" / "rankings.jsonl"
     rm = ["rm", "--output", str(tmp_path / "rm"), *COMMON, "rm.steps=1", "rm.batch_size=8",
-          f"rm.init={run_dir / 'sft'}", f"rm.data={rankings}", "rm.loss=fork_key_probes:reward",
-          "rm.heldout_fraction=0"]  # fmt: skip
+          f"rm.init={run_dir / 'sft'}", f"rm.data={rankings}",
+          "rm.loss=fork_key_probes:reward"]  # fmt: skip
     assert main(rm) == 0
     assert _received("reward") == set(batch_keys("reward"))
     dpo = ["dpo", "--output", str(tmp_path / "dpo"), *COMMON, "dpo.steps=1", "dpo.batch_size=8",
-           f"dpo.policy={run_dir / 'sft'}", f"dpo.data={rankings}", "dpo.heldout_fraction=0",
+           f"dpo.policy={run_dir / 'sft'}", f"dpo.data={rankings}",
            "dpo.loss=fork_key_probes:preference"]  # fmt: skip
     assert main(dpo) == 0
     assert _received("preference") == set(batch_keys("preference"))
