@@ -18,6 +18,8 @@ from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.flags import SEED, add_number
 from rlhf_jax.host_memory import keep_freed_host_memory
 from rlhf_jax.loops.output_lock import release_output_locks
+from rlhf_jax.stage_registry import load as load_ref
+from rlhf_jax.stage_registry import stages
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -187,9 +189,10 @@ def _check_locations(cfg, output: str | None) -> None:
 
 
 def _load_config(args: argparse.Namespace):
-    """A training command's config; joins a multi-process run first, before any device is
-    touched. Only then do SIGTERM/SIGINT/SIGHUP become a request to save and stop at the next
-    step: until then (and in `generate`) they end the process as usual, so a run stuck
+    """A training command's config and its RL algorithm (`ppo`'s parts, resolved here once
+    for the whole run and handed to the command); joins a multi-process run first, before any
+    device is touched. Only then do SIGTERM/SIGINT/SIGHUP become a request to save and stop at
+    the next step: until then (and in `generate`) they end the process as usual, so a run stuck
     waiting for a process that never comes can be stopped."""
     from rlhf_jax.checkpointing import install_preemption_handler
     from rlhf_jax.config import Config, load_config
@@ -211,8 +214,7 @@ def _load_config(args: argparse.Namespace):
     _RESTORE_SIGNALS.append(install_preemption_handler(second_interrupt=_exit_interrupted))
     # Every loss, estimator and reward function the config names, resolved now: a typo fails
     # here, not after the stages before the one that uses it have run.
-    resolve_config_parts(cfg)
-    return cfg
+    return cfg, resolve_config_parts(cfg)
 
 
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
@@ -231,9 +233,9 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     from rlhf_jax.loops.rlvr import summary_line
     from rlhf_jax.tasks import VERIFIABLE
 
-    cfg = _load_config(args)
+    cfg, algo = _load_config(args)
     command = "rlhf-jax " + " ".join(sys.argv[1:]) if sys.argv else ""
-    report = run_pipeline(cfg, args.output, command)
+    report = run_pipeline(cfg, args.output, command, algo=algo)
     print(f"report: {args.output}/report.md")
     if cfg.task.name in VERIFIABLE:
         print(summary_line(report))
@@ -263,7 +265,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from rlhf_jax.errors import RlhfJaxError
     from rlhf_jax.loops.compare import run_compare
 
-    cfg = _load_config(args)
+    cfg, _ = _load_config(args)
     if not cfg.compare.algorithms and not cfg.compare.preference:
         raise RlhfJaxError("`rlhf-jax compare` needs config key 'compare.algorithms' or "
                            "'compare.preference' (see configs/compare.yaml)")  # fmt: skip
@@ -285,32 +287,18 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = {
-    "sft": ("fine-tune model.path on sft.data (writes OUTPUT/sft)", "run_sft"),
-    "rm": ("train a reward model from rm.init on rm.data (writes OUTPUT/rm)", "run_rm"),
-    "ppo": (
-        "RL from ppo.policy against ppo.reward_model or ppo.reward_fn: PPO-ptx by default, "
-        "GRPO, RLOO, REINFORCE++, ... by config (writes OUTPUT/policy)",
-        "run_ppo",
-    ),
-    "dpo": (
-        "offline preference optimisation from dpo.policy on the rankings of dpo.data (or "
-        "rm.data): DPO over every ranked pair by default, IPO, cDPO, robust DPO by config "
-        "(writes OUTPUT/policy)",
-        "run_dpo",
-    ),
-}
-
-
-def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
-    help_text, func = STAGES[name]
-    p = sub.add_parser(name, help=help_text, description=help_text)
+def _add_stage(sub: argparse._SubParsersAction, stage) -> None:
+    """The subcommand of a registered stage (`rlhf_jax.stage_registry.StageDef`): its config
+    loaded, the settings it would ignore refused (loops/usage.py), then its `run`."""
+    p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
     _add_config_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from rlhf_jax.loops import commands
+        from rlhf_jax.loops.usage import refuse_unread
 
-        folder = getattr(commands, func)(_load_config(args), args.output)
+        cfg, algo = _load_config(args)
+        refuse_unread(cfg, stage.name)
+        folder = load_ref(stage.run)(cfg, args.output, algo=algo)
         print(f"saved: {folder}")
         return 0
 
@@ -336,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_pipeline(sub)
     _add_compare(sub)
-    for name in STAGES:
-        _add_stage(sub, name)
+    for stage in stages():  # rlhf_jax/stage_registry.py: the built-in ones and a fork's
+        if stage.run is not None:
+            _add_stage(sub, stage)
     _add_generate(sub)
     _add_eval(sub)
     _add_plan(sub)

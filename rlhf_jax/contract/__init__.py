@@ -36,16 +36,17 @@ import numpy as np
 
 from rlhf_jax import registry
 from rlhf_jax.contract.accumulation import check_accumulation, require_exact_accumulation
+from rlhf_jax.contract.keys import BATCH_KEYS, batch_keys
 from rlhf_jax.contract.returns import REQUIRED_METRICS, check_returned, check_reward_fn, part_noun
 from rlhf_jax.contract.samples import (
     ADVANTAGE_KEYS,
     CRITIC_KEYS,
-    ESTIMATOR_KEYS,
     FILTER_KEYS,
     GROUP_IDS,
     LENGTHS,
     PACKED_SFT_KEYS,
     POLICY_KEYS,
+    PREFERENCE_KEYS,
     PTX_KEYS,
     REFERENCE_KEYS,
     REWARD_KEYS,
@@ -71,16 +72,18 @@ from rlhf_jax.losses import accumulation
 from rlhf_jax.types import LossOut
 
 __all__ = [
+    "BATCH_KEYS",
+    "batch_keys",
     "ADVANTAGE_KEYS",
     "B",
     "CRITIC_KEYS",
-    "ESTIMATOR_KEYS",
     "FILTER_KEYS",
     "GROUP_IDS",
     "K",
     "LENGTHS",
     "PACKED_SFT_KEYS",
     "POLICY_KEYS",
+    "PREFERENCE_KEYS",
     "PTX_KEYS",
     "REFERENCE_KEYS",
     "REQUIRED_METRICS",
@@ -157,7 +160,7 @@ def dry_run(kind: str, fn: Callable, name: str, available: tuple[str, ...], why:
         key = e.args[0] if e.args else "?"
         raise RlhfJaxError(
             f"{noun} {name!r} reads batch key {key!r}, which this run does not provide"
-            f"{'; ' + why if why else ''} (available: {', '.join(sorted(available))})"
+            f"{'; ' + why if why else ''} (available: {', '.join(sorted(set(available)))})"
         ) from None
     check_returned(kind, name, out, batch, registry.info(fn))
     return recording.read

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from rlhf_jax import registry
+from rlhf_jax.contract.keys import BATCH_KEYS, batch_keys
 from rlhf_jax.losses import accumulation
 
 B, T, V, K = 4, 6, 7, 5
@@ -28,57 +29,19 @@ ROWS = 4  # rows of every sample batch: split into 2 and 4 micro-batches by the 
 T_LM = 10  # positions of the sft and ptx samples
 
 
-# Batch keys the RL update hands a policy loss, beyond what every loss of that kind gets:
-# these exist only with a reference model (a KL term) or a critic.
-REFERENCE_KEYS = ("ref_logprobs",)
-
-
-CRITIC_KEYS = ("old_values", "returns")
-
-
-POLICY_KEYS = (
-    "old_logprobs",
-    "advantages",
-    "response_mask",
-    "group_ids",
-    "scores",
-    "rewards",
-    "token_count",
-    "sequence_count",
-    "beta",
-    "iteration",
-)
-
-
-ADVANTAGE_KEYS = ("rewards", "response_mask", "scores", "group_ids")
-
-
-# What an estimator gets beyond what the critic's loss gets too (ADVANTAGE_KEYS), and its own
-# state when it declares one (`rlhf_jax.advantages`).
-ESTIMATOR_KEYS = ("response_ids",)
-STATE_KEY = "advantage_state"
-
-
-# What a rollout filter sees of one sampling round (`rlhf_jax.filters`).
-FILTER_KEYS = ("scores", "group_ids", "response_ids", "response_mask")
-
-
-# What the critic's loss receives (with its `values` output), with or without a critic this run.
-VALUE_KEYS = ("old_values", "returns", "response_mask", "token_count", *ADVANTAGE_KEYS)
-
-
-# What the supervised stages hand their losses: SFT (`segment_ids` when rows are packed),
-# the reward model's ranking batch, the pretraining batch of ptx.
-SFT_KEYS = ("input_ids", "attention_mask", "loss_mask")
-
-
-PACKED_SFT_KEYS = (*SFT_KEYS, "segment_ids")
-
-
-REWARD_KEYS = ("input_ids", "attention_mask", "rank", "completion_mask", "completion_start")
-
-
-PTX_KEYS = ("input_ids", "attention_mask")
+# The batch keys of each kind as the loops hand them (declared once, in `contract.keys`).
+REFERENCE_KEYS = BATCH_KEYS["policy"].when["reference"][0]  # only with a KL term
+CRITIC_KEYS = BATCH_KEYS["policy"].when["critic"][0]  # only with a critic
+POLICY_KEYS = batch_keys("policy")
+VALUE_KEYS = batch_keys("value")
+ADVANTAGE_KEYS = batch_keys("advantage")
+STATE_KEY = BATCH_KEYS["advantage"].when["state"][0][0]  # an estimator's declared state
+FILTER_KEYS = batch_keys("rollout_filter")
+SFT_KEYS = batch_keys("sft")
+PACKED_SFT_KEYS = batch_keys("sft", packed=True)
+REWARD_KEYS = batch_keys("reward")
+PTX_KEYS = batch_keys("ptx")
+PREFERENCE_KEYS = batch_keys("preference")
 
 
 # Texts a reward function is called on by `check_part`: two prompts, one answered twice as in
@@ -189,19 +152,13 @@ def _rl_inputs(kind: str, rng: np.random.Generator) -> tuple[dict, dict, dict]:
         ids = rng.integers(0, V, size=(B, T)).astype(np.int32)
         batch = {k: common[k] for k in ("scores", "group_ids", "response_mask")}
         return {}, {**batch, "response_ids": ids * (mask > 0)}, {"response_ids": pad}
-    old = -np.abs(_normal(rng, B, T))  # drawn for "value" too: its samples stay as they were
+    old = -np.abs(_normal(rng, B, T))
+    outputs, batch, free = _policy_inputs(rng, common, old, pad)
     if kind == "policy":
-        return _policy_inputs(rng, common, old, pad)
-    if kind == "value":
-        old_values = _normal(rng, B, T)
-        outputs = {"values": old_values + 0.3 * _normal(rng, B, T)}
-        batch = {
-            **common,
-            "old_values": old_values,
-            "returns": _normal(rng, B, T),
-            **_counts(kind, common),
-        }
-        return outputs, batch, {"values": pad}
+        return outputs, batch, free
+    if kind == "value":  # the same minibatch (`contract.keys`), with the critic's values
+        values = {"values": batch["old_values"] + 0.3 * _normal(rng, B, T)}
+        return values, {**batch, **_counts(kind, common)}, {"values": pad}
     raise ValueError(f"no sample inputs for kind {kind!r}")
 
 

@@ -56,7 +56,6 @@ from rlhf_jax.loops.stages import (
     train_supervised,
 )
 from rlhf_jax.loops.train import StageRun
-from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import (
     load_scalar_model,
     load_tokenizer,
@@ -64,7 +63,7 @@ from rlhf_jax.models import (
     save_scalar_model,
 )
 from rlhf_jax.models.hf import read_hf_config
-from rlhf_jax.steps import RLAlgorithm, check_reward_fns
+from rlhf_jax.steps import RLAlgorithm, check_reward_fns, resolve_config_parts
 
 
 def _require(value: str | None, key: str, command: str) -> str:
@@ -88,8 +87,10 @@ def _inputs(cfg: Config) -> dict[str, str | None]:
     }
 
 
-def _start(cfg: Config, out_dir: str | Path, writes: str) -> tuple[Path, MetricsLogger, Runtime]:
-    return start_run(cfg, out_dir, _inputs(cfg), (writes, f"{writes}_adapter"))
+def _start(
+    cfg: Config, out_dir: str | Path, writes: str, algo: RLAlgorithm | None
+) -> tuple[Path, MetricsLogger, Runtime]:
+    return start_run(cfg, out_dir, _inputs(cfg), (writes, f"{writes}_adapter"), algo)
 
 
 def _stage_run(
@@ -137,9 +138,8 @@ def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str,
     check_positions(model_cfg, path, lengths)
 
 
-def run_sft(cfg: Config, out_dir: str | Path) -> Path:
+def run_sft(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
-    refuse_unread(cfg, "sft")
     model_path = require_language_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
@@ -147,7 +147,7 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     arrays = RunEncoder(cfg, tokenizer).sft(examples, report, pack=cfg.sft.pack)
     _check_fit(model_path, tokenizer, {f"sft.data {data}": arrays}, stage_lengths(cfg, ("sft",)))
     check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
-    out, logger, runtime = _start(cfg, out_dir, "sft")
+    out, logger, runtime = _start(cfg, out_dir, "sft", algo)
     model_cfg, params = load_model(model_path, cfg, runtime)
     params = train_supervised(
         sft_spec(cfg, model_cfg),
@@ -168,9 +168,8 @@ def run_sft(cfg: Config, out_dir: str | Path) -> Path:
     return save_hf(model_cfg, params, out / "sft", tokenizer)
 
 
-def run_rm(cfg: Config, out_dir: str | Path) -> Path:
+def run_rm(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None) -> Path:
     """Reward model from `rm.init` (or `model.path`) on `rm.data`; writes OUT/rm."""
-    refuse_unread(cfg, "rm")
     init_key = "rm.init" if cfg.rm.init else "model.path"
     init = require_language_model(
         cfg.rm.init or _require(cfg.model.path, "rm.init", "rm"), init_key
@@ -195,7 +194,7 @@ def run_rm(cfg: Config, out_dir: str | Path) -> Path:
     train, held = split_heldout(arrays, cfg.rm.heldout_fraction, cfg.seed)
     what = f"rm.data {data}" + (f" (less {len(held['input_ids'])} held out)" if held else "")
     check_rows(len(train["input_ids"]), cfg.rm.batch_size, "rm.batch_size", what)
-    out, logger, runtime = _start(cfg, out_dir, "rm")
+    out, logger, runtime = _start(cfg, out_dir, "rm", algo)
     model_cfg, trunk = load_model(init, cfg, runtime)
     # The reward is read at the last token that is not this pad id (transformers' rule), and
     # the saved config.json names it, so transformers reads the token trained here.
@@ -304,11 +303,10 @@ def _rl_models(
     return RLModels(policy_cfg, sft_params, reward_cfg, reward_params)
 
 
-def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
+def run_ppo(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None) -> Path:
     """RL from `ppo.policy` against `ppo.reward_model` (or `ppo.reward_fn`); writes
     OUT/policy. The algorithm is the one the `ppo` section names (PPO by default)."""
-    refuse_unread(cfg, "ppo")
-    algo = RLAlgorithm.from_config(cfg.ppo)
+    algo = algo if algo is not None else resolve_config_parts(cfg)
     policy_path = require_language_model(
         _require(cfg.ppo.policy, "ppo.policy", "ppo"), "ppo.policy"
     )
@@ -318,7 +316,7 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     tokenizer, (prompt_arrays, prompt_texts), ptx_arrays, reports = _rl_data(
         cfg, policy_path, rm_path
     )
-    out, logger, runtime = _start(cfg, out_dir, "policy")
+    out, logger, runtime = _start(cfg, out_dir, "policy", algo)
     eos, pad = stop_ids(tokenizer)
     models = _rl_models(cfg, policy_path, rm_path, runtime, pad)
     settings = stage_settings(
@@ -351,10 +349,9 @@ def run_ppo(cfg: Config, out_dir: str | Path) -> Path:
     return save_hf(models.policy_cfg, params, out / "policy", tokenizer)
 
 
-def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
+def run_dpo(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None) -> Path:
     """DPO (or the `dpo.loss` variant) from `dpo.policy` on the rankings of `dpo.data` (or
     `rm.data`); writes OUT/policy."""
-    refuse_unread(cfg, "dpo")
     policy_path = require_language_model(
         _require(cfg.dpo.policy, "dpo.policy", "dpo"), "dpo.policy"
     )
@@ -367,7 +364,7 @@ def run_dpo(cfg: Config, out_dir: str | Path) -> Path:
     train, held = split_heldout(arrays, cfg.dpo.heldout_fraction, cfg.seed)
     what = f"{data_key} {data}" + (f" (less {len(held['rank'])} held out)" if held else "")
     check_rows(len(train["input_ids"]), cfg.dpo.batch_size, "dpo.batch_size", what)
-    out, logger, runtime = _start(cfg, out_dir, "policy")
+    out, logger, runtime = _start(cfg, out_dir, "policy", algo)
     model_cfg, ref_params = load_model(policy_path, cfg, runtime)
     bs = cfg.dpo.batch_size
     train = with_reference_logps(model_cfg, ref_params, train, bs)

@@ -54,7 +54,7 @@ from rlhf_jax.loops.stages import (
 from rlhf_jax.loops.train import StageRun
 from rlhf_jax.models import ModelConfig, load_tokenizer, save_hf, save_scalar_model
 from rlhf_jax.models.hf import read_hf_config
-from rlhf_jax.steps import check_reward_fns
+from rlhf_jax.steps import check_reward_fns, resolve_config_parts
 from rlhf_jax.tasks import TASKS
 from rlhf_jax.tasks.labeling import rank_samples
 from rlhf_jax.tasks.tokenizer import train_tokenizer
@@ -95,6 +95,7 @@ class Foundation:
     rm_bias_shift: float | None = None
     reports: list = dataclasses.field(default_factory=list)  # DataReports of every file
     notes: list[str] = dataclasses.field(default_factory=list)
+    algo: Any = None  # the RLAlgorithm of cfg.ppo, resolved once when the run started
 
 
 def _sample_rankings(cfg, model_cfg, sft_params, tokenizer, prompt_rows, key, eos, pad):
@@ -270,15 +271,19 @@ def _rankings(cfg: Config, d: _Data, model_cfg, sft_params, key, eos, pad, out: 
     return RunEncoder(cfg, d.tokenizer).rankings(rankings, report), report, notes
 
 
-def build_foundation(cfg: Config, out_dir: str | Path, reward_model: bool = True) -> Foundation:
-    """Check every part the config names, write run_config.json, load and validate all data, then
-    pretrain (built-in task), SFT (saved to OUT/sft) and the reward model (OUT/rm). Without
-    `reward_model` (a verifiable-reward task) no rankings are sampled and no RM is trained:
-    the fields that hold them are None."""
+def build_foundation(
+    cfg: Config, out_dir: str | Path, reward_model: bool = True, *, algo: Any = None
+) -> Foundation:
+    """Check every part the config names (`algo`: the RLAlgorithm of `cfg.ppo` when the
+    caller resolved them already, else resolved here), write run_config.json, load and
+    validate all data, then pretrain (built-in task), SFT (saved to OUT/sft) and the reward
+    model (OUT/rm). Without `reward_model` (a verifiable-reward task) no rankings are sampled
+    and no RM is trained: the fields that hold them are None."""
     names = (*cfg.compare.algorithms, *cfg.compare.preference)
     writes = ("sft", "rm", "policy", "data", "sft_adapter", "policy_adapter")
     writes += tuple(f"policies/{n}" for n in names)
-    out, logger, runtime = start_run(cfg, out_dir, {"model.path": cfg.model.path}, writes)
+    algo = algo if algo is not None else resolve_config_parts(cfg)
+    out, logger, runtime = start_run(cfg, out_dir, {"model.path": cfg.model.path}, writes, algo)
     keys = stage_keys(cfg.seed)
     d = _load_data(cfg, out)
     check_reward_fns(cfg, d.prompt_texts)  # before any model is made or trained
@@ -312,7 +317,7 @@ def build_foundation(cfg: Config, out_dir: str | Path, reward_model: bool = True
                   eos=eos, pad=pad, model_cfg=model_cfg, sft_params=sft_params,
                   prompt_arrays=a["prompts"], prompt_texts=d.prompt_texts, ptx_arrays=a["ptx"],
                   heldout_arrays=a["heldout"], eval_prompts=d.eval_prompts,
-                  eval_arrays=a["eval"])  # fmt: skip
+                  eval_arrays=a["eval"], algo=algo)  # fmt: skip
     if not reward_model:
         return Foundation(**common, reports=list(d.reports))
 

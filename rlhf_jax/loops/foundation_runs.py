@@ -14,17 +14,25 @@ from rlhf_jax.loops.foundation import Foundation
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
 from rlhf_jax.loops.settings import pipeline_settings
+from rlhf_jax.steps import RLAlgorithm
 from rlhf_jax.tasks import TASKS
 
 
 def run_rl(
-    cfg: Config, f: Foundation, stage: str, ptx: bool = True, adapter_dir: Path | None = None
+    cfg: Config,
+    f: Foundation,
+    stage: str,
+    ptx: bool = True,
+    adapter_dir: Path | None = None,
+    *,
+    algo: RLAlgorithm | None = None,
 ):
     """The RL stage of `cfg.ppo` from the foundation's SFT policy (and its reward model, when
     it trained one: the reward, or with `ppo.reward_fn` the critic's start); returns the
     weights to evaluate (the EMA when kept) and the final state. `ptx`: whether ptx batches
     are given (the ptx ablation passes False); `adapter_dir`: where `lora.save_adapters`
-    writes a LoRA policy's adapters."""
+    writes a LoRA policy's adapters; `algo`: `cfg.ppo`'s algorithm when resolved already
+    (the foundation's own, `f.algo`, for the pipeline's RL stage)."""
     reward = (f.model_cfg, f.rm_params) if f.rm_params is not None else (None, None)
     models = RLModels(f.model_cfg, f.sft_params, *reward)
     state = train_rl(
@@ -41,6 +49,7 @@ def run_rl(
         checkpoints=StageCheckpoints(f.out, stage, cfg.checkpoint, pipeline_settings(cfg, "rl")),
         tokenizer=f.tokenizer,
         prompt_texts=f.prompt_texts,
+        algo=algo,
     )
     params = final_policy(cfg, models, state, adapter_dir, str(f.out / "sft"))
     return params, state

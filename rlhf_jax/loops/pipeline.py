@@ -24,6 +24,7 @@ from rlhf_jax.loops.rlvr import run_rlvr
 from rlhf_jax.loops.stages import lm_loss
 from rlhf_jax.loops.usage import refuse_unread
 from rlhf_jax.models import save_hf
+from rlhf_jax.steps import RLAlgorithm
 from rlhf_jax.tasks import VERIFIABLE
 
 
@@ -35,21 +36,24 @@ def machine() -> dict[str, str]:
     }
 
 
-def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
+def run_pipeline(
+    cfg: Config, out_dir: str | Path, command: str = "", *, algo: RLAlgorithm | None = None
+) -> dict:
     """Run every stage, write checkpoints, metrics, report.json/.md and curves.png. A
     verifiable-reward task (`task.name: sums`) runs `loops/rlvr.py` instead: no reward model,
-    RL on `ppo.reward_fn`, a report of exact accuracies."""
+    RL on `ppo.reward_fn`, a report of exact accuracies. `algo`: the RLAlgorithm of `cfg.ppo`
+    when the caller resolved the config's parts already (the CLI), else resolved once here."""
     if cfg.model.path is not None:
         require_language_model(cfg.model.path, "model.path")
     refuse_unread(cfg, "pipeline")
     if cfg.task.name in VERIFIABLE:  # no reward model: RL on the task's reward function
-        return run_rlvr(cfg, out_dir, command, machine())
+        return run_rlvr(cfg, out_dir, command, machine(), algo=algo)
     t_start = time.time()
-    f = build_foundation(cfg, out_dir)
+    f = build_foundation(cfg, out_dir, algo=algo)
     out, model_cfg = f.out, f.model_cfg
 
     # Step 3: RL (PPO-ptx by default), and the same run without ptx for the ablation.
-    policy_params, state = run_rl(cfg, f, "ppo", adapter_dir=out / "policy_adapter")
+    policy_params, state = run_rl(cfg, f, "ppo", adapter_dir=out / "policy_adapter", algo=f.algo)
     save_hf(model_cfg, policy_params, out / "policy", f.tokenizer)
 
     # Evaluation on held-out prompts.
@@ -87,7 +91,7 @@ def run_pipeline(cfg: Config, out_dir: str | Path, command: str = "") -> dict:
     }
     if cfg.ptx.coef > 0 and cfg.eval.ptx_ablation:
         no_ptx_cfg = dataclasses.replace(cfg, ptx=dataclasses.replace(cfg.ptx, coef=0.0))
-        ab_params, _ = run_rl(no_ptx_cfg, f, "ppo_no_ptx", ptx=False)
+        ab_params, _ = run_rl(no_ptx_cfg, f, "ppo_no_ptx", ptx=False, algo=f.algo)
         ab_eval = evaluate_policy(cfg, f, ab_params)
         report["ablation"] = {
             "no_ptx": {

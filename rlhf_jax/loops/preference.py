@@ -23,6 +23,7 @@ from rlhf_jax.loops.build_supervised import dpo_spec
 from rlhf_jax.loops.stages import train_supervised
 from rlhf_jax.loops.train import StageRun
 from rlhf_jax.losses import get_loss
+from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.steps.preference import (
     completion_token_mask,
@@ -71,7 +72,9 @@ def preference_metrics(cfg: Config, model_cfg: ModelConfig, params, arrays: dict
     over every pair of `arrays` at once (ranking arrays with `ref_logps`)."""
     logps = sequence_logps(model_cfg, params, arrays, cfg.dpo.batch_size)
     tokens = np.asarray(completion_token_mask(arrays))[..., 1:].sum(-1)
-    out = _loss_fn(cfg)({"logps": logps}, {**arrays, "completion_tokens": tokens})
+    batch = {**arrays, "completion_tokens": tokens}
+    loss_fn = _loss_fn(cfg)  # with the whole batch's counts, as in training (contract.keys)
+    out = loss_fn({"logps": logps}, {**batch, **batch_counts("preference", loss_fn, batch)})
     return {k.removeprefix("dpo/"): float(v) for k, v in out.metrics.items()}
 
 

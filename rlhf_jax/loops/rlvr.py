@@ -73,7 +73,9 @@ def policy_report(cfg: Config, f: Foundation, answers: ev.GoldEval) -> dict[str,
     }
 
 
-def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, str]) -> dict:
+def run_rlvr(
+    cfg: Config, out_dir: str | Path, command: str, machine: dict[str, str], *, algo: Any = None
+) -> dict:
     """Every stage of a verifiable-reward task; writes the checkpoints (OUT/sft, OUT/policy),
     metrics.jsonl, report.json, report.md and curves.png; returns the report. `machine`
     describes where it ran (`pipeline.machine()`), for the report."""
@@ -84,9 +86,11 @@ def run_rlvr(cfg: Config, out_dir: str | Path, command: str, machine: dict[str, 
             "stage"
         )
     t_start = time.time()
-    f = build_foundation(cfg, out_dir, reward_model=False)
+    f = build_foundation(cfg, out_dir, reward_model=False, algo=algo)
     # Its reward is the function: no ptx batches unless ptx.coef asks for them.
-    params, _ = run_rl(cfg, f, STAGE, ptx=cfg.ptx.coef > 0, adapter_dir=f.out / "policy_adapter")
+    params, _ = run_rl(
+        cfg, f, STAGE, ptx=cfg.ptx.coef > 0, adapter_dir=f.out / "policy_adapter", algo=f.algo
+    )
     save_hf(f.model_cfg, params, f.out / "policy", f.tokenizer)
 
     sft_answers = greedy_answers(cfg, f, f.sft_params)

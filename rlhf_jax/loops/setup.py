@@ -16,18 +16,24 @@ from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import score_all
 from rlhf_jax.models import ModelConfig, load_hf
 from rlhf_jax.models.hf import read_hf_config
-from rlhf_jax.steps import normalize_reward_bias, resolve_config_parts
+from rlhf_jax.steps import RLAlgorithm, normalize_reward_bias, resolve_config_parts
 
 
 def start_run(
-    cfg: Config, out_dir: str | Path, inputs: dict[str, str | None], writes: tuple[str, ...]
+    cfg: Config,
+    out_dir: str | Path,
+    inputs: dict[str, str | None],
+    writes: tuple[str, ...],
+    algo: RLAlgorithm | None = None,
 ) -> tuple[Path, MetricsLogger, Runtime]:
-    """Check every part the config names, prepare the output folder (refusing one that is or
+    """Check every part the config names (unless the caller resolved them already: `algo`,
+    from `resolve_config_parts`), prepare the output folder (refusing one that is or
     would write into an input model folder: `inputs` maps config keys to those folders,
     `writes` names the subfolders the run writes), lock it against other runs (held until
     the command ends, see `output_lock`), write run_config.json, and start the logger and
     the device runtime."""
-    resolve_config_parts(cfg)
+    if algo is None:
+        resolve_config_parts(cfg)
     out = prepare_output_dir(out_dir, inputs, writes)
     lock_output(out)  # before anything in the folder is written or removed
     run_config = to_dict(cfg)

@@ -17,6 +17,7 @@ from rlhf_jax.loops.build_supervised import SupervisedSpec, rm_spec
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import StageRun, run_supervised
 from rlhf_jax.losses import get_loss
+from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.models import ModelConfig, forward, init_params, init_scalar_head, scalar_trunk
 from rlhf_jax.models.config import FAMILY_SWITCHES
 from rlhf_jax.ops import next_token_logprobs
@@ -118,7 +119,10 @@ def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict
     keys = ("input_ids", "attention_mask")
     rewards = map_params(_rewards_fn(model_cfg), params, arrays, keys, cfg.rm.batch_size)
     loss_fn = get_loss("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
-    m = loss_fn({"rewards": rewards}, arrays).metrics
+    # With the whole batch's counts, as in training: the loss gets the keys it is declared
+    # to get (contract.keys), not fewer after training.
+    batch = {**arrays, **batch_counts("reward", loss_fn, arrays)}
+    m = loss_fn({"rewards": rewards}, batch).metrics
     return {"accuracy": float(m["rm/accuracy"]), "margin": float(m["rm/margin"]),
             "pairs": float(m["rm/pairs"])}  # fmt: skip
 

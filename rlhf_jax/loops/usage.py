@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 
+from rlhf_jax import stage_registry
 from rlhf_jax.advantages import estimator_needs_critic
 from rlhf_jax.config import Config
 from rlhf_jax.errors import RlhfJaxError
@@ -163,40 +164,41 @@ RLVR_COMPARE = (
 
 LOADED_MODEL = "the command loads a model folder, whose config.json sets its shape"
 
+# The stage commands' own rules, named by their `StageDef`s (rlhf_jax/stage_registry.py).
+SFT_COMMAND = (
+    Unread(RANDOM_MODEL, LOADED_MODEL),
+    Unread(("model.frozen_dtype",), "only RL has frozen models"),
+)
+RM_COMMAND = (
+    Unread(RANDOM_MODEL, LOADED_MODEL),
+    Unread(("model.frozen_dtype",), "only RL has frozen models"),
+    Unread(("model.logits_chunk",), "a reward model has no LM head"),
+    Unread(
+        ("rm.k",),
+        "rm.k sizes the built-in task's sampled rankings; `rlhf-jax rm` "
+        "reads its rankings from rm.data",
+    ),
+)
+PPO_COMMAND = (
+    Unread(RANDOM_MODEL, LOADED_MODEL),
+    Unread(
+        ("ppo.reward_model",),
+        "ppo.reward_fn replaces the reward model",
+        lambda c: c.ppo.reward_fn is not None,
+    ),
+    *RL,
+)
+DPO_COMMAND = (
+    Unread(RANDOM_MODEL, LOADED_MODEL),
+    Unread(
+        ("model.frozen_dtype",),
+        "DPO's reference log-probs are computed once, before training, from the loaded policy",
+    ),
+    Unread(("rm.data",), "dpo.data is set and is read instead", lambda c: c.dpo.data is not None),
+)
+
+# The whole-task commands' rules (each stage command's are in its StageDef).
 RULES: dict[str, tuple[Unread, ...]] = {
-    "sft": (
-        Unread(RANDOM_MODEL, LOADED_MODEL),
-        Unread(("model.frozen_dtype",), "only RL has frozen models"),
-    ),
-    "rm": (
-        Unread(RANDOM_MODEL, LOADED_MODEL),
-        Unread(("model.frozen_dtype",), "only RL has frozen models"),
-        Unread(("model.logits_chunk",), "a reward model has no LM head"),
-        Unread(
-            ("rm.k",),
-            "rm.k sizes the built-in task's sampled rankings; `rlhf-jax rm` "
-            "reads its rankings from rm.data",
-        ),
-    ),
-    "ppo": (
-        Unread(RANDOM_MODEL, LOADED_MODEL),
-        Unread(
-            ("ppo.reward_model",),
-            "ppo.reward_fn replaces the reward model",
-            lambda c: c.ppo.reward_fn is not None,
-        ),
-        *RL,
-    ),
-    "dpo": (
-        Unread(RANDOM_MODEL, LOADED_MODEL),
-        Unread(
-            ("model.frozen_dtype",),
-            "DPO's reference log-probs are computed once, before training, from the loaded policy",
-        ),
-        Unread(
-            ("rm.data",), "dpo.data is set and is read instead", lambda c: c.dpo.data is not None
-        ),
-    ),
     "pipeline": (
         *FOUNDATION,
         *RLVR,
@@ -217,13 +219,10 @@ RULES: dict[str, tuple[Unread, ...]] = {
 RUNTIME = ("log", "checkpoint", "mesh", "distributed")
 EVERYTHING = ("seed", "model", "task", "data", "pretrain", "sft", "rm", "ppo", "ptx", "lora",
               "eval", *RUNTIME)  # fmt: skip
-# The sections (or keys) each command owns: a key set there is read or refused. Sections of
-# other commands sharing the config file are theirs.
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "sft": ("seed", "model", "data", "sft", "lora", *RUNTIME),
-    "rm": ("seed", "model", "data", "rm", "sft.data", "lora", *RUNTIME),
-    "ppo": ("seed", "model", "data", "ppo", "ptx", "lora", *RUNTIME),
-    "dpo": ("seed", "model", "data", "dpo", "rm.data", "lora", *RUNTIME),
+# The sections (or keys) each whole-task command owns (a stage command's are its StageDef's
+# `sections`): a key set there is read or refused. Sections of other commands sharing the
+# config file are theirs.
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "pipeline": EVERYTHING,
     "compare": (*EVERYTHING, "dpo", "compare"),
 }
@@ -247,11 +246,26 @@ ROW_UNREAD: dict[str, tuple[tuple[str, ...], str]] = {
 # Keys inside those sections that are another command's input: model.path is the base model
 # of `sft` and `rm`; `ppo` and `dpo` start from ppo.policy / dpo.policy.
 # The dpo keys compare's preference runs do not read (ROW_UNREAD) are `rlhf-jax dpo`'s.
-NOT_OWNED: dict[str, tuple[str, ...]] = {
-    "ppo": ("model.path",),
-    "dpo": ("model.path",),
+TASK_NOT_OWNED: dict[str, tuple[str, ...]] = {
     "compare": tuple(f"dpo.{k}" for k in ROW_UNREAD_PREFERENCE),
 }
+
+
+def sections(command: str) -> tuple[str, ...]:
+    """The config sections/keys `command` owns: a registered stage's, or a task command's."""
+    defined = stage_registry.stage(command)
+    return defined.sections if defined is not None else TASK_SECTIONS[command]
+
+
+def not_owned(command: str) -> tuple[str, ...]:
+    defined = stage_registry.stage(command)
+    return defined.not_owned if defined is not None else TASK_NOT_OWNED.get(command, ())
+
+
+# Snapshots at import, every command's (the registered stages' and the task commands').
+SECTIONS = {s.name: s.sections for s in stage_registry.stages() if s.run} | TASK_SECTIONS
+NOT_OWNED = {s.name: s.not_owned for s in stage_registry.stages() if s.not_owned}
+NOT_OWNED |= TASK_NOT_OWNED
 
 
 def _fields(value, prefix: str = "") -> dict:
@@ -272,7 +286,9 @@ def _covers(keys: tuple[str, ...], key: str) -> bool:
 
 
 def _rules(command: str) -> tuple[Unread, ...]:
-    return (*RULES[command], *EVERY_COMMAND)
+    defined = stage_registry.stage(command)
+    own = RULES[command] if defined is None else tuple(stage_registry.load(defined.unread))
+    return (*own, *EVERY_COMMAND)
 
 
 def unread_settings(cfg: Config, command: str) -> list[tuple[str, str, bool]]:
@@ -281,9 +297,9 @@ def unread_settings(cfg: Config, command: str) -> list[tuple[str, str, bool]]:
     now, default = _fields(cfg), _fields(Config())
     out = []
     for key, value in now.items():
-        if value == default[key] or not _covers(SECTIONS[command], key):
+        if value == default[key] or not _covers(sections(command), key):
             continue
-        if _covers(NOT_OWNED.get(command, ()), key):
+        if _covers(not_owned(command), key):
             continue
         rule = next((r for r in _rules(command) if _covers(r.keys, key) and r.when(cfg)), None)
         if rule is not None:

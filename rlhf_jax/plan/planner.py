@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import jax
 
+from rlhf_jax import stage_registry
 from rlhf_jax.config import Config
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.build import RESIDENT_ROLES, Program, StageBuild
@@ -70,21 +71,10 @@ class StagePlan:
 
 
 def stage_names(cfg: Config) -> list[str]:
-    """The stages the config's run would execute, in order, named as the CLI names them:
-    pretraining only for the built-in task's random model, DPO only when a command runs it
-    (`rlhf-jax dpo`'s `dpo.policy`, or `compare.preference`)."""
-    names = []
-    if cfg.model.path is None and cfg.pretrain.steps > 0:
-        names.append("pretrain")
-    if cfg.sft.steps > 0:
-        names.append("sft")
-    if cfg.rm.steps > 0:
-        names.append("rm")
-    if cfg.ppo.iterations > 0:
-        names.append("ppo")
-    if cfg.dpo.steps > 0 and (cfg.dpo.policy or cfg.compare.preference):
-        names.append("dpo")
-    return names
+    """The stages the config's run would execute, in order, named as the CLI names them: the
+    registered stages (rlhf_jax/stage_registry.py) with a builder whose `planned(cfg)` holds
+    (pretraining only for the built-in task's random model, DPO only when a command runs it)."""
+    return [s.name for s in stage_registry.stages() if s.build is not None and s.planned(cfg)]
 
 
 def _reward_cfg(cfg: Config, algo: RLAlgorithm):
@@ -97,10 +87,9 @@ def _reward_cfg(cfg: Config, algo: RLAlgorithm):
     return ab.base_model(cfg, cfg.rm.init or cfg.model.path)
 
 
-def _rl(cfg: Config, runtime: Runtime) -> StageBuild:
+def build_rl(cfg: Config, runtime: Runtime, algo: RLAlgorithm) -> StageBuild:
     """The RL stage from the SFT policy, with ptx batches whenever `ptx.coef > 0` (the
     pipeline has them; `rlhf-jax ppo` then requires `ptx.data`)."""
-    algo = RLAlgorithm.from_config(cfg.ppo)
     policy_cfg = ab.base_model(cfg, cfg.ppo.policy or cfg.model.path)
     spec = RLBuildSpec(
         cfg=cfg,
@@ -113,26 +102,49 @@ def _rl(cfg: Config, runtime: Runtime) -> StageBuild:
     return rl_build(spec, runtime)
 
 
-def stage_table(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], StageBuild]]:
-    """Every stage name -> a function building it as the loop does (model configs read when
-    called), whether the config runs it or not."""
-    path = cfg.model.path
-
-    def supervised(make_spec, model_path):
-        return lambda: supervised_build(make_spec(cfg, ab.base_model(cfg, model_path)), runtime)
-
-    return {
-        "pretrain": supervised(pretrain_spec, None),
-        "sft": supervised(sft_spec, path),
-        "rm": supervised(rm_spec, cfg.rm.init or path),
-        "ppo": lambda: _rl(cfg, runtime),
-        "dpo": supervised(dpo_spec, cfg.dpo.policy or path),
-    }
+# The supervised stages as the loop builds them, on the abstract shapes of their models.
+def build_pretrain(cfg: Config, runtime: Runtime, algo: RLAlgorithm) -> StageBuild:
+    return supervised_build(pretrain_spec(cfg, ab.base_model(cfg, None)), runtime)
 
 
-def builders(cfg: Config, runtime: Runtime) -> dict[str, Callable[[], StageBuild]]:
+def build_sft(cfg: Config, runtime: Runtime, algo: RLAlgorithm) -> StageBuild:
+    return supervised_build(sft_spec(cfg, ab.base_model(cfg, cfg.model.path)), runtime)
+
+
+def build_rm(cfg: Config, runtime: Runtime, algo: RLAlgorithm) -> StageBuild:
+    model = ab.base_model(cfg, cfg.rm.init or cfg.model.path)
+    return supervised_build(rm_spec(cfg, model), runtime)
+
+
+def build_dpo(cfg: Config, runtime: Runtime, algo: RLAlgorithm) -> StageBuild:
+    model = ab.base_model(cfg, cfg.dpo.policy or cfg.model.path)
+    return supervised_build(dpo_spec(cfg, model), runtime)
+
+
+def stage_table(
+    cfg: Config, runtime: Runtime, algo: RLAlgorithm | None = None
+) -> dict[str, Callable[[], StageBuild]]:
+    """Every registered stage with a builder -> a function building it as the loop does
+    (model configs read when called), whether the config runs it or not. `algo`: the run's
+    RL algorithm (else resolved from `cfg.ppo` when a stage is first built, once for all)."""
+    resolved = [algo]
+
+    def the_algo() -> RLAlgorithm:
+        if resolved[0] is None:
+            resolved[0] = RLAlgorithm.from_config(cfg.ppo)
+        return resolved[0]
+
+    def bound(build):
+        return lambda: stage_registry.load(build)(cfg, runtime, the_algo())
+
+    return {s.name: bound(s.build) for s in stage_registry.stages() if s.build is not None}
+
+
+def builders(
+    cfg: Config, runtime: Runtime, algo: RLAlgorithm | None = None
+) -> dict[str, Callable[[], StageBuild]]:
     """The stages the config runs (`stage_names`) -> a function building each."""
-    table = stage_table(cfg, runtime)
+    table = stage_table(cfg, runtime, algo)
     names = stage_names(cfg)
     if not names:
         raise RlhfJaxError(

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from rlhf_jax import contract, registry
 from rlhf_jax.config import Config, DPOConfig, PPOConfig, compare_preference_runs, compare_runs
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.losses.accumulation import KIND_COUNT_KEYS
 from rlhf_jax.ops import REDUCTIONS
 from rlhf_jax.rewards import field_lists
 
@@ -88,7 +87,8 @@ class RLAlgorithm:
         # Resolved (and dry-run below) with or without a critic: a misspelt name fails at load
         # even in a run that does not use it, not in the next run that does.
         value_loss = registry.resolve("value", ppo.value_loss, **ppo.value_loss_kwargs)
-        contract.dry_run("value", value_loss, ppo.value_loss, contract.VALUE_KEYS)
+        value_keys = contract.batch_keys("value", reference=ppo.kl_penalty != "none")
+        contract.dry_run("value", value_loss, ppo.value_loss, value_keys)
         if not needs_critic:
             value_loss = None
         elif ppo.policy_optim.grad_accum > 1:
@@ -115,23 +115,19 @@ class RLAlgorithm:
     def _check_reads(self, ppo: PPOConfig) -> None:
         """Run each part once on tiny inputs with exactly the keys this run provides."""
         why = []
-        policy_keys = contract.POLICY_KEYS
-        if self.uses_reference:
-            policy_keys += contract.REFERENCE_KEYS
-        else:
+        if not self.uses_reference:
             why.append("reference log-probs exist only when ppo.kl_penalty is reward or loss")
-        if self.needs_critic:
-            policy_keys += contract.CRITIC_KEYS
-        else:
+        if not self.needs_critic:
             why.append(f"values only with a critic (advantage {ppo.advantage!r} needs none)")
+        policy_keys = contract.batch_keys(
+            "policy", reference=self.uses_reference, critic=self.needs_critic
+        )
         contract.dry_run("policy", self.policy_loss, ppo.policy_loss, policy_keys, "; ".join(why))
         if ppo.policy_optim.grad_accum > 1:
             accum = "ppo.policy_optim.grad_accum"
             contract.require_exact_accumulation("policy", self.policy_loss, ppo.policy_loss, accum)
-        advantage_keys = contract.ADVANTAGE_KEYS + contract.ESTIMATOR_KEYS
-        advantage_keys += ("values",) if self.needs_critic else ()
-        if registry.info(self.advantage).get("state") is not None:
-            advantage_keys += (contract.STATE_KEY,)
+        has_state = registry.info(self.advantage).get("state") is not None
+        advantage_keys = contract.batch_keys("advantage", critic=self.needs_critic, state=has_state)
         contract.dry_run("advantage", self.advantage, ppo.advantage, advantage_keys)
 
 
@@ -164,25 +160,11 @@ def _default_reduction(fn: Callable) -> str:
     return param.default
 
 
-# What a preference loss's batch holds (the ranking batch, the reference's log-probs and the
-# completions' token counts).
-PREFERENCE_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "rank",
-    "completion_mask",
-    "completion_start",
-    "ref_logps",
-    "completion_tokens",
-    *KIND_COUNT_KEYS["preference"],
-)
-
-
 def resolve_preference_loss(dpo: DPOConfig) -> Callable:
     """`dpo.loss` with `dpo.beta` and its kwargs bound, called once on tiny inputs so that a
     bad hyperparameter value or a batch key the stage lacks fails when the config loads."""
     fn = registry.resolve("preference", dpo.loss, beta=dpo.beta, **dpo.loss_kwargs)
-    contract.dry_run("preference", fn, dpo.loss, PREFERENCE_KEYS)
+    contract.dry_run("preference", fn, dpo.loss, contract.PREFERENCE_KEYS)
     if dpo.optim.grad_accum > 1:
         contract.require_exact_accumulation("preference", fn, dpo.loss, "dpo.optim.grad_accum")
     return fn
@@ -194,7 +176,7 @@ def resolve_config_parts(cfg: Config) -> RLAlgorithm:
     `compare.algorithms` run): called when a config is
     loaded, so a misspelt name or a hyperparameter a part does not take fails before the first
     stage runs."""
-    sft_keys = contract.PACKED_SFT_KEYS if cfg.sft.pack else contract.SFT_KEYS
+    sft_keys = contract.batch_keys("sft", packed=cfg.sft.pack)
     for kind, name, kwargs, keys, accum_key in (
         ("sft", cfg.sft.loss, cfg.sft.loss_kwargs, sft_keys, "sft.optim.grad_accum"),
         ("reward", cfg.rm.loss, cfg.rm.loss_kwargs, contract.REWARD_KEYS, "rm.optim.grad_accum"),
