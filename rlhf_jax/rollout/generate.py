@@ -144,7 +144,7 @@ def _generate(
     spec: SamplingSpec,
     activations,
     fan_out: int = 1,
-    compact: bool = True,
+    compact: bool = False,
     keep: bool = False,
 ) -> GenerateOutput:
     del activations  # only a cache key: the model reads the same resolver while tracing
@@ -211,7 +211,9 @@ def _decode(
         mask_BN=jnp.zeros((b, n), jnp.float32),
         support_BNW=support_BNW,
     )
-    final = run(dec, init, stage_sizes(b, _batch_shards(b), compact and not keep))
+    # Without an EOS no row ends early: one loop, nothing more to compile.
+    compact = compact and not keep and bool(spec.eos_ids)
+    final = run(dec, init, stage_sizes(b, _batch_shards(b), compact))
     state = None
     if keep:
         generated_BS = final.mask_BN[:, : n - 1].astype(jnp.int32)
@@ -258,7 +260,7 @@ def _continue(
     )
     position_B = jnp.sum(kv_mask_BS, axis=-1)
     start = _Start(cache, kv_mask_BS, logits_B1V[:, 0], position_B, s + t)
-    return _decode(config, params, rng, spec, start, compact=True, keep=keep)
+    return _decode(config, params, rng, spec, start, compact=False, keep=keep)
 
 
 def _decode_weights(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
@@ -302,7 +304,7 @@ def generate(
     record_support: bool = False,
     spec: SamplingSpec | None = None,
     samples_per_prompt: int = 1,
-    compact: bool = True,
+    compact: bool = False,
     return_state: bool = False,
 ) -> GenerateOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
@@ -321,7 +323,9 @@ def generate(
       samples_per_prompt: G; each prompt is prefilled once and answered G times, rows
         p*G .. p*G + G - 1 (the outputs have P*G rows: what `jnp.repeat(prompts, G, 0)` gives).
       compact: once at most half the rows are alive, go on with the alive rows in a batch of
-        half the size (`rollout.decode`); the tokens are the same.
+        half the size (`rollout.decode`): time follows the tokens generated. The same tokens;
+        log-probs may differ from the full batch's in the last float bits (a smaller matmul
+        rounds differently on XLA:CPU), so it is off unless asked for.
       return_state: also return the `DecodeState` (`GenerateOutput.state`) that
         `continue_generate` goes on from (this turns `compact` off).
     """
