@@ -233,6 +233,10 @@ class PPOConfig:
     # model, critic), run one after another: 0 = the whole rollout batch at once. Must
     # divide the iteration's responses; lowers the experience's temporaries, same results.
     experience_micro_batch: int = 0
+    # The sampler goes on with the unfinished responses in a half-size batch whenever at most
+    # half are left (rollout/decode.py): time follows the tokens generated, not rows x the
+    # longest. Same tokens; log-probs may differ in the last float bits (a smaller matmul).
+    compact_finished_rows: bool = False
     max_prompt_len: int = 16
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling; also divides logits wherever log-probs are taken

@@ -1,5 +1,7 @@
-"""Compiled generation: prefill the prompt into a preallocated KV cache, then decode inside one
-`lax.while_loop`. One compile per (shape, sampling settings); no Python per token.
+"""Compiled generation: prefill the prompt into a preallocated KV cache, then decode inside
+`lax.while_loop`s (`rollout.decode`: one per batch size, finished rows compacted out). One
+compile per (shape, sampling settings); no Python per token. A group of G samples per prompt
+prefills the prompt once; `continue_generate` goes on after the host appends tokens.
 
 Cache layout: slots [0, P) hold the (padded) prompt, slot P + t the t-th generated token.
 `kv_mask` marks real slots, so left-, right- or un-padded prompts all work, and a token's
@@ -27,7 +29,7 @@ from rlhf_jax.models.transformer import (
     split_layers,
 )
 from rlhf_jax.ops.logprobs import support_width, truncates
-from rlhf_jax.rollout.sampling import sample_token_and_support
+from rlhf_jax.rollout.decode import DecodeLoopState, Decoder, Spec, run, stage_sizes
 
 
 class GenerateOutput(NamedTuple):
@@ -39,25 +41,14 @@ class GenerateOutput(NamedTuple):
     support:  [B, N, ceil(V / 32)] uint32, the tokens each one was drawn from, packed
               (`ops.pack_support`; all zero on padding); only with `record_support` and a
               top-k / top-p that truncates, else None.
+    state:    with `return_state`, the `DecodeState` to continue from, else None.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
     support: jax.Array | None = None
-
-
-class _DecodeState(NamedTuple):
-    step: jax.Array  # scalar int32: index of the token being chosen
-    cache: KVCache
-    kv_mask_BS: jax.Array
-    logits_BV: jax.Array  # next-token logits
-    position_B: jax.Array  # position of the token being chosen
-    done_B: jax.Array
-    tokens_BN: jax.Array
-    logprobs_BN: jax.Array
-    mask_BN: jax.Array
-    support_BNW: jax.Array | None
+    state: DecodeState | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,20 +105,47 @@ class SamplingSpec:
         )
 
 
-class _Decoder(NamedTuple):
-    """What every decode step reads and never changes."""
+class DecodeState(NamedTuple):
+    """Where a `generate` (with `return_state=True`) left off, for `continue_generate` to go on
+    after the host appends tokens (a tool's answer, the next user turn).
 
-    config: ModelConfig
-    params: dict  # per-layer weights (`split_layers`)
-    rng: jax.Array
-    spec: SamplingSpec
-    eos_arr: jax.Array  # [E] int32 the EOS ids ([-1] for none)
-    prompt_len: int
+    cache:        per layer k and v [B, kv_heads, S, head_dim]; slot P + t holds generated
+                  token t for t < N - 1 (the last one was chosen without a forward).
+    kv_valid_BS:  [B, S] int32, 1 where a slot holds a real token (prompt padding and the
+                  padding after a row's EOS are 0).
+    last_token_B: [B] int32, the last generated token, not yet in the cache.
+    last_valid_B: [B] int32, 1 when that token is real (the row had not ended before it).
+    """
+
+    cache: KVCache
+    kv_valid_BS: jax.Array
+    last_token_B: jax.Array
+    last_valid_B: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec", "activations"))
+def _batch_shards(rows: int) -> int:
+    """How many devices the batch axis of a `rows`-row activation is split over (1 without
+    sharding rules): compacted batches stay multiples of it."""
+    resolve = active_resolver()
+    sharding = None if resolve is None else resolve(("batch",), (rows,))
+    return 1 if sharding is None else rows // sharding.shard_shape((rows,))[0]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "spec", "activations", "fan_out", "compact", "keep")
+)
 def _generate(
-    config, params, prompt_ids_BP, prompt_mask_BP, rng, *, spec: SamplingSpec, activations
+    config,
+    params,
+    prompt_ids_BP,
+    prompt_mask_BP,
+    rng,
+    *,
+    spec: SamplingSpec,
+    activations,
+    fan_out: int = 1,
+    compact: bool = False,
+    keep: bool = False,
 ) -> GenerateOutput:
     del activations  # only a cache key: the model reads the same resolver while tracing
     b, p = prompt_ids_BP.shape
@@ -147,39 +165,112 @@ def _generate(
         jnp.int32(0),
         logits_index_B=last_token_index(prompt_mask_BP),
     )
-    eos_arr = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,), jnp.int32)
-    v = logits_B1V.shape[-1]
+    position_B = jnp.sum(prompt_mask_BP, axis=-1)
+    if fan_out > 1:  # each prompt prefilled once; its G samples start from copies
+        prefilled = (cache, kv_mask_BS, logits_B1V, position_B)
+        cache, kv_mask_BS, logits_B1V, position_B = jax.tree.map(
+            lambda x: jnp.repeat(x, fan_out, axis=0), prefilled
+        )
+    start = _Start(cache, kv_mask_BS, logits_B1V[:, 0], position_B, p)
+    return _decode(config, params, rng, spec, start, compact=compact, keep=keep)
+
+
+class _Start(NamedTuple):
+    """A prefilled batch, ready to decode."""
+
+    cache: KVCache
+    kv_mask_BS: jax.Array
+    logits_BV: jax.Array
+    position_B: jax.Array
+    prompt_len: int  # slot of generated token 0
+
+
+def _decode(
+    config, params, rng, spec: SamplingSpec, start: _Start, *, compact: bool, keep: bool
+) -> GenerateOutput:
+    """Decode N tokens after a prefill; with `keep`, also the `DecodeState` to continue from
+    (then no compaction: a continuation needs every row's cache)."""
+    b, v = start.logits_BV.shape
+    n = spec.max_new_tokens
     support_BNW = None
     if spec.record_support and spec.temperature != 0 and truncates(spec.top_k, spec.top_p, v):
         support_BNW = jnp.zeros((b, n, support_width(v)), jnp.uint32)
-    dec = _Decoder(config, params, rng, spec, eos_arr, p)
-    init = _DecodeState(
+    loop_spec = Spec(n, spec.temperature, spec.top_k, spec.top_p, spec.pad_id)
+    eos_arr = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,), jnp.int32)
+    dec = Decoder(config, params, rng, loop_spec, eos_arr, start.prompt_len, b)
+    init = DecodeLoopState(
         step=jnp.int32(0),
-        cache=cache,
-        kv_mask_BS=kv_mask_BS,
-        logits_BV=logits_B1V[:, 0],
-        position_B=jnp.sum(prompt_mask_BP, axis=-1),
+        cache=start.cache,
+        kv_mask_BS=start.kv_mask_BS,
+        logits_BV=start.logits_BV,
+        position_B=start.position_B,
         done_B=jnp.zeros((b,), bool),
+        rows_B=jnp.arange(b, dtype=jnp.int32),
         tokens_BN=jnp.full((b, n), spec.pad_id, jnp.int32),
         logprobs_BN=jnp.zeros((b, n), jnp.float32),
         mask_BN=jnp.zeros((b, n), jnp.float32),
         support_BNW=support_BNW,
     )
-    final = jax.lax.while_loop(
-        functools.partial(_more, n), functools.partial(_decode_step, dec), init
+    # Without an EOS no row ends early: one loop, nothing more to compile.
+    compact = compact and not keep and bool(spec.eos_ids)
+    final = run(dec, init, stage_sizes(b, _batch_shards(b), compact))
+    state = None
+    if keep:
+        generated_BS = final.mask_BN[:, : n - 1].astype(jnp.int32)
+        state = DecodeState(
+            final.cache,
+            jnp.concatenate([start.kv_mask_BS[:, : start.prompt_len], generated_BS], axis=1),
+            final.tokens_BN[:, n - 1],
+            final.mask_BN[:, n - 1].astype(jnp.int32),
+        )
+    return GenerateOutput(
+        final.tokens_BN, final.logprobs_BN, final.mask_BN, final.support_BNW, state
     )
-    # Token N - 1 (or, after an early exit, the next one: every row is done, so it writes
-    # padding with mask 0, exactly what the loop would have written).
-    _, _, tokens_BN, logprobs_BN, mask_BN, support_BNW = _choose(dec, final)
-    return GenerateOutput(tokens_BN, logprobs_BN, mask_BN, support_BNW)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec", "activations", "keep"))
+def _continue(
+    config, params, state: DecodeState, ids_BA, mask_BA, rng, *, spec, activations, keep
+) -> GenerateOutput:
+    del activations
+    s = state.kv_valid_BS.shape[1]
+    n = spec.max_new_tokens
+    # The chunk fed now: the last generated token, then the appended ones.
+    chunk_ids_BT = jnp.concatenate([state.last_token_B[:, None], ids_BA], axis=1)
+    chunk_mask_BT = jnp.concatenate([state.last_valid_B[:, None], mask_BA], axis=1)
+    t = chunk_ids_BT.shape[1]
+    config, params = _decode_weights(config, params)
+    grow = ((0, 0), (0, 0), (0, t + n - 1), (0, 0))
+    cache = jax.tree.map(lambda x: jnp.pad(x, grow), state.cache)
+    b = chunk_ids_BT.shape[0]
+    kv_mask_BS = jnp.concatenate(
+        [state.kv_valid_BS, chunk_mask_BT, jnp.zeros((b, n - 1), jnp.int32)], axis=1
+    )
+    # Positions count real tokens only, as `generate` counts them over a whole prompt.
+    positions_BT = positions_from_mask(kv_mask_BS[:, : s + t])[:, s:]
+    logits_B1V, cache = forward_cached(
+        config,
+        params,
+        chunk_ids_BT,
+        positions_BT,
+        cache,
+        kv_mask_BS,
+        jnp.int32(s),
+        logits_index_B=last_token_index(chunk_mask_BT),
+    )
+    position_B = jnp.sum(kv_mask_BS, axis=-1)
+    start = _Start(cache, kv_mask_BS, logits_B1V[:, 0], position_B, s + t)
+    return _decode(config, params, rng, spec, start, compact=False, keep=keep)
 
 
 def _decode_weights(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     """The weights as every decode step reads them: per-layer slices, made once here, not
-    inside every step; a tied LM head as its own [D, V] copy, made once per call: read as
-    `embed.T` inside the loop, the head's GEMM ran on the transposed [V, D] operand, slower
-    on XLA:CPU (decode step at vocab 50257, batch 8: 9.0-9.1 -> 7.5-8.2 ms; within noise at
-    8192)."""
+    inside every step (XLA:CPU cannot feed a matmul a slice in place: slicing inside the
+    step copied each layer's weights at every step, 61 -> 101 ms per step at 6L/512d, and
+    left the compiled temporaries as they were); a tied LM head as its own [D, V] copy,
+    made once per call: read as `embed.T` inside the loop, the head's GEMM ran on the
+    transposed [V, D] operand, slower on XLA:CPU (decode step at vocab 50257, batch 8:
+    9.0-9.1 -> 7.5-8.2 ms; within noise at 8192)."""
     params = split_layers(params)
     if config.tie_embeddings:
         params = {**params, "lm_head": params["embed"].T}
@@ -187,55 +278,14 @@ def _decode_weights(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     return config, params
 
 
-def _choose(dec: _Decoder, s: _DecodeState) -> tuple:
-    """Pick token `s.step` from the current logits and record it."""
-    spec = dec.spec
-    token_B, logp_B, support_BW = sample_token_and_support(
-        s.logits_BV, jax.random.fold_in(dec.rng, s.step), spec.temperature, spec.top_k, spec.top_p
-    )
-    alive_B = ~s.done_B
-    token_B = jnp.where(alive_B, token_B, spec.pad_id)
-    col = (0, s.step)
-    tokens_BN = jax.lax.dynamic_update_slice(s.tokens_BN, token_B[:, None], col)
-    logprobs_BN = jax.lax.dynamic_update_slice(
-        s.logprobs_BN, jnp.where(alive_B, logp_B, 0.0)[:, None], col
-    )
-    mask_BN = jax.lax.dynamic_update_slice(s.mask_BN, alive_B.astype(jnp.float32)[:, None], col)
-    support_BNW = s.support_BNW
-    if support_BNW is not None:
-        support_BW = jnp.where(alive_B[:, None], support_BW, jnp.uint32(0))
-        support_BNW = jax.lax.dynamic_update_slice(support_BNW, support_BW[:, None], (0, s.step, 0))
-    done_B = s.done_B | (alive_B & jnp.isin(token_B, dec.eos_arr))
-    return token_B, done_B, tokens_BN, logprobs_BN, mask_BN, support_BNW
-
-
-def _more(n: int, s: _DecodeState) -> jax.Array:
-    """Whether the loop goes on. The last token is chosen after the loop: it needs no
-    forward pass of its own."""
-    return (s.step < n - 1) & ~jnp.all(s.done_B)
-
-
-def _decode_step(dec: _Decoder, s: _DecodeState) -> _DecodeState:
-    """Choose token `s.step`, then feed it through the model for the next logits."""
-    token_B, done_B, tokens_BN, logprobs_BN, mask_BN, support_BNW = _choose(dec, s)
-    b = token_B.shape[0]
-    slot = dec.prompt_len + s.step
-    kv_mask_BS = jax.lax.dynamic_update_slice(s.kv_mask_BS, jnp.ones((b, 1), jnp.int32), (0, slot))
-    logits_B1V, cache = forward_cached(
-        dec.config, dec.params, token_B[:, None], s.position_B[:, None], s.cache, kv_mask_BS, slot
-    )
-    return _DecodeState(
-        s.step + 1,
-        cache,
-        kv_mask_BS,
-        logits_B1V[:, 0],
-        s.position_B + 1,
-        done_B,
-        tokens_BN,
-        logprobs_BN,
-        mask_BN,
-        support_BNW,
-    )
+def _spec(max_new_tokens: int | None, spec: SamplingSpec | None, **keywords) -> SamplingSpec:
+    if spec is None:
+        if max_new_tokens is None:
+            raise ValueError("generate needs max_new_tokens (or a SamplingSpec)")
+        return SamplingSpec.of(max_new_tokens, **keywords)
+    if max_new_tokens is not None:
+        raise ValueError("generate takes max_new_tokens or a SamplingSpec, not both")
+    return spec
 
 
 def generate(
@@ -253,11 +303,14 @@ def generate(
     pad_id: int | None = None,
     record_support: bool = False,
     spec: SamplingSpec | None = None,
+    samples_per_prompt: int = 1,
+    compact: bool = False,
+    return_state: bool = False,
 ) -> GenerateOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
 
     Args:
-      prompt_ids, prompt_mask: [B, P] padded prompts (left padding is usual; any works).
+      prompt_ids, prompt_mask: [P, L] padded prompts (left padding is usual; any works).
       rng: a JAX PRNG key; each step uses `fold_in(rng, step)`.
       temperature: 0 means greedy (argmax).
       top_k, top_p: optional truncation of the sampling distribution.
@@ -267,21 +320,27 @@ def generate(
       record_support: also return the set of tokens each one was drawn from (`support`),
         which RL needs to take every log-prob over the sampling distribution's support.
       spec: all of the above as one `SamplingSpec` instead (then give none of them).
+      samples_per_prompt: G; each prompt is prefilled once and answered G times, rows
+        p*G .. p*G + G - 1 (the outputs have P*G rows: what `jnp.repeat(prompts, G, 0)` gives).
+      compact: once at most half the rows are alive, go on with the alive rows in a batch of
+        half the size (`rollout.decode`): time follows the tokens generated. The same tokens;
+        log-probs may differ from the full batch's in the last float bits (a smaller matmul
+        rounds differently on XLA:CPU), so it is off unless asked for.
+      return_state: also return the `DecodeState` (`GenerateOutput.state`) that
+        `continue_generate` goes on from (this turns `compact` off).
     """
-    if spec is None:
-        if max_new_tokens is None:
-            raise ValueError("generate needs max_new_tokens (or a SamplingSpec)")
-        spec = SamplingSpec.of(
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=eos_id,
-            pad_id=pad_id,
-            record_support=record_support,
-        )
-    elif max_new_tokens is not None:
-        raise ValueError("generate takes max_new_tokens or a SamplingSpec, not both")
+    spec = _spec(
+        max_new_tokens,
+        spec,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        record_support=record_support,
+    )
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     return _generate(
         config,
         params,
@@ -290,4 +349,40 @@ def generate(
         rng,
         spec=spec,
         activations=active_resolver(),
+        fan_out=int(samples_per_prompt),
+        compact=bool(compact),
+        keep=bool(return_state),
+    )
+
+
+def continue_generate(
+    config: ModelConfig,
+    params,
+    state: DecodeState,
+    append_ids: jax.Array,
+    append_mask: jax.Array,
+    rng: jax.Array,
+    spec: SamplingSpec,
+    *,
+    return_state: bool = False,
+) -> GenerateOutput:
+    """Go on from where a `generate(..., return_state=True)` (or a continuation) stopped:
+    `append_ids` [B, A] (mask `append_mask`, padding anywhere) follow each row's context
+    (its prompt, its generated tokens up to its EOS), then `spec.max_new_tokens` new ones.
+
+    The same tokens as `generate` over the whole context as one prompt (the cache layout is
+    the same; only float rounding differs, a prefill against decode steps); the cache grows
+    by A + N slots (one copy of it). A row should append at least one real token, or its
+    last generated token must be real: it continues from its last real token.
+    """
+    return _continue(
+        config,
+        params,
+        state,
+        jnp.asarray(append_ids, jnp.int32),
+        jnp.asarray(append_mask).astype(jnp.int32),
+        rng,
+        spec=spec,
+        activations=active_resolver(),
+        keep=bool(return_state),
     )

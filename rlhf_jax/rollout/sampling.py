@@ -63,7 +63,22 @@ def _tempered(logits_BV: jax.Array, temperature: float) -> jax.Array:
 _CDF_BLOCK = 128
 
 
-def inverse_cdf_sample(rng: jax.Array, logp_BV: jax.Array) -> jax.Array:
+# Which rows of a larger batch a compacted batch holds: (row index [B] of each, the larger
+# batch's row count). A row's random draw is that of its row in the larger batch, so rows
+# moved into a smaller batch draw what they would have drawn where they were.
+DrawRows = tuple[jax.Array, int]
+
+
+def _uniform_B1(rng: jax.Array, b: int, rows: DrawRows | None) -> jax.Array:
+    if rows is None:
+        return jax.random.uniform(rng, (b, 1), jnp.float32)
+    rows_B, total = rows
+    return jnp.take(jax.random.uniform(rng, (total, 1), jnp.float32), rows_B, axis=0, mode="clip")
+
+
+def inverse_cdf_sample(
+    rng: jax.Array, logp_BV: jax.Array, rows: DrawRows | None = None
+) -> jax.Array:
     """One draw per row from the distribution exp(logp): the first token whose cumulative
     probability reaches u * total, u uniform in (0, 1].
 
@@ -74,7 +89,7 @@ def inverse_cdf_sample(rng: jax.Array, logp_BV: jax.Array) -> jax.Array:
     plain reduction): first the block whose cumulative total reaches u * total, then the
     token inside that block. A token of probability 0 (filtered out) is never drawn: its
     cumulative probability equals its predecessor's, so no u lands on it; a block of total
-    0 is skipped the same way.
+    0 is skipped the same way. `rows`: see `DrawRows`.
     """
     b, v = logp_BV.shape
     n_blocks = -(-v // _CDF_BLOCK)
@@ -90,7 +105,7 @@ def inverse_cdf_sample(rng: jax.Array, logp_BV: jax.Array) -> jax.Array:
         ((0, 0), (0, n_blocks * _CDF_BLOCK - v)),
     )
     block_cdf_BN = jnp.cumsum(block_total_BN, axis=-1)
-    u_B1 = 1.0 - jax.random.uniform(rng, (b, 1), jnp.float32)
+    u_B1 = 1.0 - _uniform_B1(rng, b, rows)
     target_B1 = u_B1 * block_cdf_BN[:, -1:]  # <= the total, so some block reaches it
     block_B = jnp.minimum(jnp.sum(block_cdf_BN < target_B1, axis=-1), n_blocks - 1)
     before_B1 = jnp.where(
@@ -129,6 +144,7 @@ def sample_token(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
+    rows: DrawRows | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One token per row and its log-prob under the sampling distribution: ([B], [B]).
     A greedy temperature (`is_greedy`: 0) takes the argmax, with its log-prob at
@@ -142,7 +158,7 @@ def sample_token(
         log_total_B = jnp.log(jnp.sum(jnp.exp(logits_BV - max_B1), axis=-1))
         return token_B, -log_total_B
     logp_BV = sampling_log_probs(logits_BV, temperature, top_k, top_p)
-    token_B = inverse_cdf_sample(rng, logp_BV).astype(jnp.int32)
+    token_B = inverse_cdf_sample(rng, logp_BV, rows).astype(jnp.int32)
     return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
 
 
@@ -152,6 +168,7 @@ def sample_token_and_support(
     temperature: float,
     top_k: int | None = None,
     top_p: float | None = None,
+    rows: DrawRows | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """`sample_token`'s (token [B], log-prob [B]) and the support the token was drawn from,
     packed (`ops.pack_support`, uint32 [B, ceil(V / 32)]); None when nothing is truncated
@@ -160,9 +177,9 @@ def sample_token_and_support(
     The same draw as `sample_token` (same key, same token). The trainer and the reference
     renormalise over this recorded support (docs/algorithms.md)."""
     if temperature == 0 or not truncates(top_k, top_p, logits_BV.shape[-1]):
-        return (*sample_token(logits_BV, rng, temperature, top_k, top_p), None)
+        return (*sample_token(logits_BV, rng, temperature, top_k, top_p, rows), None)
     filtered_BV = filter_logits(logits_BV.astype(jnp.float32) / temperature, top_k, top_p)
     logp_BV = jax.nn.log_softmax(filtered_BV, axis=-1)
-    token_B = inverse_cdf_sample(rng, logp_BV).astype(jnp.int32)
+    token_B = inverse_cdf_sample(rng, logp_BV, rows).astype(jnp.int32)
     logp_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
     return token_B, logp_B, pack_support(filtered_BV > jnp.finfo(filtered_BV.dtype).min)

@@ -162,9 +162,7 @@ def make_sample_fn(
     g = ppo.samples_per_prompt
 
     def sample(policy_params, prompt_ids, prompt_mask, key) -> Rollout:
-        if g > 1:
-            prompt_ids = jnp.repeat(prompt_ids, g, axis=0)
-            prompt_mask = jnp.repeat(prompt_mask, g, axis=0)
+        # Each prompt is prefilled once and its G samples decoded from copies of its cache.
         gen = generate(
             policy_cfg,
             policy_params,
@@ -178,7 +176,12 @@ def make_sample_fn(
             eos_id=tuple(eos_ids),
             pad_id=pad_id,
             record_support=True,
+            samples_per_prompt=g,
+            compact=ppo.compact_finished_rows,
         )
+        if g > 1:
+            prompt_ids = jnp.repeat(prompt_ids, g, axis=0)
+            prompt_mask = jnp.repeat(prompt_mask, g, axis=0)
         mask = gen.mask
         return Rollout(
             sequence_ids=jnp.concatenate([prompt_ids, gen.tokens], axis=1),
