@@ -347,8 +347,8 @@ def _missing_key(cfg: Config, switch: str) -> bool:
     return False
 
 
-def suggestions(stage: StagePlan, ctx: Context) -> list[Suggestion]:
-    """Every switch that lowers the stage's peak, most bytes saved first."""
+def _candidates(stage: StagePlan, ctx: Context) -> list[tuple[str, Effect, str, int]]:
+    """`(switch, effect, note, new stage peak)` of every switch worth a line."""
     out = []
     for make in SWITCHES:
         found = make(stage, ctx)
@@ -358,10 +358,65 @@ def suggestions(stage: StagePlan, ctx: Context) -> list[Suggestion]:
         peak = int(max(new_peak(stage, p, effect, ctx) for p in stage.programs))
         if stage.peak - peak < max(2**20, stage.peak // 200):  # nothing worth a line
             continue
+        out.append((switch, effect, note, peak))
+    return out
+
+
+def suggestions(stage: StagePlan, ctx: Context) -> list[Suggestion]:
+    """Every switch that lowers the stage's peak, most bytes saved first."""
+    out = []
+    for switch, _, note, peak in _candidates(stage, ctx):
         if _missing_key(ctx.cfg, switch):
             note += " (key not in this version's config yet)"
         out.append(Suggestion(switch, stage.peak - peak, peak, peak <= ctx.device_memory, note))
     return sorted(out, key=lambda s: -s.saves)
+
+
+# Switches that shrink the same bytes (the trained weights' moments): estimated together, their
+# savings would be counted twice, so a combination takes at most one of them.
+_OVERLAPPING = ("lora.rank=", "model.param_dtype=", ".mu_dtype=")
+
+
+def _combine(a: Effect, b: Effect, backward: float) -> Effect:
+    """Both switches' effects. Their savings on the backward's `backward` bytes compose as
+    fractions (remat, then half the micro-batch: half of what remat leaves), not as a sum,
+    which would count the bytes both remove twice."""
+    keep = 1.0
+    for e in (a, b):
+        keep *= 1 - min(e.backward / backward, 1.0) if backward > 0 else 1.0
+    return Effect(
+        a.resident + b.resident,
+        backward * (1 - keep) if backward > 0 else a.backward + b.backward,
+        a.floor_scale * b.floor_scale,
+        a.experience + b.experience,
+    )
+
+
+def together(stage: StagePlan, ctx: Context) -> Suggestion | None:
+    """When the stage does not fit and no single switch makes it fit: the switches that do
+    together, taken greedily, most bytes saved first (all of them when even they do not),
+    their effects added. None when the stage fits or one switch suffices."""
+    found = sorted(_candidates(stage, ctx), key=lambda c: c[3])
+    if stage.peak <= ctx.device_memory or not found or found[0][3] <= ctx.device_memory:
+        return None
+    chosen: list[str] = []
+    effect, peak = Effect(), stage.peak
+    trainers = [p for p in stage.programs if _training(stage, p)]
+    backward = max((_bound(stage, p, ctx)[0] for p in trainers), default=0.0)
+    for switch, e, _, _ in found:
+        if any(k in switch for k in _OVERLAPPING) and any(
+            k in c for c in chosen for k in _OVERLAPPING
+        ):
+            continue
+        chosen.append(switch)
+        effect = _combine(effect, e, backward)
+        peak = int(max(new_peak(stage, p, effect, ctx) for p in stage.programs))
+        if peak <= ctx.device_memory:
+            break
+    if len(chosen) < 2:
+        return None
+    note = "these switches together (their estimates added; plan again with them to check)"
+    return Suggestion(" ".join(chosen), stage.peak - peak, peak, peak <= ctx.device_memory, note)
 
 
 def largest_part(parts: dict[str, int]) -> str:

@@ -39,11 +39,33 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="plan for N devices (virtual CPU devices: no accelerator needed)",
     )
+    add_number(
+        p,
+        "--per-device-batch",
+        int,
+        AT_LEAST_1,
+        metavar="B",
+        help="rescale every stage's batch so that each device holds B rows per micro-batch "
+        "(grad_accum, samples per prompt and minibatches per epoch kept): plans for "
+        "different --devices then compare the same per-device work (docs/memory.md)",
+    )
     p.set_defaults(run=run_plan)
 
 
 def _progress(line: str) -> None:
     print(f"plan: {line}", file=sys.stderr, flush=True)
+
+
+def _per_device(cfg, args: argparse.Namespace):
+    """The config again, with `--per-device-batch`'s batch sizes over the user's overrides."""
+    from rlhf_jax.config import Config, load_config
+    from rlhf_jax.loops.runtime import Runtime
+    from rlhf_jax.plan.per_device import batch_ways, per_device_overrides
+
+    ways = batch_ways(cfg, dict(Runtime.from_config(cfg).mesh.shape))
+    extra = per_device_overrides(cfg, args.per_device_batch, ways)
+    _progress(f"--per-device-batch {args.per_device_batch} over {ways} devices: {' '.join(extra)}")
+    return load_config(Config, args.config, [*args.overrides, *extra])
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -63,6 +85,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from rlhf_jax.plan.report import fmt_bytes, plan_json, render_table
 
     cfg = load_config(Config, args.config, args.overrides)
+    if args.per_device_batch is not None:
+        cfg = _per_device(cfg, args)
     for key, path in language_models(cfg).items():  # the check `sft`, `rm`, ... make
         require_language_model(path, key)
     runtime = Runtime.from_config(cfg)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rlhf_jax.plan.advice import Context, Suggestion, largest_part, suggestions
+from rlhf_jax.plan.advice import Context, Suggestion, largest_part, suggestions, together
 from rlhf_jax.plan.planner import PARTS, StagePlan
 
 LABELS = {
@@ -29,6 +29,7 @@ def fmt_bytes(n: float) -> str:
 
 def stage_json(stage: StagePlan, ctx: Context) -> dict:
     peak, memory = stage.peak, ctx.device_memory
+    combined = together(stage, ctx)
     return {
         "peak_bytes_per_device": peak,
         "parts": dict(stage.parts),
@@ -39,6 +40,7 @@ def stage_json(stage: StagePlan, ctx: Context) -> dict:
         "programs": {p.name: p.peak for p in stage.programs},
         "detail": {k: v for k, v in stage.build.detail.items() if v},
         "suggestions": [s.to_dict() for s in suggestions(stage, ctx)],
+        "together": combined.to_dict() if combined else None,
     }
 
 
@@ -93,7 +95,7 @@ def stage_block(stage: StagePlan, ctx: Context) -> list[str]:
         fitting = [s.switch for s in found if s.fits]
         if stage.peak > memory:
             lines.append(
-                "  would fit with: " + (", ".join(fitting) if fitting else "no single switch")
+                "  would fit with: " + (", ".join(fitting) if fitting else _together(stage, ctx))
             )
         lines.append(
             "  switches that lower the peak (estimated; plan again with one to compile it):"
@@ -101,6 +103,14 @@ def stage_block(stage: StagePlan, ctx: Context) -> list[str]:
         width = max(len(s.switch) for s in found)
         lines += [_suggestion_line(s, width) for s in found]
     return lines
+
+
+def _together(stage: StagePlan, ctx: Context) -> str:
+    t = together(stage, ctx)
+    if t is None:
+        return "no single switch"
+    verdict = "" if t.fits else ", still does not fit"
+    return f"no single switch; together: {t.switch} (est. {fmt_bytes(t.peak)}{verdict})"
 
 
 def render_table(stages: list[StagePlan], ctx: Context, header: str) -> str:
