@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from rlhf_jax import registry
 from rlhf_jax.data.pack import pack_rankings
 from rlhf_jax.losses import get_loss, registered_losses
 from rlhf_jax.models import attention, init_scalar_head
@@ -54,12 +55,11 @@ def rankings(seed: int, eos: int) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.fixture(params=["dense", "blocked"])
-def kind(request, monkeypatch):
-    """The attention path; blocked with blocks of 8 so packed rows (33 slots) span several."""
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 8 on the blocked path, so packed rows (33 slots) span several."""
     blocked = functools.partial(attention.blocked_self_attention, block=8)
     monkeypatch.setattr(attention, "blocked_self_attention", blocked)
-    return request.param
 
 
 def run_step(step, params, batch):
@@ -67,6 +67,10 @@ def run_step(step, params, batch):
     state = TrainState.create(params, optax.sgd(1.0))
     new, metrics = jax.jit(step)(state, jax.tree.map(jnp.asarray, batch), jax.random.key(0))
     return new.params, {k: float(v) for k, v in metrics.items()}
+
+
+def registered_fn(kind: str, name: str):
+    return registry.lookup(kind, name)
 
 
 def assert_same(padded, packed):
@@ -105,12 +109,13 @@ def test_pack_rankings_layout():
     assert seen == int(arrays["attention_mask"].sum())
 
 
-@pytest.mark.parametrize("accum, eos", [(1, 2), (2, PAD)])  # pad == EOS: the token before
+# Each attention path once, with and without accumulation; pad == EOS reads the token before.
+@pytest.mark.parametrize("kind, accum, eos", [("dense", 1, 2), ("blocked", 2, PAD)])
 def test_reward_step_packed_equals_padded(kind, accum, eos):
     """The reward model's step: rewards read at each segment's own reward token, then the
     K-wise loss, its gradient and metrics as on the padded rows (counts of the whole batch
     under accumulation)."""
-    config, trunk = tiny_model(attention=kind, pad_token_id=PAD, eos_token_id=eos)
+    config, trunk = tiny_model(n_layers=1, attention=kind, pad_token_id=PAD, eos_token_id=eos)
     params = {"trunk": scalar_trunk(trunk), "head": init_scalar_head(config, jax.random.key(1))}
     arrays = rankings(1, eos)
     step = make_reward_step(config, get_loss("reward", "default"), grad_accum=accum)
@@ -119,12 +124,12 @@ def test_reward_step_packed_equals_padded(kind, accum, eos):
     assert_same(padded, packed)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
+@pytest.mark.parametrize("kind, accum", [("dense", 2), ("blocked", 1)])
 def test_preference_step_packed_equals_padded(kind, accum):
     """DPO's step, with the reference's log-probs from the packed reference pass equal to the
     padded pass's (moved to their slots)."""
-    config, params = tiny_model(attention=kind, pad_token_id=PAD, eos_token_id=2)
-    _, ref = tiny_model(seed=3, attention=kind, pad_token_id=PAD, eos_token_id=2)
+    config, params = tiny_model(n_layers=1, attention=kind, pad_token_id=PAD, eos_token_id=2)
+    _, ref = tiny_model(seed=3, n_layers=1, attention=kind, pad_token_id=PAD, eos_token_id=2)
     arrays = rankings(2, eos=2)
     logps = jax.jit(make_logps_fn(config))
     arrays["ref_logps"] = np.asarray(logps(ref, arrays))
@@ -140,7 +145,7 @@ def test_every_preference_loss_packed_equals_padded():
     value, metrics and gradient with respect to the log-probs (rewards) as on the padded
     batch. With the model's outputs and their gradients equal (the step tests above), the
     whole gradient is then equal for every loss."""
-    config, params = tiny_model(pad_token_id=PAD, eos_token_id=2)
+    config, params = tiny_model(n_layers=1, pad_token_id=PAD, eos_token_id=2)
     arrays = rankings(4, eos=2)
     arrays["ref_logps"] = np.random.default_rng(0).normal(-20, 3, (N, K)).astype(np.float32)
     packed = pack_rankings(arrays, prompts_per_row=2)
@@ -151,10 +156,14 @@ def test_every_preference_loss_packed_equals_padded():
     packed_view = {**prompt_view(packed), "completion_tokens": tokens_packed}
     filled = np.asarray(prompt_view(packed)["completion_mask"]).any(-1)  # slots holding a prompt
     np.testing.assert_allclose(np.asarray(logps_packed)[filled], logps_pad, rtol=1e-5)
-    cases = [("preference", n, {"beta": 0.5}, "logps") for n in registered_losses()["preference"]]
-    cases += [("reward", n, {}, "rewards") for n in registered_losses()["reward"]]
-    for kind, name, hparams, key in cases:
-        loss = get_loss(kind, name, **hparams)
+    cases, seen = [], set()
+    for kind, hparams, key in (("preference", {"beta": 0.5}, "logps"), ("reward", {}, "rewards")):
+        for name in registered_losses()[kind]:
+            loss = get_loss(kind, name, **hparams)
+            if registered_fn(kind, name) not in seen:  # aliases ("default") once
+                seen.add(registered_fn(kind, name))
+                cases.append((name, loss, key))
+    for name, loss, key in cases:
 
         def value(x, batch, loss=loss, key=key):
             out = loss({key: x}, batch)
