@@ -153,8 +153,14 @@ def test_every_preference_loss_packed_equals_padded():
     logps_packed, tokens_packed = logps_of(params, packed)
     padded_view = {**arrays, "completion_tokens": tokens_pad}
     packed_view = {**prompt_view(packed), "completion_tokens": tokens_packed}
-    filled = np.asarray(prompt_view(packed)["completion_mask"]).any(-1)  # slots holding a prompt
-    np.testing.assert_allclose(np.asarray(logps_packed)[filled], logps_pad, rtol=1e-5)
+    rows = assign_rows(group_lengths(arrays["attention_mask"]), K * L, 2)
+    slot = np.zeros(N, int)  # prompt n's place among the packed view's R * P prompts
+    for r, prompts in enumerate(rows):
+        for p, n in enumerate(prompts):
+            slot[n] = 2 * r + p
+    empty = np.ones(2 * len(rows), bool)
+    empty[slot] = False
+    np.testing.assert_allclose(np.asarray(logps_packed)[slot], logps_pad, rtol=1e-5)
     cases, seen = [], set()
     for kind, hparams, key in (("preference", {"beta": 0.5}, "logps"), ("reward", {}, "rewards")):
         for name in registered_losses()[kind]:
@@ -173,5 +179,5 @@ def test_every_preference_loss_packed_equals_padded():
         np.testing.assert_allclose(lq, lp, rtol=1e-5, err_msg=name)
         for m in mp:
             np.testing.assert_allclose(mq[m], mp[m], rtol=1e-5, atol=1e-6, err_msg=f"{name} {m}")
-        np.testing.assert_allclose(np.asarray(gq)[filled], gp, rtol=1e-5, atol=1e-7, err_msg=name)
-        assert not np.asarray(gq)[~filled].any(), name  # empty slots have no gradient
+        np.testing.assert_allclose(np.asarray(gq)[slot], gp, rtol=1e-5, atol=1e-7, err_msg=name)
+        assert not np.asarray(gq)[empty].any(), name  # empty slots have no gradient
