@@ -171,9 +171,12 @@ class RMConfig:
     allow_ties: bool = False  # accept {"ranks": [...]} rows with equal ranks (no comparison)
     k: int = 4  # completions sampled per prompt for the built-in task
     steps: int = 300
-    batch_size: int = 16  # prompts per step (each with its K completions)
+    batch_size: int = 16  # prompts per step (each with its K completions); packed rows with pack
     max_prompt_len: int = 16
     max_completion_len: int = 24
+    # Several prompts' K sequences per row of K * L tokens (segment-masked attention,
+    # `data/pack.py`): no compute on padding; batch_size then counts packed rows.
+    pack: bool = False
     heldout_fraction: float = 0.15
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=10))
     loss: str = "default"
@@ -189,9 +192,10 @@ class DPOConfig:
     policy: str | None = None  # `rlhf-jax dpo`: SFT checkpoint folder (policy and reference)
     allow_ties: bool = False  # accept {"ranks": [...]} rows with equal ranks (no comparison)
     steps: int = 200
-    batch_size: int = 16  # prompts per step (each with its K completions)
+    batch_size: int = 16  # prompts per step (each with its K completions); packed rows with pack
     max_prompt_len: int = 16
     max_completion_len: int = 24
+    pack: bool = False  # as rm.pack: prompts packed into rows of K * L tokens
     beta: float = 0.1  # strength of the implicit KL to the reference (the loss's beta)
     heldout_fraction: float = 0.15  # rankings held out for accuracy and KL (0 = none)
     optim: OptimConfig = field(

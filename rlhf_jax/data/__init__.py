@@ -24,6 +24,7 @@ from rlhf_jax.data.load import (
     load_sft,
     load_texts,
 )
+from rlhf_jax.data.pack import pack_rankings
 from rlhf_jax.data.records import (
     MAX_K,
     MIN_K,
@@ -38,6 +39,7 @@ from rlhf_jax.data.records import (
 )
 
 __all__ = [
+    "pack_rankings",
     "MAX_K",
     "MIN_K",
     "Batches",

@@ -21,7 +21,14 @@ from rlhf_jax.config import Config, LoraConfig
 from rlhf_jax.loops.adapters import StageWeights, adapter_key, stage_weights
 from rlhf_jax.loops.build import Assembly, Forward, Program, StageBuild, Start, train_state_detail
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.loops.shapes import lm_batch, nbytes, ranking_batch, ranking_k, step_key
+from rlhf_jax.loops.shapes import (
+    lm_batch,
+    nbytes,
+    packed_ranking_batch,
+    ranking_batch,
+    ranking_k,
+    step_key,
+)
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.sharding import batch_sharding, jit_step
@@ -192,14 +199,15 @@ def sft_spec(cfg: Config, model_cfg: ModelConfig) -> SupervisedSpec:
 
 
 def rm_spec(cfg: Config, model_cfg: ModelConfig) -> SupervisedSpec:
-    """The reward model (SFT trunk + a fresh head) on K-wise rankings."""
+    """The reward model (SFT trunk + a fresh head) on K-wise rankings (packed: `rm.pack`)."""
     r = cfg.rm
     loss = get_loss("reward", r.loss, **r.loss_kwargs)
     length = r.max_prompt_len + r.max_completion_len + 1
 
     def batch(rt: Runtime) -> dict:
         k = ranking_k(r.data, r.k)
-        return ranking_batch(rt, r.batch_size, k, length, "rm.batch_size", False)
+        shape = packed_ranking_batch if r.pack else ranking_batch
+        return shape(rt, r.batch_size, k, length, "rm.batch_size", False)
 
     return SupervisedSpec(
         name="rm",
@@ -223,7 +231,8 @@ def dpo_spec(cfg: Config, model_cfg: ModelConfig, name: str = "dpo") -> Supervis
 
     def batch(rt: Runtime) -> dict:
         k = ranking_k(d.data or cfg.rm.data, cfg.rm.k)
-        return ranking_batch(rt, d.batch_size, k, length, "dpo.batch_size", True)
+        shape = packed_ranking_batch if d.pack else ranking_batch
+        return shape(rt, d.batch_size, k, length, "dpo.batch_size", True)
 
     return SupervisedSpec(
         name=name,

@@ -20,7 +20,7 @@ from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.build_supervised import dpo_spec
-from rlhf_jax.loops.stages import train_supervised
+from rlhf_jax.loops.stages import packed_rankings, train_supervised
 from rlhf_jax.loops.train import StageRun
 from rlhf_jax.losses import get_loss
 from rlhf_jax.losses.accumulation import batch_counts
@@ -63,7 +63,10 @@ def train_preference(
 ):
     """`dpo.steps` updates of the `dpo.loss` on `train` (ranking arrays with `ref_logps`),
     from `policy_params` (left intact); returns the trained weights (a LoRA policy's
-    adapters folded in; with `lora.save_adapters` also written alone to `run.adapter_dir`)."""
+    adapters folded in; with `lora.save_adapters` also written alone to `run.adapter_dir`).
+    With `dpo.pack` the rankings (reference log-probs included) are packed first."""
+    if cfg.dpo.pack:
+        train = packed_rankings(train, cfg.dpo.batch_size, "dpo")
     return train_supervised(dpo_spec(cfg, model_cfg, stage), policy_params, train, run)
 
 

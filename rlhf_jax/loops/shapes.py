@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from rlhf_jax.data.pack import PROMPTS_PER_ROW
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.sharding import batch_sharding, check_batch_divisible, replicated
 from rlhf_jax.storage import local_copy
@@ -74,6 +75,26 @@ def ranking_batch(
     if ref_logps:
         shapes["ref_logps"] = (rows, k)
     ints = {"input_ids": jnp.int32, "rank": jnp.int32, "completion_start": jnp.int32}
+    return _rows(runtime, shapes, ints, key)
+
+
+def packed_ranking_batch(
+    runtime: Runtime, rows: int, k: int, length: int, key: str, ref_logps: bool
+) -> dict:
+    """A ranking batch as `data.pack_rankings` packs it: `rows` rows of K * L tokens, each
+    with `PROMPTS_PER_ROW` prompt slots (+ DPO's reference log-probs)."""
+    p = PROMPTS_PER_ROW
+    shapes = {
+        "input_ids": (rows, k * length),
+        "attention_mask": (rows, k * length),
+        "segment_ids": (rows, k * length),
+        "completion_mask": (rows, p, k),
+        "rank": (rows, p, k),
+        "completion_start": (rows, p),
+    }
+    if ref_logps:
+        shapes["ref_logps"] = (rows, p, k)
+    ints = dict.fromkeys(("input_ids", "segment_ids", "rank", "completion_start"), jnp.int32)
     return _rows(runtime, shapes, ints, key)
 
 

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.config import Config, ModelSpec
+from rlhf_jax.data.pack import pack_rankings
 from rlhf_jax.loops.adapters import save_stage_adapters
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.build_supervised import SupervisedSpec, rm_spec
+from rlhf_jax.loops.checks import check_rows
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import StageRun, run_supervised
 from rlhf_jax.losses import get_loss
@@ -111,7 +113,18 @@ def train_reward_model(
     # The SFT trunk's LM head is left behind: the RM never reads it (nor trains its moments).
     params = {"trunk": scalar_trunk(trunk_params), "head": init_scalar_head(model_cfg, head_key)}
     run = dataclasses.replace(run, key=train_key, adapter_dir=None)
+    if cfg.rm.pack:
+        train = packed_rankings(train, cfg.rm.batch_size, "rm")
     return train_supervised(rm_spec(cfg, model_cfg), params, train, run)
+
+
+def packed_rankings(train: dict[str, np.ndarray], batch_size: int, section: str) -> dict:
+    """`train`'s rankings packed (`data.pack_rankings`, `{section}.pack`), checked to make at
+    least one batch of `{section}.batch_size` packed rows."""
+    packed = pack_rankings(train)
+    key = f"{section}.batch_size"
+    check_rows(len(packed["input_ids"]), batch_size, key, f"the rankings packed by {section}.pack")
+    return packed
 
 
 def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:

@@ -42,10 +42,15 @@ def scalar_model_logical_axes(config: ModelConfig) -> dict:
 
 
 def scalar_forward(
-    config: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array
+    config: ModelConfig,
+    params: dict,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Per-token scalars [B, T] (float32) read from the final hidden state of each token."""
-    h_BTD = hidden_states(config, params["trunk"], input_ids, attention_mask)
+    """Per-token scalars [B, T] (float32) read from the final hidden state of each token
+    (`segment_ids`: packed rows, as `transformer.forward` takes them)."""
+    h_BTD = hidden_states(config, params["trunk"], input_ids, attention_mask, segment_ids)
     return scalar_head(params["head"], h_BTD)
 
 

@@ -7,15 +7,16 @@ so a completion is not re-encoded K-1 times and each prompt counts once.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax.data.pack import is_packed
 from rlhf_jax.losses.accumulation import batch_counts
 from rlhf_jax.models import ModelConfig, scalar_forward
 from rlhf_jax.models.heads import reward_token_index
+from rlhf_jax.steps.packed import prompt_view, slot_last_index, slots_shape
 from rlhf_jax.steps.state import make_supervised_step
 from rlhf_jax.types import LossOut
 
@@ -31,8 +32,25 @@ def score_sequences(
     return jnp.take_along_axis(values, idx[:, None], axis=-1)[:, 0]
 
 
+def packed_rewards(model_config: ModelConfig, params: dict, batch: dict) -> jax.Array:
+    """[R * P, K] rewards of a packed batch (`data/pack.py`), each read where
+    `score_sequences` reads its padded row: the segment's last real token that is not the
+    pad id. Empty slots read position 0 (the loss zeroes them, as for padded completions)."""
+    r, p, k = slots_shape(batch)
+    ids, mask, seg = (batch[key] for key in ("input_ids", "attention_mask", "segment_ids"))
+    values_RT = scalar_forward(model_config, params, ids, mask, seg)
+    keep_RT = jnp.asarray(mask) > 0
+    if model_config.pad_token_id is not None:
+        keep_RT = keep_RT & (jnp.asarray(ids) != model_config.pad_token_id)
+    idx_RS = slot_last_index(keep_RT, seg, p * k)
+    return jnp.take_along_axis(values_RT, idx_RS, axis=-1).reshape(r * p, k)
+
+
 def completion_rewards(model_config: ModelConfig, params: dict, batch: dict) -> jax.Array:
-    """[B, K] rewards of the K completions of each prompt, in one forward over B*K rows."""
+    """[B, K] rewards of the K completions of each prompt, in one forward over B*K rows
+    ([R * P, K] for a packed batch: `packed_rewards`)."""
+    if is_packed(batch):
+        return packed_rewards(model_config, params, batch)
     b, k, length = batch["input_ids"].shape
     flat_ids = batch["input_ids"].reshape(b * k, length)
     flat_mask = batch["attention_mask"].reshape(b * k, length)
@@ -45,18 +63,21 @@ def make_reward_step(
     """`step(state, batch, key) -> (state, metrics)`.
 
     batch: `input_ids`, `attention_mask` [B, K, L]; `rank` [B, K] (0 best);
-    `completion_mask` [B, K] (prompts with fewer than K completions are padded).
+    `completion_mask` [B, K] (prompts with fewer than K completions are padded); or the
+    packed layout of `data/pack.py`, which the loss sees as R * P prompts (`prompt_view`).
     `loss_fn(outputs, batch)` receives `{"rewards": [B, K]}` and the (micro-)batch with the
     whole batch's `pair_count` and `prompt_count` added (`losses.accumulation`).
     """
 
     def compute_loss(params, batch):
-        out = loss_fn({"rewards": completion_rewards(model_config, params, batch)}, batch)
+        rewards = completion_rewards(model_config, params, batch)
+        out = loss_fn({"rewards": rewards}, prompt_view(batch) if is_packed(batch) else batch)
         return out.loss, out.metrics
 
-    return make_supervised_step(
-        compute_loss, grad_accum, functools.partial(batch_counts, "reward", loss_fn)
-    )
+    def counts(batch):
+        return batch_counts("reward", loss_fn, prompt_view(batch) if is_packed(batch) else batch)
+
+    return make_supervised_step(compute_loss, grad_accum, counts)
 
 
 def normalize_reward_bias(params: dict, scores: jax.Array) -> dict:

@@ -95,3 +95,21 @@ def test_plan_refuses_the_folders_the_commands_refuse(files, capsys):
         assert (
             f"config key '{key}': {files / 'rm2'} holds a reward model" in capsys.readouterr().err
         )
+
+
+def test_rm_pack_trains_on_packed_rows_and_refuses_too_few(files, tmp_path, capsys):
+    """With rm.pack a batch is rm.batch_size packed rows, each holding several prompts (all of
+    their 3 ranked completions, 3 pairs per prompt); a batch larger than the packed rows is
+    refused in one line naming rm.pack."""
+    assert _rm(files, tmp_path / "few", "rm.pack=true", "rm.batch_size=16") == 2
+    err = capsys.readouterr().err
+    assert "rm.batch_size" in err and "packed by rm.pack" in err and "Traceback" not in err
+    out = tmp_path / "packed"
+    assert _rm(files, out, "rm.pack=true", "rm.batch_size=2", "log.every=1") == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    pairs = [r["rm/pairs"] for r in rows if r.get("stage") == "rm" and "rm/pairs" in r]
+    assert len(pairs) == 2
+    # 2 unpacked prompts would make 6 pairs; 2 packed rows hold more prompts than that.
+    assert all(p % 3 == 0 and p > 6 for p in pairs), pairs
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["heldout_pairwise_accuracy"] <= 1

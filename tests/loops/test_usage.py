@@ -40,6 +40,7 @@ READS = {
                 "batch_size",
                 "max_prompt_len",
                 "max_completion_len",
+                "pack",
                 "heldout_fraction",
                 "optim",
                 "loss",
@@ -84,7 +85,8 @@ READS["compare"] = (
     *(k for k in _FOUNDATION if k != "eval"), "eval.n_samples", "eval.temperature",
     "eval.bootstrap", *_PPO_BASE, "ppo.kl_target", "ppo.kl_horizon", "ppo.reward_fn_kwargs",
     "ppo.rollout_max_rounds",
-    *(f"dpo.{k}" for k in ("steps", "batch_size", "beta", "optim", "loss", "loss_kwargs")),
+    *(f"dpo.{k}" for k in ("steps", "batch_size", "pack", "beta", "optim", "loss",
+                            "loss_kwargs")),
     "compare",
 )  # fmt: skip
 
