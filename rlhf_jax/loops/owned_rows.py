@@ -33,18 +33,16 @@ def every_row(
     runtime: Runtime | None,
 ) -> tuple[Any, Mapping[str, np.ndarray]]:
     """`(outputs, small)`: `fn(params, batch)`'s per-row outputs for every row, and the
-    arrays with less per row than the inputs `keys` (what a metric reads beside the outputs)
+    arrays with less per row than the largest of the inputs `keys` (what a metric reads
+    beside the outputs)
     for every row; `arrays` itself when every row is held here."""
     if not isinstance(arrays, HeldRows):
         return map_params(fn, params, arrays, keys, batch_size, runtime), arrays
     own = np.flatnonzero(arrays.owner)
     outputs = _owned_outputs(fn, params, arrays, own, keys, batch_size, runtime)
-    per_row = min(np.prod(arrays.arrays[k].shape[1:]) for k in keys)
-    small = {
-        k: v[own]
-        for k, v in arrays.arrays.items()
-        if k not in keys and np.prod(v.shape[1:]) < per_row
-    }
+    # "small": less per row than the largest input (the token arrays), e.g. ranks and masks
+    per_row = max(np.prod(arrays.arrays[k].shape[1:]) for k in keys)
+    small = {k: v[own] for k, v in arrays.arrays.items() if np.prod(v.shape[1:]) < per_row}
     gathered = gather_rows(arrays.rows[own], {"out": outputs, "small": small}, arrays.n)
     return gathered["out"], gathered["small"]
 
