@@ -34,8 +34,7 @@ def every_row(
 ) -> tuple[Any, Mapping[str, np.ndarray]]:
     """`(outputs, small)`: `fn(params, batch)`'s per-row outputs for every row, and the
     arrays with less per row than the largest of the inputs `keys` (what a metric reads
-    beside the outputs)
-    for every row; `arrays` itself when every row is held here."""
+    beside the outputs) for every row; `arrays` itself when every row is held here."""
     if not isinstance(arrays, HeldRows):
         return map_params(fn, params, arrays, keys, batch_size, runtime), arrays
     own = np.flatnonzero(arrays.owner)
