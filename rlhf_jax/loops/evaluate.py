@@ -151,13 +151,15 @@ def evaluate_gold(
     pad_id: int,
     n_samples: int = 1,
     batch_size: int = 128,
+    runtime: Runtime | None = None,
 ) -> GoldEval:
-    """Sample `n_samples` responses per evaluation prompt and score each with `gold_fn`."""
+    """Sample `n_samples` responses per evaluation prompt and score each with `gold_fn` (on
+    `runtime`'s mesh, see `sample_responses`)."""
     ids = np.repeat(arrays["input_ids"], n_samples, axis=0)
     mask = np.repeat(arrays["attention_mask"], n_samples, axis=0)
     samples = sample_responses(
         cfg, params, ids, mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
-        eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size,
+        eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size, runtime=runtime,
     )  # fmt: skip
     texts = decode_responses(tokenizer, samples)
     repeated = [p for p in prompts for _ in range(n_samples)]
