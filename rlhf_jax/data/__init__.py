@@ -6,7 +6,13 @@ Pipeline: `load_*(path)` reads and validates a whole file up front -> `(examples
 reading and errors: jsonl.py, load.py; tokenisation conventions: encode.py.
 """
 
-from rlhf_jax.data.batching import Batches, batches, heldout_rows, split_heldout
+from rlhf_jax.data.batching import (
+    Batches,
+    batches,
+    heldout_rows,
+    heldout_split,
+    split_heldout,
+)
 from rlhf_jax.data.encode import (
     encode_prompt_rows,
     encode_prompts,
@@ -51,6 +57,7 @@ __all__ = [
     "TextExample",
     "batches",
     "heldout_rows",
+    "heldout_split",
     "split_heldout",
     "encode_prompt_rows",
     "encode_prompts",

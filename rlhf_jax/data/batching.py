@@ -153,16 +153,24 @@ def batches(
 
 def heldout_rows(arrays: Mapping[str, np.ndarray], fraction: float) -> int:
     """Rows set aside for evaluation: `fraction` of them, at least one (none for 0)."""
-    if fraction == 0:
-        return 0
-    return max(1, int(round(arrays["input_ids"].shape[0] * fraction)))
+    return _held_count(arrays["input_ids"].shape[0], fraction)
+
+
+def _held_count(n: int, fraction: float) -> int:
+    return 0 if fraction == 0 else max(1, int(round(n * fraction)))
+
+
+def heldout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(train, heldout)` row indices of `split_heldout` for `n` rows (before any row is
+    encoded: a process that encodes only its rows splits the file's rows first)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = _held_count(n, fraction)
+    return order[n_held:], order[:n_held]
 
 
 def split_heldout(arrays: Mapping[str, np.ndarray], fraction: float, seed: int):
     """`(train, heldout)`: a seeded random `heldout_rows` of the rows held out (None for 0)."""
-    n = arrays["input_ids"].shape[0]
-    order = np.random.default_rng(seed).permutation(n)
-    n_held = heldout_rows(arrays, fraction)
-    held, train = order[:n_held], order[n_held:]
+    train, held = heldout_split(arrays["input_ids"].shape[0], fraction, seed)
+    n_held = len(held)
     train_arrays = {k: v[train] for k, v in arrays.items()}
     return train_arrays, ({k: v[held] for k, v in arrays.items()} if n_held else None)

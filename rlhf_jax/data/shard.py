@@ -69,13 +69,16 @@ def rows_used(
 @dataclasses.dataclass(frozen=True)
 class HeldRows:
     """Some rows of an `n`-row dataset: `arrays[k][j]` is row `rows[j]` (sorted), held by a
-    process that reads slice `local` of each global batch of `batch_size` rows."""
+    process that reads slice `local` of each global batch of `batch_size` rows. `owner[j]`:
+    whether this process is the one that evaluates row `rows[j]` when every row is evaluated
+    (loops/owned_rows.py; each row has one owner)."""
 
     arrays: dict[str, np.ndarray]
     rows: np.ndarray
     n: int
     batch_size: int
     local: slice
+    owner: np.ndarray | None = None
 
     def with_arrays(self, **extra: np.ndarray) -> HeldRows:
         """The same rows with more arrays (one entry per held row)."""

@@ -166,6 +166,18 @@ def _lm_step(model_cfg: ModelConfig, loss, grad_accum: int):
     return make_sft_step(model_cfg, loss, grad_accum)
 
 
+# Each stage's batches are shuffled by `cfg.seed` plus its offset.
+DATA_SEED_OFFSETS = {"pretrain": 0, "sft": 0, "rm": 1, "dpo": 3}
+
+
+def stage_batches(cfg: Config, stage: str) -> tuple[int, int, int, str]:
+    """`stage`'s batches ("sft", "rm" or "dpo"): (global batch size, batches the stage takes,
+    their seed, the batch size's config key), what `encode_own_rows` needs."""
+    section = getattr(cfg, stage)
+    seed = cfg.seed + DATA_SEED_OFFSETS[stage]
+    return section.batch_size, section.steps, seed, f"{stage}.batch_size"
+
+
 def pretrain_spec(cfg: Config, model_cfg: ModelConfig) -> SupervisedSpec:
     """Next-token training of the built-in task's random base model on its text."""
     p = cfg.pretrain
@@ -176,7 +188,7 @@ def pretrain_spec(cfg: Config, model_cfg: ModelConfig) -> SupervisedSpec:
         model_cfg=model_cfg,
         make_step=functools.partial(_lm_step, loss=loss, grad_accum=p.optim.grad_accum),
         batch=lambda rt: lm_batch(rt, p.batch_size, p.max_len, "pretrain.batch_size"),
-        data_seed=cfg.seed,
+        data_seed=cfg.seed + DATA_SEED_OFFSETS["pretrain"],
         log_every=cfg.log.every,
         model=None,
     )
@@ -192,7 +204,7 @@ def sft_spec(cfg: Config, model_cfg: ModelConfig) -> SupervisedSpec:
         model_cfg=model_cfg,
         make_step=functools.partial(_lm_step, loss=loss, grad_accum=s.optim.grad_accum),
         batch=lambda rt: lm_batch(rt, s.batch_size, s.max_len, "sft.batch_size", s.pack),
-        data_seed=cfg.seed,
+        data_seed=cfg.seed + DATA_SEED_OFFSETS["sft"],
         log_every=cfg.log.every,
         lora=cfg.lora,
     )
@@ -215,7 +227,7 @@ def rm_spec(cfg: Config, model_cfg: ModelConfig) -> SupervisedSpec:
         model_cfg=model_cfg,
         make_step=lambda m: make_reward_step(m, loss, r.optim.grad_accum),
         batch=batch,
-        data_seed=cfg.seed + 1,
+        data_seed=cfg.seed + DATA_SEED_OFFSETS["rm"],
         log_every=cfg.log.every,
         model="reward",
         lora=cfg.lora,
@@ -240,7 +252,7 @@ def dpo_spec(cfg: Config, model_cfg: ModelConfig, name: str = "dpo") -> Supervis
         model_cfg=model_cfg,
         make_step=lambda m: make_preference_step(m, loss, d.optim.grad_accum),
         batch=batch,
-        data_seed=cfg.seed + 3,
+        data_seed=cfg.seed + DATA_SEED_OFFSETS["dpo"],
         log_every=cfg.log.every,
         lora=cfg.lora,
         batch_key="dpo.batch_size",

@@ -7,6 +7,7 @@ model as a transformers sequence-classification model).
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,10 @@ from rlhf_jax.data import (
     load_sft,
     load_texts,
     special_ids,
-    split_heldout,
 )
 from rlhf_jax.data.shard import HeldRows, all_rows
 from rlhf_jax.errors import RlhfJaxError
-from rlhf_jax.loops.build_supervised import sft_spec
+from rlhf_jax.loops.build_supervised import sft_spec, stage_batches
 from rlhf_jax.loops.checks import (
     check_positions,
     check_reward_model_fits,
@@ -43,7 +43,12 @@ from rlhf_jax.loops.preference import (
     train_preference,
     with_reference_logps,
 )
-from rlhf_jax.loops.process_rows import encode_own_rows, splits_rows
+from rlhf_jax.loops.process_rows import (
+    encode_own_rows,
+    encode_share,
+    splits_rows,
+    stage_rankings,
+)
 from rlhf_jax.loops.report import training_summary
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, final_policy, rl_batches, train_rl
@@ -138,15 +143,27 @@ def _check_fit(path: str, tokenizer, arrays: dict[str, dict], lengths: dict[str,
     check_positions(model_cfg, path, lengths)
 
 
+def _held(arrays: dict | HeldRows) -> dict:
+    """The encoded arrays of the rows held here (every row, or this process's)."""
+    return arrays.arrays if isinstance(arrays, HeldRows) else arrays
+
+
 def run_sft(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None) -> Path:
     """Fine-tune `model.path` on `sft.data`; writes OUT/sft."""
     model_path = require_language_model(_require(cfg.model.path, "model.path", "sft"), "model.path")
     data = _require(cfg.sft.data, "sft.data", "sft")
     examples, report = load_sft(data, cfg.data.on_error)
     tokenizer = load_tokenizer(model_path)
-    arrays = RunEncoder(cfg, tokenizer).sft(examples, report, pack=cfg.sft.pack)
-    _check_fit(model_path, tokenizer, {f"sft.data {data}": arrays}, stage_lengths(cfg, ("sft",)))
-    check_rows(len(arrays["input_ids"]), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
+    encode = RunEncoder(cfg, tokenizer)
+    # Packed rows hold several demonstrations: which a process reads is known only once packed.
+    if splits_rows(cfg) and not cfg.sft.pack:
+        own = Runtime.from_config(cfg)
+        arrays = encode_own_rows(examples, encode.sft, report, stage_batches(cfg, "sft"), own)
+    else:
+        arrays = encode.sft(examples, report, pack=cfg.sft.pack)
+    checked = {f"sft.data {data}": _held(arrays)}
+    _check_fit(model_path, tokenizer, checked, stage_lengths(cfg, ("sft",)))
+    check_rows(all_rows(arrays), cfg.sft.batch_size, "sft.batch_size", f"sft.data {data}")
     out, logger, runtime = _start(cfg, out_dir, "sft", algo)
     model_cfg, params = load_model(model_path, cfg, runtime)
     params = train_supervised(
@@ -183,17 +200,21 @@ def run_rm(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None)
         reports.append(demo_report)
     tokenizer = load_tokenizer(init)
     encode = RunEncoder(cfg, tokenizer)
-    arrays = encode.rankings(rankings, report)
-    checked = {f"rm.data {data}": arrays}
+    # rm.heldout_fraction of the prompts (as in the pipeline) scores the trained model only
+    train, held = stage_rankings(cfg, rankings, encode, report, "rm")
+    checked = {f"rm.data {data}": _held(train)}
+    if held is not None:
+        checked[f"rm.data {data} (held out)"] = held
     if cfg.sft.data:
-        demo_arrays = encode.sft(demos, demo_report)
-        checked[f"sft.data {cfg.sft.data}"] = demo_arrays
+        if splits_rows(cfg):
+            demo_arrays = encode_share(demos, encode.sft, demo_report, Runtime.from_config(cfg))
+        else:
+            demo_arrays = encode.sft(demos, demo_report)
+        checked[f"sft.data {cfg.sft.data}"] = _held(demo_arrays)
     lengths = stage_lengths(cfg, ("rm", "sft") if cfg.sft.data else ("rm",))
     _check_fit(init, tokenizer, checked, lengths)
-    # rm.heldout_fraction of the prompts (as in the pipeline) scores the trained model only
-    train, held = split_heldout(arrays, cfg.rm.heldout_fraction, cfg.seed)
     what = f"rm.data {data}" + (f" (less {len(held['input_ids'])} held out)" if held else "")
-    check_rows(len(train["input_ids"]), cfg.rm.batch_size, "rm.batch_size", what)
+    check_rows(all_rows(train), cfg.rm.batch_size, "rm.batch_size", what)
     out, logger, runtime = _start(cfg, out_dir, "rm", algo)
     model_cfg, trunk = load_model(init, cfg, runtime)
     # The reward is read at the last token that is not this pad id (transformers' rule), and
@@ -208,7 +229,7 @@ def run_rm(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None)
     )
     params = trained
     if demo_arrays is not None:  # InstructGPT: shift the bias so demonstrations score 0
-        params, _ = shift_reward_bias(model_cfg, trained, demo_arrays)
+        params, _ = shift_reward_bias(model_cfg, trained, demo_arrays, runtime)
     else:
         logger.warn(
             "rm: no sft.data given, so the reward model's bias was not shifted to make the "
@@ -219,11 +240,10 @@ def run_rm(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None)
     # can lose the trained model.
     folder = save_scalar_model(model_cfg, params, out / "rm", tokenizer)
     # (the bias shift changes no pair's order, so the accuracies are taken on `trained`)
-    extra = {"train_pairwise_accuracy": reward_accuracy(cfg, model_cfg, trained, train)["accuracy"]}
+    accuracy = functools.partial(reward_accuracy, cfg, model_cfg, trained, runtime=runtime)
+    extra = {"train_pairwise_accuracy": accuracy(train)["accuracy"]}
     if held is not None:
-        extra["heldout_pairwise_accuracy"] = reward_accuracy(cfg, model_cfg, trained, held)[
-            "accuracy"
-        ]
+        extra["heldout_pairwise_accuracy"] = accuracy(held)["accuracy"]
     _finish(out, logger, reports, extra)
     return folder
 
@@ -359,15 +379,17 @@ def run_dpo(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None
     data = _require(cfg.dpo.data or cfg.rm.data, "dpo.data (or rm.data)", "dpo")
     rankings, report = load_rankings(data, cfg.data.on_error, cfg.dpo.allow_ties)
     tokenizer = load_tokenizer(policy_path)
-    arrays = RunEncoder(cfg, tokenizer).rankings(rankings, report, section="dpo")
-    _check_fit(policy_path, tokenizer, {f"{data_key} {data}": arrays}, stage_lengths(cfg, ("dpo",)))
-    train, held = split_heldout(arrays, cfg.dpo.heldout_fraction, cfg.seed)
+    train, held = stage_rankings(cfg, rankings, RunEncoder(cfg, tokenizer), report, "dpo")
+    checked = {f"{data_key} {data}": _held(train)}
+    if held is not None:
+        checked[f"{data_key} {data} (held out)"] = held
+    _check_fit(policy_path, tokenizer, checked, stage_lengths(cfg, ("dpo",)))
     what = f"{data_key} {data}" + (f" (less {len(held['rank'])} held out)" if held else "")
-    check_rows(len(train["input_ids"]), cfg.dpo.batch_size, "dpo.batch_size", what)
+    check_rows(all_rows(train), cfg.dpo.batch_size, "dpo.batch_size", what)
     out, logger, runtime = _start(cfg, out_dir, "policy", algo)
     model_cfg, ref_params = load_model(policy_path, cfg, runtime)
     bs = cfg.dpo.batch_size
-    train = with_reference_logps(model_cfg, ref_params, train, bs)
+    train = with_reference_logps(model_cfg, ref_params, train, bs, runtime)
     key = jax.random.key(cfg.seed)
     params = train_preference(
         cfg,
@@ -388,13 +410,15 @@ def run_dpo(cfg: Config, out_dir: str | Path, *, algo: RLAlgorithm | None = None
     # Saved before anything is read back from the loss's metrics: nothing after training
     # can lose the trained policy.
     folder = save_hf(model_cfg, params, out / "policy", tokenizer)
-    extra = {"train_accuracy": preference_metrics(cfg, model_cfg, params, train)["accuracy"]}
+    metrics = functools.partial(preference_metrics, cfg, model_cfg, params, runtime=runtime)
+    extra = {"train_accuracy": metrics(train)["accuracy"]}
     if held is not None:
-        held = with_reference_logps(model_cfg, ref_params, held, bs)
-        extra["heldout_accuracy"] = preference_metrics(cfg, model_cfg, params, held)["accuracy"]
+        held = with_reference_logps(model_cfg, ref_params, held, bs, runtime)
+        extra["heldout_accuracy"] = metrics(held)["accuracy"]
         eos, pad = stop_ids(tokenizer)
         extra["heldout_kl_to_reference"] = heldout_kl(
-            cfg, model_cfg, params, ref_params, held, jax.random.fold_in(key, 1), eos, pad
-        )
+            cfg, model_cfg, params, ref_params, held, jax.random.fold_in(key, 1), eos, pad,
+            runtime=runtime,
+        )  # fmt: skip
     _finish(out, logger, [report], extra)
     return folder

@@ -93,7 +93,7 @@ def _rl_run(cfg: Config, run: Config, f: Foundation, name: str, sft_eval, facts:
     save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
     result = evaluate_policy(cfg, f, params)
     kl = ev.kl_to_reference(
-        f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
+        f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128, f.runtime
     )
     p = run.ppo
     return {
@@ -125,7 +125,9 @@ def _preference_run(
     stage = f"dpo_{name}"
     d = run.dpo
     with facts.training(name, stage):
-        train = with_reference_logps(f.model_cfg, f.sft_params, f.rank_train, d.batch_size)
+        train = with_reference_logps(
+            f.model_cfg, f.sft_params, f.rank_train, d.batch_size, f.runtime
+        )
         params = train_preference(
             run,
             f.model_cfg,
@@ -144,14 +146,16 @@ def _preference_run(
     save_hf(f.model_cfg, params, f.out / "policies" / name, f.tokenizer)
     result = evaluate_policy(cfg, f, params)
     kl = ev.kl_to_reference(
-        f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128
+        f.model_cfg, params, f.sft_params, result.samples, cfg.eval.temperature, 128, f.runtime
     )
-    held = with_reference_logps(f.model_cfg, f.sft_params, f.rank_heldout, d.batch_size)
+    held = with_reference_logps(f.model_cfg, f.sft_params, f.rank_heldout, d.batch_size, f.runtime)
     return {
         **ev.compare_to_reference(result, sft_eval, kl, cfg.eval.bootstrap, run.seed),
         **facts.of(name),
         "reward": "rankings (offline)",
-        "heldout_pair_accuracy": preference_metrics(run, f.model_cfg, params, held)["accuracy"],
+        "heldout_pair_accuracy": preference_metrics(run, f.model_cfg, params, held, f.runtime)[
+            "accuracy"
+        ],
         "setup": {
             "loss": "dpo" if d.loss == "default" else d.loss,
             "loss_kwargs": d.loss_kwargs,

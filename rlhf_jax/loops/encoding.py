@@ -53,14 +53,22 @@ class RunEncoder:
         )
         return arrays, [examples[i].text() for i in rows]
 
-    def rankings(self, examples: Sequence, report: DataReport | None = None, section: str = "rm"):
-        """Rankings at the lengths of the `section` that trains on them ("rm" or "dpo")."""
+    def rankings(
+        self,
+        examples: Sequence,
+        report: DataReport | None = None,
+        section: str = "rm",
+        k_max: int | None = None,
+    ):
+        """Rankings at the lengths of the `section` that trains on them ("rm" or "dpo");
+        `k_max`: completions per row (default: the most of `examples`)."""
         lengths = getattr(self.cfg, section)
         return encode_rankings(
             examples,
             self.tokenizer,
             lengths.max_prompt_len,
             lengths.max_completion_len,
+            k_max=k_max,
             report=report,
             chat_template=self._chat,
         )

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax.loops.batched import map_batches
+from rlhf_jax.loops.batched import activations_of, compiled, map_batches
+from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.rollout import generate
@@ -30,12 +31,19 @@ def sample_responses(
     batch_size: int,
     top_k: int | None = None,
     top_p: float | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, np.ndarray]:
     """Generate for every prompt row in batches of `batch_size` (the last one padded); batch
-    j's key is `fold_in(key, first row of batch j)`."""
+    j's key is `fold_in(key, first row of batch j)`. With a mesh `runtime` each batch is
+    split over its batch axes and decoded under its activation rules (loops/batched.py)."""
 
     def sample(batch, start):
-        gen = generate(
+        with activations_of(runtime):
+            gen = _generate(batch, start)
+        return {k: v for k, v in gen._asdict().items() if v is not None}  # no support asked
+
+    def _generate(batch, start):
+        return generate(
             cfg,
             params,
             jnp.asarray(batch["input_ids"]),
@@ -48,10 +56,9 @@ def sample_responses(
             eos_id=tuple(eos_ids),
             pad_id=int(pad_id),
         )
-        return {k: v for k, v in gen._asdict().items() if v is not None}  # no support asked
 
     prompts = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
-    merged = map_batches(sample, prompts, batch_size, with_offset=True)
+    merged = map_batches(sample, prompts, batch_size, with_offset=True, runtime=runtime)
     merged["prompt_ids"], merged["prompt_mask"] = prompt_ids, prompt_mask
     return merged
 
@@ -66,10 +73,12 @@ def decode_responses(tokenizer, samples: dict[str, np.ndarray]) -> list[str]:
 
 @functools.lru_cache(maxsize=8)  # one compile per model, however many policies are scored
 def make_sequence_logprob_fn(cfg: ModelConfig, temperature: float) -> Callable:
-    """`fn(params, prompt_ids, prompt_mask, tokens, mask) -> [B]` summed response log-probs."""
+    """`fn(params, batch) -> [B]` summed response log-probs of a batch of `prompt_ids,
+    prompt_mask, tokens, mask` (compiled by `loops.batched.compiled`)."""
 
-    @jax.jit
-    def fn(params, prompt_ids, prompt_mask, tokens, mask):
+    def fn(params, batch):
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        tokens, mask = batch["tokens"], batch["mask"]
         p = prompt_ids.shape[1]
         seq = jnp.concatenate([prompt_ids, tokens], axis=1)
         seq_mask = jnp.concatenate([prompt_mask.astype(mask.dtype), mask], axis=1)
@@ -86,16 +95,16 @@ def kl_to_reference(
     samples: dict[str, np.ndarray],
     temperature: float,
     batch_size: int,
+    runtime: Runtime | None = None,
 ) -> np.ndarray:
     """Per-sample log pi(y|x) - log pi_ref(y|x) on the policy's own samples (a KL estimate)."""
-    fn = make_sequence_logprob_fn(cfg, temperature)
+    fn = compiled(make_sequence_logprob_fn(cfg, temperature), runtime)
 
     def kl(b):
-        args = (b["prompt_ids"], b["prompt_mask"], b["tokens"], b["mask"])
-        return fn(policy_params, *args) - fn(ref_params, *args)
+        return fn(policy_params, b) - fn(ref_params, b)
 
     keys = ("prompt_ids", "prompt_mask", "tokens", "mask")
-    return map_batches(kl, {k: samples[k] for k in keys}, batch_size)
+    return map_batches(kl, {k: samples[k] for k in keys}, batch_size, runtime=runtime)
 
 
 def bootstrap_mean_ci(
@@ -142,13 +151,15 @@ def evaluate_gold(
     pad_id: int,
     n_samples: int = 1,
     batch_size: int = 128,
+    runtime: Runtime | None = None,
 ) -> GoldEval:
-    """Sample `n_samples` responses per evaluation prompt and score each with `gold_fn`."""
+    """Sample `n_samples` responses per evaluation prompt and score each with `gold_fn` (on
+    `runtime`'s mesh, see `sample_responses`)."""
     ids = np.repeat(arrays["input_ids"], n_samples, axis=0)
     mask = np.repeat(arrays["attention_mask"], n_samples, axis=0)
     samples = sample_responses(
         cfg, params, ids, mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
-        eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size,
+        eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size, runtime=runtime,
     )  # fmt: skip
     texts = decode_responses(tokenizer, samples)
     repeated = [p for p in prompts for _ in range(n_samples)]

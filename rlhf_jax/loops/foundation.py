@@ -330,10 +330,10 @@ def build_foundation(
     rm_run = StageRun(key=keys["rm"], logger=logger, runtime=runtime, checkpoints=rm_checkpoints)
     rm_params = train_reward_model(cfg, model_cfg, sft_params, rm_train, rm_run)
     trained_rm = rm_params
-    rm_params, bias_shift = shift_reward_bias(model_cfg, trained_rm, d.arrays["demo"])
+    rm_params, bias_shift = shift_reward_bias(model_cfg, trained_rm, d.arrays["demo"], runtime)
     save_scalar_model(model_cfg, rm_params, out / "rm", d.tokenizer)
     # Read back from the loss's metrics only once the model is saved (the shift changes no pair).
-    held = reward_accuracy(cfg, model_cfg, trained_rm, rm_held)
+    held = reward_accuracy(cfg, model_cfg, trained_rm, rm_held, runtime=runtime)
     return Foundation(
         **common,
         rm_params=rm_params,

@@ -79,4 +79,5 @@ def evaluate_policy(
         eos_ids=f.eos,
         pad_id=f.pad,
         n_samples=cfg.eval.n_samples if n_samples is None else n_samples,
+        runtime=f.runtime,
     )

@@ -60,7 +60,13 @@ def run_pipeline(
     sft_eval = evaluate_policy(cfg, f, f.sft_params)
     ppo_eval = evaluate_policy(cfg, f, policy_params)
     kl = ev.kl_to_reference(
-        model_cfg, policy_params, f.sft_params, ppo_eval.samples, cfg.eval.temperature, 128
+        model_cfg,
+        policy_params,
+        f.sft_params,
+        ppo_eval.samples,
+        cfg.eval.temperature,
+        128,
+        f.runtime,
     )
     boot = cfg.eval.bootstrap
     report = {
@@ -79,8 +85,8 @@ def run_pipeline(
             "bias_shift": f.rm_bias_shift,
         },
         "pretrain_loss": {
-            "sft": lm_loss(model_cfg, f.sft_params, f.heldout_arrays, 32),
-            "ppo": lm_loss(model_cfg, policy_params, f.heldout_arrays, 32),
+            "sft": lm_loss(model_cfg, f.sft_params, f.heldout_arrays, 32, f.runtime),
+            "ppo": lm_loss(model_cfg, policy_params, f.heldout_arrays, 32, f.runtime),
         },
         "samples": [
             {"prompt": p, "sft": a, "ppo": b}
@@ -95,7 +101,7 @@ def run_pipeline(
         ab_eval = evaluate_policy(cfg, f, ab_params)
         report["ablation"] = {
             "no_ptx": {
-                "pretrain_loss": lm_loss(model_cfg, ab_params, f.heldout_arrays, 32),
+                "pretrain_loss": lm_loss(model_cfg, ab_params, f.heldout_arrays, 32, f.runtime),
                 "gold_reward": float(ab_eval.gold.mean()),
             }
         }

@@ -17,9 +17,12 @@ import jax
 import numpy as np
 
 from rlhf_jax.config import Config
+from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.build_supervised import dpo_spec
+from rlhf_jax.loops.owned_rows import every_row
+from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.stages import packed_rankings, train_supervised
 from rlhf_jax.loops.train import StageRun
 from rlhf_jax.losses import get_loss
@@ -38,19 +41,38 @@ def _loss_fn(cfg: Config):
 
 @functools.lru_cache(maxsize=8)
 def _logps_fn(model_cfg: ModelConfig):
-    """One compiled log-prob function per model (reference, policy, held-out: one compile)."""
-    return jax.jit(make_logps_fn(model_cfg))
+    """One log-prob function per model (reference, policy, held-out: one compile)."""
+    return make_logps_fn(model_cfg)
 
 
-def sequence_logps(model_cfg: ModelConfig, params, arrays: dict, batch_size: int) -> np.ndarray:
-    """[N, K] summed completion log-probs of every ranking row under `params`."""
-    keys = ("input_ids", "attention_mask", "completion_start")
-    return map_params(_logps_fn(model_cfg), params, arrays, keys, batch_size).astype(np.float32)
+KEYS = ("input_ids", "attention_mask", "completion_start")
 
 
-def with_reference_logps(model_cfg: ModelConfig, ref_params, arrays: dict, batch_size: int):
-    """The ranking arrays with `ref_logps` [N, K], the reference's log-probs, added."""
-    return {**arrays, "ref_logps": sequence_logps(model_cfg, ref_params, arrays, batch_size)}
+def sequence_logps(
+    model_cfg: ModelConfig, params, arrays: dict, batch_size: int, runtime: Runtime | None = None
+) -> np.ndarray:
+    """[N, K] summed completion log-probs of every ranking row under `params` (`runtime`
+    here and below: evaluate on its mesh, None: one device; see loops/batched.py)."""
+    return map_params(_logps_fn(model_cfg), params, arrays, KEYS, batch_size, runtime).astype(
+        np.float32
+    )
+
+
+def with_reference_logps(
+    model_cfg: ModelConfig,
+    ref_params,
+    arrays: dict | HeldRows,
+    batch_size: int,
+    runtime: Runtime | None = None,
+):
+    """The ranking arrays with `ref_logps` [N, K], the reference's log-probs, added (to
+    `HeldRows`: those of its rows, computed by their owners, loops/owned_rows.py)."""
+    logps, _ = every_row(_logps_fn(model_cfg), ref_params, arrays, KEYS, batch_size,
+                         runtime)  # fmt: skip
+    logps = np.asarray(logps, np.float32)
+    if isinstance(arrays, HeldRows):
+        return arrays.with_arrays(ref_logps=logps[arrays.rows])
+    return {**arrays, "ref_logps": logps}
 
 
 def train_preference(
@@ -70,14 +92,22 @@ def train_preference(
     return train_supervised(dpo_spec(cfg, model_cfg, stage), policy_params, train, run)
 
 
-def preference_metrics(cfg: Config, model_cfg: ModelConfig, params, arrays: dict) -> dict:
+def preference_metrics(
+    cfg: Config, model_cfg: ModelConfig, params, arrays: dict | HeldRows, runtime=None
+) -> dict:
     """The loss's metrics (implicit-reward accuracy and margin, chosen/rejected log-probs)
-    over every pair of `arrays` at once (ranking arrays with `ref_logps`)."""
-    logps = sequence_logps(model_cfg, params, arrays, cfg.dpo.batch_size)
-    tokens = np.asarray(completion_token_mask(arrays))[..., 1:].sum(-1)
-    batch = {**arrays, "completion_tokens": tokens}
+    over every pair of `arrays` at once (ranking arrays with `ref_logps`, or `HeldRows`)."""
+    held = arrays.arrays if isinstance(arrays, HeldRows) else arrays
+    tokens = np.asarray(completion_token_mask(held))[..., 1:].sum(-1)
+    if isinstance(arrays, HeldRows):
+        arrays = arrays.with_arrays(completion_tokens=tokens)
+    else:
+        arrays = {**arrays, "completion_tokens": tokens}
+    fn, bs = _logps_fn(model_cfg), cfg.dpo.batch_size
+    logps, arrays = every_row(fn, params, arrays, KEYS, bs, runtime)
     loss_fn = _loss_fn(cfg)  # with the whole batch's counts, as in training (contract.keys)
-    out = loss_fn({"logps": logps}, {**batch, **batch_counts("preference", loss_fn, batch)})
+    batch = {**arrays, **batch_counts("preference", loss_fn, arrays)}
+    out = loss_fn({"logps": np.asarray(logps, np.float32)}, batch)
     return {k.removeprefix("dpo/"): float(v) for k, v in out.metrics.items()}
 
 
@@ -103,6 +133,7 @@ def heldout_kl(
     pad: int,
     *,
     lengths: str = "dpo",
+    runtime: Runtime | None = None,
 ) -> float:
     """Mean KL estimate `log pi(y|x) - log pi_ref(y|x)` of the policy's own samples (temperature
     1) on the prompts of the held-out rankings, at the `lengths` section's budget."""
@@ -119,5 +150,7 @@ def heldout_kl(
         eos_ids=eos,
         pad_id=pad,
         batch_size=min(128, len(prompts["input_ids"])),
+        runtime=runtime,
     )
-    return float(np.mean(ev.kl_to_reference(model_cfg, params, ref_params, samples, 1.0, 128)))
+    kl = ev.kl_to_reference(model_cfg, params, ref_params, samples, 1.0, 128, runtime)
+    return float(np.mean(kl))

@@ -10,6 +10,7 @@ count and so every process's shuffle: there every process still encodes every ro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -17,10 +18,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rlhf_jax.config import Config
-from rlhf_jax.data import DataReport
+from rlhf_jax.data import DataReport, heldout_split, split_heldout
 from rlhf_jax.data.shard import HeldRows, rows_used, select
+from rlhf_jax.loops.build_supervised import stage_batches
+from rlhf_jax.loops.encoding import RunEncoder
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.sharding import local_batch_rows
+from rlhf_jax.sharding import data_parallel_size, local_batch_rows
 
 Encode = Callable[[Sequence, DataReport | None], dict[str, np.ndarray]]
 
@@ -38,13 +41,37 @@ def encode_own_rows(
     report: DataReport,
     batches: tuple[int, int, int, str],
     runtime: Runtime,
+    every_row: bool = False,
 ) -> HeldRows:
     """`encode(examples, report)` of the rows this process's batches read, as `HeldRows`.
     batches: (global batch size, batches the run takes, the batches' seed, the batch size's
-    config key)."""
+    config key). `every_row`: the stage evaluates every row afterwards, so the rows no batch
+    reads are encoded too, shared out between the processes (`_with_unread_share`)."""
     batch_size, n_batches, seed, key_name = batches
     local = local_batch_rows(batch_size, runtime.mesh, runtime.rules, key_name)
     rows, first = rows_used(len(examples), batch_size, seed, n_batches, local)
+    if every_row:
+        rows, first = _with_unread_share(rows, first, len(examples), batch_size, local)
+    return _encode_rows(examples, rows, first, encode, report, (batch_size, local))
+
+
+def encode_share(
+    examples: Sequence, encode: Encode, report: DataReport, runtime: Runtime
+) -> HeldRows:
+    """A file no batch reads, only evaluated (e.g. the demonstrations an RM's bias is fitted
+    on): each group of processes holding one slice of a batch encodes and owns every G-th
+    row (G the number of slices)."""
+    batch = data_parallel_size(runtime.mesh, runtime.rules)
+    local = local_batch_rows(batch, runtime.mesh, runtime.rules)
+    size = local.stop - local.start
+    rows = np.arange(len(examples))[local.start // size :: batch // size]
+    return _encode_rows(examples, rows, np.ones(len(rows), bool), encode, report, (batch, local))
+
+
+def _encode_rows(examples, rows, first, encode: Encode, report: DataReport, batch) -> HeldRows:
+    """Rows `rows` of `examples` encoded as `HeldRows` (each process's truncations summed
+    over processes: `first` marks the rows this process counts and owns)."""
+    batch_size, local = batch
     # The rows this process reads first are encoded with the file's report (their truncations
     # counted), the others without (counted by the process that reads them first).
     mine = select(examples, rows)
@@ -63,4 +90,41 @@ def encode_own_rows(
         f"{len(rows)} of {len(examples)} rows (those its slice of the batches reads)",
         flush=True,
     )
-    return HeldRows(arrays, rows, len(examples), batch_size, local)
+    return HeldRows(arrays, rows, len(examples), batch_size, local, owner=first)
+
+
+def _with_unread_share(rows, first, n: int, batch_size: int, local: slice):
+    """`rows, first` plus this process's share of the rows no process's batches read (each
+    group of processes holding one slice of the batches takes every G-th of them, G the
+    number of slices), those counted as first read here."""
+    read = np.zeros(n, bool)
+    read[rows] = True
+    read = multihost_utils.process_allgather(read).any(axis=0)
+    size = local.stop - local.start
+    extra = np.flatnonzero(~read)[local.start // size :: batch_size // size]
+    order = np.argsort(np.concatenate([rows, extra]), kind="stable")
+    rows = np.concatenate([rows, extra])[order]
+    return rows, np.concatenate([first, np.ones(len(extra), bool)])[order]
+
+
+def stage_rankings(
+    cfg: Config, rankings: Sequence, encode: RunEncoder, report: DataReport, stage: str
+) -> tuple[dict[str, np.ndarray] | HeldRows, dict[str, np.ndarray] | None]:
+    """`(train, held out)` of the rankings stage `stage` ("rm" or "dpo") trains on, split by
+    its `heldout_fraction`. With several processes (`splits_rows`) the training rows are
+    `HeldRows` (this process's, and its share of those no batch reads: the stage evaluates
+    every training row afterwards); the held-out rows, a small fraction, are encoded whole
+    on every process."""
+    fraction = getattr(cfg, stage).heldout_fraction
+    if not splits_rows(cfg):
+        return split_heldout(encode.rankings(rankings, report, section=stage), fraction, cfg.seed)
+    # every row with the file's K (a process's rows alone might hold fewer completions)
+    k = max(len(e.completions) for e in rankings)
+    enc = functools.partial(encode.rankings, section=stage, k_max=k)
+    train_rows, held_rows = heldout_split(len(rankings), fraction, cfg.seed)
+    held = enc(select(rankings, held_rows), report) if len(held_rows) else None
+    runtime = Runtime.from_config(cfg)
+    train = encode_own_rows(
+        select(rankings, train_rows), enc, report, stage_batches(cfg, stage), runtime, True
+    )
+    return train, held

@@ -53,7 +53,7 @@ def kl_to_sft(cfg: Config, f: Foundation, params) -> tuple[float, float]:
     t = cfg.ppo.temperature
     exact = TASKS[cfg.task.name].exact_reward
     sampled = evaluate_policy(cfg, f, params, score=exact, temperature=t, n_samples=1)
-    kl = ev.kl_to_reference(f.model_cfg, params, f.sft_params, sampled.samples, t, 128)
+    kl = ev.kl_to_reference(f.model_cfg, params, f.sft_params, sampled.samples, t, 128, f.runtime)
     return float(np.mean(kl)), float(sampled.gold.mean())
 
 

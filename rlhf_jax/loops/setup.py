@@ -10,6 +10,7 @@ import numpy as np
 
 from rlhf_jax.config import Config, to_dict
 from rlhf_jax.data import special_ids
+from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.logging import MetricsLogger, prepare_output_dir, write_run_config
 from rlhf_jax.loops.output_lock import lock_output
 from rlhf_jax.loops.runtime import Runtime
@@ -59,8 +60,11 @@ def stop_ids(tokenizer) -> tuple[tuple[int, ...], int]:
     return (eos,), pad
 
 
-def shift_reward_bias(model_cfg: ModelConfig, params: dict, demos: dict[str, np.ndarray]):
+def shift_reward_bias(
+    model_cfg: ModelConfig, params: dict, demos: dict[str, np.ndarray] | HeldRows, runtime=None
+):
     """InstructGPT's normalisation after RM training: shift the head's bias so that the SFT
-    demonstrations score 0 on average. Returns the new weights and the shift."""
-    scores = score_all(model_cfg, params, demos)
+    demonstrations score 0 on average (scored on `runtime`'s mesh; `HeldRows`: each
+    process scores its own). Returns the new weights and the shift."""
+    scores = score_all(model_cfg, params, demos, runtime=runtime)
     return normalize_reward_bias(params, scores), float(scores.mean())

@@ -16,6 +16,7 @@ from rlhf_jax.loops.adapters import save_stage_adapters
 from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.build_supervised import SupervisedSpec, rm_spec
 from rlhf_jax.loops.checks import check_rows
+from rlhf_jax.loops.owned_rows import every_row
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import StageRun, run_supervised
 from rlhf_jax.losses import get_loss
@@ -88,15 +89,20 @@ def _row_nll(model_cfg: ModelConfig):
         target = batch["loss_mask"][:, 1:]  # as the SFT loss: logits at t - 1 score token t
         return -jnp.sum(logps * target, axis=1), jnp.sum(target, axis=1)
 
-    return jax.jit(fn)
+    return fn
 
 
 def lm_loss(
-    model_cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int
+    model_cfg: ModelConfig,
+    params,
+    arrays: dict[str, np.ndarray],
+    batch_size: int,
+    runtime: Runtime | None = None,
 ) -> float:
-    """Mean next-token loss over every target token of `arrays` (token-weighted, every row)."""
+    """Mean next-token loss over every target token of `arrays` (token-weighted, every row);
+    `runtime` here and below: evaluate on its mesh (None: one device, see loops/batched.py)."""
     keys = ("input_ids", "attention_mask", "loss_mask")
-    nll, tokens = map_params(_row_nll(model_cfg), params, arrays, keys, batch_size)
+    nll, tokens = map_params(_row_nll(model_cfg), params, arrays, keys, batch_size, runtime)
     return float(nll.sum() / max(tokens.sum(), 1.0))
 
 
@@ -127,10 +133,15 @@ def packed_rankings(train: dict[str, np.ndarray], batch_size: int, section: str)
     return packed
 
 
-def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict[str, float]:
-    """Pairwise accuracy / margin over every pair of `arrays` at once (pair-weighted)."""
+def reward_accuracy(
+    cfg: Config, model_cfg: ModelConfig, params, arrays, runtime: Runtime | None = None
+) -> dict[str, float]:
+    """Pairwise accuracy / margin over every pair of `arrays` at once (pair-weighted):
+    every row's, or with `HeldRows` (several processes) every row's from the processes
+    that own them (loops/owned_rows.py)."""
     keys = ("input_ids", "attention_mask")
-    rewards = map_params(_rewards_fn(model_cfg), params, arrays, keys, cfg.rm.batch_size)
+    rewards, arrays = every_row(_rewards_fn(model_cfg), params, arrays, keys, cfg.rm.batch_size,
+                                runtime)  # fmt: skip
     loss_fn = get_loss("reward", cfg.rm.loss, **cfg.rm.loss_kwargs)
     # With the whole batch's counts, as in training: the loss gets the keys it is declared
     # to get (contract.keys), not fewer after training.
@@ -141,21 +152,26 @@ def reward_accuracy(cfg: Config, model_cfg: ModelConfig, params, arrays) -> dict
 
 
 def score_all(
-    model_cfg: ModelConfig, params, arrays: dict[str, np.ndarray], batch_size: int = 256
+    model_cfg: ModelConfig,
+    params,
+    arrays: dict[str, np.ndarray],
+    batch_size: int = 256,
+    runtime: Runtime | None = None,
 ) -> np.ndarray:
-    """RM score of every row of `arrays` (input_ids, attention_mask), in batches."""
-    return map_params(
-        _score_fn(model_cfg), params, arrays, ("input_ids", "attention_mask"), batch_size
-    )
+    """RM score of every row of `arrays` (input_ids, attention_mask; or `HeldRows`), in
+    batches."""
+    keys = ("input_ids", "attention_mask")
+    return every_row(_score_fn(model_cfg), params, arrays, keys, batch_size, runtime)[0]
 
 
-# One compiled evaluator per model: the pipeline and the comparison evaluate several weights of
-# the same model, and a fresh `jax.jit` per call would compile each time.
+# One evaluator per model (compiled once each by loops/batched.py): the pipeline and the
+# comparison evaluate several weights of the same model, and a fresh function per call would
+# compile each time.
 @functools.lru_cache(maxsize=8)
 def _rewards_fn(model_cfg: ModelConfig):
-    return jax.jit(functools.partial(completion_rewards, model_cfg))
+    return functools.partial(completion_rewards, model_cfg)
 
 
 @functools.lru_cache(maxsize=8)
 def _score_fn(model_cfg: ModelConfig):
-    return jax.jit(lambda p, b: score_sequences(model_cfg, p, b["input_ids"], b["attention_mask"]))
+    return lambda p, b: score_sequences(model_cfg, p, b["input_ids"], b["attention_mask"])

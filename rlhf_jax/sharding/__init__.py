@@ -23,7 +23,14 @@ from rlhf_jax.sharding.activations import (
     with_activation_sharding,
 )
 from rlhf_jax.sharding.distributed import initialize
-from rlhf_jax.sharding.jit import jit_experience, jit_finish, jit_sample, jit_step, jit_update
+from rlhf_jax.sharding.jit import (
+    jit_eval,
+    jit_experience,
+    jit_finish,
+    jit_sample,
+    jit_step,
+    jit_update,
+)
 from rlhf_jax.sharding.mesh import MESH_AXES, make_mesh, mesh_shape
 from rlhf_jax.sharding.place import (
     check_batch_divisible,
@@ -62,6 +69,7 @@ __all__ = [
     "init_sharded",
     "init_sharded_state",
     "initialize",
+    "jit_eval",
     "jit_experience",
     "jit_finish",
     "jit_sample",

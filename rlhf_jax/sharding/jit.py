@@ -151,3 +151,17 @@ def jit_update(
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,) if donate else (),
     )
+
+
+def jit_eval(
+    eval_fn: Callable, mesh: Mesh, rules: Rules, activation_rules: Rules | None = None
+) -> Callable:
+    """Jit an evaluation `fn(params, batch) -> per-row outputs` (held-out losses, scores,
+    log-probs) like the training programs: traced under the activation rules, so on a mesh
+    the model's activations stay split by rows, and every output split by rows like the
+    batch. The inputs arrive placed (weights in their shardings, the batch by
+    `make_global_batch`), so their shardings are the arrays' own."""
+    return jax.jit(
+        _traced(eval_fn, mesh, rules, activation_rules),
+        out_shardings=batch_sharding(mesh, rules, 1),
+    )

@@ -1,10 +1,12 @@
 """Compile SFT, RM, DPO, RL experience and RL update for one device count on an FSDP mesh, at
 a fixed number of rows per device; print per program the per-device peak, the largest
-floating-point collective and every collective that moves a global-batch activation.
+floating-point collective and every collective that moves a global-batch activation. The
+evaluation programs (`eval_programs.py`) likewise, without the peak.
 
 Run as `python scaling_script.py REPO N [unconstrained]`: the device count must be set before
-JAX starts. `unconstrained` compiles the SFT step alone with the activation constraints
-switched off: the control that shows the check sees the gather the constraints remove.
+JAX starts. `unconstrained` compiles the SFT step and the held-out LM loss alone with the
+activation constraints switched off: the control that shows the check sees the gather the
+constraints remove.
 """
 
 import json
@@ -25,6 +27,9 @@ from rlhf_jax.loops.runtime import Runtime  # noqa: E402
 from rlhf_jax.plan.abstract import abstract_stage  # noqa: E402
 from rlhf_jax.plan.planner import builders, compile_program, plan_program, totals  # noqa: E402
 from rlhf_jax.sharding import jit as sharding_jit  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from eval_programs import eval_programs  # noqa: E402
 
 UNCONSTRAINED = sys.argv[3:] == ["unconstrained"]
 if UNCONSTRAINED:  # the jit wrappers look this name up at each call
@@ -118,6 +123,12 @@ def main() -> None:
                 "largest_collective": largest,
                 "batch_collectives": moved,
             }
+    for name, (jitted, args, rows, lengths) in eval_programs(cfg, runtime, ROWS * N).items():
+        if UNCONSTRAINED and name != "eval/lm_loss":
+            continue
+        hlo = jitted.lower(*args).compile().as_text()
+        moved, largest = batch_collectives(hlo, rows, lengths)
+        out[name] = {"largest_collective": largest, "batch_collectives": moved}
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -3,7 +3,9 @@ device, no compiled program (SFT, RM, DPO, RL experience with its decode loop, R
 moves a global-batch activation between devices, and the per-device peak does not rise from
 4 to 8 to 16 devices. Read from the compiled HLO and XLA's memory analysis on virtual CPU
 devices (`scaling_script.py`, one subprocess per device count), with a control: the same SFT
-step compiled without the constraints all-gathers the global batch's logits."""
+step compiled without the constraints all-gathers the global batch's logits. The evaluation
+programs (held-out losses, scores, log-probs, sampling) are held to the same check; without
+the constraints the held-out LM loss all-reduces the global batch's logits."""
 
 import json
 import sys
@@ -26,6 +28,9 @@ from rlhf_jax.sharding import activation_rules, activation_sharding, make_mesh
 HERE = Path(__file__).parent
 COUNTS = (4, 8, 16)
 PROGRAMS = {"sft/step", "rm/step", "dpo/step", "ppo/experience", "ppo/update"}
+# The loops' evaluation programs (tests/sharding/eval_programs.py), compiled as on a mesh.
+EVALS = {f"eval/{n}" for n in ("lm_loss", "rewards", "score", "dpo_logps", "sequence_logprob",
+                               "sample")}  # fmt: skip
 
 
 def _result(proc: Process) -> dict:
@@ -55,12 +60,13 @@ def compiled_facts() -> tuple[dict[int, dict], dict]:
 def test_no_collective_moves_a_global_batch_activation(compiled_facts):
     by_n, control = compiled_facts
     for n, programs in by_n.items():
-        assert set(programs) == PROGRAMS
+        assert set(programs) == PROGRAMS | EVALS
         for name, facts in programs.items():
             assert facts["batch_collectives"] == [], (n, name)
     # The check sees the bug it guards against: without the constraints the partitioner
     # gathers f32 [global tokens, vocab] logits (3 rows x 4 devices x 48 tokens = 576).
-    assert any("[576, 1000]" in c for c in control["sft/step"]["batch_collectives"]), control
+    for name in ("sft/step", "eval/lm_loss"):
+        assert any("[576, 1000]" in c for c in control[name]["batch_collectives"]), control
 
 
 def test_per_device_memory_does_not_rise_with_devices(compiled_facts):
