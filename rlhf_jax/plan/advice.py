@@ -347,21 +347,71 @@ def _missing_key(cfg: Config, switch: str) -> bool:
     return False
 
 
-def suggestions(stage: StagePlan, ctx: Context) -> list[Suggestion]:
-    """Every switch that lowers the stage's peak, most bytes saved first."""
-    out = []
-    for make in SWITCHES:
-        found = make(stage, ctx)
-        if found is None:
+def _combine(a: Effect, b: Effect) -> Effect:
+    return Effect(
+        a.resident + b.resident,
+        a.backward + b.backward,
+        a.floor_scale * b.floor_scale,
+        a.experience + b.experience,
+    )
+
+
+def _stage_peak(stage: StagePlan, effect: Effect, ctx: Context) -> int:
+    return int(max(new_peak(stage, p, effect, ctx) for p in stage.programs))
+
+
+# Switches that change the same bytes: bf16 storage halves the Adam moments a bf16 first
+# moment would shrink, so the two are never counted together.
+_OVERLAPS = (("model.param_dtype=", ".mu_dtype="),)
+
+
+def _overlaps(taken: list[str], switch: str) -> bool:
+    return any(
+        (a in switch and any(b in t for t in taken)) or (b in switch and any(a in t for t in taken))
+        for a, b in _OVERLAPS
+    )
+
+
+def _together(stage: StagePlan, ctx: Context, found: list) -> Suggestion | None:
+    """When no single switch makes the stage fit: switches taken one by one, the largest
+    saving first, until their effects together make it fit (estimated; not the fewest in
+    every case), or None when even all of them do not."""
+    taken: list[str] = []
+    effect = Effect()
+    for switch, one, _ in sorted(found, key=lambda f: _stage_peak(stage, f[1], ctx)):
+        if _overlaps(taken, switch):
             continue
-        switch, effect, note = found
-        peak = int(max(new_peak(stage, p, effect, ctx) for p in stage.programs))
+        taken.append(switch)
+        effect = _combine(effect, one)
+        peak = _stage_peak(stage, effect, ctx)
+        if peak <= ctx.device_memory:
+            note = f"{len(taken)} switches together (their estimates added)"
+            return Suggestion(" ".join(taken), stage.peak - peak, peak, True, note)
+    return None
+
+
+def suggestions(stage: StagePlan, ctx: Context) -> list[Suggestion]:
+    """Every switch that lowers the stage's peak, most bytes saved first; when the stage does
+    not fit and no single switch makes it fit, first switches that together do."""
+    out, found = [], []
+    for make in SWITCHES:
+        made = make(stage, ctx)
+        if made is None:
+            continue
+        switch, effect, note = made
+        peak = _stage_peak(stage, effect, ctx)
         if stage.peak - peak < max(2**20, stage.peak // 200):  # nothing worth a line
             continue
         if _missing_key(ctx.cfg, switch):
             note += " (key not in this version's config yet)"
+        found.append((switch, effect, note))
         out.append(Suggestion(switch, stage.peak - peak, peak, peak <= ctx.device_memory, note))
-    return sorted(out, key=lambda s: -s.saves)
+    out.sort(key=lambda s: -s.saves)
+    if stage.peak > ctx.device_memory and not any(s.fits for s in out):
+        both = _together(stage, ctx, found)
+        if both is not None:
+            out.insert(0, both)
+    return out
 
 
 def largest_part(parts: dict[str, int]) -> str:
