@@ -91,3 +91,30 @@ def test_a_bf16_plan_reports_both_figures_and_a_float32_plan_one(capsys):
             assert (copies > 0) is corrected
             assert stage["xla_cpu_peak_bytes"] >= stage["peak_bytes_per_device"]
             assert (stage["xla_cpu_peak_bytes"] > stage["peak_bytes_per_device"]) is corrected
+
+
+def _sft_plan(overrides: list[str]):
+    from rlhf_jax.plan.planner import plan_stages
+
+    cfg = load_config(Config, CONFIG, [*TINY, "ppo.iterations=0", *overrides])
+    runtime = Runtime.from_config(cfg)
+    (stage,) = plan_stages(cfg, runtime)
+    return stage, cfg, runtime
+
+
+def test_when_no_single_switch_fits_the_plan_names_switches_that_together_do():
+    """Memory just below what the best single switch reaches: the advice names switches
+    that together fit, first; planning again with them compiles a smaller peak."""
+    from rlhf_jax.plan.advice import Context, suggestions
+    from rlhf_jax.plan.report import stage_block
+
+    stage, cfg, runtime = _sft_plan([])
+    singles = suggestions(stage, Context(cfg, runtime, stage.peak))
+    memory = min(s.peak for s in singles) - 2**16
+    ctx = Context(cfg, runtime, memory)
+    found = suggestions(stage, ctx)
+    assert stage.peak > memory and found[0].fits and " " in found[0].switch
+    assert not any(s.fits for s in found[1:])
+    assert f"  would fit with: {found[0].switch}" in stage_block(stage, ctx)
+    again, _, _ = _sft_plan(found[0].switch.split())
+    assert again.peak < min(s.peak for s in singles) < stage.peak
