@@ -154,8 +154,10 @@ def _run_iteration(build, compiled: dict, held: tuple, batches: dict) -> Any:
     return starts, state, frozen, a
 
 
-def measure(cfg, stage: str) -> dict:
-    """Plan `stage` of `cfg`, then run it for real and measure; returns the comparison."""
+def measure(cfg, stage: str, corrected: bool = True) -> dict:
+    """Plan `stage` of `cfg`, then run it for real and measure; returns the comparison. The
+    programs run are those the plan's accelerator-corrected figure comes from, or with
+    `corrected=False` XLA:CPU's own, compared with XLA:CPU's own figure."""
     import jax
     import numpy as np
 
@@ -176,8 +178,9 @@ def measure(cfg, stage: str) -> dict:
     resident = totals(build.detail)
     compiled, planned = {}, {}
     for program in build.program_list:
-        compiled[program.name], _ = compile_program(program)
-        planned[program.name] = plan_program(program, resident, compiled[program.name])
+        both = compile_program(program)  # run: the executable the plan's figure comes from
+        compiled[program.name] = both.corrected if corrected else both.raw
+        planned[program.name] = plan_program(program, resident, both)
     vocab = next(iter(build.starts.values())).config.vocab_size
     rng = np.random.default_rng(0)
     batches = {}  # made before the baseline: the loop's batches are host data too
@@ -198,25 +201,32 @@ def measure(cfg, stage: str) -> dict:
     held = _run_iteration(build, compiled, construct(), batches)
     measured = meter.peak()
     del held
-    peak = max(p.peak for p in planned.values())
+    peak = max(p.peak + (0 if corrected else p.cpu_copies) for p in planned.values())
     return {
         "stage": stage,
         "planned_bytes": peak,
         "measured_bytes": measured,
         "ratio": peak / measured if measured > 0 else None,
         "method": meter.method,
+        "corrected": corrected,
+        "xla_cpu_copies": {n: p.cpu_copies for n, p in planned.items()},
         "devices": jax.device_count(),
         "programs": {n: {"peak": p.peak, "parts": p.parts} for n, p in planned.items()},
     }
 
 
 def measure_in_subprocess(
-    config: str | None, stage: str, overrides: list[str], timeout: float = 600
+    config: str | None,
+    stage: str,
+    overrides: list[str],
+    timeout: float = 600,
+    corrected: bool = True,
 ) -> dict:
     """`measure` in a fresh Python process (a clean baseline), its JSON result."""
-    cmd = [sys.executable, "-m", "rlhf_jax.plan.measure", stage, *overrides]
+    flag = [] if corrected else ["--uncorrected"]
+    cmd = [sys.executable, "-m", "rlhf_jax.plan.measure", *flag, stage, *overrides]
     if config is not None:
-        cmd[3:3] = ["--config", config]
+        cmd[3:3] = ["--config", config]  # after "-m rlhf_jax.plan.measure"
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
@@ -229,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
     p = argparse.ArgumentParser(prog="python -m rlhf_jax.plan.measure", description=__doc__)
     p.add_argument("--config")
+    p.add_argument(
+        "--uncorrected",
+        action="store_true",
+        help="run XLA:CPU's own executables (with its float32 copies of bf16 weights) and "
+        "compare with XLA:CPU's figure instead of the accelerator-corrected one",
+    )
     p.add_argument("stage")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -249,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(Config, args.config, args.overrides)
-        result = measure(cfg, args.stage)
+        result = measure(cfg, args.stage, corrected=not args.uncorrected)
     except RlhfJaxError as e:  # a bad config or a stage it cannot measure: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2

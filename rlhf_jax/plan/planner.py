@@ -24,6 +24,7 @@ from rlhf_jax.loops.build_supervised import (
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.shapes import nbytes
 from rlhf_jax.plan import abstract as ab
+from rlhf_jax.plan.correction import compile_corrected
 from rlhf_jax.steps import RLAlgorithm, TrainState
 
 # Every stage reports every part (0 where absent), so the JSON has one shape. They sum to the
@@ -46,6 +47,10 @@ class ProgramPlan:
     peak: int
     parts: dict[str, int]
     seconds: float  # lowering + compiling
+    # XLA:CPU's float32 copies of bf16 weights that an accelerator does not make, taken out of
+    # `peak` and `parts["activations"]` (plan/correction.py); 0 when the correction does not
+    # apply. `peak + cpu_copies` is XLA:CPU's own figure.
+    cpu_copies: int = 0
 
 
 @dataclasses.dataclass
@@ -68,6 +73,11 @@ class StagePlan:
     @property
     def parts(self) -> dict[str, int]:
         return self.peak_program.parts
+
+    @property
+    def xla_cpu_peak(self) -> int:
+        """The peak by XLA:CPU's own figures, before the accelerator correction."""
+        return max(p.peak + p.cpu_copies for p in self.programs)
 
 
 def stage_names(cfg: Config) -> list[str]:
@@ -163,25 +173,48 @@ def totals(detail: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def compile_program(program: Program):
-    """`(compiled executable, seconds)`: lowered and compiled on the abstract arguments."""
+@dataclasses.dataclass
+class Compiled:
+    """A program compiled on its abstract arguments: XLA's own executable, and the one its
+    accelerator-corrected figure comes from (`plan.correction`; the same when it does not
+    apply)."""
+
+    raw: object
+    corrected: object
+    seconds: float
+
+
+def compile_program(program: Program) -> Compiled:
+    """Lowered and compiled on the abstract arguments; on XLA:CPU with bf16 values, compiled a
+    second time without hoisting (`plan.correction`), kept when its temporaries are smaller."""
     t0 = time.time()
-    compiled = program.jitted.lower(*program.args).compile()
-    return compiled, time.time() - t0
+    lowered = program.jitted.lower(*program.args)
+    raw = lowered.compile()
+    corrected = compile_corrected(lowered)
+    if corrected is None or _temp(corrected) >= _temp(raw):
+        corrected = raw
+    return Compiled(raw, corrected, time.time() - t0)
 
 
-def plan_program(program: Program, resident: dict[str, int], compiled=None) -> ProgramPlan:
+def _temp(compiled) -> int:
+    m = compiled.memory_analysis()
+    if m is None:
+        raise RlhfJaxError("this JAX backend gives no memory analysis of compiled programs")
+    return int(m.temp_size_in_bytes)
+
+
+def plan_program(
+    program: Program, resident: dict[str, int], compiled: Compiled | None = None
+) -> ProgramPlan:
     """Compile `program` (nothing is allocated) and split its per-device peak into parts.
 
     Peak = what lives through the stage (`resident`) + this call's other arguments and
     outputs + its temporaries: XLA's arguments + outputs + temporaries - donated aliases, with
-    the resident state counted once even when the call does not take all of it."""
-    seconds = 0.0
+    the resident state counted once even when the call does not take all of it. The
+    temporaries are the accelerator-corrected ones (`Compiled.corrected`)."""
     if compiled is None:
-        compiled, seconds = compile_program(program)
-    m = compiled.memory_analysis()
-    if m is None:
-        raise RlhfJaxError("this JAX backend gives no memory analysis of compiled programs")
+        compiled = compile_program(program)
+    m = compiled.corrected.memory_analysis()
     in_resident = sum(
         nbytes(arg) for arg, role in zip(program.args, program.roles) if role in RESIDENT_ROLES
     )
@@ -190,7 +223,8 @@ def plan_program(program: Program, resident: dict[str, int], compiled=None) -> P
     kv = min(program.kv_cache, temp)
     parts = {p: int(resident.get(p, 0)) for p in PARTS}
     parts.update(kv_cache=kv, activations=temp - kv, batch=max(int(io), 0))
-    return ProgramPlan(program.name, sum(parts.values()), parts, seconds)
+    copies = _temp(compiled.raw) - temp
+    return ProgramPlan(program.name, sum(parts.values()), parts, compiled.seconds, copies)
 
 
 def _is_train_state(x) -> bool:

@@ -38,6 +38,9 @@ def stage_json(stage: StagePlan, ctx: Context) -> dict:
         "largest": largest_part(stage.parts),
         "program": stage.peak_program.name,
         "programs": {p.name: p.peak for p in stage.programs},
+        # XLA:CPU's own peak, with the float32 weight copies the correction takes out
+        "xla_cpu_peak_bytes": stage.xla_cpu_peak,
+        "xla_cpu_copies_bytes": {p.name: p.cpu_copies for p in stage.programs},
         "detail": {k: v for k, v in stage.build.detail.items() if v},
         "suggestions": [s.to_dict() for s in suggestions(stage, ctx)],
         "together": combined.to_dict() if combined else None,
@@ -85,6 +88,12 @@ def stage_block(stage: StagePlan, ctx: Context) -> list[str]:
             lines.append(f"  {LABELS[part]:<24} {fmt_bytes(parts[part]):>11}")
     big = largest_part(parts)
     lines.append(f"  largest: {LABELS[big]} ({fmt_bytes(parts[big])})")
+    if stage.xla_cpu_peak != stage.peak:
+        lines.append(
+            f"  corrected for accelerators: XLA:CPU's own figure is "
+            f"{fmt_bytes(stage.xla_cpu_peak)}, with float32 copies of bf16 weights that a "
+            "GPU/TPU compiler does not make (docs/memory.md)"
+        )
     if stage.floor:
         lines.append(
             f"  optimizer update alone: {fmt_bytes(stage.floor)} of temporaries (gradients and "

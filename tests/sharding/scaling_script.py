@@ -115,9 +115,9 @@ def main() -> None:
         build = build_fn()
         abstract_stage(build, runtime)
         for program in build.program_list:
-            compiled, _ = compile_program(program)
+            compiled = compile_program(program)
             plan = plan_program(program, totals(build.detail), compiled)
-            moved, largest = batch_collectives(compiled.as_text(), *global_rows(program))
+            moved, largest = batch_collectives(compiled.raw.as_text(), *global_rows(program))
             out[f"{stage}/{program.name}"] = {
                 "peak": plan.peak,
                 "largest_collective": largest,
