@@ -27,14 +27,18 @@ PROGRAM = textwrap.dedent(
 
     def inputs():
         return np.random.default_rng(0).normal(size=(24, 40)).astype(np.float32)
+
+    def named(fn, name):
+        fn.__name__ = name  # the cache entry's file name starts with jit_<name>
+        return fn
     """
 )
 CHILD = PROGRAM + textwrap.dedent(
     """
     events = []
     jax.monitoring.register_event_listener(lambda event, **_: events.append(event))
-    salt = float(sys.argv[1])
-    out = np.asarray(jax.jit(lambda x: program(x, salt))(inputs()))
+    salt, name = float(sys.argv[1]), sys.argv[2]
+    out = np.asarray(jax.jit(named(lambda x: program(x, salt), name))(inputs()))
     print(events.count("/jax/compilation_cache/cache_hits"), out.tobytes().hex())
     """
 )
@@ -50,12 +54,16 @@ def test_a_subprocess_loads_what_the_test_compiled_and_computes_the_same_bits():
     salt = 1.0 + uuid.uuid4().int % 1000 / 1e4
     namespace: dict = {}
     exec(PROGRAM, namespace)
-    before = _entries(folder)
-    fresh = np.asarray(jax.jit(lambda x: namespace["program"](x, salt))(namespace["inputs"]()))
-    assert len(_entries(folder) - before) == 1, "the compiled program was not written"
+    # A name of its own: the other xdist worker writes its own entries into the same folder
+    # meanwhile (a concurrent `jit__argmax` made this count 2 once), so only ours are counted.
+    name = f"cache_probe_{uuid.uuid4().hex[:12]}"
+    fn = namespace["named"](lambda x: namespace["program"](x, salt), name)
+    fresh = np.asarray(jax.jit(fn)(namespace["inputs"]()))
+    ours = {e for e in _entries(folder) if e.startswith(f"jit_{name}-")}
+    assert len(ours) == 1, "the compiled program was not written"
     assert fresh.dtype == jnp.float32 and np.isfinite(fresh).all()
 
-    child = run([sys.executable, "-c", CHILD, repr(salt)])  # inherits the cache's environment
+    child = run([sys.executable, "-c", CHILD, repr(salt), name])  # inherits the cache's environment
     assert child.returncode == 0, child.stderr[-3000:]
     hits, bits = child.stdout.split()
     assert hits == "1", "the subprocess compiled the program again instead of loading it"
