@@ -13,7 +13,16 @@ import subprocess
 import sys
 import time
 
-ORDER = ("hardware", "cost", "generation", "training", "rl_iteration", "scaling")
+ORDER = (
+    "hardware",
+    "cost",
+    "generation",
+    "generation_rows",
+    "attention",
+    "training",
+    "rl_iteration",
+    "scaling",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
