@@ -11,6 +11,12 @@ else process 0 prints to this terminal and the others are quiet.
         rlhf-jax pipeline --config configs/quickstart.yaml --output out/mp mesh.data=4
 
 Exit status: 0 when every process succeeds, else the first failing process's status.
+
+All processes share this machine's cores, so a process can be starved of CPU for long
+stretches while it is healthy (a loaded laptop or CI machine). The coordinator would take
+such a process for dead after JAX's 100 s without a heartbeat; this launcher raises that to
+`--heartbeat-timeout` seconds (RLHF_JAX_HEARTBEAT_TIMEOUT_S) unless the environment already
+sets it. A real pod keeps JAX's default, which detects a lost host sooner.
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices-per-process", type=int, default=1)
     parser.add_argument("--log-dir", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds, then kill all")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=600,
+        help="seconds without a heartbeat before a process is taken for dead (JAX: 100)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -52,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             JAX_NUM_PROCESSES=str(args.processes),
             JAX_PROCESS_ID=str(i),
             JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"),
+            RLHF_JAX_HEARTBEAT_TIMEOUT_S=env.get(
+                "RLHF_JAX_HEARTBEAT_TIMEOUT_S", str(args.heartbeat_timeout)
+            ),
             XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} "
             f"--xla_force_host_platform_device_count={args.devices_per_process}".strip(),
         )

@@ -26,6 +26,11 @@ XLA_CACHE_ENV = {
     # races a write of the same entry fails to decode and jax compiles instead (with a warning).
 }
 
+# Every multi-process test's processes share this machine's two cores with the other xdist
+# worker: a healthy process can go without CPU for longer than JAX's 100 s heartbeat timeout,
+# and the coordinator then stops the run (seen under a loaded suite). Subprocesses inherit it.
+os.environ.setdefault("RLHF_JAX_HEARTBEAT_TIMEOUT_S", "600")
+
 
 def pytest_configure(config):
     """The controller (or a run without xdist) makes the cache folder before the workers start;

@@ -1,5 +1,7 @@
-"""The pod launcher installs the versions the tests passed with: launch/constraints.txt pins
-exactly this environment's run-time packages (regenerate it with launch/pin_versions.py)."""
+"""The tests run on pinned versions and the pod launcher installs the same ones:
+launch/tested-versions.txt pins exactly this environment's run-time packages (the README's
+test command installs with it), launch/constraints.txt is those plus the pod-only packages
+(regenerate both with launch/pin_versions.py)."""
 
 import importlib.util
 from pathlib import Path
@@ -14,17 +16,31 @@ def _pin_module():
     return module
 
 
+def _pins(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return dict(line.split("==") for line in lines if line and not line.startswith(("#", "-c")))
+
+
 def test_constraints_pin_this_environments_run_time_packages():
     pins = _pin_module()
-    lines = (LAUNCH / "constraints.txt").read_text().splitlines()
-    pinned = dict(line.split("==") for line in lines if line and not line.startswith("#"))
-    tested = {k: v for k, v in pinned.items() if k not in pins.POD_ONLY}
-    assert tested == {k: v for k, v in pins.runtime_closure().items() if k not in pins.POD_ONLY}, (
-        "launch/constraints.txt is stale: run python launch/pin_versions.py"
+    tested = _pins(LAUNCH / "tested-versions.txt")
+    closure = {k: v for k, v in pins.runtime_closure().items() if k not in pins.POD_ONLY}
+    assert tested == closure, (
+        "launch/tested-versions.txt is stale: run python launch/pin_versions.py"
     )
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers"):
         assert name in tested, name
-    assert pinned["gcsfs"] == pinned["fsspec"]  # gcsfs requires its own release of fsspec
+    pod = (LAUNCH / "constraints.txt").read_text().splitlines()
+    assert "-c tested-versions.txt" in pod  # the pod installs what the tests ran on
+    pod_only = _pins(LAUNCH / "constraints.txt")
+    assert pod_only == pins.POD_ONLY
+    assert pod_only["gcsfs"] == pod_only["fsspec"]  # gcsfs requires its own release of fsspec
+
+
+def test_the_readme_test_command_installs_the_tested_versions():
+    readme = (LAUNCH.parent / "README.md").read_text().splitlines()
+    command = readme[readme.index("<!-- test-command -->") + 2]
+    assert command.startswith("pip install -c launch/tested-versions.txt -e '.[test]'"), command
 
 
 def test_the_pod_launcher_installs_with_the_constraints():

@@ -503,7 +503,11 @@ RANGES: dict[str, dict[str, Range]] = {
     "LogConfig": {"every": AT_LEAST_1},
     # mesh axes: a size or -1 ("the rest"), checked in MeshConfig itself
     "MeshConfig": {"data": Range(-1), "fsdp": Range(-1), "tensor": Range(-1)},
-    "DistributedConfig": {"num_processes": AT_LEAST_1, "process_id": AT_LEAST_0},
+    "DistributedConfig": {
+        "num_processes": AT_LEAST_1,
+        "process_id": AT_LEAST_0,
+        "heartbeat_timeout_s": AT_LEAST_1,
+    },
     "CheckpointConfig": {"save_every": AT_LEAST_0, "keep": AT_LEAST_1, "stop_after": AT_LEAST_0},
     # jax.random.key keeps 32 bits: seed 2**32 would silently repeat seed 0's stream
     "Config": {"seed": Range(0, 2**32 - 1)},
@@ -556,6 +560,10 @@ class DistributedConfig:
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int | None = None
     process_id: int | None = None
+    # Seconds without a heartbeat before the coordinator declares a process dead and stops the
+    # run (else RLHF_JAX_HEARTBEAT_TIMEOUT_S, else JAX's 100). Raise it where processes share
+    # an oversubscribed machine: a starved process misses heartbeats while it is healthy.
+    heartbeat_timeout_s: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

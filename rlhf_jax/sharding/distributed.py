@@ -17,6 +17,7 @@ from rlhf_jax.errors import RlhfJaxError
 # Environment variables set by Cloud TPU pods (GKE, multi-slice); plain TPU VMs are found by
 # their PCI devices instead (see `_on_cloud_tpu`).
 _TPU_POD_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "CLOUD_TPU_TASK_ID")
+HEARTBEAT_ENV = "RLHF_JAX_HEARTBEAT_TIMEOUT_S"
 
 
 def _int_setting(value: int | str | None, key: str) -> int | None:
@@ -69,7 +70,7 @@ def initialize(cfg: DistributedConfig) -> bool:
     if address is None and n is None and pid is None:
         if not _on_cloud_tpu():
             return False
-        jax.distributed.initialize()
+        jax.distributed.initialize(**heartbeat_setting(cfg))
         return True
     missing = [
         key
@@ -94,5 +95,29 @@ def initialize(cfg: DistributedConfig) -> bool:
         return False
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=address, num_processes=n, process_id=pid)
+    jax.distributed.initialize(
+        coordinator_address=address,
+        num_processes=n,
+        process_id=pid,
+        **heartbeat_setting(cfg),
+    )
     return True
+
+
+def heartbeat_setting(cfg: DistributedConfig) -> dict[str, int]:
+    """`heartbeat_timeout_seconds` for `jax.distributed.initialize` from
+    `distributed.heartbeat_timeout_s`, else RLHF_JAX_HEARTBEAT_TIMEOUT_S; empty (JAX's own
+    default) when neither is set."""
+    if cfg.heartbeat_timeout_s is not None:
+        seconds = _int_setting(
+            cfg.heartbeat_timeout_s, "config key 'distributed.heartbeat_timeout_s'"
+        )
+    else:
+        seconds = _int_setting(
+            os.environ.get(HEARTBEAT_ENV), f"environment variable {HEARTBEAT_ENV}"
+        )
+    if seconds is None:
+        return {}
+    if seconds < 1:
+        raise RlhfJaxError(f"distributed.heartbeat_timeout_s must be >= 1 second, got {seconds}")
+    return {"heartbeat_timeout_seconds": seconds}

@@ -16,7 +16,7 @@ ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for name in ENV + distributed._TPU_POD_ENV:
+    for name in ENV + distributed._TPU_POD_ENV + (distributed.HEARTBEAT_ENV,):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(distributed, "_on_cloud_tpu", lambda: False)
     calls = []
@@ -54,4 +54,28 @@ def test_partial_or_bad_settings_are_named(clean_env, monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(RlhfJaxError, match="JAX_NUM_PROCESSES: 'two'"):
         initialize(DistributedConfig())
+    assert clean_env == []
+
+
+def test_the_heartbeat_timeout_comes_from_the_config_else_the_environment(clean_env, monkeypatch):
+    base = dict(coordinator_address="h:1", num_processes=2, process_id=0)
+    assert initialize(DistributedConfig(**base, heartbeat_timeout_s=250)) is True
+    monkeypatch.setenv(distributed.HEARTBEAT_ENV, "600")
+    assert resolve(DistributedConfig(**base)) == ("h:1", 2, 0)
+    assert distributed.heartbeat_setting(DistributedConfig(**base)) == {
+        "heartbeat_timeout_seconds": 600
+    }
+    assert distributed.heartbeat_setting(DistributedConfig(heartbeat_timeout_s=30)) == {
+        "heartbeat_timeout_seconds": 30
+    }
+    assert clean_env == [dict(base, heartbeat_timeout_seconds=250)]
+
+
+def test_a_bad_heartbeat_timeout_is_named(clean_env, monkeypatch):
+    base = dict(coordinator_address="h:1", num_processes=2, process_id=0)
+    with pytest.raises(RlhfJaxError, match="heartbeat_timeout_s must be >= 1 second, got 0"):
+        initialize(DistributedConfig(**base, heartbeat_timeout_s=0))
+    monkeypatch.setenv(distributed.HEARTBEAT_ENV, "soon")
+    with pytest.raises(RlhfJaxError, match="RLHF_JAX_HEARTBEAT_TIMEOUT_S: 'soon'"):
+        initialize(DistributedConfig(**base))
     assert clean_env == []
