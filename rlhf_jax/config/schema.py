@@ -241,6 +241,11 @@ class PPOConfig:
     # half are left (rollout/decode.py): time follows the tokens generated, not rows x the
     # longest. Same tokens; log-probs may differ in the last float bits (a smaller matmul).
     compact_finished_rows: bool = False
+    # The update runs on the experience cut to the iteration's longest prompt and response,
+    # each rounded up to a power of two (steps/rl_trim.py): it stops computing padding
+    # columns. Same results up to float rounding; one compiled update per length bucket.
+    # Not with the seq_mean_token_sum_norm reduction (its constant is the padded length).
+    trim_update: bool = False
     max_prompt_len: int = 16
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling; also divides logits wherever log-probs are taken

@@ -32,6 +32,7 @@ from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rollout_stages import filtered_experience, prompt_drawer
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.train import CompiledOnce, Stage, run_stage
+from rlhf_jax.loops.trimmed_update import TrimmedUpdate
 from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.models.hf.adapters import save_adapters
@@ -75,7 +76,7 @@ class _Programs:
 
     experience: Callable  # (state, prompt batch, key, texts, draw) -> (Experience, metrics)
     update: Callable  # (state, experience, ptx batch, key) -> (state, metrics)
-    compiled: list[CompiledOnce]  # every program, for the memory figure
+    compiled: list  # every program (CompiledOnce, TrimmedUpdate), for the memory figure
     use_ptx: bool
     n_mb: int  # minibatches per epoch
 
@@ -174,12 +175,18 @@ def _compile(spec: RLBuildSpec, build: StageBuild, a: Assembly, state_sh, where)
         compiled = list(by_name.values())
     else:
         experience, compiled = _experience(spec, made, a, runtime, tokenizer)
-    compiled_update = CompiledOnce(update_program.jitted)
-    update = compiled_update
-    if "frozen" in update_program.roles:  # a LoRA policy: the update reads its base
+    # A LoRA policy's update also reads its base (`frozen`).
+    extra = (frozen,) if "frozen" in update_program.roles else ()
+    if ppo.trim_update:  # one program per length bucket (steps/rl_trim.py)
+        compiled_update = update = TrimmedUpdate(
+            update_program.jitted, runtime.mesh, runtime.rules, extra
+        )
+    else:
+        compiled_update = update = CompiledOnce(update_program.jitted)
+        if extra:
 
-        def update(state, exp, ptx_batch, key):
-            return compiled_update(state, exp, ptx_batch, key, frozen)
+            def update(state, exp, ptx_batch, key):
+                return compiled_update(state, exp, ptx_batch, key, *extra)
 
     n_mb = ppo.episodes // ppo.minibatch_size
     return _Programs(experience, update, [*compiled, compiled_update], spec.use_ptx, n_mb)

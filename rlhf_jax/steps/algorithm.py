@@ -114,6 +114,12 @@ class RLAlgorithm:
 
     def _check_reads(self, ppo: PPOConfig) -> None:
         """Run each part once on tiny inputs with exactly the keys this run provides."""
+        if ppo.trim_update and self.reduction == "seq_mean_token_sum_norm":
+            raise RlhfJaxError(
+                "config key 'ppo.trim_update': the seq_mean_token_sum_norm reduction divides "
+                "by the padded response length, which trimming changes every iteration; "
+                "turn one of them off"
+            )
         why = []
         if not self.uses_reference:
             why.append("reference log-probs exist only when ppo.kl_penalty is reward or loss")

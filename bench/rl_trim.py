@@ -1,0 +1,129 @@
+"""What trimming the RL update saves (`ppo.trim_update`): tokens and compiled FLOPs.
+
+    python -m bench.rl_trim            # prints the markdown of docs/memory.md#packing
+
+1. Tokens: iterations of 64 responses whose prompt and response lengths are log-normal
+   (prompt median 120 tokens, response median 180, sigma 0.8: `bench.packing`'s mix), clipped
+   to the budgets. Per iteration the padded update computes 64 x (P + N) tokens, the trimmed
+   one 64 x (bucket(longest prompt) + bucket(longest response)); the mean over 200 iterations,
+   at a budget that the tails reach (512 + 512) and at a generous one (512 + 2048).
+2. FLOPs: XLA's cost analysis of the compiled PPO update (policy and critic, forward,
+   backward and Adam over one epoch of 4 minibatches; a 2-layer d=128 Llama-style model) at
+   the full budget and at every bucket the mix scaled by 1/8 reaches (budgets 64 + 256), then
+   the mean over the iterations' buckets.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax.config import OptimConfig, PPOConfig
+from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
+from rlhf_jax.models.heads import scalar_trunk
+from rlhf_jax.steps import Experience, RLAlgorithm, init_rl_state, make_optimizer, make_update_fn
+from rlhf_jax.steps.rl_trim import trimmed_lengths
+
+ROWS, ITERATIONS = 64, 200
+
+
+def draw_lengths(budgets: tuple[int, int], scale: float, seed: int = 0) -> np.ndarray:
+    """[ITERATIONS, ROWS, 2] (prompt, response) lengths of the mix, medians scaled by `scale`."""
+    rng = np.random.default_rng(seed)
+    medians = np.array([120.0, 180.0]) * scale
+    x = np.exp(rng.normal(np.log(medians), 0.8, (ITERATIONS, ROWS, 2))).astype(int)
+    return np.clip(x, 1, np.array(budgets))
+
+
+def buckets_of(lengths: np.ndarray, budgets: tuple[int, int]) -> list[tuple[int, int]]:
+    """Each iteration's (prompt, response) columns under `ppo.trim_update`."""
+    longest = lengths.max(axis=1)
+    return [trimmed_lengths((int(p), int(n)), *budgets) for p, n in longest]
+
+
+def token_table() -> list[str]:
+    rows = [
+        f"| {ROWS} responses per iteration, mean of {ITERATIONS} | real | padded update "
+        "| trimmed update | trimmed / padded |",
+        "|---|---|---|---|---|",
+    ]
+    for budgets in ((512, 512), (512, 2048)):
+        lengths = draw_lengths(budgets, 1.0)
+        real = lengths.sum(axis=(1, 2)).mean()
+        padded = ROWS * sum(budgets)
+        trimmed = np.mean([ROWS * (p + n) for p, n in buckets_of(lengths, budgets)])
+        rows.append(
+            f"| budget {budgets[0]} + {budgets[1]}: tokens | {real:,.0f} | {padded:,} "
+            f"({100 * real / padded:.0f}% real) | {trimmed:,.0f} ({100 * real / trimmed:.0f}% "
+            f"real) | {trimmed / padded:.3f} |"
+        )
+    return rows
+
+
+def _experience(p: int, n: int, seed: int = 0) -> Experience:
+    """A full (every token real) experience of ROWS rows in p + n columns: the FLOPs of a
+    program do not depend on the values."""
+    rng = np.random.default_rng(seed)
+    ones = jnp.ones((ROWS, n), jnp.float32)
+    noise = jnp.asarray(rng.normal(size=(ROWS, n)), jnp.float32)
+    ids = jnp.asarray(rng.integers(2, 500, (ROWS, p + n)), jnp.int32)
+    return Experience(
+        ids, jnp.ones((ROWS, p + n), jnp.float32), ids[:, p:], ones, noise - 2.0, None,
+        noise, noise, noise, noise, jnp.zeros((ROWS,), jnp.float32), None,
+        jnp.arange(ROWS, dtype=jnp.int32),
+    )  # fmt: skip
+
+
+def update_flops(p: int, n: int) -> float:
+    """GFLOP of one compiled PPO update (critic, KL in the reward) on ROWS rows of p + n."""
+    config = ModelConfig(
+        model_type="llama", vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4,
+        head_dim=32, mlp_dim=512, max_position_embeddings=512,
+    )  # fmt: skip
+    optim = OptimConfig(lr=1e-5)
+    ppo = PPOConfig(
+        rollout_batch=ROWS, minibatch_size=16, epochs=1, max_prompt_len=p, max_new_tokens=n,
+        policy_optim=optim, value_optim=optim, ema_decay=0.0,
+    )  # fmt: skip
+    algo = RLAlgorithm.from_config(ppo)
+    policy = init_params(config, jax.random.key(0))
+    critic = {"trunk": scalar_trunk(policy), "head": init_scalar_head(config, jax.random.key(1))}
+    tx = make_optimizer(optim, 4)
+    state = init_rl_state(policy, critic, tx, tx, ppo)
+    fn = make_update_fn(config, config, ppo, algo)
+    lowered = jax.jit(fn).lower(state, _experience(p, n), None, jax.random.key(0))
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) / 1e9
+
+
+def flops_table(budgets: tuple[int, int] = (64, 256)) -> list[str]:
+    seen = collections.Counter(buckets_of(draw_lengths(budgets, 1 / 8, seed=1), budgets))
+    full = update_flops(*budgets)
+    rows = [
+        f"| PPO update, {ROWS} rows, budget {budgets[0]} + {budgets[1]} (mix x 1/8) "
+        "| iterations | GFLOP | / padded |",
+        "|---|---|---|---|",
+        f"| padded: {budgets[0]} + {budgets[1]} | (all) | {full:.2f} | 1.000 |",
+    ]
+    mean = 0.0
+    for (p, n), count in sorted(seen.items()):
+        g = update_flops(p, n)
+        mean += g * count / ITERATIONS
+        rows.append(f"| trimmed: {p} + {n} | {count} | {g:.2f} | {g / full:.3f} |")
+    rows.append(f"| trimmed, mean over the iterations | {ITERATIONS} | {mean:.2f} "
+                f"| {mean / full:.3f} |")  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    print("\n".join(token_table()))
+    print()
+    print("\n".join(flops_table()))
+
+
+if __name__ == "__main__":
+    main()
