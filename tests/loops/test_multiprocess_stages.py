@@ -101,7 +101,7 @@ SHORT = ["pretrain.steps=2", "sft.steps=2", "rm.steps=2", "ppo.iterations=1",
 LABELLED = re.compile(r"^(.+?): process (\d) of 2 encoded (\d+) of (\d+) rows", re.M)
 REPORTED = [("sft", "gold_reward"), ("ppo", "gold_reward"), ("ppo", "gold_gain"),
             ("ppo", "win_rate_vs_sft"), ("ppo", "kl_to_sft"), ("ppo", "final_beta"),
-            ("rm", "heldout_accuracy"), ("rm", "heldout_margin"), ("rm", "bias_shift"),
+            ("rm", "heldout_accuracy"), ("rm", "heldout_margin"),
             ("pretrain_loss", "sft"), ("pretrain_loss", "ppo")]  # fmt: skip
 
 
@@ -124,7 +124,16 @@ def test_pipeline_on_two_processes_encodes_each_its_rows_and_matches_one(tmp_pat
     for section, key in REPORTED:
         _close(r1[section][key], r2[section][key], f"report {section}.{key}")
     assert r1["rm"]["heldout_pairs"] == r2["rm"]["heldout_pairs"] > 0
-    assert r1["data"] == r2["data"] and r1["samples"] == r2["samples"]
+    # The bias shift is the demonstrations' mean score, so it carries the head's bias, which
+    # a pairwise loss gives no gradient but float noise (Adam's normalisation may turn that
+    # into steps of about the learning rate; not verified). Measured: 0.050102 against
+    # 0.050067, while the held-out margin (bias-free) agreed to 5e-7 relative.
+    np.testing.assert_allclose(r2["rm"]["bias_shift"], r1["rm"]["bias_shift"], atol=1e-4)
+
+    def counts(report):  # every file's row counts, without the output folder in its path
+        return [{k: v for k, v in d.items() if k != "path"} for d in report["data"]]
+
+    assert counts(r1) == counts(r2) and r1["samples"] == r2["samples"]
 
     encoded = {(Path(f).name, int(p)): (int(k), int(n)) for f, p, k, n in LABELLED.findall(logs)}
     per_process = {}
