@@ -71,7 +71,8 @@ class HeldRows:
     """Some rows of an `n`-row dataset: `arrays[k][j]` is row `rows[j]` (sorted), held by a
     process that reads slice `local` of each global batch of `batch_size` rows. `owner[j]`:
     whether this process is the one that evaluates row `rows[j]` when every row is evaluated
-    (loops/owned_rows.py; each row has one owner)."""
+    (loops/owned_rows.py; each row has one owner). `repeat`: rows read in order, each standing
+    `repeat` times in a row (e.g. K samples of one prompt; loops/process_rows.encode_ordered)."""
 
     arrays: dict[str, np.ndarray]
     rows: np.ndarray
@@ -79,6 +80,7 @@ class HeldRows:
     batch_size: int
     local: slice
     owner: np.ndarray | None = None
+    repeat: int = 1
 
     def with_arrays(self, **extra: np.ndarray) -> HeldRows:
         """The same rows with more arrays (one entry per held row)."""

@@ -18,13 +18,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.sharding import activation_sharding, data_parallel_size, jit_eval
 
 
 def map_batches(
     fn: Callable[..., Any],
-    arrays: Mapping[str, np.ndarray],
+    arrays: Mapping[str, np.ndarray] | HeldRows,
     batch_size: int,
     with_offset: bool = False,
     runtime: Runtime | None = None,
@@ -38,11 +39,16 @@ def map_batches(
     slice's first row (e.g. to fold it into a sampling key). With a mesh `runtime`, `fn`
     receives each batch as global arrays (`batch_size` rounded up to a multiple of the
     data-parallel size) and may return arrays split by rows: every process gets every row.
+    `arrays` may hold only this process's rows (`HeldRows` of `process_rows.encode_ordered`,
+    each row standing `repeat` times): the same global batches, each process feeding its
+    slice.
     """
     on_mesh = on_a_mesh(runtime)
     if on_mesh:
         dp = data_parallel_size(runtime.mesh, runtime.rules)
         batch_size = -(-batch_size // dp) * dp
+    if isinstance(arrays, HeldRows):
+        return _map_held(fn, arrays, batch_size, with_offset, runtime)
     n = len(next(iter(arrays.values())))
     outs = []
     for start in range(0, n, batch_size):
@@ -55,6 +61,21 @@ def map_batches(
         out = fn(batch, start) if with_offset else fn(batch)
         outs.append(to_host(out) if on_mesh else jax.device_get(out))
     return jax.tree.map(lambda *parts: np.concatenate(parts)[:n], *outs)
+
+
+def _map_held(fn, held: HeldRows, batch_size: int, with_offset: bool, runtime: Runtime) -> Any:
+    """`map_batches` over rows held by their processes: batch j's rows are the whole file's
+    (each row `held.repeat` times) from j * batch_size on, the last repeated to fill it."""
+    if batch_size != held.batch_size:
+        raise ValueError(f"rows encoded for batches of {held.batch_size}, read in {batch_size}")
+    total = held.n * held.repeat
+    outs = []
+    for start in range(0, total, batch_size):
+        index = np.minimum(np.arange(start, start + batch_size), total - 1) // held.repeat
+        batch = runtime.global_batch(held.global_batch(index), None)
+        out = fn(batch, start) if with_offset else fn(batch)
+        outs.append(to_host(out))
+    return jax.tree.map(lambda *parts: np.concatenate(parts)[:total], *outs)
 
 
 def map_params(

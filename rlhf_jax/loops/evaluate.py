@@ -10,18 +10,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.batched import activations_of, compiled, map_batches
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.models import ModelConfig, forward
 from rlhf_jax.ops import token_logprobs
 from rlhf_jax.rollout import generate
 
+EVAL_BATCH = 128  # rows per sampling batch of the gold evaluation
+
 
 def sample_responses(
     cfg: ModelConfig,
     params,
-    prompt_ids: np.ndarray,
-    prompt_mask: np.ndarray,
+    prompt_ids: np.ndarray | None,
+    prompt_mask: np.ndarray | None,
     key: jax.Array,
     *,
     max_new_tokens: int,
@@ -32,15 +35,22 @@ def sample_responses(
     top_k: int | None = None,
     top_p: float | None = None,
     runtime: Runtime | None = None,
+    held: HeldRows | None = None,
 ) -> dict[str, np.ndarray]:
     """Generate for every prompt row in batches of `batch_size` (the last one padded); batch
     j's key is `fold_in(key, first row of batch j)`. With a mesh `runtime` each batch is
-    split over its batch axes and decoded under its activation rules (loops/batched.py)."""
+    split over its batch axes and decoded under its activation rules (loops/batched.py).
+    `held` (prompt_ids / prompt_mask None): only this process's prompt rows, each standing
+    `held.repeat` times (`process_rows.encode_ordered`); the samples are the same as from
+    every row, and every process gets them all, prompts included."""
 
     def sample(batch, start):
         with activations_of(runtime):
             gen = _generate(batch, start)
-        return {k: v for k, v in gen._asdict().items() if v is not None}  # no support asked
+        out = {k: v for k, v in gen._asdict().items() if v is not None}  # no support asked
+        if held is not None:  # the prompts come back gathered with the samples
+            out["prompt_ids"], out["prompt_mask"] = batch["input_ids"], batch["attention_mask"]
+        return out
 
     def _generate(batch, start):
         return generate(
@@ -57,6 +67,8 @@ def sample_responses(
             pad_id=int(pad_id),
         )
 
+    if held is not None:
+        return map_batches(sample, held, batch_size, with_offset=True, runtime=runtime)
     prompts = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
     merged = map_batches(sample, prompts, batch_size, with_offset=True, runtime=runtime)
     merged["prompt_ids"], merged["prompt_mask"] = prompt_ids, prompt_mask
@@ -141,7 +153,7 @@ def evaluate_gold(
     params,
     tokenizer,
     prompts: Sequence[str],
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, np.ndarray] | HeldRows,
     key: jax.Array,
     gold_fn: Callable[[str, str], float],
     *,
@@ -150,17 +162,22 @@ def evaluate_gold(
     eos_ids: tuple[int, ...],
     pad_id: int,
     n_samples: int = 1,
-    batch_size: int = 128,
+    batch_size: int = EVAL_BATCH,
     runtime: Runtime | None = None,
 ) -> GoldEval:
     """Sample `n_samples` responses per evaluation prompt and score each with `gold_fn` (on
-    `runtime`'s mesh, see `sample_responses`)."""
-    ids = np.repeat(arrays["input_ids"], n_samples, axis=0)
-    mask = np.repeat(arrays["attention_mask"], n_samples, axis=0)
-    samples = sample_responses(
-        cfg, params, ids, mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
-        eos_ids=eos_ids, pad_id=pad_id, batch_size=batch_size, runtime=runtime,
-    )  # fmt: skip
+    `runtime`'s mesh, see `sample_responses`). `arrays`: every prompt, or this process's
+    (`HeldRows` encoded for `n_samples` per prompt)."""
+    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids,
+                pad_id=pad_id, batch_size=batch_size, runtime=runtime)  # fmt: skip
+    if isinstance(arrays, HeldRows):
+        if arrays.repeat != n_samples:
+            raise ValueError(f"prompts encoded for {arrays.repeat} samples each, not {n_samples}")
+        samples = sample_responses(cfg, params, None, None, key, held=arrays, **opts)
+    else:
+        ids = np.repeat(arrays["input_ids"], n_samples, axis=0)
+        mask = np.repeat(arrays["attention_mask"], n_samples, axis=0)
+        samples = sample_responses(cfg, params, ids, mask, key, **opts)
     texts = decode_responses(tokenizer, samples)
     repeated = [p for p in prompts for _ in range(n_samples)]
     gold = np.array([gold_fn(p, c) for p, c in zip(repeated, texts)])

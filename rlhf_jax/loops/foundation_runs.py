@@ -11,6 +11,7 @@ from pathlib import Path
 from rlhf_jax.config import Config
 from rlhf_jax.loops import evaluate as ev
 from rlhf_jax.loops.foundation import Foundation
+from rlhf_jax.loops.process_rows import OrderedShare
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rl import RLModels, final_policy, train_rl
 from rlhf_jax.loops.settings import pipeline_settings
@@ -66,18 +67,22 @@ def evaluate_policy(
 ) -> ev.GoldEval:
     """Samples of `params` on the held-out evaluation prompts, each scored by `score` (the
     task's gold reward unless given), at `eval.temperature` x `eval.n_samples` unless given."""
+    n_samples = cfg.eval.n_samples if n_samples is None else n_samples
+    arrays = f.eval_arrays
+    if isinstance(arrays, OrderedShare):  # this process's prompts, laid out for n_samples
+        arrays = arrays.repeated(n_samples)
     return ev.evaluate_gold(
         f.model_cfg,
         params,
         f.tokenizer,
         f.eval_prompts,
-        f.eval_arrays,
+        arrays,
         f.keys["eval"],
         score if score is not None else TASKS[cfg.task.name].gold_reward,
         max_new_tokens=cfg.ppo.max_new_tokens,
         temperature=cfg.eval.temperature if temperature is None else temperature,
         eos_ids=f.eos,
         pad_id=f.pad,
-        n_samples=cfg.eval.n_samples if n_samples is None else n_samples,
+        n_samples=n_samples,
         runtime=f.runtime,
     )

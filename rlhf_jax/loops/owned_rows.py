@@ -21,7 +21,12 @@ from jax.experimental import multihost_utils
 from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.batched import compiled, map_params
 from rlhf_jax.loops.runtime import Runtime
-from rlhf_jax.sharding import host_local_rows, local_batch_rows, make_global_batch
+from rlhf_jax.sharding import (
+    data_parallel_size,
+    host_local_rows,
+    local_batch_rows,
+    make_global_batch,
+)
 
 
 def every_row(
@@ -51,6 +56,8 @@ def _owned_outputs(fn, params, held: HeldRows, own, keys, batch_size, runtime: R
     last padded by repeating a row; every process runs as many batches as the one owning
     the most rows)."""
     mesh, rules = runtime.mesh, runtime.rules
+    dp = data_parallel_size(mesh, rules)  # rounded up as `map_batches` rounds it
+    batch_size = -(-batch_size // dp) * dp
     local = local_batch_rows(batch_size, mesh, rules)
     size = local.stop - local.start
     counts = multihost_utils.process_allgather(np.int64(len(own)))

@@ -49,7 +49,7 @@ def run_pipeline(
     if cfg.task.name in VERIFIABLE:  # no reward model: RL on the task's reward function
         return run_rlvr(cfg, out_dir, command, machine(), algo=algo)
     t_start = time.time()
-    f = build_foundation(cfg, out_dir, algo=algo)
+    f = build_foundation(cfg, out_dir, algo=algo, own_rows=True)  # only its own stages
     out, model_cfg = f.out, f.model_cfg
 
     # Step 3: RL (PPO-ptx by default), and the same run without ptx for the ablation.

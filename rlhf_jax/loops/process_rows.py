@@ -10,6 +10,7 @@ count and so every process's shuffle: there every process still encodes every ro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -68,6 +69,62 @@ def encode_share(
     return _encode_rows(examples, rows, np.ones(len(rows), bool), encode, report, (batch, local))
 
 
+def ordered_rows(n: int, batch_size: int, local: slice, repeat: int = 1) -> np.ndarray:
+    """The sorted rows of an `n`-row file that slice `local` of consecutive batches of
+    `batch_size` reads (`loops.batched.map_batches`: the last batch padded by repeating the
+    final row), each row standing `repeat` times in a row."""
+    total = n * repeat
+    starts = np.arange(0, total, batch_size)
+    read = (starts[:, None] + np.arange(local.start, local.stop)[None, :]).reshape(-1)
+    return np.unique(np.minimum(read, total - 1) // repeat)
+
+
+def encode_ordered(
+    examples: Sequence,
+    encode: Encode,
+    report: DataReport,
+    batch_size: int,
+    runtime: Runtime,
+    repeat: int = 1,
+) -> HeldRows:
+    """A file evaluated in order, not trained on (e.g. prompts sampled `repeat` times each,
+    `map_batches`' consecutive global batches of `batch_size` rows, rounded up to the
+    data-parallel size as it rounds it): each process encodes the rows its slice of those
+    batches reads, so the batches, and every output, are one process's."""
+    dp = data_parallel_size(runtime.mesh, runtime.rules)
+    batch_size = -(-batch_size // dp) * dp
+    local = local_batch_rows(batch_size, runtime.mesh, runtime.rules)
+    rows = ordered_rows(len(examples), batch_size, local, repeat)
+    # A row read by two slices (its repeats straddle them) is counted by its first repeat's.
+    first = np.isin((rows * repeat) % batch_size, np.arange(local.start, local.stop))
+    held = _encode_rows(examples, rows, first, encode, report, (batch_size, local))
+    return dataclasses.replace(held, repeat=repeat)
+
+
+@dataclasses.dataclass
+class OrderedShare:
+    """A file evaluated in order whose layout depends on how many times each row is sampled
+    (the evaluation prompts: `eval.n_samples`, or 1 for greedy answers): this process's
+    rows are encoded (`encode_ordered`) on first use of each `repeat`. Every process must
+    ask for the same repeats in the same order (encoding sums counts over processes)."""
+
+    examples: Sequence
+    encode: Encode
+    path: str
+    batch_size: int
+    runtime: Runtime
+    _held: dict[int, HeldRows] = dataclasses.field(default_factory=dict)
+
+    def repeated(self, repeat: int) -> HeldRows:
+        """This process's rows for batches in which each row stands `repeat` times."""
+        if repeat not in self._held:
+            report = DataReport(path=self.path)  # nothing counted: the file was checked
+            self._held[repeat] = encode_ordered(
+                self.examples, self.encode, report, self.batch_size, self.runtime, repeat
+            )
+        return self._held[repeat]
+
+
 def _encode_rows(examples, rows, first, encode: Encode, report: DataReport, batch) -> HeldRows:
     """Rows `rows` of `examples` encoded as `HeldRows` (each process's truncations summed
     over processes: `first` marks the rows this process counts and owns)."""
@@ -108,15 +165,21 @@ def _with_unread_share(rows, first, n: int, batch_size: int, local: slice):
 
 
 def stage_rankings(
-    cfg: Config, rankings: Sequence, encode: RunEncoder, report: DataReport, stage: str
+    cfg: Config,
+    rankings: Sequence,
+    encode: RunEncoder,
+    report: DataReport,
+    stage: str,
+    split: bool = True,
 ) -> tuple[dict[str, np.ndarray] | HeldRows, dict[str, np.ndarray] | None]:
     """`(train, held out)` of the rankings stage `stage` ("rm" or "dpo") trains on, split by
     its `heldout_fraction`. With several processes (`splits_rows`) the training rows are
     `HeldRows` (this process's, and its share of those no batch reads: the stage evaluates
     every training row afterwards); the held-out rows, a small fraction, are encoded whole
-    on every process."""
+    on every process. `split=False`: every row on every process, whatever the process count
+    (a caller whose other stages read every training row)."""
     fraction = getattr(cfg, stage).heldout_fraction
-    if not splits_rows(cfg):
+    if not (split and splits_rows(cfg)):
         return split_heldout(encode.rankings(rankings, report, section=stage), fraction, cfg.seed)
     # every row with the file's K (a process's rows alone might hold fewer completions)
     k = max(len(e.completions) for e in rankings)

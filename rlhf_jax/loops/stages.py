@@ -12,8 +12,8 @@ import numpy as np
 
 from rlhf_jax.config import Config, ModelSpec
 from rlhf_jax.data.pack import pack_rankings
+from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.adapters import save_stage_adapters
-from rlhf_jax.loops.batched import map_params
 from rlhf_jax.loops.build_supervised import SupervisedSpec, rm_spec
 from rlhf_jax.loops.checks import check_rows
 from rlhf_jax.loops.owned_rows import every_row
@@ -95,14 +95,16 @@ def _row_nll(model_cfg: ModelConfig):
 def lm_loss(
     model_cfg: ModelConfig,
     params,
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, np.ndarray] | HeldRows,
     batch_size: int,
     runtime: Runtime | None = None,
 ) -> float:
-    """Mean next-token loss over every target token of `arrays` (token-weighted, every row);
+    """Mean next-token loss over every target token of `arrays` (token-weighted, every row;
+    `HeldRows`: each row's loss taken by its owner and gathered, loops/owned_rows.py);
     `runtime` here and below: evaluate on its mesh (None: one device, see loops/batched.py)."""
     keys = ("input_ids", "attention_mask", "loss_mask")
-    nll, tokens = map_params(_row_nll(model_cfg), params, arrays, keys, batch_size, runtime)
+    fn = _row_nll(model_cfg)
+    nll, tokens = every_row(fn, params, arrays, keys, batch_size, runtime)[0]
     return float(nll.sum() / max(tokens.sum(), 1.0))
 
 
