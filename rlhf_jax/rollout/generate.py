@@ -110,7 +110,8 @@ class DecodeState(NamedTuple):
     """Where a `generate` (with `return_state=True`) left off, for `continue_generate` to go on
     after the host appends tokens (a tool's answer, the next user turn).
 
-    cache:        per layer k and v [B, kv_heads, S, head_dim]; slot P + t holds generated
+    cache:        per layer k and v [B, kv_heads, S, head_dim] (stacked [L, ...] after a
+                  `layer_scan` call, which a continuation then keeps); slot P + t holds generated
                   token t for t < N - 1 (the last one was chosen without a forward).
     kv_valid_BS:  [B, S] int32, 1 where a slot holds a real token (prompt padding and the
                   padding after a row's EOS are 0).
