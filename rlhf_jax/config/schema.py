@@ -246,6 +246,12 @@ class PPOConfig:
     # columns. Same results up to float rounding; one compiled update per length bucket.
     # Not with the seq_mean_token_sum_norm reduction (its constant is the padded length).
     trim_update: bool = False
+    # The sampler runs the layers as a scan over the stacked weights (and a stacked KV cache)
+    # instead of unrolled over per-layer copies of the weights made for every sampling call:
+    # a whole copy of the policy's layers less in the experience (docs/memory.md, "Fitting
+    # 80 GB"), at the cost of slower decode steps on XLA:CPU. Same tokens and log-probs up to
+    # float rounding.
+    decode_layer_scan: bool = False
     max_prompt_len: int = 16
     max_new_tokens: int = 24
     temperature: float = 1.0  # sampling; also divides logits wherever log-probs are taken

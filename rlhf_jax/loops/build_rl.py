@@ -412,4 +412,10 @@ def rl_facts(spec: RLBuildSpec) -> dict[str, Any]:
         "forwards": tuple(forwards),
         "critic": separate_critic,
         "experience": tuple(experience),
+        # The sampler's prefill (once per prompt) and its decode path, for the advice on
+        # `ppo.decode_layer_scan` and the floor of the micro-batch advice.
+        "sampler": Forward(
+            policy_cfg, ppo.episodes // ppo.samples_per_prompt, ppo.max_prompt_len, 0
+        ),
+        "decode_layer_scan": ppo.decode_layer_scan,
     }

@@ -183,20 +183,29 @@ def cached_attention(
     v_BKSE: jax.Array,
     mask: KeyMask,
     kind: str = "auto",
+    layer: jax.Array | None = None,
 ) -> jax.Array:
-    """Attention of T queries at slots [q_start, q_start + T) over a KV cache [B, K, S, E].
+    """Attention of T queries at slots [q_start, q_start + T) over a KV cache [B, K, S, E]
+    (or, with `layer`, layer `layer` of a stacked cache [L, B, K, S, E]).
 
     Only the first `bucket` slots are read, the smallest bucket holding q_start + T: later
     slots are invisible to every query (causality), so the result is that of all S slots.
     """
     t = q_BTHE.shape[1]
-    sizes = buckets(k_BKSE.shape[2])
+    sizes = buckets(k_BKSE.shape[-2])
     filled = mask.q_start + t
+
+    def read(x: jax.Array, n: int) -> jax.Array:
+        if layer is None:
+            return x[:, :, :n]
+        # One dynamic slice: the layer's first n slots, never the layer's whole cache first.
+        _, b, kv, _, e = x.shape
+        return jax.lax.dynamic_slice(x, (layer, 0, 0, 0, 0), (1, b, kv, n, e))[0]
 
     def over(n: int):
         def branch(q, k, v, kv_valid):
             part = KeyMask(kv_valid[:, :n], mask.q_start)
-            k, v = k[:, :, :n], v[:, :, :n]
+            k, v = read(k, n), read(v, n)
             # A prefill over many slots takes the blocked path (no [T, S] scores); a decode
             # step (T = 1) holds one row of scores, which the dense einsums do fastest.
             if t > 1 and resolve(kind, q.dtype, q.shape[-1], n, False) != "dense":

@@ -94,6 +94,34 @@ class LayerCache(NamedTuple):
     v: jax.Array
 
 
+class StackedSlot(NamedTuple):
+    """Layer `layer`'s place in a stacked cache: k and v [L, B, K, S, E] for all layers (the
+    decode path that scans over layers, `generate(layer_scan=True)`). The layer writes its
+    new slots into the stacked arrays in place and reads its own keys from them, so no
+    layer's cache is ever sliced out and stacked back."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array  # scalar int32
+
+
+def _write_cache(cache, k_BTKE: jax.Array, v_BTKE: jax.Array, cache_index):
+    """The cache with this chunk's keys/values written at slots [cache_index, + T), in the
+    [B, K, S, E] layout (one more leading layer axis for a `StackedSlot`)."""
+    new = []
+    for old, x in ((cache.k, k_BTKE), (cache.v, v_BTKE)):
+        x = x.astype(old.dtype).transpose(0, 2, 1, 3)
+        if isinstance(cache, StackedSlot):
+            x = jax.lax.dynamic_update_slice(old, x[None], (cache.layer, 0, 0, cache_index, 0))
+            new.append(constrain(x, None, "batch", "kv_heads", "length", "head_dim"))
+        else:
+            x = jax.lax.dynamic_update_slice(old, x, (0, 0, cache_index, 0))
+            new.append(constrain(x, "batch", "kv_heads", "length", "head_dim"))
+    if isinstance(cache, StackedSlot):
+        return StackedSlot(new[0], new[1], cache.layer)
+    return LayerCache(new[0], new[1])
+
+
 class Norm(nn.Module):
     """LayerNorm (GPT-2) or RMSNorm (Llama, Qwen), computed in float32 as the references do."""
 
@@ -200,19 +228,10 @@ class Attention(nn.Module):
         if cache is None:
             out_BTHE = self_attention(q, k, v, mask, cfg.attention)
         else:
-            # Write this chunk's keys/values at slots [cache_index, cache_index + T).
-            start = (0, 0, cache_index, 0)
-            k_all = jax.lax.dynamic_update_slice(
-                cache.k, k.astype(cache.k.dtype).transpose(0, 2, 1, 3), start
-            )
-            v_all = jax.lax.dynamic_update_slice(
-                cache.v, v.astype(cache.v.dtype).transpose(0, 2, 1, 3), start
-            )
-            k_all = constrain(k_all, "batch", "kv_heads", "length", "head_dim")
-            v_all = constrain(v_all, "batch", "kv_heads", "length", "head_dim")
-            new_cache = LayerCache(k_all, v_all)
-            k_all, v_all = k_all.astype(q.dtype), v_all.astype(q.dtype)
-            out_BTHE = cached_attention(q, k_all, v_all, mask, cfg.attention)
+            new_cache = _write_cache(cache, k, v, cache_index)
+            layer = new_cache.layer if isinstance(new_cache, StackedSlot) else None
+            k_all, v_all = new_cache.k.astype(q.dtype), new_cache.v.astype(q.dtype)
+            out_BTHE = cached_attention(q, k_all, v_all, mask, cfg.attention, layer=layer)
         # Without this the partitioner may feed the output projection (weight split on its
         # `embed` dimension by FSDP) with all rows gathered instead of gathering the weight.
         out_BTHE = constrain(out_BTHE, "batch", "length", "heads", "head_dim")

@@ -15,11 +15,20 @@ import jax.numpy as jnp
 from rlhf_jax.models.attention import KeyMask
 from rlhf_jax.models.axes import constrain
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.layers import Block, LayerCache, Norm, _normal, _param, flat_matmul
+from rlhf_jax.models.layers import (
+    Block,
+    LayerCache,
+    Norm,
+    StackedSlot,
+    _normal,
+    _param,
+    flat_matmul,
+)
 
 # Cache of all layers: one LayerCache per layer (separate buffers, so a decode step updates
-# each in place), k and v of shape [B, K, S, E].
-KVCache = tuple[LayerCache, ...]
+# each in place), k and v of shape [B, K, S, E]; or, for the layer-scan decode path, ONE
+# LayerCache whose k and v are stacked [L, B, K, S, E] (updated in place too).
+KVCache = tuple[LayerCache, ...] | LayerCache
 
 
 class Decoder(nn.Module):
@@ -131,9 +140,12 @@ def _cached_layers(cfg, layer_params, x_BTD, positions_BT, mask, cache, cache_in
     """The layers one after another (unrolled, not scanned) over a per-layer KV cache.
 
     Unrolled so that every layer's cache is its own buffer, read by the attention and
-    updated in place (a scan would slice each layer's cache out of a stacked array and stack
-    the results again: copies of the whole cache at every step).
+    updated in place (a scan that took each layer's cache as its own slice would copy it
+    out and stack the results again: copies of the whole cache at every step). A stacked
+    cache (`init_cache(stacked=True)`) takes `_scanned_layers` instead.
     """
+    if isinstance(cache, LayerCache):
+        return _scanned_layers(cfg, layer_params, x_BTD, positions_BT, mask, cache, cache_index)
     if not isinstance(layer_params, tuple):
         layer_params = split_layers({"layers": layer_params})["layers"]
     block = Block(cfg)
@@ -142,6 +154,37 @@ def _cached_layers(cfg, layer_params, x_BTD, positions_BT, mask, cache, cache_in
         x_BTD, c = block.apply({"params": p}, x_BTD, positions_BT, mask, c, cache_index)
         new_cache.append(c)
     return x_BTD, tuple(new_cache)
+
+
+def _scanned_layers(cfg, layer_params, x_BTD, positions_BT, mask, cache, cache_index):
+    """The layers as a `lax.scan` over the stacked weights ([L, ...] leaves), carrying the
+    stacked cache [L, B, K, S, E]: each layer writes its new slots into it in place and
+    reads its own keys from it (`layers.StackedSlot`), so no whole-cache copy is made.
+
+    The scan reads each layer's weights as a slice of the stacked ones: at most one layer's
+    slice at a time, instead of the per-layer copies of every weight that the unrolled path
+    needs (`split_layers`) for the whole call. XLA:CPU copies that slice at every step,
+    which costs decode time (docs/memory.md, "Fitting 80 GB").
+    """
+    block = Block(cfg)
+    n = jax.tree.leaves(layer_params)[0].shape[0]
+
+    def body(carry, xs):
+        x, k, v = carry
+        p, layer = xs
+        x, new = block.apply(
+            {"params": p}, x, positions_BT, mask, StackedSlot(k, v, layer), cache_index
+        )
+        return (x, new.k, new.v), None
+
+    xs = (layer_params, jnp.arange(n, dtype=jnp.int32))
+    (x_BTD, k, v), _ = jax.lax.scan(body, (x_BTD, cache.k, cache.v), xs)
+    return x_BTD, LayerCache(k, v)
+
+
+def cache_batch_axis(cache: KVCache) -> int:
+    """The batch axis of a cache's arrays: 0 per layer, 1 when stacked [L, B, K, S, E]."""
+    return 1 if isinstance(cache, LayerCache) else 0
 
 
 def positions_from_mask(mask_BT: jax.Array) -> jax.Array:
@@ -212,10 +255,16 @@ def lm_logits(config: ModelConfig, params, h_BTD: jax.Array) -> jax.Array:
     return _head(config, h_BTD, head_DV)
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-    """Zeroed KV cache for `length` slots: per layer, k and v of shape [B, K, S, E]."""
+def init_cache(
+    config: ModelConfig, batch: int, length: int, dtype=None, stacked: bool = False
+) -> KVCache:
+    """Zeroed KV cache for `length` slots: per layer, k and v of shape [B, K, S, E]; with
+    `stacked`, one `LayerCache` of k and v [L, B, K, S, E] (the layer-scan decode path)."""
     shape = (batch, config.n_kv_heads, length, config.head_dim)
     dtype = dtype or config.compute_dtype
+    if stacked:
+        full = (config.n_layers, *shape)
+        return LayerCache(jnp.zeros(full, dtype), jnp.zeros(full, dtype))
     return tuple(
         LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layers)
     )
@@ -238,6 +287,8 @@ def forward_cached(
     decode step share this function. Logits are [B, T, V], or [B, 1, V] at token
     `logits_index_B` of each row when given (a prefill needs only the last prompt token's).
     `params` may have its layers split (`split_layers`), as the decode loop passes them.
+    A stacked cache (`init_cache(stacked=True)`) runs the layers as a scan over the stacked
+    weights instead (`_scanned_layers`).
     """
     return Decoder(config).apply(
         {"params": params},

@@ -64,9 +64,11 @@ class Effect:
     backward: float = 0.0
     floor_scale: float = 1.0
     experience: float = 0.0  # bytes off the temporaries of the programs making experience
+    sampler: float = 0.0  # bytes off the temporaries of the programs that sample
 
 
 EXPERIENCE_PROGRAMS = ("experience", "finish")
+SAMPLING_PROGRAMS = ("experience", "sample")
 
 
 def _itemsize(m: ModelConfig) -> int:
@@ -171,9 +173,9 @@ def new_peak(stage: StagePlan, p: ProgramPlan, e: Effect, ctx: Context) -> float
     """Program `p`'s peak under the switch's effect."""
     peak = p.peak - e.resident
     if not _training(stage, p):
-        if p.name in EXPERIENCE_PROGRAMS:
-            peak -= min(e.experience, p.parts["activations"])
-        return peak
+        saved = e.experience if p.name in EXPERIENCE_PROGRAMS else 0.0
+        saved += e.sampler if p.name in SAMPLING_PROGRAMS else 0.0
+        return peak - min(saved, p.parts["activations"])
     backward, optimizer = _bound(stage, p, ctx)
     after = max(backward - e.backward, optimizer * e.floor_scale)
     return peak - p.parts["activations"] + after
@@ -305,11 +307,53 @@ def _experience_micro_batch(stage: StagePlan, ctx: Context):
     if not rows:
         return None
     saved = max(inference_bytes(fw, b / dp) - inference_bytes(fw, rows / dp) for fw in forwards)
+    # The sampler shares the experience program and the micro-batches leave it as it is: the
+    # program's temporaries fall no lower than the sampler's (at 8B, 1k + 1k, without this
+    # floor the advice promised 17.9 GiB and the compile gave 1.25).
+    program = next((p for p in stage.programs if p.name == "experience"), None)
+    if program is not None and stage.build.facts.get("sampler") is not None:
+        floor = sampler_bytes(stage, ctx) - program.parts["kv_cache"]
+        saved = min(saved, max(program.parts["activations"] - floor, 0.0))
     note = (
         f"the reference, reward and critic forwards {rows} responses at a time instead of "
         f"all {b} (the same experience)"
     )
     return f"ppo.experience_micro_batch={rows}", Effect(experience=saved), note
+
+
+def layer_weight_bytes(m: ModelConfig) -> float:
+    """The layers' weights (the stacked `layers` leaves, adapters aside) in storage dtype."""
+    d, h, k, e, f = m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim
+    layer = d * (h + 2 * k) * e + h * e * d + (3 if m.gated_mlp else 2) * d * f
+    return m.n_layers * layer * (2 if m.param_dtype == "bfloat16" else 4)
+
+
+def sampler_bytes(stage: StagePlan, ctx: Context) -> float:
+    """The sampler's temporaries, estimated: its KV cache, the per-layer copy of the
+    weights the unrolled decode path makes for each call, and the prefill's widest
+    activations (one forward over the prompts)."""
+    facts = stage.build.facts
+    fw = facts["sampler"]
+    program = next(p for p in stage.programs if p.name in ("experience", "sample"))
+    dp = data_parallel_size(ctx.runtime.mesh, ctx.runtime.rules)
+    copy = 0.0 if facts["decode_layer_scan"] else layer_weight_bytes(fw.model)
+    return program.parts["kv_cache"] + copy + inference_bytes(fw, fw.rows / dp)
+
+
+def _decode_layer_scan(stage: StagePlan, ctx: Context):
+    """The sampler as a scan over the stacked layers: no per-call copy of every layer's
+    weights (`rollout.generate(layer_scan=True)`)."""
+    facts = stage.build.facts
+    if facts.get("sampler") is None or facts["decode_layer_scan"]:
+        return None
+    if not any(p.name in ("experience", "sample") for p in stage.programs):
+        return None
+    saved = layer_weight_bytes(facts["sampler"].model)
+    note = (
+        "the sampler scans the stacked layers instead of copying every layer's weights for "
+        "each call (slower decode steps on XLA:CPU; same tokens)"
+    )
+    return "ppo.decode_layer_scan=true", Effect(sampler=saved), note
 
 
 def _no_ema(stage: StagePlan, ctx: Context):
@@ -332,6 +376,7 @@ SWITCHES: tuple[Callable, ...] = (
     _grad_accum,
     _fsdp,
     _experience_micro_batch,
+    _decode_layer_scan,
     _no_ema,
 )
 
@@ -389,6 +434,7 @@ def _combine(a: Effect, b: Effect, backward: float) -> Effect:
         backward * (1 - keep) if backward > 0 else a.backward + b.backward,
         a.floor_scale * b.floor_scale,
         a.experience + b.experience,
+        a.sampler + b.sampler,
     )
 
 

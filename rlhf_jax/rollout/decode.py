@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.transformer import KVCache, forward_cached
+from rlhf_jax.models.transformer import KVCache, cache_batch_axis, forward_cached
 from rlhf_jax.rollout.sampling import sample_token_and_support
 
 
@@ -36,7 +36,7 @@ class Decoder(NamedTuple):
     """What every decode step reads and never changes."""
 
     config: ModelConfig
-    params: dict  # per-layer weights (`split_layers`)
+    params: dict  # per-layer weights (`split_layers`), or stacked for the layer scan
     rng: jax.Array
     spec: Spec
     eos_arr: jax.Array  # [E] int32 the EOS ids ([-1] for none)
@@ -143,11 +143,12 @@ def compacted(s: DecodeLoopState, size: int, rows: int) -> DecodeLoopState:
     (index,) = jnp.nonzero(~s.done_B, size=size, fill_value=b)
     filler = index >= b
 
-    def take(x: jax.Array) -> jax.Array:
-        return jnp.take(x, index, axis=0, mode="clip")
+    def take(x: jax.Array, axis: int = 0) -> jax.Array:
+        return jnp.take(x, index, axis=axis, mode="clip")
 
+    axis = cache_batch_axis(s.cache)
     return s._replace(
-        cache=jax.tree.map(take, s.cache),
+        cache=jax.tree.map(lambda x: take(x, axis), s.cache),
         kv_mask_BS=take(s.kv_mask_BS),
         logits_BV=take(s.logits_BV),
         position_B=take(s.position_B),

@@ -23,6 +23,7 @@ from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.heads import last_token_index
 from rlhf_jax.models.transformer import (
     KVCache,
+    cache_batch_axis,
     forward_cached,
     init_cache,
     positions_from_mask,
@@ -109,7 +110,8 @@ class DecodeState(NamedTuple):
     """Where a `generate` (with `return_state=True`) left off, for `continue_generate` to go on
     after the host appends tokens (a tool's answer, the next user turn).
 
-    cache:        per layer k and v [B, kv_heads, S, head_dim]; slot P + t holds generated
+    cache:        per layer k and v [B, kv_heads, S, head_dim] (stacked [L, ...] after a
+                  `layer_scan` call, which a continuation then keeps); slot P + t holds generated
                   token t for t < N - 1 (the last one was chosen without a forward).
     kv_valid_BS:  [B, S] int32, 1 where a slot holds a real token (prompt padding and the
                   padding after a row's EOS are 0).
@@ -132,7 +134,8 @@ def _batch_shards(rows: int) -> int:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "spec", "activations", "fan_out", "compact", "keep")
+    jax.jit,
+    static_argnames=("config", "spec", "activations", "fan_out", "compact", "keep", "layer_scan"),
 )
 def _generate(
     config,
@@ -146,14 +149,15 @@ def _generate(
     fan_out: int = 1,
     compact: bool = False,
     keep: bool = False,
+    layer_scan: bool = False,
 ) -> GenerateOutput:
     del activations  # only a cache key: the model reads the same resolver while tracing
     b, p = prompt_ids_BP.shape
     n = spec.max_new_tokens
     prompt_mask_BP = prompt_mask_BP.astype(jnp.int32)
-    config, params = _decode_weights(config, params)
+    config, params = _decode_weights(config, params, layer_scan)
     # The last generated token is never fed back, so the cache needs P + N - 1 slots.
-    cache = init_cache(config, b, p + n - 1)
+    cache = init_cache(config, b, p + n - 1, stacked=layer_scan)
     kv_mask_BS = jnp.zeros((b, p + n - 1), jnp.int32).at[:, :p].set(prompt_mask_BP)
     logits_B1V, cache = forward_cached(
         config,
@@ -167,8 +171,10 @@ def _generate(
     )
     position_B = jnp.sum(prompt_mask_BP, axis=-1)
     if fan_out > 1:  # each prompt prefilled once; its G samples start from copies
-        prefilled = (cache, kv_mask_BS, logits_B1V, position_B)
-        cache, kv_mask_BS, logits_B1V, position_B = jax.tree.map(
+        axis = cache_batch_axis(cache)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, fan_out, axis=axis), cache)
+        prefilled = (kv_mask_BS, logits_B1V, position_B)
+        kv_mask_BS, logits_B1V, position_B = jax.tree.map(
             lambda x: jnp.repeat(x, fan_out, axis=0), prefilled
         )
     start = _Start(cache, kv_mask_BS, logits_B1V[:, 0], position_B, p)
@@ -232,6 +238,8 @@ def _decode(
 def _continue(
     config, params, state: DecodeState, ids_BA, mask_BA, rng, *, spec, activations, keep
 ) -> GenerateOutput:
+    """The continuation; it decodes the way the state was made (a stacked cache: the layer
+    scan)."""
     del activations
     s = state.kv_valid_BS.shape[1]
     n = spec.max_new_tokens
@@ -239,8 +247,9 @@ def _continue(
     chunk_ids_BT = jnp.concatenate([state.last_token_B[:, None], ids_BA], axis=1)
     chunk_mask_BT = jnp.concatenate([state.last_valid_B[:, None], mask_BA], axis=1)
     t = chunk_ids_BT.shape[1]
-    config, params = _decode_weights(config, params)
-    grow = ((0, 0), (0, 0), (0, t + n - 1), (0, 0))
+    layer_scan = cache_batch_axis(state.cache) == 1
+    config, params = _decode_weights(config, params, layer_scan)
+    grow = ((0, 0),) * (1 + layer_scan) + ((0, 0), (0, t + n - 1), (0, 0))
     cache = jax.tree.map(lambda x: jnp.pad(x, grow), state.cache)
     b = chunk_ids_BT.shape[0]
     kv_mask_BS = jnp.concatenate(
@@ -263,15 +272,19 @@ def _continue(
     return _decode(config, params, rng, spec, start, compact=False, keep=keep)
 
 
-def _decode_weights(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
-    """The weights as every decode step reads them: per-layer slices, made once here, not
+def _decode_weights(config: ModelConfig, params, layer_scan: bool) -> tuple[ModelConfig, dict]:
+    """The weights as every decode step reads them. With `layer_scan` the stacked weights
+    as they are (the layer scan slices one layer at a time: no copy of the whole model).
+    Else per-layer slices, made once here, not
     inside every step (XLA:CPU cannot feed a matmul a slice in place: slicing inside the
     step copied each layer's weights at every step, 61 -> 101 ms per step at 6L/512d, and
     left the compiled temporaries as they were); a tied LM head as its own [D, V] copy,
     made once per call: read as `embed.T` inside the loop, the head's GEMM ran on the
     transposed [V, D] operand, slower on XLA:CPU (decode step at vocab 50257, batch 8:
-    9.0-9.1 -> 7.5-8.2 ms; within noise at 8192)."""
-    params = split_layers(params)
+    9.0-9.1 -> 7.5-8.2 ms; within noise at 8192). The per-layer slices are a second copy
+    of every layer's weights for the whole call (13 GiB at the 8B shape in bf16)."""
+    if not layer_scan:
+        params = split_layers(params)
     if config.tie_embeddings:
         params = {**params, "lm_head": params["embed"].T}
         config = dataclasses.replace(config, tie_embeddings=False)
@@ -306,6 +319,7 @@ def generate(
     samples_per_prompt: int = 1,
     compact: bool = False,
     return_state: bool = False,
+    layer_scan: bool = False,
 ) -> GenerateOutput:
     """Sample up to `max_new_tokens` tokens after each prompt.
 
@@ -328,6 +342,11 @@ def generate(
         rounds differently on XLA:CPU), so it is off unless asked for.
       return_state: also return the `DecodeState` (`GenerateOutput.state`) that
         `continue_generate` goes on from (this turns `compact` off).
+      layer_scan: run the layers as a scan over the stacked weights with a stacked KV cache,
+        instead of unrolled over per-layer copies of the weights made once per call: no
+        second copy of the model's layers, at the cost of XLA:CPU copying each layer's
+        weights at every decode step (slower on CPU; docs/memory.md, "Fitting 80 GB").
+        The same tokens and log-probs up to float rounding.
     """
     spec = _spec(
         max_new_tokens,
@@ -352,6 +371,7 @@ def generate(
         fan_out=int(samples_per_prompt),
         compact=bool(compact),
         keep=bool(return_state),
+        layer_scan=bool(layer_scan),
     )
 
 

@@ -178,6 +178,7 @@ def make_sample_fn(
             record_support=True,
             samples_per_prompt=g,
             compact=ppo.compact_finished_rows,
+            layer_scan=ppo.decode_layer_scan,
         )
         if g > 1:
             prompt_ids = jnp.repeat(prompt_ids, g, axis=0)
