@@ -5,30 +5,13 @@ import json
 import sys
 
 import pytest
+from plan_shapes import CONFIG, SMALL
 from processes import LIMIT_S, run
 
 from rlhf_jax.cli import main
 from rlhf_jax.plan.measure import measure_in_subprocess
 from rlhf_jax.plan.planner import PARTS
 
-CONFIG = "configs/quickstart.yaml"
-# Batch sizes divide 8: the suite's workers may run JAX on 1, 4 or 8 CPU devices.
-SMALL = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.mlp_dim=128",
-    "task.vocab_size=512",
-    "pretrain.steps=0",
-    "rm.steps=0",
-    "sft.batch_size=8",
-    "ppo.rollout_batch=8",
-    "ppo.minibatch_size=8",
-    "ppo.epochs=1",
-    "ppo.max_new_tokens=8",
-    "ptx.coef=0",
-]
 LLAMA_8B = [
     "model.d_model=4096",
     "model.n_heads=32",
