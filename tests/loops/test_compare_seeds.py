@@ -2,7 +2,8 @@
 from its checkpoints, seed 1 trained). The two-seed report's means and intervals are
 recomputed here with NumPy and SciPy from its per-seed values, and its seed-0 values are the
 one-seed report's numbers. (A preference row takes the same path, compare_seeds.seeded and
-label; it is left out to keep the test near a minute.)"""
+label: the run keeps one, of 3 steps, in place of compare.yaml's three rows of 200 steps, and
+only the one-seed report's checks read it.)"""
 
 import json
 
@@ -30,6 +31,8 @@ def _args(out, seeds: int) -> list[str]:
         "compare.reward_fn=null",
         "compare.algorithms={grpo: {advantage: grpo, samples_per_prompt: 2, rollout_batch: 4, "
         "kl_penalty: loss}}",
+        # test_compare.py's row: the shared XLA cache compiles its programs once per run
+        "compare.preference={dpo: {steps: 3, batch_size: 8}}",
         f"compare.seeds={seeds}",
     ]
 
