@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from processes import Process, finish_all
-from run_once import once_per_run
 from tiny import tiny_model
 
 from rlhf_jax.config import MeshConfig
@@ -40,7 +39,9 @@ def _result(proc: Process) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def _compile_all(folder: Path) -> None:
+@pytest.fixture(scope="module")
+def compiled_facts() -> tuple[dict[int, dict], dict]:
+    """{N: {program: facts}} and the unconstrained control at N = 4."""
     runs = [[str(n)] for n in COUNTS] + [["4", "unconstrained"]]
     with ExitStack() as stack:  # a failure leaves none of them running
         procs = [
@@ -52,15 +53,7 @@ def _compile_all(folder: Path) -> None:
         codes = finish_all(procs)
     for proc, code in zip(procs, codes):
         assert code == 0, proc.stderr[-4000:]
-    (folder / "facts.json").write_text(json.dumps([_result(p) for p in procs]))
-
-
-@pytest.fixture(scope="module")
-def compiled_facts(tmp_path_factory) -> tuple[dict[int, dict], dict]:
-    """{N: {program: facts}} and the unconstrained control at N = 4; the subprocesses run once
-    per pytest run, even when xdist splits this file's tests."""
-    folder = once_per_run(tmp_path_factory, "activation_sharding", _compile_all)
-    facts = json.loads((folder / "facts.json").read_text())
+    facts = [_result(p) for p in procs]
     return dict(zip(COUNTS, facts)), facts[-1]
 
 
