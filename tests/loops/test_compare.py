@@ -1,9 +1,10 @@
 """`rlhf-jax compare` at a tiny size: the shipped config's shape, the report's promised keys,
-the plot, and a name typo inside compare.algorithms caught at load."""
+the plot, the same folder at two seeds, and a name typo inside compare.algorithms caught at
+load."""
 
 import json
 
-from test_pipeline import TINY
+from test_compare_seeds import check_one_seed, check_two_seeds, compare_args
 
 from rlhf_jax.cli import main
 from rlhf_jax.config import Config, compare_runs, load_config
@@ -29,21 +30,11 @@ def test_shipped_compare_config_budgets():
 
 
 def test_compare_writes_the_table_the_json_and_the_plot(fake_bucket, tmp_path, capsys):
-    """Written to a gs:// URL (the fake bucket); the rerun restores from the checkpoints there."""
+    """Written to a gs:// URL (the fake bucket); the rerun restores from the checkpoints there.
+    Then the same folder at two seeds: seed 0 restored, seed 1 trained (the one run that
+    tests/loops/test_compare_seeds.py's checks read)."""
     out = fake_bucket / "rlhf-test" / f"{tmp_path.name}-compare"
-    args = [
-        "compare",
-        "--config",
-        "configs/compare.yaml",
-        "--output",
-        f"gs://rlhf-test/{tmp_path.name}-compare",
-        *(a for a in TINY if not a.startswith("ptx.")),  # compare.yaml: ptx off, so unread
-        "ppo.rollout_batch=8",
-        "eval.n_samples=2",
-        "compare.algorithms={grpo: {advantage: grpo, samples_per_prompt: 2, rollout_batch: 4, "
-        "kl_penalty: loss}}",
-        "compare.preference={dpo: {steps: 3, batch_size: 8}}",
-    ]
+    args = compare_args(f"gs://rlhf-test/{tmp_path.name}-compare")
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "grpo_gold: gold" in printed
@@ -81,6 +72,9 @@ def test_compare_writes_the_table_the_json_and_the_plot(fake_bucket, tmp_path, c
     assert {k: again["training"]["skipped_updates"][k] for k in rows} == {
         k: skipped[k] for k in rows
     }
+    check_one_seed(report, out)
+    assert main([*args, "compare.seeds=2"]) == 0
+    check_two_seeds(report, json.loads((out / "report.json").read_text()), out)
 
 
 def test_a_typo_in_an_algorithm_fails_at_load(tmp_path, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_once import once_per_run
 from scipy import stats
 from test_rlvr import TINY
 
@@ -22,12 +23,16 @@ KEYS = ("accuracy", "format_rate", "kl_to_sft", "wall_seconds", "gain", "lenient
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cmp") / "run"
+    """Read only; built once per pytest run, even when xdist splits this file's tests."""
     changed = ("ppo.rollout_batch", "ppo.samples_per", "ppo.iterations", "task.n_eval")
     tiny = [a for a in TINY if not a.startswith(changed)]
-    args = ["compare", "--config", CONFIG, "--output", str(out), *tiny, ROWS, "compare.seeds=2"]
-    args += ["ppo.rollout_batch=8", "ppo.iterations=1", "task.n_eval_prompts=16"]
-    assert main(args) == 0
+
+    def build(folder):
+        args = ["compare", "--config", CONFIG, "--output", str(folder / "run"), *tiny, ROWS]
+        args += ["compare.seeds=2", "ppo.rollout_batch=8", "ppo.iterations=1"]
+        assert main([*args, "task.n_eval_prompts=16"]) == 0
+
+    out = once_per_run(tmp_path_factory, "compare_rlvr", build) / "run"
     return out, json.loads((out / "report.json").read_text())
 
 

@@ -1,8 +1,10 @@
 """`compare.seeds`: a one-seed run, then the same output folder at two seeds (seed 0 restored
 from its checkpoints, seed 1 trained). The two-seed report's means and intervals are
 recomputed here with NumPy and SciPy from its per-seed values, and its seed-0 values are the
-one-seed report's numbers. (A preference row takes the same path, compare_seeds.seeded and
-label; it is left out to keep the test near a minute.)"""
+one-seed report's numbers. The runs are test_compare.py's (one compare, its rerun, then two
+seeds, in one folder): `check_one_seed` and `check_two_seeds` are what it checks of them. (A
+preference row takes the same path, compare_seeds.seeded and label; only the one-seed checks
+read it.)"""
 
 import json
 
@@ -17,20 +19,22 @@ from rlhf_jax.loops.compare_seeds import combine
 METRICS = ("gold_reward", "gold_gain", "win_rate_vs_sft", "kl_to_sft")
 
 
-def _args(out, seeds: int) -> list[str]:
+def compare_args(output: str, *extra: str) -> list[str]:
+    """A tiny `rlhf-jax compare` of configs/compare.yaml: one GRPO row (and its gold twin) and
+    one DPO row of 3 steps, from the same foundation."""
     return [
         "compare",
         "--config",
         "configs/compare.yaml",
         "--output",
-        str(out),
+        output,
         *(a for a in TINY if not a.startswith("ptx.")),  # compare.yaml: ptx off, so unread
         "ppo.rollout_batch=8",
         "eval.n_samples=2",
-        "compare.reward_fn=null",
         "compare.algorithms={grpo: {advantage: grpo, samples_per_prompt: 2, rollout_batch: 4, "
         "kl_penalty: loss}}",
-        f"compare.seeds={seeds}",
+        "compare.preference={dpo: {steps: 3, batch_size: 8}}",
+        *extra,
     ]
 
 
@@ -39,10 +43,8 @@ def _t_interval(values) -> tuple[float, float]:
     return stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
 
 
-def test_two_seeds_report_means_t_intervals_and_per_seed_values(tmp_path):
-    out = tmp_path / "c"
-    assert main(_args(out, 1)) == 0
-    one = json.loads((out / "report.json").read_text())
+def check_one_seed(one: dict, out) -> None:
+    """A one-seed report: bootstrap intervals over prompts, no per-seed values."""
     assert one["seeds"] == 1 and "bootstrap" in one["interval"]
     for row in one["algorithms"].values():
         assert not [k for k in row if k.endswith("_seeds")]
@@ -50,8 +52,9 @@ def test_two_seeds_report_means_t_intervals_and_per_seed_values(tmp_path):
         assert lo <= row["gold_reward"] <= hi
     assert "[bootstrap CI]" in (out / "report.md").read_text()
 
-    assert main(_args(out, 2)) == 0
-    two = json.loads((out / "report.json").read_text())
+
+def check_two_seeds(one: dict, two: dict, out) -> None:
+    """The report of the same folder at two seeds, against the one-seed report `one`."""
     assert two["seeds"] == 2 and "Student-t" in two["interval"]
     assert two["sft"] == one["sft"]  # one SFT policy, evaluated once, for every seed
     for name in ("grpo",):
@@ -94,9 +97,9 @@ def test_combine_by_hand():
 
 def test_bad_seed_counts_fail_with_the_key(tmp_path, capsys):
     out = tmp_path / "c"
-    assert main(_args(out, 0)) == 2
+    assert main(compare_args(str(out), "compare.seeds=0")) == 2
     assert "compare.seeds" in capsys.readouterr().err
-    assert main([*_args(out, 3), f"seed={2**32 - 2}"]) == 2
+    assert main(compare_args(str(out), "compare.seeds=3", f"seed={2**32 - 2}")) == 2
     err = capsys.readouterr().err
     assert "compare.seeds" in err and "4294967296" in err
     assert not (out / "checkpoints").exists()

@@ -1,12 +1,14 @@
 """The batch keys each RL part receives in real tiny `rlhf-jax ppo` runs are exactly the ones
 `contract.keys.BATCH_KEYS` declares for the run's conditions (a KL term, a critic): parts of
-every kind from tests/fork_key_probes.py record what they are handed."""
+every kind from tests/fork_key_probes.py record what they are handed. (The run without a
+critic or a KL term is tests/loops/test_rollout_stages.py's, which shares its probes.)"""
 
 import fork_key_probes as probes
 import pytest
 
 from rlhf_jax.cli import main
 from rlhf_jax.contract import batch_keys
+from rlhf_jax.steps import RLAlgorithm
 
 
 def _ppo(run_dir, out, *extra):
@@ -35,25 +37,26 @@ def _fresh():
     probes.SEEN.clear()
 
 
-def test_with_a_critic_a_kl_term_and_ptx(run_dir, tmp_path):
+def test_with_a_critic_a_kl_term_and_ptx(run_dir, tmp_path, monkeypatch):
+    """Also: the run resolves its algorithm once (every RLAlgorithm.from_config call counted):
+    the CLI resolves it when the config loads and hands it along."""
+    calls = []
+    resolve = RLAlgorithm.from_config.__func__
+
+    def counted(cls, ppo):
+        calls.append(ppo.advantage)
+        return resolve(cls, ppo)
+
+    monkeypatch.setattr(RLAlgorithm, "from_config", classmethod(counted))
     args = _ppo(run_dir, tmp_path / "a", f"ppo.reward_model={run_dir / 'rm'}",
                 "ppo.advantage=fork_key_probes:advantage", "ppo.value_loss=fork_key_probes:value",
                 "ppo.kl_penalty=reward", "ptx.coef=0.5", "ptx.batch_size=8",
                 "ptx.loss=fork_key_probes:ptx",
                 f"ptx.data={run_dir / 'data' / 'pretrain.jsonl'}")  # fmt: skip
     assert main(args) == 0
+    assert calls == ["fork_key_probes:advantage"]
     assert _received("policy") == set(batch_keys("policy", reference=True, critic=True))
     assert _received("value") == set(batch_keys("value", reference=True))
     assert _received("advantage") == set(batch_keys("advantage", critic=True))
     assert _received("rollout_filter") == set(batch_keys("rollout_filter"))
     assert _received("ptx") == set(batch_keys("ptx"))
-
-
-def test_without_a_critic_or_a_kl_term(run_dir, tmp_path):
-    args = _ppo(run_dir, tmp_path / "b", "ppo.reward_fn=topics_gold", "ptx.coef=0",
-                "ppo.advantage=fork_key_probes:group_advantage", "ppo.samples_per_prompt=2",
-                "ppo.kl_penalty=none")  # fmt: skip
-    assert main(args) == 0
-    assert _received("policy") == set(batch_keys("policy"))
-    assert _received("advantage") == set(batch_keys("advantage"))
-    assert _received("rollout_filter") == set(batch_keys("rollout_filter"))

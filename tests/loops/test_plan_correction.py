@@ -4,6 +4,7 @@ executables, and nothing else; and the advice's switches for a stage that does n
 
 import json
 
+from plan_shapes import CONFIG, SMALL
 from processes import LIMIT_S
 
 from rlhf_jax.cli import main
@@ -14,22 +15,6 @@ from rlhf_jax.plan.correction import NO_HOIST
 from rlhf_jax.plan.measure import measure_in_subprocess
 from rlhf_jax.plan.planner import builders
 
-CONFIG = "configs/quickstart.yaml"
-TINY = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.mlp_dim=128",
-    "task.vocab_size=512",
-    "pretrain.steps=0",
-    "rm.steps=0",
-    "sft.batch_size=8",
-    "ppo.rollout_batch=8",
-    "ppo.minibatch_size=8",
-    "ppo.max_new_tokens=8",
-    "ptx.coef=0",
-]
 BF16 = ["model.dtype=bfloat16", "model.param_dtype=bfloat16", "model.frozen_dtype=bfloat16"]
 
 
@@ -50,7 +35,7 @@ def test_without_bf16_the_pass_the_correction_turns_off_changes_nothing_of_size(
     """The soundness argument: in float32 programs (no bf16 matmul for XLA:CPU to convert)
     the SFT step and both PPO programs need the same temporaries with hoisting on or off, so
     the only thing switching it off removes is the hoisted float32 copies."""
-    on, off = _temps(TINY, {}), _temps(TINY, NO_HOIST)
+    on, off = _temps(SMALL, {}), _temps(SMALL, NO_HOIST)
     assert set(on) == {"sft/step", "ppo/experience", "ppo/update"}
     for name in on:
         assert abs(off[name] - on[name]) <= 0.01 * on[name], (name, on[name], off[name])
@@ -84,7 +69,7 @@ def test_the_corrected_figure_and_xla_cpus_own_each_match_a_measured_run():
 
 def test_a_bf16_plan_reports_both_figures(capsys):
     """Float32 plans are untouched (the first test: no bf16, nothing to correct)."""
-    assert main(["plan", "--config", CONFIG, *TINY, *BF16, "--json"]) == 0
+    assert main(["plan", "--config", CONFIG, *SMALL, *BF16, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     for stage in plan["stages"].values():
         copies = stage["xla_cpu_copies_bytes"]

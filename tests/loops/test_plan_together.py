@@ -3,21 +3,11 @@ together; planning again with them applied compiles to a peak that fits."""
 
 import json
 
+from plan_shapes import CONFIG, MODEL
+
 from rlhf_jax.cli import main
 
-CONFIG = "configs/quickstart.yaml"
-TINY = [
-    "model.d_model=64",
-    "model.n_layers=2",
-    "model.n_heads=4",
-    "model.n_kv_heads=2",
-    "model.mlp_dim=128",
-    "task.vocab_size=512",
-    "pretrain.steps=0",
-    "rm.steps=0",
-    "ppo.iterations=0",
-    "sft.max_len=128",
-]
+TINY = [*MODEL, "ppo.iterations=0", "sft.max_len=128"]  # SFT alone
 MEMORY = 80 * 2**20
 
 

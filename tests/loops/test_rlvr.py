@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+from run_once import once_per_run
 from scipy.stats import binomtest
 
 from rlhf_jax.cli import main
@@ -35,8 +36,12 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rlvr") / "run"
-    assert main(["pipeline", "--config", CONFIG, "--output", str(out), *TINY]) == 0
+    """Read only; built once per pytest run, even when xdist splits this file's tests."""
+
+    def build(folder):
+        assert main(["pipeline", "--config", CONFIG, "--output", str(folder / "run"), *TINY]) == 0
+
+    out = once_per_run(tmp_path_factory, "rlvr", build) / "run"
     return out, json.loads((out / "report.json").read_text())
 
 

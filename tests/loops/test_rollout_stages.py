@@ -79,10 +79,20 @@ def test_a_forks_filter_from_config_runs_with_dynamic_sampling(run_dir, tmp_path
     """One run, two filters from config: DAPO's and a fork's from its own module (by
     `module:function`, no library edit). What the fork's filter was shown, round by round,
     accounts for every metric of the rollout stages, and the scores it saw are the ones the
-    rest of the experience used (the missing-EOS rule applied before the filters)."""
+    rest of the experience used (the missing-EOS rule applied before the filters).
+
+    The same run, with no critic and no KL term, is test_part_keys.py's: the probes of
+    tests/fork_key_probes.py (the policy loss, GRPO's advantage and a third filter that keeps
+    everything, each doing what the built-in does) record the batch keys they are handed,
+    which must be exactly those `contract.keys.BATCH_KEYS` declares."""
+    import fork_key_probes as probes
     import fork_rollout_parts
+    from test_part_keys import _received
+
+    from rlhf_jax.contract import batch_keys
 
     fork_rollout_parts.SEEN.clear()
+    probes.SEEN.clear()
     out, data = tmp_path / "filtered", run_dir / "data"
     args = [
         "ppo",
@@ -97,13 +107,15 @@ def test_a_forks_filter_from_config_runs_with_dynamic_sampling(run_dir, tmp_path
         f"ppo.policy={run_dir / 'sft'}",
         f"ppo.prompts={data / 'ppo_prompts.jsonl'}",
         "ppo.reward_fn=topics_gold",
-        "ppo.advantage=grpo",
+        "ppo.advantage=fork_key_probes:group_advantage",  # GRPO's
+        "ppo.policy_loss=fork_key_probes:policy",
         "ppo.samples_per_prompt=2",
         "ppo.rollout_batch=4",
         "ppo.minibatch_size=8",
-        "ppo.kl_penalty=loss",
+        "ppo.kl_penalty=none",
         "ppo.rollout_filters=[{name: dynamic_sampling}, "
-        "{name: 'fork_rollout_parts:short_responses', kwargs: {max_tokens: 7}}]",
+        "{name: 'fork_rollout_parts:short_responses', kwargs: {max_tokens: 7}}, "
+        "{name: 'fork_key_probes:rollout_filter'}]",
         "ppo.rollout_max_rounds=3",
     ]
     assert main(args) == 0
@@ -130,3 +142,9 @@ def test_a_forks_filter_from_config_runs_with_dynamic_sampling(run_dir, tmp_path
         scores = np.concatenate([rounds[r]["scores"].reshape(-1, g)[grp] for r, grp in chosen])
         assert row["objective/scores"] == pytest.approx(float(scores.mean()), abs=1e-6)
     assert not seen
+    try:
+        assert _received("policy") == set(batch_keys("policy"))
+        assert _received("advantage") == set(batch_keys("advantage"))
+        assert _received("rollout_filter") == set(batch_keys("rollout_filter"))
+    finally:
+        probes.SEEN.clear()

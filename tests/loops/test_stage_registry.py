@@ -1,6 +1,7 @@
 """A stage is one registration (rlhf_jax/stage_registry.py): a fork's toy stage registered
 from a test module runs through the CLI's dispatch, has its settings checked and is listed
-and built by `rlhf-jax plan`; and a real `rlhf-jax ppo` resolves its algorithm once."""
+and built by `rlhf-jax plan`. (That a real `rlhf-jax ppo` resolves its algorithm once is checked
+on the run of tests/loops/test_part_keys.py.)"""
 
 import json
 
@@ -11,7 +12,6 @@ from rlhf_jax.config import Config, load_config
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.plan.planner import builders, stage_names
 from rlhf_jax.stage_registry import register_stage, stages, unregister_stage
-from rlhf_jax.steps import RLAlgorithm
 
 PLAN_SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
               "model.mlp_dim=64", "task.vocab_size=512", "sft.batch_size=8", "pretrain.steps=0",
@@ -62,24 +62,3 @@ def test_without_the_fork_the_cli_has_no_such_command(capsys):
     with pytest.raises(SystemExit):
         main(["fork_echo", "--output", "/tmp/unused"])
     assert "invalid choice: 'fork_echo'" in capsys.readouterr().err
-
-
-def test_rlhf_jax_ppo_resolves_its_algorithm_once(run_dir, tmp_path, monkeypatch):
-    """One real tiny `rlhf-jax ppo` (critic, KL, ptx off), every RLAlgorithm.from_config call
-    counted: the CLI resolves it when the config loads and hands it along."""
-    calls = []
-    resolve = RLAlgorithm.from_config.__func__
-
-    def counted(cls, ppo):
-        calls.append(ppo.advantage)
-        return resolve(cls, ppo)
-
-    monkeypatch.setattr(RLAlgorithm, "from_config", classmethod(counted))
-    data = run_dir / "data"
-    args = ["ppo", "--output", str(tmp_path / "once"), "log.progress=false", "ptx.coef=0",
-            "ppo.iterations=1", "ppo.epochs=1", "ppo.max_new_tokens=4", "ppo.rollout_batch=4",
-            "ppo.minibatch_size=4", f"ppo.policy={run_dir / 'sft'}",
-            f"ppo.reward_model={run_dir / 'rm'}",
-            f"ppo.prompts={data / 'ppo_prompts.jsonl'}"]  # fmt: skip
-    assert main(args) == 0
-    assert calls == ["gae"]
