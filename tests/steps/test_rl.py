@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from synthetic_experience import experience_from_masks
 from tiny import tiny_model
 
 from rlhf_jax.config import OptimConfig, PPOConfig
 from rlhf_jax.losses import get_loss
 from rlhf_jax.models import init_scalar_head
 from rlhf_jax.steps import (
-    Experience,
     Frozen,
     RLAlgorithm,
     TrainState,
@@ -163,26 +163,9 @@ def _synthetic_experience(algo, b=8, p=4, n=5, seed=0):
     lengths = np.array([5, 1, 5, 1, 5, 2, 2, 1])
     mask = (np.arange(n)[None] < lengths[:, None]).astype(np.float32)
 
-    def per_token(scale=1.0, shift=0.0):
-        return jnp.asarray((rng.normal(size=(b, n)) * scale + shift) * mask, jnp.float32)
-
     seq_mask = np.concatenate([np.ones((b, p), np.float32), mask], axis=1)
-    logprobs = per_token(0.3, -2.0)
-    return Experience(
-        sequence_ids=jnp.asarray(rng.integers(3, 61, (b, p + n)), jnp.int32),
-        sequence_mask=jnp.asarray(seq_mask),
-        response_ids=jnp.asarray(rng.integers(3, 61, (b, n)), jnp.int32),
-        response_mask=jnp.asarray(mask),
-        logprobs=logprobs,
-        ref_logprobs=logprobs + per_token(0.1) if algo.uses_reference else None,
-        values=per_token() if algo.needs_critic else None,
-        rewards=per_token(),
-        advantages=per_token(),
-        returns=per_token() if algo.needs_critic else None,
-        scores=jnp.asarray(rng.normal(size=b), jnp.float32),
-        kl=per_token(0.1) if algo.uses_reference else None,
-        group_ids=jnp.arange(b, dtype=jnp.int32) // 2,
-    )
+    seq_ids, response_ids = rng.integers(3, 61, (b, p + n)), rng.integers(3, 61, (b, n))
+    return experience_from_masks(algo, rng, seq_ids, seq_mask, response_ids, mask)
 
 
 @pytest.mark.parametrize(

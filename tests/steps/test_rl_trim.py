@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from synthetic_experience import experience_from_masks
 from test_rl import OPTIM, setup
 
 from rlhf_jax.config import DEFAULT_RULES, MeshConfig, PPOConfig
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.loops.trimmed_update import TrimmedUpdate
 from rlhf_jax.sharding import jit_update, make_mesh, state_shardings
-from rlhf_jax.steps import Experience, RLAlgorithm, TrainState, make_update_fn
+from rlhf_jax.steps import RLAlgorithm, TrainState, make_update_fn
 from rlhf_jax.steps.rl_trim import bucket, trim_experience, trimmed_lengths
 
 
@@ -26,25 +27,7 @@ def _padded_experience(algo, b, p, n, prompt_lens, response_lens, seed=0):
     seq_mask = np.concatenate([prompt_mask, mask], axis=1)
     seq_ids = rng.integers(3, 61, (b, p + n)) * (seq_mask > 0)
 
-    def per_token(scale=1.0, shift=0.0):
-        return jnp.asarray((rng.normal(size=(b, n)) * scale + shift) * mask, jnp.float32)
-
-    logprobs = per_token(0.3, -2.0)
-    return Experience(
-        sequence_ids=jnp.asarray(seq_ids, jnp.int32),
-        sequence_mask=jnp.asarray(seq_mask),
-        response_ids=jnp.asarray(seq_ids[:, p:], jnp.int32),
-        response_mask=jnp.asarray(mask),
-        logprobs=logprobs,
-        ref_logprobs=logprobs + per_token(0.1) if algo.uses_reference else None,
-        values=per_token() if algo.needs_critic else None,
-        rewards=per_token(),
-        advantages=per_token(),
-        returns=per_token() if algo.needs_critic else None,
-        scores=jnp.asarray(rng.normal(size=b), jnp.float32),
-        kl=per_token(0.1) if algo.uses_reference else None,
-        group_ids=jnp.arange(b, dtype=jnp.int32) // 2,
-    )
+    return experience_from_masks(algo, rng, seq_ids, seq_mask, seq_ids[:, p:], mask)
 
 
 def test_bucket_is_the_next_power_of_two_within_the_limit():
