@@ -1,6 +1,6 @@
 """The tests run on pinned versions and the pod launcher installs the same ones:
-launch/tested-versions.txt pins exactly this environment's run-time packages (the README's
-test command installs with it), launch/constraints.txt is those plus the pod-only packages
+launch/tested-versions.txt pins exactly this environment's run-time and test packages (the
+README's test command installs with it), launch/constraints.txt is those plus the pod-only packages
 (regenerate both with launch/pin_versions.py)."""
 
 import importlib.util
@@ -21,15 +21,22 @@ def _pins(path: Path) -> dict[str, str]:
     return dict(line.split("==") for line in lines if line and not line.startswith(("#", "-c")))
 
 
-def test_constraints_pin_this_environments_run_time_packages():
+def test_constraints_pin_this_environments_run_time_and_test_packages():
     pins = _pin_module()
     tested = _pins(LAUNCH / "tested-versions.txt")
-    closure = {k: v for k, v in pins.runtime_closure().items() if k not in pins.POD_ONLY}
+    closure = pins.runtime_closure(extras=("test",))
+    closure = {k: v for k, v in closure.items() if k not in pins.POD_ONLY}
     assert tested == closure, (
         "launch/tested-versions.txt is stale: run python launch/pin_versions.py"
     )
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers"):
         assert name in tested, name
+    # the test tools too: a new release of one must not change CI's verdict
+    for name in ("pytest", "pytest-xdist", "ruff", "torch", "trl", "wandb", "peft", "scipy"):
+        assert name in tested, name
+    # the run-time closure alone is a part of it (extras like etils[epath] are followed)
+    runtime = pins.runtime_closure()
+    assert set(runtime) - set(pins.POD_ONLY) <= set(tested)
     pod = (LAUNCH / "constraints.txt").read_text().splitlines()
     assert "-c tested-versions.txt" in pod  # the pod installs what the tests ran on
     pod_only = _pins(LAUNCH / "constraints.txt")

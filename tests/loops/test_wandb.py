@@ -24,6 +24,12 @@ def test_stage_metrics_reach_an_offline_wandb_run(run_dir, tmp_path, monkeypatch
         ]
     )
     assert code == 0, capsys.readouterr().err
+    # run.finish() returns once W&B's service has the run's last record, not once the service
+    # has closed the offline file: under load the file held only its header when read. Wait
+    # for that event as W&B documents it (teardown waits for every run's data to be written).
+    import wandb
+
+    wandb.teardown()
     (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
     data = run_file.read_bytes()
     # Each stage logs against its own step axis, every key under the stage's name.
