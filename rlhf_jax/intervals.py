@@ -48,10 +48,16 @@ def wilson_interval(successes: int, trials: int, z: float = Z975) -> tuple[float
     return low, high
 
 
-def student_t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+def student_t_interval(
+    values: Sequence[float], within: tuple[float, float] | None = None
+) -> tuple[float, float, float]:
     """(mean, low, high): the 95% Student-t interval of the mean of independent `values`
     (e.g. one metric over seeds). One value gives a zero-width interval at that value: there is
-    no spread to measure, and the report says how many seeds it used."""
+    no spread to measure, and the report says how many seeds it used.
+
+    `within`: the range the metric can take (an accuracy's [0, 1]). The t interval is
+    symmetric and knows no range, so three seeds at 0.9, 1.0, 1.0 would report an upper bound
+    of 1.12; the bounds are clipped to `within` (the mean, inside it, is unchanged)."""
     n = len(values)
     if n == 0:
         raise ValueError("no values")
@@ -60,4 +66,7 @@ def student_t_interval(values: Sequence[float]) -> tuple[float, float, float]:
         return mean, mean, mean
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     half = t_quantile_975(n - 1) * math.sqrt(var / n)
-    return mean, mean - half, mean + half
+    low, high = mean - half, mean + half
+    if within is not None:
+        low, high = max(low, within[0]), min(high, within[1])
+    return mean, low, high

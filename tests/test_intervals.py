@@ -57,3 +57,11 @@ def test_student_t_one_value_has_no_spread():
     assert student_t_interval([0.5]) == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError):
         student_t_interval([])
+
+
+def test_student_t_clipped_to_the_metrics_range():
+    values = [0.9, 1.0, 1.0]
+    mean, lo, hi = student_t_interval(values)
+    assert hi > 1.0
+    assert student_t_interval(values, within=(0.0, 1.0)) == (mean, lo, 1.0)
+    assert student_t_interval([0.0, 0.1, 0.0], within=(0.0, 1.0))[1] == 0.0

@@ -27,7 +27,28 @@ MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits (Config.seed's range)
 
 # What a report's `_ci` means, per number of seeds (report.json `interval`, the table).
 BOOTSTRAP = "95% bootstrap interval over held-out prompts (one seed)"
-T_OVER_SEEDS = "95% Student-t interval of the mean over {n} seeds"
+T_OVER_SEEDS = (
+    "95% Student-t interval of the mean over {n} seeds (a share's clipped to [0, 1], a "
+    "difference of shares to [-1, 1])"
+)
+# The range each bounded report number can take: its t interval is clipped to it. Shares of
+# prompts or pairs (compare.py, compare_rlvr.py) and the paired gain in exact accuracy. Not
+# here: the gold reward and its gain (unbounded), the KL estimate (a sample mean of log-ratio
+# estimates, which can fall below 0), times and memory.
+METRIC_RANGE: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(
+        (
+            "accuracy",
+            "lenient_accuracy",
+            "format_rate",
+            "sampled_accuracy",
+            "win_rate_vs_sft",
+            "heldout_pair_accuracy",
+        ),
+        (0.0, 1.0),
+    ),
+    "gain": (-1.0, 1.0),
+}
 
 
 def check_seeds(cfg: Config) -> None:
@@ -65,7 +86,8 @@ def _number(x: Any) -> bool:
 def combine(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """One report row from a row's per-seed rows. One seed: that row unchanged. More: every
     number of seed 0's row becomes the mean over seeds with `<key>_ci`, the Student-t 95%
-    interval across seeds (in place of the bootstrap over prompts) and `<key>_seeds`, the
+    interval across seeds (in place of the bootstrap over prompts; clipped to the metric's range
+    where it has one, METRIC_RANGE) and `<key>_seeds`, the
     per-seed values; `peak_device_mib` is the largest of the seeds (one program, one peak).
     Everything else (setup, samples) is seed 0's."""
     if len(per_seed) == 1:
@@ -80,7 +102,7 @@ def combine(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             row[key] = max(known) if known else None
             row[f"{key}_seeds"] = values
         elif all(_number(v) for v in values):
-            mean, lo, hi = student_t_interval([float(v) for v in values])
+            mean, lo, hi = student_t_interval([float(v) for v in values], METRIC_RANGE.get(key))
             row[key], row[f"{key}_ci"], row[f"{key}_seeds"] = mean, (lo, hi), values
     row["seeds"] = len(per_seed)
     return row

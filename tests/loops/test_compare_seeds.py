@@ -14,7 +14,7 @@ from scipy import stats
 from test_pipeline import TINY
 
 from rlhf_jax.cli import main
-from rlhf_jax.loops.compare_seeds import combine
+from rlhf_jax.loops.compare_seeds import METRIC_RANGE, combine
 
 METRICS = ("gold_reward", "gold_gain", "win_rate_vs_sft", "kl_to_sft")
 
@@ -66,10 +66,13 @@ def check_two_seeds(one: dict, two: dict, out) -> None:
             assert values[0] == single[key], (name, key)  # seed 0 is the one-seed run
             assert row[key] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-12)
             lo, hi = _t_interval(values)
-            got_lo, got_hi = row[f"{key}_ci"]
-            assert (got_lo + got_hi) / 2 == pytest.approx(row[key], rel=1e-12, abs=1e-12)
             # the t table has 3 decimals: 12.706 against SciPy's 12.7062...
-            assert got_hi - got_lo == pytest.approx(hi - lo, rel=1e-4, abs=1e-12), (name, key)
+            tol = 1e-4 * (hi - lo) + 1e-12
+            if key in METRIC_RANGE:  # a share's interval is clipped to [0, 1]
+                lo, hi = max(lo, METRIC_RANGE[key][0]), min(hi, METRIC_RANGE[key][1])
+            got_lo, got_hi = row[f"{key}_ci"]
+            assert got_lo == pytest.approx(lo, abs=tol), (name, key)
+            assert got_hi == pytest.approx(hi, abs=tol), (name, key)
         # seed 1 sampled with other keys: its numbers are its own
         assert any(row[f"{k}_seeds"][0] != row[f"{k}_seeds"][1] for k in METRICS), name
         assert row["peak_device_mib"] == max(row["peak_device_mib_seeds"])
@@ -93,6 +96,21 @@ def test_combine_by_hand():
     assert row["gold_reward_ci"] == pytest.approx((2.0 - half, 2.0 + half))
     assert row["peak_device_mib"] == 12.0 and row["setup"] == {"s": 0} and row["seeds"] == 3
     assert combine(rows[:1]) == rows[0]  # one seed: the row itself, its bootstrap interval
+
+
+def test_a_shares_interval_stays_within_zero_and_one():
+    """Accuracies 0.9, 1.0, 1.0: the t interval's upper bound 1.124 is no accuracy; reported
+    1.0. The KL keeps its interval as computed (an estimate can fall below 0)."""
+    rows = [
+        {"accuracy": a, "gain": g, "kl_to_sft": k}
+        for a, g, k in [(0.9, -0.95, 0.01), (1.0, -1.0, 0.02), (1.0, -1.0, 0.0)]
+    ]
+    row = combine(rows)
+    lo, hi = _t_interval([0.9, 1.0, 1.0])
+    assert hi > 1.1 and row["accuracy_ci"] == pytest.approx((lo, 1.0), abs=1e-3)
+    assert row["accuracy"] == pytest.approx(29 / 30)
+    assert row["gain_ci"][0] == -1.0 and row["gain_ci"][1] < -0.9
+    assert row["kl_to_sft_ci"][0] < 0
 
 
 def test_bad_seed_counts_fail_with_the_key(tmp_path, capsys):
