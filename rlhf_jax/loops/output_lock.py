@@ -114,9 +114,9 @@ def lock_output(folder: str | Path) -> None:
             problem = f"cannot lock output folder {folder} ({e.strerror or e})"
     status = 0 if fd is not None else (1 if problem is None else 2)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+        from rlhf_jax import processes
 
-        status = int(multihost_utils.broadcast_one_to_all(np.int32(status)))
+        status = int(processes.broadcast_from_first(np.int32(status), "output lock"))
     if status == 0:
         if fd is not None:
             _HELD[key] = fd

@@ -16,8 +16,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
+from rlhf_jax import processes
 from rlhf_jax.data.shard import HeldRows
 from rlhf_jax.loops.batched import compiled, map_params
 from rlhf_jax.loops.runtime import Runtime
@@ -60,7 +60,7 @@ def _owned_outputs(fn, params, held: HeldRows, own, keys, batch_size, runtime: R
     batch_size = -(-batch_size // dp) * dp
     local = local_batch_rows(batch_size, mesh, rules)
     size = local.stop - local.start
-    counts = multihost_utils.process_allgather(np.int64(len(own)))
+    counts = processes.gather(np.int64(len(own)), "owned row counts")
     run = compiled(fn, runtime)
     pad = own[-1:] if len(own) else np.zeros(1, np.int64)
     outs = []
@@ -75,7 +75,7 @@ def _owned_outputs(fn, params, held: HeldRows, own, keys, batch_size, runtime: R
 def gather_rows(rows: np.ndarray, tree: Any, n: int) -> Any:
     """Every process's `tree` (arrays with one entry per row of `rows`, which differ between
     processes) put together on every process as arrays of `n` rows in row order."""
-    counts = multihost_utils.process_allgather(np.int64(len(rows)))
+    counts = processes.gather(np.int64(len(rows)), "gathered row counts")
     most = int(np.max(counts))
     padded_rows = np.full(most, -1, np.int64)
     padded_rows[: len(rows)] = rows
@@ -86,8 +86,8 @@ def gather_rows(rows: np.ndarray, tree: Any, n: int) -> Any:
         out[: len(x)] = x
         return out
 
-    everyone = multihost_utils.process_allgather(
-        {"rows": padded_rows, "tree": jax.tree.map(pad, tree)}
+    everyone = processes.gather(
+        {"rows": padded_rows, "tree": jax.tree.map(pad, tree)}, "gathered rows"
     )
     where = everyone["rows"].reshape(-1)
     real = where >= 0

@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
+from rlhf_jax import processes
 from rlhf_jax.config import Config
 from rlhf_jax.data import DataReport, heldout_split, split_heldout
 from rlhf_jax.data.shard import HeldRows, rows_used, select
@@ -141,7 +141,7 @@ def _encode_rows(examples, rows, first, encode: Encode, report: DataReport, batc
     order = np.argsort(np.concatenate([rows[first], rows[~first]]), kind="stable")
     arrays = {k: v[order] for k, v in arrays.items()}
     own = np.asarray(report.truncated - truncated, np.int64)
-    report.truncated = truncated + int(multihost_utils.process_allgather(own).sum())
+    report.truncated = truncated + int(processes.gather(own, "truncation counts").sum())
     print(
         f"{report.path}: process {jax.process_index()} of {jax.process_count()} encoded "
         f"{len(rows)} of {len(examples)} rows (those its slice of the batches reads)",
@@ -156,7 +156,7 @@ def _with_unread_share(rows, first, n: int, batch_size: int, local: slice):
     number of slices), those counted as first read here."""
     read = np.zeros(n, bool)
     read[rows] = True
-    read = multihost_utils.process_allgather(read).any(axis=0)
+    read = processes.gather(read, "rows read").any(axis=0)
     size = local.stop - local.start
     extra = np.flatnonzero(~read)[local.start // size :: batch_size // size]
     order = np.argsort(np.concatenate([rows, extra]), kind="stable")

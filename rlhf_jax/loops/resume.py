@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
-from jax.experimental import multihost_utils
 
+from rlhf_jax import processes
 from rlhf_jax.checkpointing import Checkpointer, abstract_state, preemption_requested
 from rlhf_jax.config import CheckpointConfig
 from rlhf_jax.errors import RlhfJaxError
@@ -58,7 +58,7 @@ class StageCheckpoints:
                     f"removed from {self.directory}"
                 )
             if jax.process_count() > 1:
-                multihost_utils.sync_global_devices(f"rlhf_jax fresh {stage}")
+                processes.barrier(f"fresh {stage}")
         self.ckpt = Checkpointer(
             orbax_directory(self.directory), cfg.save_every, max(cfg.keep, 1), cfg.async_save
         )

@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import jax
-from jax.experimental import multihost_utils
 
+from rlhf_jax import processes
 from rlhf_jax.storage import is_url
 
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"rlhf_jax wrote {name}")
+        processes.barrier(f"wrote {name}")
 
 
 def write_jsonl_once(
