@@ -1,6 +1,7 @@
 """`rlhf-jax compare` on the sums task at a tiny size (2 rows x 2 seeds): the report's keys,
-its means and Student-t intervals recomputed with NumPy/SciPy from the per-seed values, each
-seed's accuracy against the per-prompt answers it gave, and that no reward model was trained."""
+its means and Student-t intervals (clipped to an accuracy's [0, 1]) recomputed with
+NumPy/SciPy from the per-seed values, each seed's accuracy against the per-prompt answers it
+gave, and that no reward model was trained."""
 
 import json
 from pathlib import Path
@@ -12,6 +13,7 @@ from scipy import stats
 from test_rlvr import TINY
 
 from rlhf_jax.cli import main
+from rlhf_jax.loops.compare_seeds import METRIC_RANGE
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "compare_rlvr.yaml")
 ROWS = (
@@ -69,10 +71,13 @@ def test_report_keys_and_t_intervals(run):
             assert len(values) == 2
             assert row[key] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-12)
             lo, hi = _t_interval(values)
-            got_lo, got_hi = row[f"{key}_ci"]
-            assert (got_lo + got_hi) / 2 == pytest.approx(row[key], rel=1e-12, abs=1e-12)
             # the library's t table has 3 decimals (12.706 against SciPy's 12.7062...)
-            assert got_hi - got_lo == pytest.approx(hi - lo, rel=1e-4, abs=1e-12), (name, key)
+            tol = 1e-4 * (hi - lo) + 1e-12
+            if key in METRIC_RANGE:  # an accuracy's interval is clipped to [0, 1]
+                lo, hi = max(lo, METRIC_RANGE[key][0]), min(hi, METRIC_RANGE[key][1])
+            got_lo, got_hi = row[f"{key}_ci"]
+            assert got_lo == pytest.approx(lo, abs=tol), (name, key)
+            assert got_hi == pytest.approx(hi, abs=tol), (name, key)
         for acc, gain in zip(row["accuracy_seeds"], row["gain_seeds"]):
             assert acc * n == pytest.approx(round(acc * n))  # k of n greedy answers
             assert gain == pytest.approx(acc - sft["accuracy"])  # paired over the same prompts
