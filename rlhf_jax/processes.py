@@ -51,12 +51,6 @@ def arrive(name: str) -> None:
     client.wait_at_barrier(f"rlhf_jax/{next(_count)}/{name}", timeout_in_ms=timeout_s * 1000)
 
 
-def barrier(name: str) -> None:
-    """Every process waits here until all have arrived (e.g. before reading a file process 0
-    wrote)."""
-    arrive(name)
-
-
 def gather(x: Any, name: str, *, tiled: bool = False) -> Any:
     """`multihost_utils.process_allgather(x, tiled=tiled)` after every process arrived."""
     from jax.experimental import multihost_utils

@@ -58,7 +58,7 @@ class StageCheckpoints:
                     f"removed from {self.directory}"
                 )
             if jax.process_count() > 1:
-                processes.barrier(f"fresh {stage}")
+                processes.arrive(f"fresh {stage}")
         self.ckpt = Checkpointer(
             orbax_directory(self.directory), cfg.save_every, max(cfg.keep, 1), cfg.async_save
         )

@@ -22,7 +22,7 @@ from rlhf_jax.storage import is_url
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        processes.barrier(f"wrote {name}")
+        processes.arrive(f"wrote {name}")
 
 
 def write_jsonl_once(

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from run_once import once_per_run
 from scipy import stats
+from seed_intervals import check_t_interval
 from test_rlvr import TINY
 
 from rlhf_jax.cli import main
-from rlhf_jax.loops.compare_seeds import METRIC_RANGE
 
 CONFIG = str(Path(__file__).parents[2] / "configs" / "compare_rlvr.yaml")
 ROWS = (
@@ -36,13 +36,6 @@ def run(tmp_path_factory):
 
     out = once_per_run(tmp_path_factory, "compare_rlvr", build) / "run"
     return out, json.loads((out / "report.json").read_text())
-
-
-def _t_interval(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    if np.all(v == v[0]):  # no spread (SciPy gives nan): the interval is the point
-        return float(v[0]), float(v[0])
-    return stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
 
 
 def test_no_reward_model_stage(run):
@@ -70,14 +63,7 @@ def test_report_keys_and_t_intervals(run):
             values = row[f"{key}_seeds"]
             assert len(values) == 2
             assert row[key] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-12)
-            lo, hi = _t_interval(values)
-            # the library's t table has 3 decimals (12.706 against SciPy's 12.7062...)
-            tol = 1e-4 * (hi - lo) + 1e-12
-            if key in METRIC_RANGE:  # an accuracy's interval is clipped to [0, 1]
-                lo, hi = max(lo, METRIC_RANGE[key][0]), min(hi, METRIC_RANGE[key][1])
-            got_lo, got_hi = row[f"{key}_ci"]
-            assert got_lo == pytest.approx(lo, abs=tol), (name, key)
-            assert got_hi == pytest.approx(hi, abs=tol), (name, key)
+            check_t_interval(row, key, name)
         for acc, gain in zip(row["accuracy_seeds"], row["gain_seeds"]):
             assert acc * n == pytest.approx(round(acc * n))  # k of n greedy answers
             assert gain == pytest.approx(acc - sft["accuracy"])  # paired over the same prompts

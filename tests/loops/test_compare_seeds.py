@@ -10,11 +10,11 @@ import json
 
 import numpy as np
 import pytest
-from scipy import stats
+from seed_intervals import check_t_interval, t_interval
 from test_pipeline import TINY
 
 from rlhf_jax.cli import main
-from rlhf_jax.loops.compare_seeds import METRIC_RANGE, combine
+from rlhf_jax.loops.compare_seeds import combine
 
 METRICS = ("gold_reward", "gold_gain", "win_rate_vs_sft", "kl_to_sft")
 
@@ -36,11 +36,6 @@ def compare_args(output: str, *extra: str) -> list[str]:
         "compare.preference={dpo: {steps: 3, batch_size: 8}}",
         *extra,
     ]
-
-
-def _t_interval(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    return stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
 
 
 def check_one_seed(one: dict, out) -> None:
@@ -65,14 +60,7 @@ def check_two_seeds(one: dict, two: dict, out) -> None:
             assert len(values) == 2
             assert values[0] == single[key], (name, key)  # seed 0 is the one-seed run
             assert row[key] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-12)
-            lo, hi = _t_interval(values)
-            # the t table has 3 decimals: 12.706 against SciPy's 12.7062...
-            tol = 1e-4 * (hi - lo) + 1e-12
-            if key in METRIC_RANGE:  # a share's interval is clipped to [0, 1]
-                lo, hi = max(lo, METRIC_RANGE[key][0]), min(hi, METRIC_RANGE[key][1])
-            got_lo, got_hi = row[f"{key}_ci"]
-            assert got_lo == pytest.approx(lo, abs=tol), (name, key)
-            assert got_hi == pytest.approx(hi, abs=tol), (name, key)
+            check_t_interval(row, key, name)
         # seed 1 sampled with other keys: its numbers are its own
         assert any(row[f"{k}_seeds"][0] != row[f"{k}_seeds"][1] for k in METRICS), name
         assert row["peak_device_mib"] == max(row["peak_device_mib_seeds"])
@@ -106,7 +94,7 @@ def test_a_shares_interval_stays_within_zero_and_one():
         for a, g, k in [(0.9, -0.95, 0.01), (1.0, -1.0, 0.02), (1.0, -1.0, 0.0)]
     ]
     row = combine(rows)
-    lo, hi = _t_interval([0.9, 1.0, 1.0])
+    lo, hi = t_interval([0.9, 1.0, 1.0])
     assert hi > 1.1 and row["accuracy_ci"] == pytest.approx((lo, 1.0), abs=1e-3)
     assert row["accuracy"] == pytest.approx(29 / 30)
     assert row["gain_ci"][0] == -1.0 and row["gain_ci"][1] < -0.9
