@@ -1,16 +1,22 @@
-"""What trimming the RL update saves (`ppo.trim_update`): tokens and compiled FLOPs.
+"""What trimming and packing the RL update save (`ppo.trim_update`, `ppo.pack_update`):
+tokens the trunk computes, and compiled FLOPs.
 
     python -m bench.rl_trim            # prints the markdown of docs/memory.md#packing
 
 1. Tokens: iterations of 64 responses whose prompt and response lengths are log-normal
    (prompt median 120 tokens, response median 180, sigma 0.8: `bench.packing`'s mix), clipped
    to the budgets. Per iteration the padded update computes 64 x (P + N) tokens, the trimmed
-   one 64 x (bucket(longest prompt) + bucket(longest response)); the mean over 200 iterations,
-   at a budget that the tails reach (512 + 512) and at a generous one (512 + 2048).
+   one 64 x (bucket(longest prompt) + bucket(longest response)); packed, each minibatch of 16
+   (one epoch's shuffle) is packed first fit decreasing into rows of the (trimmed) length,
+   and every minibatch computes the power-of-two bucket of the most rows any of them needs
+   (`steps/rl_pack.py`, `loops/packed_update.py`): 4 x rows x length. The mean over 200
+   iterations, at a budget that the tails reach (512 + 512) and at a generous one
+   (512 + 2048).
 2. FLOPs: XLA's cost analysis of the compiled PPO update (policy and critic, forward,
    backward and Adam over one epoch of 4 minibatches; a 2-layer d=128 Llama-style model) at
-   the full budget and at every bucket the mix scaled by 1/8 reaches (budgets 64 + 256), then
-   the mean over the iterations' buckets.
+   the full budget, at every bucket the mix scaled by 1/8 reaches (budgets 64 + 256) trimmed,
+   and at every packed row count it reaches packed (untrimmed), then the means over the
+   iterations.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from rlhf_jax.config import OptimConfig, PPOConfig
 from rlhf_jax.models import ModelConfig, init_params, init_scalar_head
 from rlhf_jax.models.heads import scalar_trunk
 from rlhf_jax.steps import Experience, RLAlgorithm, init_rl_state, make_optimizer, make_update_fn
-from rlhf_jax.steps.rl_trim import trimmed_lengths
+from rlhf_jax.steps.rl_pack import PackLayout
+from rlhf_jax.steps.rl_trim import bucket, trimmed_lengths
 
-ROWS, ITERATIONS = 64, 200
+ROWS, ITERATIONS, MINIBATCH = 64, 200, 16
 
 
 def draw_lengths(budgets: tuple[int, int], scale: float, seed: int = 0) -> np.ndarray:
@@ -44,21 +51,58 @@ def buckets_of(lengths: np.ndarray, budgets: tuple[int, int]) -> list[tuple[int,
     return [trimmed_lengths((int(p), int(n)), *budgets) for p, n in longest]
 
 
+def first_fit_rows(lengths: list[int], capacity: int) -> int:
+    """Rows first fit decreasing needs for `lengths` in rows of `capacity` (as
+    `steps.rl_pack.first_fit`: longest first, each into the first row with room)."""
+    fills: list[int] = []
+    for length in sorted(lengths, reverse=True):
+        for i, fill in enumerate(fills):
+            if fill + length <= capacity:
+                fills[i] += length
+                break
+        else:
+            fills.append(length)
+    return len(fills)
+
+
+def packed_rows(lengths: np.ndarray, capacity: int, seed: int) -> int:
+    """The packed rows per minibatch of one iteration (`lengths` [ROWS, 2]): its rows
+    shuffled into minibatches of MINIBATCH, the most any of them needs, rounded up to a power
+    of two (at most MINIBATCH)."""
+    order = np.random.default_rng(seed).permutation(ROWS).reshape(-1, MINIBATCH)
+    total = lengths.sum(axis=1)
+    need = max(first_fit_rows(list(total[mb]), capacity) for mb in order)
+    return bucket(need, MINIBATCH)
+
+
+def _share(real: float, tokens: float) -> str:
+    return f"{tokens:,.0f} ({100 * real / tokens:.0f}% real)"
+
+
 def token_table() -> list[str]:
     rows = [
         f"| {ROWS} responses per iteration, mean of {ITERATIONS} | real | padded update "
-        "| trimmed update | trimmed / padded |",
-        "|---|---|---|---|---|",
+        "| trimmed | packed | trimmed + packed | packed / padded |",
+        "|---|---|---|---|---|---|---|",
     ]
+    n_mb = ROWS // MINIBATCH
     for budgets in ((512, 512), (512, 2048)):
         lengths = draw_lengths(budgets, 1.0)
         real = lengths.sum(axis=(1, 2)).mean()
         padded = ROWS * sum(budgets)
-        trimmed = np.mean([ROWS * (p + n) for p, n in buckets_of(lengths, budgets)])
+        cut = buckets_of(lengths, budgets)
+        trimmed = np.mean([ROWS * (p + n) for p, n in cut])
+        packed = np.mean(
+            [n_mb * packed_rows(x, sum(budgets), i) * sum(budgets) for i, x in enumerate(lengths)]
+        )
+        both = np.mean(
+            [n_mb * packed_rows(x, p + n, i) * (p + n) for i, (x, (p, n)) in enumerate(
+                zip(lengths, cut))]
+        )  # fmt: skip
         rows.append(
-            f"| budget {budgets[0]} + {budgets[1]}: tokens | {real:,.0f} | {padded:,} "
-            f"({100 * real / padded:.0f}% real) | {trimmed:,.0f} ({100 * real / trimmed:.0f}% "
-            f"real) | {trimmed / padded:.3f} |"
+            f"| budget {budgets[0]} + {budgets[1]}: tokens | {real:,.0f} | {_share(real, padded)} "
+            f"| {_share(real, trimmed)} | {_share(real, packed)} | {_share(real, both)} "
+            f"| {packed / padded:.3f} |"
         )
     return rows
 
@@ -77,15 +121,16 @@ def _experience(p: int, n: int, seed: int = 0) -> Experience:
     )  # fmt: skip
 
 
-def update_flops(p: int, n: int) -> float:
-    """GFLOP of one compiled PPO update (critic, KL in the reward) on ROWS rows of p + n."""
+def update_flops(p: int, n: int, packed_rows: int | None = None) -> float:
+    """GFLOP of one compiled PPO update (critic, KL in the reward) on ROWS rows of p + n;
+    with `packed_rows`, its trunks on that many packed rows per minibatch."""
     config = ModelConfig(
         model_type="llama", vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4,
         head_dim=32, mlp_dim=512, max_position_embeddings=512,
     )  # fmt: skip
     optim = OptimConfig(lr=1e-5)
     ppo = PPOConfig(
-        rollout_batch=ROWS, minibatch_size=16, epochs=1, max_prompt_len=p, max_new_tokens=n,
+        rollout_batch=ROWS, minibatch_size=MINIBATCH, epochs=1, max_prompt_len=p, max_new_tokens=n,
         policy_optim=optim, value_optim=optim, ema_decay=0.0,
     )  # fmt: skip
     algo = RLAlgorithm.from_config(ppo)
@@ -93,7 +138,8 @@ def update_flops(p: int, n: int) -> float:
     critic = {"trunk": scalar_trunk(policy), "head": init_scalar_head(config, jax.random.key(1))}
     tx = make_optimizer(optim, 4)
     state = init_rl_state(policy, critic, tx, tx, ppo)
-    fn = make_update_fn(config, config, ppo, algo)
+    pack = None if packed_rows is None else PackLayout(1, packed_rows)
+    fn = make_update_fn(config, config, ppo, algo, pack=pack)
     lowered = jax.jit(fn).lower(state, _experience(p, n), None, jax.random.key(0))
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -101,7 +147,8 @@ def update_flops(p: int, n: int) -> float:
 
 
 def flops_table(budgets: tuple[int, int] = (64, 256)) -> list[str]:
-    seen = collections.Counter(buckets_of(draw_lengths(budgets, 1 / 8, seed=1), budgets))
+    lengths = draw_lengths(budgets, 1 / 8, seed=1)
+    seen = collections.Counter(buckets_of(lengths, budgets))
     full = update_flops(*budgets)
     rows = [
         f"| PPO update, {ROWS} rows, budget {budgets[0]} + {budgets[1]} (mix x 1/8) "
@@ -115,6 +162,15 @@ def flops_table(budgets: tuple[int, int] = (64, 256)) -> list[str]:
         mean += g * count / ITERATIONS
         rows.append(f"| trimmed: {p} + {n} | {count} | {g:.2f} | {g / full:.3f} |")
     rows.append(f"| trimmed, mean over the iterations | {ITERATIONS} | {mean:.2f} "
+                f"| {mean / full:.3f} |")  # fmt: skip
+    packs = collections.Counter(packed_rows(x, sum(budgets), i) for i, x in enumerate(lengths))
+    mean = 0.0
+    for r, count in sorted(packs.items()):
+        g = update_flops(*budgets, packed_rows=r)
+        mean += g * count / ITERATIONS
+        rows.append(f"| packed: {r} of {MINIBATCH} rows per minibatch | {count} | {g:.2f} "
+                    f"| {g / full:.3f} |")  # fmt: skip
+    rows.append(f"| packed, mean over the iterations | {ITERATIONS} | {mean:.2f} "
                 f"| {mean / full:.3f} |")  # fmt: skip
     return rows
 

@@ -38,6 +38,9 @@ class Program:
     training: bool  # has a backward pass (remat and micro-batches apply)
     kv_cache: int = 0  # bytes per device of the KV cache it builds
     args: tuple = ()
+    # The RL update with `ppo.pack_update`: `PackLayout -> jitted` for the packed shapes a
+    # run reaches (`jitted` is the largest, the one the plan compiles); else None.
+    jitted_for_layout: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from rlhf_jax.config import Config
 from rlhf_jax.loops.adapters import StageWeights, adapter_key, stage_weights
 from rlhf_jax.loops.build import Assembly, Forward, Program, StageBuild, Start, train_state_detail
+from rlhf_jax.loops.packed_update import pack_layout
 from rlhf_jax.loops.rollout_stages import merge_fn
 from rlhf_jax.loops.runtime import Runtime
 from rlhf_jax.loops.shapes import nbytes, prompt_batch, ptx_batch, rows_like, step_key
@@ -48,6 +49,7 @@ from rlhf_jax.steps import (
 )
 from rlhf_jax.steps.experience import make_score_fn, make_scored_finish_fn, missing_eos_rule
 from rlhf_jax.steps.rl_inputs import uses_ptx as steps_uses_ptx
+from rlhf_jax.steps.rl_pack import PackLayout
 
 
 def uses_ptx(cfg: Config, has_ptx_data: bool) -> bool:
@@ -270,18 +272,23 @@ def rl_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh) -> l
             Program("finish", finish, ("state", "frozen", "rollout", "scores"), False),
         ]
     ptx_loss = get_loss("ptx", cfg.ptx.loss) if spec.use_ptx else None
-    update_fn = make_update_fn(
-        policy_cfg, critic_cfg, ppo, algo, ptx_loss, cfg.ptx.coef, ppo.policy_optim.grad_accum
-    )
-    roles = ("state", "experience", "batch", "key")
-    if a.info["lora"]:  # the update reads the policy's base in `frozen`
-        jitted = jit_update(
-            update_fn, state_sh, mesh, rules, frozen_shardings=frozen_sh, activation_rules=act
-        )
-        roles = (*roles, "frozen")
-    else:
-        jitted = jit_update(update_fn, state_sh, mesh, rules, activation_rules=act)
-    return [*out, Program("update", jitted, roles, training=True)]
+    # The update reads a LoRA policy's base in `frozen`.
+    frozen_arg = {"frozen_shardings": frozen_sh} if a.info["lora"] else {}
+
+    def jitted_for_layout(pack: PackLayout | None):
+        update_fn = make_update_fn(
+            policy_cfg, critic_cfg, ppo, algo, ptx_loss, cfg.ptx.coef,
+            ppo.policy_optim.grad_accum, pack,
+        )  # fmt: skip
+        return jit_update(update_fn, state_sh, mesh, rules, activation_rules=act, **frozen_arg)
+
+    roles = ("state", "experience", "batch", "key", *(("frozen",) if frozen_arg else ()))
+    if not ppo.pack_update:
+        return [*out, Program("update", jitted_for_layout(None), roles, training=True)]
+    # Packed: the plan compiles the largest layout (every row its own packed row).
+    largest = jitted_for_layout(pack_layout(ppo, mesh, rules))
+    update = Program("update", largest, roles, training=True, jitted_for_layout=jitted_for_layout)
+    return [*out, update]
 
 
 def _filtered_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh, kv: int):

@@ -28,6 +28,7 @@ from rlhf_jax.loops.build import Assembly, StageBuild
 from rlhf_jax.loops.build_rl import RLBuildSpec, rl_build, uses_ptx
 from rlhf_jax.loops.host_scoring import host_scorer
 from rlhf_jax.loops.logging import MetricsLogger
+from rlhf_jax.loops.packed_update import PackedUpdate
 from rlhf_jax.loops.resume import StageCheckpoints
 from rlhf_jax.loops.rollout_stages import filtered_experience, prompt_drawer
 from rlhf_jax.loops.runtime import Runtime
@@ -177,10 +178,15 @@ def _compile(spec: RLBuildSpec, build: StageBuild, a: Assembly, state_sh, where)
         experience, compiled = _experience(spec, made, a, runtime, tokenizer)
     # A LoRA policy's update also reads its base (`frozen`).
     extra = (frozen,) if "frozen" in update_program.roles else ()
+    trim = None
     if ppo.trim_update:  # one program per length bucket (steps/rl_trim.py)
-        compiled_update = update = TrimmedUpdate(
-            update_program.jitted, runtime.mesh, runtime.rules, extra
+        trim = TrimmedUpdate(update_program.jitted, runtime.mesh, runtime.rules, extra)
+    if ppo.pack_update:  # one program per packed shape (steps/rl_pack.py)
+        compiled_update = update = PackedUpdate(
+            update_program.jitted_for_layout, ppo, runtime.mesh, runtime.rules, extra, trim
         )
+    elif trim is not None:
+        compiled_update = update = trim
     else:
         compiled_update = update = CompiledOnce(update_program.jitted)
         if extra:

@@ -34,12 +34,18 @@ class TrimmedUpdate:
         p = exp.sequence_ids.shape[1] - n
         return trimmed_lengths(tuple(int(v) for v in np.asarray(extent)), p, n)
 
-    def __call__(self, state, exp, ptx_batch, key):
+    def cut(self, exp):
+        """`exp` cut to its length bucket (on device; `exp` itself when that is all of it)."""
         p, n = self.lengths(exp)
         full = exp.response_ids.shape[1]
         if (p, n) != (exp.sequence_ids.shape[1] - full, full):
             exp = self._trim(exp, p, n)
-        program = self.programs.setdefault((p, n), CompiledOnce(self.jitted))
+        return exp
+
+    def __call__(self, state, exp, ptx_batch, key):
+        exp = self.cut(exp)
+        shape = (exp.sequence_ids.shape[1] - exp.response_ids.shape[1], exp.response_ids.shape[1])
+        program = self.programs.setdefault(shape, CompiledOnce(self.jitted))
         return program(state, exp, ptx_batch, key, *self.extra)
 
     def peak_bytes(self) -> int:

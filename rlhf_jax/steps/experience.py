@@ -114,6 +114,20 @@ def response_logprobs(
     [B, N, V] logits are chunked away when large (`models.token_stats`)."""
     p = seq_ids.shape[1] - response_ids.shape[1]
     h_BND = response_hidden(cfg, params, seq_ids, seq_mask, p)
+    return logprobs_from_hidden(cfg, params, h_BND, response_ids, temperature, support, values)
+
+
+def logprobs_from_hidden(
+    cfg: ModelConfig,
+    params,
+    h_BND: jax.Array,
+    response_ids: jax.Array,
+    temperature: float,
+    support: jax.Array | None = None,
+    values: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`response_logprobs` from the hidden states that predict the response tokens (padded
+    rows' or packed rows' gathered back, `steps/rl_pack.py`)."""
     logp, entropy = token_logprobs_from_hidden(
         cfg, params, h_BND, response_ids, temperature, support
     )

@@ -17,6 +17,7 @@ import jax
 from rlhf_jax.config import PPOConfig
 from rlhf_jax.models import ModelConfig
 from rlhf_jax.steps.algorithm import RLAlgorithm
+from rlhf_jax.steps.rl_pack import PackLayout
 from rlhf_jax.types import LossOut
 
 
@@ -38,6 +39,7 @@ class UpdateConfig:
     ptx_loss_fn: Callable[..., LossOut] | None = None
     ptx_coef: float = 0.0
     grad_accum: int = 1
+    pack: PackLayout | None = None  # the trunk forwards on packed rows (`ppo.pack_update`)
 
     @property
     def use_ptx(self) -> bool:

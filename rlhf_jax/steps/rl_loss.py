@@ -15,6 +15,7 @@ from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.ops import kl_estimate, masked_mean, reduce_tokens
 from rlhf_jax.steps.experience import response_logprobs, response_values
 from rlhf_jax.steps.rl_inputs import Normalisers, UpdateConfig
+from rlhf_jax.steps.rl_pack import packed_response_logprobs, packed_response_values
 from rlhf_jax.steps.sft import lm_outputs
 
 
@@ -47,14 +48,21 @@ def minibatch_loss(
     # Over the support the rollout recorded (with top-k / top-p), not this policy's own
     # top-k: a sampled token stays in it whatever the update does to the weights. With a
     # shared trunk, the values come from the same forward.
-    logp, entropy, values = response_logprobs(
-        cfg.policy_cfg, policy_params, mb["sequence_ids"], mb["sequence_mask"],
-        mb["response_ids"], ppo.temperature, mb.get("support"), values=algo.shared_critic,
-    )  # fmt: skip
+    library: dict = {}  # what the update writes itself, next to the parts' metrics
+    args = (mb["sequence_ids"], mb["sequence_mask"], mb["response_ids"], ppo.temperature)
+    if cfg.pack is None:
+        logp, entropy, values = response_logprobs(
+            cfg.policy_cfg, policy_params, *args, mb.get("support"), values=algo.shared_critic
+        )
+    else:  # the trunk on packed rows, everything after it on the padded rows (rl_pack.py)
+        logp, entropy, values, overflow = packed_response_logprobs(
+            cfg.policy_cfg, policy_params, *args, mb.get("support"), algo.shared_critic,
+            cfg.pack,
+        )  # fmt: skip
+        library["ppo/pack_overflow_rows"] = overflow.astype(jnp.float32)
     batch = loss_batch(mb, scalars)
     pol = algo.policy_loss({"logprobs": logp, "entropy": entropy}, batch)
     total = pol.loss
-    library: dict = {}  # what the update writes itself, next to the parts' metrics
     sources = [("the policy loss (ppo.policy_loss)", pol.metrics)]
     # The trainer recomputes what the sampler computed: on the first minibatch (weights
     # still those that sampled) the two must agree to float rounding.
@@ -71,9 +79,14 @@ def minibatch_loss(
     if algo.needs_critic:
         if values is None:
             p = mb["sequence_ids"].shape[1] - mb["response_ids"].shape[1]
-            values = response_values(
-                cfg.critic_cfg, critic_params, mb["sequence_ids"], mb["sequence_mask"], p
-            )
+            seq = (mb["sequence_ids"], mb["sequence_mask"], p)
+            if cfg.pack is None:
+                values = response_values(cfg.critic_cfg, critic_params, *seq)
+            else:
+                values, overflow = packed_response_values(
+                    cfg.critic_cfg, critic_params, *seq, cfg.pack
+                )
+                library["ppo/pack_overflow_rows"] += overflow.astype(jnp.float32)
         val = algo.value_loss({"values": values}, batch)
         total = total + ppo.vf_coef * val.loss
         sources.append(("the value loss (ppo.value_loss)", val.metrics))

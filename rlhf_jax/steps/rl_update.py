@@ -39,6 +39,7 @@ from rlhf_jax.steps.rl_inputs import (
     uses_ptx,
 )
 from rlhf_jax.steps.rl_loss import loss_batch, minibatch_loss
+from rlhf_jax.steps.rl_pack import PackLayout
 from rlhf_jax.steps.rl_state import Frozen, RLState, policy_with
 from rlhf_jax.steps.state import accumulate_gradients, skip_metrics
 from rlhf_jax.types import LossOut
@@ -69,6 +70,7 @@ def make_update_fn(
     ptx_loss_fn: Callable[..., LossOut] | None = None,
     ptx_coef: float = 0.0,
     grad_accum: int = 1,
+    pack: PackLayout | None = None,
 ) -> Callable:
     """`update(state, exp, ptx_batch, key, frozen=None) -> (state, metrics)`: `update` with
     its `UpdateConfig` bound.
@@ -76,8 +78,9 @@ def make_update_fn(
     ptx_batch: `input_ids`, `attention_mask` of shape [epochs, n_minibatches, ptx_bs, L]
     (one pretraining batch per minibatch), or None when ptx is off. frozen: RL's `Frozen`
     weights, needed for a LoRA policy (`policy_cfg.lora_rank`: its base is `frozen.ref`).
+    pack: the trunk forwards on packed rows of this layout (`steps/rl_pack.py`), or padded.
     """
-    cfg = UpdateConfig(policy_cfg, critic_cfg, ppo, algo, ptx_loss_fn, ptx_coef, grad_accum)
+    cfg = UpdateConfig(policy_cfg, critic_cfg, ppo, algo, ptx_loss_fn, ptx_coef, grad_accum, pack)
     # A partial (its signature without `cfg`) named as the function it binds: jit names
     # its program after `__name__`, also through the wrappers of `sharding.jit`.
     bound = functools.partial(update, cfg)

@@ -58,13 +58,20 @@ def test_grpo_from_config_alone_has_no_critic(run_dir, tmp_path):
         assert not [k for k in row if k.startswith("ppo/value")]
         assert row["ppo/kl_loss"] >= 0 and "objective/kl" in row
         assert row["rollout/logprob_mismatch_max"] < 1e-5  # the same numerics path
-    # the default algorithm, for contrast, keeps a critic and its optimizer state
+    # the default algorithm, for contrast, keeps a critic and its optimizer state; its update
+    # runs trimmed and packed (the loop's PackedUpdate, policy and critic on packed rows)
     ppo_out = tmp_path / "ppo"
     default = [*args[:-5], "ppo.rollout_batch=8", "ppo.minibatch_size=8"]
-    assert main([*default, "--output", str(ppo_out)]) == 0
+    switches = ["ppo.trim_update=true", "ppo.pack_update=true"]
+    assert main([*default, *switches, "--output", str(ppo_out)]) == 0
     names = _saved(ppo_out)
     assert any(n.startswith("critic/params/") for n in names)
     assert any(n.startswith("critic/opt_state/") for n in names)
+    rows = _rows(ppo_out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert "ppo/pack_overflow_rows" not in row and row["ppo/value/loss"] > 0
+        assert row["rollout/logprob_mismatch_max"] < 1e-4  # packed: other matmul shapes
 
 
 FORK = '''

@@ -1,5 +1,6 @@
-"""`ppo.trim_update` on a mesh: the trimmed GRPO update (KL in the loss) with the
-experience's rows split over a (data 2, fsdp 2) mesh of 4 simulated devices equals the plain
+"""`ppo.trim_update` and `ppo.pack_update` on a mesh: the trimmed GRPO update (KL in the
+loss), and the trimmed and packed one (each device's rows packed among themselves), with the
+experience's rows split over a (data 2, fsdp 2) mesh of 4 simulated devices equal the plain
 padded update on one device (`trim_script.py`, a subprocess: the device count is fixed
 before JAX starts)."""
 
@@ -12,7 +13,7 @@ from processes import run
 HERE = Path(__file__).parent
 
 
-def test_trimmed_update_on_a_mesh_equals_one_device_padded():
+def test_trimmed_and_packed_updates_on_a_mesh_equal_one_device_padded():
     proc = run([sys.executable, str(HERE / "trim_script.py"), str(HERE.parent)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -22,3 +23,9 @@ def test_trimmed_update_on_a_mesh_equals_one_device_padded():
     for name, diff in result["metrics"].items():
         assert diff < 1e-4, (name, diff)
     assert result["params_max_abs"] < 1e-5
+    shards, rows = result["packed_layout"]
+    assert shards == 4 and 1 <= rows <= 2  # 8 rows, 2 per device, packed per device
+    assert result["packed_programs"] == [[4, 4, rows]]
+    for name, diff in result["packed_metrics"].items():
+        assert diff < 1e-4, (name, diff)
+    assert result["packed_params_max_abs"] < 1e-5
