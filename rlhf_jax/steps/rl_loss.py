@@ -56,8 +56,8 @@ def minibatch_loss(
         )
     else:  # the trunk on packed rows, everything after it on the padded rows (rl_pack.py)
         logp, entropy, values, overflow = packed_response_logprobs(
-            cfg.policy_cfg, policy_params, *args, mb.get("support"), algo.shared_critic,
-            cfg.pack,
+            cfg.policy_cfg, policy_params, *args,
+            support=mb.get("support"), values=algo.shared_critic, layout=cfg.pack,
         )  # fmt: skip
         library["ppo/pack_overflow_rows"] = overflow.astype(jnp.float32)
     batch = loss_batch(mb, scalars)

@@ -197,6 +197,7 @@ def packed_response_logprobs(
     seq_mask: jax.Array,
     response_ids: jax.Array,
     temperature: float,
+    *,
     support: jax.Array | None,
     values: bool,
     layout: PackLayout,
