@@ -15,8 +15,8 @@ tokens the trunk computes, and compiled FLOPs.
 2. FLOPs: XLA's cost analysis of the compiled PPO update (policy and critic, forward,
    backward and Adam over one epoch of 4 minibatches; a 2-layer d=128 Llama-style model) at
    the full budget, at every bucket the mix scaled by 1/8 reaches (budgets 64 + 256) trimmed,
-   and at every packed row count it reaches packed (untrimmed), then the means over the
-   iterations.
+   and at every packed layout it reaches packed (untrimmed: packed rows for the trunks,
+   response slots for the LM and value heads), then the means over the iterations.
 """
 
 from __future__ import annotations
@@ -75,6 +75,14 @@ def packed_rows(lengths: np.ndarray, capacity: int, seed: int) -> int:
     return bucket(need, MINIBATCH)
 
 
+def response_slots(lengths: np.ndarray, n: int, seed: int) -> int:
+    """The LM head's response slots per minibatch of one iteration: the most real response
+    tokens any minibatch (the same shuffle as `packed_rows`) holds, rounded up to a power of
+    two (at most MINIBATCH x n)."""
+    order = np.random.default_rng(seed).permutation(ROWS).reshape(-1, MINIBATCH)
+    return bucket(max(int(lengths[mb, 1].sum()) for mb in order), MINIBATCH * n)
+
+
 def _share(real: float, tokens: float) -> str:
     return f"{tokens:,.0f} ({100 * real / tokens:.0f}% real)"
 
@@ -121,9 +129,10 @@ def _experience(p: int, n: int, seed: int = 0) -> Experience:
     )  # fmt: skip
 
 
-def update_flops(p: int, n: int, packed_rows: int | None = None) -> float:
+def update_flops(p: int, n: int, packed: tuple[int, int] | None = None) -> float:
     """GFLOP of one compiled PPO update (critic, KL in the reward) on ROWS rows of p + n;
-    with `packed_rows`, its trunks on that many packed rows per minibatch."""
+    with `packed` (rows, slots), its trunks on that many packed rows per minibatch and its
+    heads on that many response slots."""
     config = ModelConfig(
         model_type="llama", vocab_size=512, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4,
         head_dim=32, mlp_dim=512, max_position_embeddings=512,
@@ -138,7 +147,7 @@ def update_flops(p: int, n: int, packed_rows: int | None = None) -> float:
     critic = {"trunk": scalar_trunk(policy), "head": init_scalar_head(config, jax.random.key(1))}
     tx = make_optimizer(optim, 4)
     state = init_rl_state(policy, critic, tx, tx, ppo)
-    pack = None if packed_rows is None else PackLayout(1, packed_rows)
+    pack = None if packed is None else PackLayout(1, *packed)
     fn = make_update_fn(config, config, ppo, algo, pack=pack)
     lowered = jax.jit(fn).lower(state, _experience(p, n), None, jax.random.key(0))
     cost = lowered.compile().cost_analysis()
@@ -163,13 +172,18 @@ def flops_table(budgets: tuple[int, int] = (64, 256)) -> list[str]:
         rows.append(f"| trimmed: {p} + {n} | {count} | {g:.2f} | {g / full:.3f} |")
     rows.append(f"| trimmed, mean over the iterations | {ITERATIONS} | {mean:.2f} "
                 f"| {mean / full:.3f} |")  # fmt: skip
-    packs = collections.Counter(packed_rows(x, sum(budgets), i) for i, x in enumerate(lengths))
+    packs = collections.Counter(
+        (packed_rows(x, sum(budgets), i), response_slots(x, budgets[1], i))
+        for i, x in enumerate(lengths)
+    )
     mean = 0.0
-    for r, count in sorted(packs.items()):
-        g = update_flops(*budgets, packed_rows=r)
+    for (r, t), count in sorted(packs.items()):
+        g = update_flops(*budgets, packed=(r, t))
         mean += g * count / ITERATIONS
-        rows.append(f"| packed: {r} of {MINIBATCH} rows per minibatch | {count} | {g:.2f} "
-                    f"| {g / full:.3f} |")  # fmt: skip
+        rows.append(
+            f"| packed: {r} of {MINIBATCH} rows, {t:,} of {MINIBATCH * budgets[1]:,} response "
+            f"slots per minibatch | {count} | {g:.2f} | {g / full:.3f} |"
+        )
     rows.append(f"| packed, mean over the iterations | {ITERATIONS} | {mean:.2f} "
                 f"| {mean / full:.3f} |")  # fmt: skip
     return rows

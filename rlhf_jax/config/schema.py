@@ -248,8 +248,9 @@ class PPOConfig:
     trim_update: bool = False
     # The update's trunk forwards run on packed rows: each micro-batch's sequences laid end to
     # end in as few rows as they fit (steps/rl_pack.py), so the trunk stops computing padding
-    # whatever the lengths; the LM head and the losses still run on the padded rows. Same
-    # results up to float rounding; one compiled update per packed row count (a power of two).
+    # whatever the lengths; the LM and value heads run on the real response tokens only, and
+    # the losses on the padded rows. Same results up to float rounding; one compiled update
+    # per packed row count and response-slot count (each a power of two).
     pack_update: bool = False
     # The sampler runs the layers as a scan over the stacked weights (and a stacked KV cache)
     # instead of unrolled over per-layer copies of the weights made for every sampling call:

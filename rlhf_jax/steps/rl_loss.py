@@ -59,7 +59,7 @@ def minibatch_loss(
             cfg.policy_cfg, policy_params, *args,
             support=mb.get("support"), values=algo.shared_critic, layout=cfg.pack,
         )  # fmt: skip
-        library["ppo/pack_overflow_rows"] = overflow.astype(jnp.float32)
+        library["ppo/pack_overflow"] = overflow.astype(jnp.float32)
     batch = loss_batch(mb, scalars)
     pol = algo.policy_loss({"logprobs": logp, "entropy": entropy}, batch)
     total = pol.loss
@@ -86,7 +86,7 @@ def minibatch_loss(
                 values, overflow = packed_response_values(
                     cfg.critic_cfg, critic_params, *seq, cfg.pack
                 )
-                library["ppo/pack_overflow_rows"] += overflow.astype(jnp.float32)
+                library["ppo/pack_overflow"] += overflow.astype(jnp.float32)
         val = algo.value_loss({"values": values}, batch)
         total = total + ppo.vf_coef * val.loss
         sources.append(("the value loss (ppo.value_loss)", val.metrics))

@@ -4,18 +4,21 @@ Padded, every experience row computes `max_prompt_len + max_new_tokens` tokens w
 prompt and response lengths. Packed, each micro-batch's rows are laid end to end in fewer rows
 of the same length, each sequence its own segment (attention within it, positions from 0):
 the trunk (the forward and its backward) computes `packed rows x length` tokens. The hidden
-states that predict the response tokens are then gathered back to the padded `[rows, N]`
-layout, where the LM head, the log-probs, the value head and every loss run unchanged, so a
-fork's loss sees the same batch either way.
+states that predict the real response tokens are then gathered into a compact buffer of
+response slots per group, where the LM head (log-probs and entropy, top-k/top-p supports
+included) and a value head run, so the heads compute no padding either; their per-token
+results are put back in the padded `[rows, N]` layout (0 at padding), where every loss runs
+unchanged, so a fork's loss sees the same batch either way.
 
 Where each row goes is decided on the device, inside the update (first fit, longest row
 first, over one micro-batch's rows of one data-parallel shard: rows never move between
 devices). The number of packed rows is a compiled shape, so the host chooses it per
 iteration: it runs the same placement over every micro-batch the update will see (the same
-shuffles, from the same key) and reads one integer, the most rows any of them needs,
-rounded up to a power of two (`loops/packed_update.PackedUpdate`). The update also counts
-rows that did not fit (`ppo/pack_overflow_rows`); the host refuses a nonzero count, which
-would mean the two placements disagree.
+shuffles, from the same key) and reads two integers, the most rows and the most real
+response tokens any of them needs, each rounded up to a power of two
+(`loops/packed_update.PackedUpdate`). The update also counts rows and response tokens that
+did not fit (`ppo/pack_overflow`); the host refuses a nonzero count, which would mean the
+two counts disagree.
 
 Why it is exact: a real token's hidden state depends on itself and the real tokens before it
 in its own sequence. A segment of a packed row attends only within itself and its positions
@@ -41,21 +44,24 @@ __all__ = [
     "first_fit",
     "pack_rows",
     "packed_hidden",
-    "packed_response_hidden",
+    "pack_needs",
     "packed_response_logprobs",
     "packed_response_values",
+    "packed_responses",
+    "response_slots",
     "row_spans",
-    "rows_needed",
 ]
 
 
 class PackLayout(NamedTuple):
     """The packed shape of one micro-batch: its rows split into `shards` equal groups (the
     data-parallel shards, so packing never moves a row between devices), each packed into
-    `rows` rows."""
+    `rows` rows, and each group's real response tokens gathered into `tokens` slots, where
+    the LM head runs (at most the group's rows x response columns are used)."""
 
     shards: int
     rows: int
+    tokens: int
 
 
 def row_spans(seq_mask_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -153,41 +159,84 @@ def packed_hidden(cfg: ModelConfig, params, seq_ids, seq_mask, layout: PackLayou
     return h, groups
 
 
-def _at_source_columns(values_RS_, groups: PackedGroup, layout: PackLayout, cols_MN, s: int):
-    """Per source row m and column c of `cols_MN` [M, N]: the packed value at that token
-    ([shards * rows, S, ...] -> [M, N, ...]). A column outside the row's real span reads the
-    row's nearest real token instead (finite; every loss masks it out)."""
-    per_group = values_RS_.reshape(layout.shards, layout.rows * s, *values_RS_.shape[2:])
+class ResponseSlots(NamedTuple):
+    """Where one group's real response tokens go in its compact buffer of `tokens` slots, in
+    row order: slot `at[m, j]` for row m's response token j (`tokens`, one past the end, for
+    padding and for tokens beyond the buffer), and the packed-row token whose hidden state
+    predicts each slot's token (`source`, a flat index into the group's packed rows)."""
 
-    def gather(vals, g: PackedGroup, cols):
-        idx = g.to_packed[:, None] + cols - g.start[:, None]
-        return vals[jnp.clip(idx, 0, layout.rows * s - 1)]
-
-    cols = _grouped(cols_MN, layout.shards)
-    out = jax.vmap(gather)(per_group, groups, cols)
-    return out.reshape(cols_MN.shape[0], cols_MN.shape[1], *out.shape[3:])
+    at: jax.Array  # [M, N] int32
+    source: jax.Array  # [T] int32
+    overflow: jax.Array  # int32: real response tokens beyond the buffer
 
 
-def _response_columns(prompt_len: int, n: int, spans_start, spans_end):
-    """[M, N] the column whose hidden state predicts each response token (P - 1 + j),
-    clipped into the row's real span so that every gather reads one of its own tokens."""
-    cols = prompt_len - 1 + jnp.arange(n, dtype=jnp.int32)[None, :]
-    last = jnp.maximum(spans_end - 1, spans_start)
-    return jnp.clip(cols, spans_start[:, None], last[:, None])
+def response_slots(
+    group: PackedGroup, seq_mask_MS: jax.Array, n: int, tokens: int
+) -> ResponseSlots:
+    """The compact slots of one group's real response tokens (`seq_mask` 1 at column
+    P + j). The hidden state that predicts token j is at column P - 1 + j, clipped into the
+    row's real span (a row with an empty prompt reads its own first token: finite, and
+    what the padded update computes there is not a prediction either)."""
+    m, s = seq_mask_MS.shape
+    p = s - n
+    real = seq_mask_MS[:, p:] != 0
+    order = jnp.cumsum(real.reshape(-1)).reshape(m, n) - 1
+    at = jnp.where(real & (order < tokens), order, tokens).astype(jnp.int32)
+    start, end = row_spans(seq_mask_MS)
+    cols = jnp.clip(p - 1 + jnp.arange(n, dtype=jnp.int32)[None, :], start[:, None],
+                    jnp.maximum(end - 1, start)[:, None])  # fmt: skip
+    flat = group.to_packed[:, None] + cols - start[:, None]
+    rows_s = group.ids.shape[0] * s
+    source = jnp.zeros(tokens + 1, jnp.int32).at[at.reshape(-1)].set(flat.reshape(-1))[:-1]
+    overflow = jnp.maximum(jnp.sum(real) - tokens, 0).astype(jnp.int32)
+    return ResponseSlots(at, jnp.clip(source, 0, rows_s - 1), overflow)
 
 
-def packed_response_hidden(
-    cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int, layout: PackLayout
-) -> tuple[jax.Array, jax.Array]:
-    """`(hidden [M, N, D], overflow)`: the hidden states that predict each response token
-    (`experience.response_hidden`'s), computed on packed rows; `overflow` counts rows that
-    fitted nowhere (0 unless `layout.rows` is below what the rows need)."""
-    n = seq_ids.shape[1] - prompt_len
+def to_slots(values_MN_: jax.Array, slots: ResponseSlots, fill=0) -> jax.Array:
+    """[M, N, ...] -> [T, ...]: each real response token's value in its slot, `fill` in
+    unused slots."""
+    t = slots.source.shape[0]
+    rest = values_MN_.shape[2:]
+    out = jnp.full((t + 1, *rest), fill, values_MN_.dtype)
+    flat = values_MN_.reshape(-1, *rest)
+    return out.at[slots.at.reshape(-1)].set(flat)[:-1]
+
+
+def from_slots(values_T: jax.Array, slots: ResponseSlots) -> jax.Array:
+    """[T] -> [M, N]: each real response token's value from its slot, 0 at padding."""
+    padded = jnp.concatenate([values_T, jnp.zeros((1,), values_T.dtype)])
+    return padded[slots.at]
+
+
+class PackedResponses(NamedTuple):
+    """The trunk's hidden states at every group's response slots, and how to read them."""
+
+    hidden: jax.Array  # [shards, T, D]
+    slots: ResponseSlots  # batched over the shards
+    overflow: jax.Array  # int32: rows and response tokens that did not fit
+
+
+def packed_responses(
+    cfg: ModelConfig, params, seq_ids, seq_mask, n: int, layout: PackLayout
+) -> PackedResponses:
+    """The trunk on packed rows, then the hidden states that predict each real response token
+    gathered into the groups' compact buffers (`layout.tokens` slots each, at most the
+    group's rows x `n`)."""
     h, groups = packed_hidden(cfg, params, seq_ids, seq_mask, layout)
-    start, end = row_spans(seq_mask)
-    cols = _response_columns(prompt_len, n, start, end)
-    h_MND = _at_source_columns(h, groups, layout, cols, seq_ids.shape[1])
-    return h_MND, jnp.sum(groups.overflow)
+    s = seq_ids.shape[1]
+    per_group = h.reshape(layout.shards, layout.rows * s, h.shape[-1])
+    tokens = min(layout.tokens, seq_ids.shape[0] // layout.shards * n)
+    slots = jax.vmap(lambda g, mask: response_slots(g, mask, n, tokens))(
+        groups, _grouped(seq_mask, layout.shards)
+    )
+    hidden = jax.vmap(lambda vals, src: vals[src])(per_group, slots.source)
+    return PackedResponses(hidden, slots, jnp.sum(groups.overflow) + jnp.sum(slots.overflow))
+
+
+def _to_padded(values_GT: jax.Array, slots: ResponseSlots) -> jax.Array:
+    """[shards, T] slot values -> [M, N] (0 at padding)."""
+    out = jax.vmap(from_slots)(values_GT, slots)
+    return out.reshape(-1, out.shape[-1])
 
 
 def packed_response_logprobs(
@@ -202,47 +251,67 @@ def packed_response_logprobs(
     values: bool,
     layout: PackLayout,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
-    """`experience.response_logprobs` from packed rows, and the overflow count."""
-    p = seq_ids.shape[1] - response_ids.shape[1]
-    h_MND, overflow = packed_response_hidden(cfg, params, seq_ids, seq_mask, p, layout)
-    out = logprobs_from_hidden(cfg, params, h_MND, response_ids, temperature, support, values)
-    return (*out, overflow)
+    """`experience.response_logprobs` from packed rows, and the overflow count: the LM head
+    (and a shared critic's value head) run on the real response tokens' slots only, and
+    their results are put back in the padded `[M, N]` layout (0 at padding)."""
+    n = response_ids.shape[1]
+    packed = packed_responses(cfg, params, seq_ids, seq_mask, n, layout)
+
+    def grouped(x, fill=0):
+        per_shard = _grouped(x, layout.shards)
+        return jax.vmap(lambda v, sl: to_slots(v, sl, fill))(per_shard, packed.slots)
+
+    # An unused slot keeps every token (all bits set): its log-softmax is finite, so the
+    # zero cotangent it gets stays zero (an empty kept set would give 0 * inf = NaN).
+    support_GT = None if support is None else grouped(support, jnp.iinfo(support.dtype).max)
+    out = logprobs_from_hidden(
+        cfg, params, packed.hidden, grouped(response_ids), temperature, support_GT, values
+    )
+    logp, entropy, vals = (None if x is None else _to_padded(x, packed.slots) for x in out)
+    return logp, entropy, vals, packed.overflow
 
 
 def packed_response_values(
     cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int, layout: PackLayout
 ) -> tuple[jax.Array, jax.Array]:
     """`(values [M, N], overflow)`: a separate critic's values (`experience.response_values`:
-    `params` holds `trunk` and `head`) from packed rows."""
-    h_MND, overflow = packed_response_hidden(
-        cfg, params["trunk"], seq_ids, seq_mask, prompt_len, layout
-    )
-    return scalar_head(params["head"], h_MND), overflow
+    `params` holds `trunk` and `head`) at the real response tokens' slots of packed rows,
+    0 at padding."""
+    n = seq_ids.shape[1] - prompt_len
+    packed = packed_responses(cfg, params["trunk"], seq_ids, seq_mask, n, layout)
+    values = scalar_head(params["head"], packed.hidden)
+    return _to_padded(values, packed.slots), packed.overflow
 
 
-def rows_needed(
+def pack_needs(
     seq_mask_BS: jax.Array,
     key: jax.Array,
+    *,
+    response_len: int,
     epochs: int,
     minibatch: int,
     grad_accum: int,
     shards: int,
 ) -> jax.Array:
-    """int32: the most packed rows any group of the update needs, over every epoch's
-    shuffle (`rl_update.update`'s keys and permutations), minibatch, micro-batch
-    (`accumulation.micro_batches`: rows j, j + n, ...) and shard. Run on device; the host
-    reads the one number."""
+    """int32 [2]: the most packed rows, and the most real response tokens, any group of the
+    update needs, over every epoch's shuffle (`rl_update.update`'s keys and permutations),
+    minibatch, micro-batch (`accumulation.micro_batches`: rows j, j + n, ...) and shard. Run
+    on device; the host reads the two numbers."""
     b, s = seq_mask_BS.shape
     start, end = row_spans(seq_mask_BS)
     lengths = end - start
+    responses = jnp.sum(seq_mask_BS[:, s - response_len :] != 0, axis=1).astype(jnp.int32)
     per_group = minibatch // grad_accum // shards
 
     def epoch(k):
         order = jax.random.permutation(k, b).reshape(b // minibatch, minibatch)
-        ls = lengths[order]  # [n_mb, M]
-        micro = ls.reshape(b // minibatch, minibatch // grad_accum, grad_accum).swapaxes(1, 2)
-        groups = micro.reshape(-1, per_group)
-        used = jax.vmap(lambda g: first_fit(g, s, per_group).used)(groups)
-        return jnp.max(used)
 
-    return jnp.max(jax.vmap(epoch)(jax.random.split(key, epochs))).astype(jnp.int32)
+        def groups(per_row):  # [B] -> [groups, per_group], the update's grouping
+            x = per_row[order]  # [n_mb, M]
+            micro = x.reshape(b // minibatch, minibatch // grad_accum, grad_accum)
+            return micro.swapaxes(1, 2).reshape(-1, per_group)
+
+        used = jax.vmap(lambda g: first_fit(g, s, per_group).used)(groups(lengths))
+        return jnp.stack([jnp.max(used), jnp.max(jnp.sum(groups(responses), axis=1))])
+
+    return jnp.max(jax.vmap(epoch)(jax.random.split(key, epochs)), axis=0).astype(jnp.int32)

@@ -70,7 +70,7 @@ def test_grpo_from_config_alone_has_no_critic(run_dir, tmp_path):
     rows = _rows(ppo_out)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        assert "ppo/pack_overflow_rows" not in row and row["ppo/value/loss"] > 0
+        assert "ppo/pack_overflow" not in row and row["ppo/value/loss"] > 0
         assert row["rollout/logprob_mismatch_max"] < 1e-4  # packed: other matmul shapes
 
 

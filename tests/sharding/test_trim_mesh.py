@@ -23,9 +23,10 @@ def test_trimmed_and_packed_updates_on_a_mesh_equal_one_device_padded():
     for name, diff in result["metrics"].items():
         assert diff < 1e-4, (name, diff)
     assert result["params_max_abs"] < 1e-5
-    shards, rows = result["packed_layout"]
+    shards, rows, tokens = result["packed_layout"]
     assert shards == 4 and 1 <= rows <= 2  # 8 rows, 2 per device, packed per device
-    assert result["packed_programs"] == [[4, 4, rows]]
+    assert 1 <= tokens <= 2 * 4  # the response slots of 2 rows of 4 response columns
+    assert result["packed_programs"] == [[4, 4, rows, tokens]]
     for name, diff in result["packed_metrics"].items():
         assert diff < 1e-4, (name, diff)
     assert result["packed_params_max_abs"] < 1e-5

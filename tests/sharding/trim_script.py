@@ -73,7 +73,7 @@ def main() -> None:
         "metrics": {k: rel_diff(got[k], want[k]) for k in want},
         "params_max_abs": max_abs(got_state),
         "response_spec": str(update._trim(rows, *lengths).response_ids.sharding.spec),
-        "packed_layout": [packed.largest.shards, packed.rows(packed.trim.cut(rows), key)],
+        "packed_layout": list(packed.layout(packed.trim.cut(rows), key)),
         "packed_programs": [list(k) for k in packed.programs],
         "packed_metrics": {k: rel_diff(packed_metrics[k], want[k]) for k in want},
         "packed_params_max_abs": max_abs(packed_state),

@@ -126,21 +126,25 @@ def test_the_packed_update_equals_the_padded_one(changes, trim):
     cut = TrimmedUpdate(None, mesh, DEFAULT_RULES) if trim else None
     update = PackedUpdate(jitted_for, ppo, mesh, DEFAULT_RULES, trim=cut)
     largest = pack_layout(ppo, mesh, DEFAULT_RULES)
-    assert largest == PackLayout(1, ppo.minibatch_size // grad_accum)
-    rows = update.rows(cut.cut(exp) if trim else exp, key)
-    assert 1 <= rows <= largest.rows
-    if not trim:  # 14 columns: every minibatch's tokens fit in fewer rows than it has
-        assert rows < largest.rows
+    per_group = ppo.minibatch_size // grad_accum
+    assert largest == PackLayout(1, per_group, per_group * ppo.max_new_tokens)
+    layout = update.layout(cut.cut(exp) if trim else exp, key)
+    assert 1 <= layout.rows <= largest.rows and 1 <= layout.tokens <= largest.tokens
+    if not trim:  # 14 columns: every minibatch's tokens fit in fewer rows than it has,
+        # and its real response tokens in fewer slots than its rows x 8 response columns
+        assert layout.rows < largest.rows and layout.tokens < per_group * 8
     got_state, got = update(jax.device_put(state, shardings), exp, None, key)
-    assert [k[2] for k in update.programs] == [rows] and update.peak_bytes() > 0
+    assert [k[2:] for k in update.programs] == [layout[1:]] and update.peak_bytes() > 0
     if trim:
         assert [k[:2] for k in update.programs] == [(4, 4)]
     _check_same(got, want, got_state, want_state, state, algo)
 
 
-def test_the_host_counts_the_rows_the_update_needs():
-    """One packed row fewer than the host's count overflows (the update counts it, the
-    loop refuses it); the host's count itself never does."""
+def test_the_host_counts_the_rows_and_slots_the_update_needs():
+    """One packed row, or one response slot, fewer than the host's counts overflows (the
+    update counts it, the loop refuses it); the host's counts themselves never do. The
+    counts are the update's own: its shuffles, micro-batches and placements, checked
+    against a naive loop over them."""
     config, ppo, algo, state, _, _, _ = setup(
         pack_update=True, epochs=3, minibatch_size=4, advantage="grpo",
         samples_per_prompt=2, rollout_batch=4, kl_penalty="none",
@@ -149,17 +153,44 @@ def test_the_host_counts_the_rows_the_update_needs():
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     key = jax.random.key(5)
     update = PackedUpdate(lambda layout: None, ppo, mesh, DEFAULT_RULES)
-    needed = int(np.asarray(update._needed(exp.sequence_mask, key)))
-    assert 1 < needed < 4
-    for rows, overflows in ((needed, False), (needed - 1, True)):
-        fn = make_update_fn(config, None, ppo, algo, pack=PackLayout(1, rows))
+    rows, tokens = (
+        int(x) for x in np.asarray(update._needed(exp.sequence_mask, key, response_len=8))
+    )
+    assert (rows, tokens) == _naive_needs(exp, key, ppo)
+    assert 1 < rows < 4 and 1 < tokens < 4 * 8
+    enough = PackLayout(1, rows, tokens)
+    for layout, overflows in (
+        (enough, False), (enough._replace(rows=rows - 1), True),
+        (enough._replace(tokens=tokens - 1), True),
+    ):  # fmt: skip
+        fn = make_update_fn(config, None, ppo, algo, pack=layout)
         _, metrics = jax.jit(fn)(state, exp, None, key)
-        assert (float(metrics[OVERFLOW]) > 0) == overflows, rows
+        assert (float(metrics[OVERFLOW]) > 0) == overflows, layout
 
     def too_small(layout):
-        small = make_update_fn(config, None, ppo, algo, pack=layout._replace(rows=needed - 1))
+        small = make_update_fn(config, None, ppo, algo, pack=layout._replace(tokens=tokens - 1))
         return jit_update(small, state_shardings(state, mesh), mesh, DEFAULT_RULES, donate=False)
 
     refusing = PackedUpdate(too_small, ppo, mesh, DEFAULT_RULES)
     with pytest.raises(RlhfJaxError, match="did not fit"):
         refusing(state, exp, None, key)
+
+
+def _naive_needs(exp, key, ppo):
+    """(rows, response tokens) the update needs, from its shuffles written out as loops: per
+    epoch a permutation of the rows (`rl_update.update`'s keys), minibatches in order, each
+    split into `grad_accum` micro-batches of rows j, j + n, ...; first fit as the naive loop."""
+    mask = np.asarray(exp.sequence_mask)
+    n = exp.response_ids.shape[1]
+    start, end = (np.asarray(x) for x in row_spans(exp.sequence_mask))
+    rows = tokens = 0
+    for k in jax.random.split(key, ppo.epochs):
+        order = np.asarray(jax.random.permutation(k, mask.shape[0]))
+        for i in range(0, len(order), ppo.minibatch_size):
+            mb = order[i : i + ppo.minibatch_size]
+            accum = ppo.policy_optim.grad_accum
+            for j in range(accum):
+                micro = mb[j::accum]
+                rows = max(rows, naive_first_fit(list(end[micro] - start[micro]), mask.shape[1])[1])
+                tokens = max(tokens, int((mask[micro, -n:] != 0).sum()))
+    return rows, tokens
