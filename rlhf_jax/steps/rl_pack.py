@@ -192,12 +192,12 @@ def response_slots(
     return ResponseSlots(at, jnp.clip(source, 0, rows_s - 1), overflow)
 
 
-def to_slots(values_MN_: jax.Array, slots: ResponseSlots, fill=0) -> jax.Array:
-    """[M, N, ...] -> [T, ...]: each real response token's value in its slot, `fill` in
-    unused slots."""
+def to_slots(values_MN_: jax.Array, slots: ResponseSlots) -> jax.Array:
+    """[M, N, ...] -> [T, ...]: each real response token's value in its slot, 0 in unused
+    slots."""
     t = slots.source.shape[0]
     rest = values_MN_.shape[2:]
-    out = jnp.full((t + 1, *rest), fill, values_MN_.dtype)
+    out = jnp.zeros((t + 1, *rest), values_MN_.dtype)
     flat = values_MN_.reshape(-1, *rest)
     return out.at[slots.at.reshape(-1)].set(flat)[:-1]
 
@@ -257,13 +257,10 @@ def packed_response_logprobs(
     n = response_ids.shape[1]
     packed = packed_responses(cfg, params, seq_ids, seq_mask, n, layout)
 
-    def grouped(x, fill=0):
-        per_shard = _grouped(x, layout.shards)
-        return jax.vmap(lambda v, sl: to_slots(v, sl, fill))(per_shard, packed.slots)
+    def grouped(x):  # an unused slot scores token 0 over an empty support: finite, dropped
+        return jax.vmap(to_slots)(_grouped(x, layout.shards), packed.slots)
 
-    # An unused slot keeps every token (all bits set): its log-softmax is finite, so the
-    # zero cotangent it gets stays zero (an empty kept set would give 0 * inf = NaN).
-    support_GT = None if support is None else grouped(support, jnp.iinfo(support.dtype).max)
+    support_GT = None if support is None else grouped(support)
     out = logprobs_from_hidden(
         cfg, params, packed.hidden, grouped(response_ids), temperature, support_GT, values
     )

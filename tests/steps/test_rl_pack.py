@@ -95,6 +95,8 @@ def _check_same(got, want, got_state, want_state, state, algo):
     [
         ({"epochs": 2, "minibatch_size": 4}, False),  # PPO with a separate critic, GAE
         ({"epochs": 2, "minibatch_size": 8, "critic": "shared_trunk"}, False),
+        # a recorded top-k support, read in the response slots (padding's words all zero)
+        ({"minibatch_size": 4, "kl_penalty": "loss", "top_k": 5}, False),
         ({"advantage": "grpo", "samples_per_prompt": 2, "rollout_batch": 4,
           "kl_penalty": "loss", "kl_estimator": "k3",
           "policy_optim": OPTIM.__class__(lr=1e-2, grad_accum=2)}, True),
@@ -111,6 +113,13 @@ def test_the_packed_update_equals_the_padded_one(changes, trim):
         state = init_rl_state(policy, None, tx, None, ppo)
     state = _sgd_state(state)
     exp = _padded_experience(algo, ppo.episodes, 6, 8, PROMPT_LENS, RESPONSE_LENS)
+    if ppo.top_k:
+        words = np.random.default_rng(7).integers(
+            0, 2**32, (*exp.response_ids.shape, -(-config.vocab_size // 32)), dtype=np.uint32
+        )
+        exp = exp._replace(
+            support=jnp.asarray(words * (np.asarray(exp.response_mask) > 0)[..., None], jnp.uint32)
+        )
     critic_cfg = config if algo.needs_critic and not algo.shared_critic else None
     grad_accum = ppo.policy_optim.grad_accum
     fn = make_update_fn(config, critic_cfg, ppo, algo, grad_accum=grad_accum)
