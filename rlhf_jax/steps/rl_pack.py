@@ -116,6 +116,7 @@ class PackedGroup(NamedTuple):
     mask: jax.Array  # [R, S] 1 on a real token
     segment_ids: jax.Array  # [R, S] row m's tokens carry m + 1; 0 padding
     start: jax.Array  # [M] the first real column of each source row
+    end: jax.Array  # [M] one past its last real column
     to_packed: jax.Array  # [M] flat index in [R * S] of each source row's first real token
     overflow: jax.Array  # int32
 
@@ -139,7 +140,8 @@ def pack_rows(seq_ids_MS: jax.Array, seq_mask_MS: jax.Array, rows: int) -> Packe
     mask = scatter(seq_mask_MS.astype(jnp.int32), 0)
     seg = jnp.broadcast_to(jnp.arange(1, m + 1, dtype=jnp.int32)[:, None], (m, s))
     segment_ids = scatter(seg, 0)
-    return PackedGroup(ids, mask, segment_ids, start, place.bin * s + place.offset, place.overflow)
+    to_first = place.bin * s + place.offset
+    return PackedGroup(ids, mask, segment_ids, start, end, to_first, place.overflow)
 
 
 def _grouped(x, shards: int):
@@ -182,10 +184,11 @@ def response_slots(
     real = seq_mask_MS[:, p:] != 0
     order = jnp.cumsum(real.reshape(-1)).reshape(m, n) - 1
     at = jnp.where(real & (order < tokens), order, tokens).astype(jnp.int32)
-    start, end = row_spans(seq_mask_MS)
-    cols = jnp.clip(p - 1 + jnp.arange(n, dtype=jnp.int32)[None, :], start[:, None],
-                    jnp.maximum(end - 1, start)[:, None])  # fmt: skip
-    flat = group.to_packed[:, None] + cols - start[:, None]
+    start, end = group.start[:, None], group.end[:, None]
+    cols = jnp.clip(
+        p - 1 + jnp.arange(n, dtype=jnp.int32)[None, :], start, jnp.maximum(end - 1, start)
+    )
+    flat = group.to_packed[:, None] + cols - start
     rows_s = group.ids.shape[0] * s
     source = jnp.zeros(tokens + 1, jnp.int32).at[at.reshape(-1)].set(flat.reshape(-1))[:-1]
     overflow = jnp.maximum(jnp.sum(real) - tokens, 0).astype(jnp.int32)
