@@ -15,7 +15,7 @@ from rlhf_jax.metrics import merged_metrics
 from rlhf_jax.ops import kl_estimate, masked_mean, reduce_tokens
 from rlhf_jax.steps.experience import response_logprobs, response_values
 from rlhf_jax.steps.rl_inputs import Normalisers, UpdateConfig
-from rlhf_jax.steps.rl_pack import packed_response_logprobs, packed_response_values
+from rlhf_jax.steps.rl_pack import pack_plan, packed_response_logprobs, packed_response_values
 from rlhf_jax.steps.sft import lm_outputs
 
 
@@ -49,17 +49,21 @@ def minibatch_loss(
     # top-k: a sampled token stays in it whatever the update does to the weights. With a
     # shared trunk, the values come from the same forward.
     library: dict = {}  # what the update writes itself, next to the parts' metrics
-    args = (mb["sequence_ids"], mb["sequence_mask"], mb["response_ids"], ppo.temperature)
+    seq_ids, seq_mask, response_ids = mb["sequence_ids"], mb["sequence_mask"], mb["response_ids"]
+    plan = None
     if cfg.pack is None:
         logp, entropy, values = response_logprobs(
-            cfg.policy_cfg, policy_params, *args, mb.get("support"), values=algo.shared_critic
-        )
-    else:  # the trunk on packed rows, everything after it on the padded rows (rl_pack.py)
-        logp, entropy, values, overflow = packed_response_logprobs(
-            cfg.policy_cfg, policy_params, *args,
-            support=mb.get("support"), values=algo.shared_critic, layout=cfg.pack,
+            cfg.policy_cfg, policy_params, seq_ids, seq_mask, response_ids, ppo.temperature,
+            mb.get("support"), values=algo.shared_critic,
         )  # fmt: skip
-        library["ppo/pack_overflow"] = overflow.astype(jnp.float32)
+    else:  # the trunks and heads on packed rows and response slots, the losses padded
+        # (rl_pack.py); the plan reads no weights, so a separate critic shares it.
+        plan = pack_plan(seq_ids, seq_mask, response_ids.shape[1], cfg.pack)
+        logp, entropy, values = packed_response_logprobs(
+            cfg.policy_cfg, policy_params, plan, response_ids, ppo.temperature,
+            support=mb.get("support"), values=algo.shared_critic,
+        )  # fmt: skip
+        library["ppo/pack_overflow"] = plan.overflow.astype(jnp.float32)
     batch = loss_batch(mb, scalars)
     pol = algo.policy_loss({"logprobs": logp, "entropy": entropy}, batch)
     total = pol.loss
@@ -77,16 +81,11 @@ def minibatch_loss(
         total = total + scalars["beta"] * kl_loss
         library["ppo/kl_loss"] = kl_loss
     if algo.needs_critic:
-        if values is None:
-            p = mb["sequence_ids"].shape[1] - mb["response_ids"].shape[1]
-            seq = (mb["sequence_ids"], mb["sequence_mask"], p)
-            if cfg.pack is None:
-                values = response_values(cfg.critic_cfg, critic_params, *seq)
-            else:
-                values, overflow = packed_response_values(
-                    cfg.critic_cfg, critic_params, *seq, cfg.pack
-                )
-                library["ppo/pack_overflow"] += overflow.astype(jnp.float32)
+        if values is None and plan is None:
+            p = seq_ids.shape[1] - response_ids.shape[1]
+            values = response_values(cfg.critic_cfg, critic_params, seq_ids, seq_mask, p)
+        elif values is None:
+            values = packed_response_values(cfg.critic_cfg, critic_params, plan)
         val = algo.value_loss({"values": values}, batch)
         total = total + ppo.vf_coef * val.loss
         sources.append(("the value loss (ppo.value_loss)", val.metrics))

@@ -43,7 +43,8 @@ __all__ = [
     "PackLayout",
     "first_fit",
     "pack_rows",
-    "packed_hidden",
+    "PackPlan",
+    "pack_plan",
     "pack_needs",
     "packed_response_logprobs",
     "packed_response_values",
@@ -149,18 +150,6 @@ def _grouped(x, shards: int):
     return x.reshape(shards, x.shape[0] // shards, *x.shape[1:])
 
 
-def packed_hidden(cfg: ModelConfig, params, seq_ids, seq_mask, layout: PackLayout):
-    """`(hidden [shards * rows, S, D], groups)`: the trunk's final hidden states of the packed
-    rows, and each group's `PackedGroup` (batched over the shards)."""
-    groups = jax.vmap(lambda i, m: pack_rows(i, m, layout.rows))(
-        _grouped(seq_ids, layout.shards), _grouped(seq_mask, layout.shards)
-    )
-    s = seq_ids.shape[1]
-    flat = lambda x: x.reshape(layout.shards * layout.rows, s)  # noqa: E731
-    h = hidden_states(cfg, params, flat(groups.ids), flat(groups.mask), flat(groups.segment_ids))
-    return h, groups
-
-
 class ResponseSlots(NamedTuple):
     """Where one group's real response tokens go in its compact buffer of `tokens` slots, in
     row order: slot `at[m, j]` for row m's response token j (`tokens`, one past the end, for
@@ -211,29 +200,39 @@ def from_slots(values_T: jax.Array, slots: ResponseSlots) -> jax.Array:
     return padded[slots.at]
 
 
-class PackedResponses(NamedTuple):
-    """The trunk's hidden states at every group's response slots, and how to read them."""
+class PackPlan(NamedTuple):
+    """Where one micro-batch's rows and real response tokens go: each group's packed rows
+    (`PackedGroup`) and response slots (`ResponseSlots`), batched over the shards. It reads
+    no weights, so the policy and a separate critic share one (`pack_plan`)."""
 
-    hidden: jax.Array  # [shards, T, D]
-    slots: ResponseSlots  # batched over the shards
+    groups: PackedGroup
+    slots: ResponseSlots
     overflow: jax.Array  # int32: rows and response tokens that did not fit
 
 
-def packed_responses(
-    cfg: ModelConfig, params, seq_ids, seq_mask, n: int, layout: PackLayout
-) -> PackedResponses:
-    """The trunk on packed rows, then the hidden states that predict each real response token
-    gathered into the groups' compact buffers (`layout.tokens` slots each, at most the
-    group's rows x `n`)."""
-    h, groups = packed_hidden(cfg, params, seq_ids, seq_mask, layout)
-    s = seq_ids.shape[1]
-    per_group = h.reshape(layout.shards, layout.rows * s, h.shape[-1])
+def pack_plan(seq_ids, seq_mask, n: int, layout: PackLayout) -> PackPlan:
+    """Each group's rows packed into `layout.rows` rows (`first_fit`), and its real response
+    tokens (the last `n` columns) given `layout.tokens` slots (at most the group's rows x
+    `n`)."""
+    groups = jax.vmap(lambda i, m: pack_rows(i, m, layout.rows))(
+        _grouped(seq_ids, layout.shards), _grouped(seq_mask, layout.shards)
+    )
     tokens = min(layout.tokens, seq_ids.shape[0] // layout.shards * n)
     slots = jax.vmap(lambda g, mask: response_slots(g, mask, n, tokens))(
         groups, _grouped(seq_mask, layout.shards)
     )
-    hidden = jax.vmap(lambda vals, src: vals[src])(per_group, slots.source)
-    return PackedResponses(hidden, slots, jnp.sum(groups.overflow) + jnp.sum(slots.overflow))
+    return PackPlan(groups, slots, jnp.sum(groups.overflow) + jnp.sum(slots.overflow))
+
+
+def packed_responses(cfg: ModelConfig, params, plan: PackPlan) -> jax.Array:
+    """[shards, T, D]: the trunk on the plan's packed rows, then the hidden states that
+    predict each real response token, gathered into the groups' slots."""
+    shards, rows, s = plan.groups.ids.shape
+    flat = lambda x: x.reshape(shards * rows, s)  # noqa: E731
+    g = plan.groups
+    h = hidden_states(cfg, params, flat(g.ids), flat(g.mask), flat(g.segment_ids))
+    per_group = h.reshape(shards, rows * s, h.shape[-1])
+    return jax.vmap(lambda vals, src: vals[src])(per_group, plan.slots.source)
 
 
 def _to_padded(values_GT: jax.Array, slots: ResponseSlots) -> jax.Array:
@@ -245,42 +244,36 @@ def _to_padded(values_GT: jax.Array, slots: ResponseSlots) -> jax.Array:
 def packed_response_logprobs(
     cfg: ModelConfig,
     params,
-    seq_ids: jax.Array,
-    seq_mask: jax.Array,
+    plan: PackPlan,
     response_ids: jax.Array,
     temperature: float,
     *,
     support: jax.Array | None,
     values: bool,
-    layout: PackLayout,
-) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
-    """`experience.response_logprobs` from packed rows, and the overflow count: the LM head
-    (and a shared critic's value head) run on the real response tokens' slots only, and
-    their results are put back in the padded `[M, N]` layout (0 at padding)."""
-    n = response_ids.shape[1]
-    packed = packed_responses(cfg, params, seq_ids, seq_mask, n, layout)
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """`experience.response_logprobs` from the plan's packed rows: the LM head (and a shared
+    critic's value head) run on the real response tokens' slots only, and their results are
+    put back in the padded `[M, N]` layout (0 at padding)."""
+    hidden = packed_responses(cfg, params, plan)
+    shards = hidden.shape[0]
 
     def grouped(x):  # an unused slot scores token 0 over an empty support: finite, dropped
-        return jax.vmap(to_slots)(_grouped(x, layout.shards), packed.slots)
+        return jax.vmap(to_slots)(_grouped(x, shards), plan.slots)
 
     support_GT = None if support is None else grouped(support)
     out = logprobs_from_hidden(
-        cfg, params, packed.hidden, grouped(response_ids), temperature, support_GT, values
+        cfg, params, hidden, grouped(response_ids), temperature, support_GT, values
     )
-    logp, entropy, vals = (None if x is None else _to_padded(x, packed.slots) for x in out)
-    return logp, entropy, vals, packed.overflow
+    logp, entropy, vals = (None if x is None else _to_padded(x, plan.slots) for x in out)
+    return logp, entropy, vals
 
 
-def packed_response_values(
-    cfg: ModelConfig, params, seq_ids, seq_mask, prompt_len: int, layout: PackLayout
-) -> tuple[jax.Array, jax.Array]:
-    """`(values [M, N], overflow)`: a separate critic's values (`experience.response_values`:
-    `params` holds `trunk` and `head`) at the real response tokens' slots of packed rows,
-    0 at padding."""
-    n = seq_ids.shape[1] - prompt_len
-    packed = packed_responses(cfg, params["trunk"], seq_ids, seq_mask, n, layout)
-    values = scalar_head(params["head"], packed.hidden)
-    return _to_padded(values, packed.slots), packed.overflow
+def packed_response_values(cfg: ModelConfig, params, plan: PackPlan) -> jax.Array:
+    """[M, N]: a separate critic's values (`experience.response_values`: `params` holds
+    `trunk` and `head`) at the real response tokens' slots of the plan's packed rows, 0 at
+    padding."""
+    hidden = packed_responses(cfg, params["trunk"], plan)
+    return _to_padded(scalar_head(params["head"], hidden), plan.slots)
 
 
 def pack_needs(
