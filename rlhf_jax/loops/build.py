@@ -41,6 +41,10 @@ class Program:
     # The RL update with `ppo.pack_update`: `PackLayout -> jitted` for the packed shapes a
     # run reaches (`jitted` is the largest, the one the plan compiles); else None.
     jitted_for_layout: Callable | None = None
+    # A fused program's phases as programs of their own (RL's experience: sample, then
+    # finish), never run: the plan compiles them alone to split the fused program's
+    # temporaries between them (`plan.advice.experience_phases`).
+    phases: tuple[Program, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

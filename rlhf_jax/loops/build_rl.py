@@ -250,27 +250,10 @@ def rl_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh) -> l
         fn = make_experience_fn(policy_cfg, critic_cfg, spec.reward_cfg, ppo, algo, eos, pad)
         jitted = jit_experience(fn, state_sh, frozen_sh, mesh, rules, activation_rules=act)
         roles = ("state", "frozen", "batch", "batch", "key")
-        out = [Program("experience", jitted, roles, training=False, kv_cache=kv)]
+        phases = _sample_and_finish(spec, runtime, a, state_sh, kv, spec.reward_cfg)
+        out = [Program("experience", jitted, roles, False, kv, phases=phases)]
     else:
-        sample = jit_sample(
-            make_sample_fn(policy_cfg, ppo, eos, pad),
-            policy_with(policy_cfg, state_sh.policy.params, frozen_sh),
-            mesh,
-            rules,
-            activation_rules=act,
-        )
-        finish = jit_finish(
-            make_finish_fn(policy_cfg, critic_cfg, None, ppo, algo, eos),
-            state_sh,
-            frozen_sh,
-            mesh,
-            rules,
-            activation_rules=act,
-        )
-        out = [
-            Program("sample", sample, ("policy_weights", "batch", "batch", "key"), False, kv),
-            Program("finish", finish, ("state", "frozen", "rollout", "scores"), False),
-        ]
+        out = list(_sample_and_finish(spec, runtime, a, state_sh, kv, None))
     ptx_loss = get_loss("ptx", cfg.ptx.loss) if spec.use_ptx else None
     # The update reads a LoRA policy's base in `frozen`.
     frozen_arg = {"frozen_shardings": frozen_sh} if a.info["lora"] else {}
@@ -289,6 +272,37 @@ def rl_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh) -> l
     largest = jitted_for_layout(pack_layout(ppo, mesh, rules))
     update = Program("update", largest, roles, training=True, jitted_for_layout=jitted_for_layout)
     return [*out, update]
+
+
+def _sample_and_finish(
+    spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh, kv: int, reward_cfg
+) -> tuple[Program, Program]:
+    """Sampling and the rest of the experience as two programs: the iteration's own when a
+    reward function scores on the host between them (`reward_cfg` None: `finish` takes the
+    host's scores), else the fused experience program's phases (`finish` scores with the
+    reward model and ignores its `scores` argument)."""
+    ppo, algo, (eos, pad) = spec.cfg.ppo, spec.algo, spec.special
+    mesh, rules, act = runtime.mesh, runtime.rules, runtime.activation_rules
+    policy_cfg, critic_cfg = a.info["policy"], a.info["critic"]
+    sample = jit_sample(
+        make_sample_fn(policy_cfg, ppo, eos, pad),
+        policy_with(policy_cfg, state_sh.policy.params, a.frozen_shardings),
+        mesh,
+        rules,
+        activation_rules=act,
+    )
+    finish_fn = make_finish_fn(policy_cfg, critic_cfg, reward_cfg, ppo, algo, eos)
+    if reward_cfg is not None:
+        with_rm = finish_fn
+
+        def finish_fn(state, frozen, rollout, _scores):
+            return with_rm(state, frozen, rollout)
+
+    finish = jit_finish(finish_fn, state_sh, a.frozen_shardings, mesh, rules, activation_rules=act)
+    return (
+        Program("sample", sample, ("policy_weights", "batch", "batch", "key"), False, kv),
+        Program("finish", finish, ("state", "frozen", "rollout", "scores"), False),
+    )
 
 
 def _filtered_programs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state_sh, kv: int):
@@ -371,14 +385,10 @@ def rl_inputs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state, progs: li
     elif "experience" in by_name:
         p = by_name["experience"]
         p.args = (state, a.frozen, *prompts, key)
+        _sample_and_finish_inputs(runtime, a, state, p.phases, prompts, key)
     else:
-        sample, finish = by_name["sample"], by_name["finish"]
-        weights = policy_with(a.info["policy"], state.policy.params, a.frozen)
-        sample.args = (weights, *prompts, key)
-        rollout = rows_like(runtime, jax.eval_shape(sample.jitted, *sample.args))
-        scores = rows_like(runtime, jax.ShapeDtypeStruct((ppo.episodes,), jnp.float32))
-        finish.args = (state, a.frozen, rollout, scores)
-        p = finish
+        p = by_name["finish"]
+        _sample_and_finish_inputs(runtime, a, state, (by_name["sample"], p), prompts, key)
     experience = rows_like(runtime, jax.eval_shape(p.jitted, *p.args)[0])
     ptx = None
     if spec.use_ptx:
@@ -387,6 +397,18 @@ def rl_inputs(spec: RLBuildSpec, runtime: Runtime, a: Assembly, state, progs: li
     update = by_name["update"]
     frozen = (a.frozen,) if "frozen" in update.roles else ()
     update.args = (state, experience, ptx, key, *frozen)
+
+
+def _sample_and_finish_inputs(
+    runtime: Runtime, a: Assembly, state, programs: tuple[Program, Program], prompts, key
+) -> None:
+    """The abstract arguments of `_sample_and_finish`'s programs."""
+    sample, finish = programs
+    weights = policy_with(a.info["policy"], state.policy.params, a.frozen)
+    sample.args = (weights, *prompts, key)
+    rollout = rows_like(runtime, jax.eval_shape(sample.jitted, *sample.args))
+    scores = rows_like(runtime, jax.ShapeDtypeStruct((rollout.response_ids.shape[0],), jnp.float32))
+    finish.args = (state, a.frozen, rollout, scores)
 
 
 def rl_facts(spec: RLBuildSpec) -> dict[str, Any]:

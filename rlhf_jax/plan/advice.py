@@ -63,8 +63,8 @@ class Effect:
     resident: float = 0.0
     backward: float = 0.0
     floor_scale: float = 1.0
-    experience: float = 0.0  # bytes off the temporaries of the programs making experience
-    sampler: float = 0.0  # bytes off the temporaries of the programs that sample
+    experience_keep: float = 1.0  # the fraction left of the experience forwards' temporaries
+    sampler: float = 0.0  # bytes off the sampler's temporaries
 
 
 EXPERIENCE_PROGRAMS = ("experience", "finish")
@@ -173,9 +173,15 @@ def new_peak(stage: StagePlan, p: ProgramPlan, e: Effect, ctx: Context) -> float
     """Program `p`'s peak under the switch's effect."""
     peak = p.peak - e.resident
     if not _training(stage, p):
-        saved = e.experience if p.name in EXPERIENCE_PROGRAMS else 0.0
-        saved += e.sampler if p.name in SAMPLING_PROGRAMS else 0.0
-        return peak - min(saved, p.parts["activations"])
+        if p.name not in EXPERIENCE_PROGRAMS + SAMPLING_PROGRAMS:
+            return peak
+        # The program's temporaries are the larger phase's: a switch that shrinks one phase
+        # lowers them only as far as the other phase allows, and never takes the KV cache.
+        sampling, forwards = experience_phases(stage, p, ctx)
+        kv = p.parts["kv_cache"] if sampling else 0.0
+        after = max(max(sampling - e.sampler, kv), forwards * e.experience_keep)
+        saved = max(sampling, forwards) - after
+        return peak - min(max(saved, 0.0), p.parts["activations"])
     backward, optimizer = _bound(stage, p, ctx)
     after = max(backward - e.backward, optimizer * e.floor_scale)
     return peak - p.parts["activations"] + after
@@ -298,7 +304,10 @@ def _fsdp(stage: StagePlan, ctx: Context):
 
 def _experience_micro_batch(stage: StagePlan, ctx: Context):
     """The experience's forwards a micro-batch at a time: the smallest of 1/8, 1/4, 1/2 of
-    the rollout batch that the data-parallel devices divide."""
+    the rollout batch that the data-parallel devices divide. The forwards' temporaries
+    shrink with their rows; the sampler's stay (`new_peak` floors the program at them: at
+    8B, 1k + 1k, without that floor the advice promised 17.9 GiB and the compile gave
+    1.25)."""
     forwards = stage.build.facts.get("experience")
     if not forwards or getattr(ctx.cfg.ppo, "experience_micro_batch", 0):
         return None
@@ -306,19 +315,41 @@ def _experience_micro_batch(stage: StagePlan, ctx: Context):
     rows = next((b // n for n in (8, 4, 2) if b % n == 0 and (b // n) % dp == 0), 0)
     if not rows:
         return None
-    saved = max(inference_bytes(fw, b / dp) - inference_bytes(fw, rows / dp) for fw in forwards)
-    # The sampler shares the experience program and the micro-batches leave it as it is: the
-    # program's temporaries fall no lower than the sampler's (at 8B, 1k + 1k, without this
-    # floor the advice promised 17.9 GiB and the compile gave 1.25).
-    program = next((p for p in stage.programs if p.name == "experience"), None)
-    if program is not None and stage.build.facts.get("sampler") is not None:
-        floor = sampler_bytes(stage, ctx) - program.parts["kv_cache"]
-        saved = min(saved, max(program.parts["activations"] - floor, 0.0))
+    keep = forwards_bytes(forwards, rows / dp) / forwards_bytes(forwards, b / dp)
     note = (
         f"the reference, reward and critic forwards {rows} responses at a time instead of "
         f"all {b} (the same experience)"
     )
-    return f"ppo.experience_micro_batch={rows}", Effect(experience=saved), note
+    return f"ppo.experience_micro_batch={rows}", Effect(experience_keep=keep), note
+
+
+def forwards_bytes(forwards, rows: float) -> float:
+    """The experience forwards' temporaries at `rows` rows per device (one at a time)."""
+    return max(inference_bytes(fw, rows) for fw in forwards)
+
+
+def experience_phases(stage: StagePlan, p: ProgramPlan, ctx: Context) -> tuple[float, float]:
+    """`(sampling, forwards)`: the temporaries of program `p`'s sampling (its KV cache
+    included) and of its experience forwards (reference, reward, critic). A program that is
+    one phase is measured whole. The fused experience program runs both, one after the
+    other (the cache is gone by the forwards), so its temporaries are the larger: split by
+    its phases compiled alone where the planner compiled them (for the stage's peak
+    program), else by the estimates: the sampler's (`sampler_bytes`) and, when that reaches
+    the program's, the forwards' at the configured micro-batch."""
+    temp = float(p.parts["kv_cache"] + p.parts["activations"])
+    facts = stage.build.facts
+    if p.name not in SAMPLING_PROGRAMS or facts.get("sampler") is None:
+        return 0.0, temp
+    if p.name not in EXPERIENCE_PROGRAMS:
+        return temp, 0.0
+    if p.phases:
+        return float(p.phases["sample"]), float(p.phases["finish"])
+    sampling = min(sampler_bytes(stage, ctx), temp)
+    if sampling < temp or not facts.get("experience"):
+        return sampling, temp
+    dp = data_parallel_size(ctx.runtime.mesh, ctx.runtime.rules)
+    rows = getattr(ctx.cfg.ppo, "experience_micro_batch", 0) or facts["experience"][0].rows
+    return temp, min(forwards_bytes(facts["experience"], rows / dp), temp)
 
 
 def layer_weight_bytes(m: ModelConfig) -> float:
@@ -433,7 +464,7 @@ def _combine(a: Effect, b: Effect, backward: float) -> Effect:
         a.resident + b.resident,
         backward * (1 - keep) if backward > 0 else a.backward + b.backward,
         a.floor_scale * b.floor_scale,
-        a.experience + b.experience,
+        a.experience_keep * b.experience_keep,
         a.sampler + b.sampler,
     )
 

@@ -51,6 +51,10 @@ class ProgramPlan:
     # `peak` and `parts["activations"]` (plan/correction.py); 0 when the correction does not
     # apply. `peak + cpu_copies` is XLA:CPU's own figure.
     cpu_copies: int = 0
+    # A fused program's phases (`Program.phases`): each one's temporaries (its KV cache
+    # included), compiled alone. Filled only for the stage's peak program, the one whose
+    # split the advice needs (`plan.advice.experience_phases` estimates it elsewhere).
+    phases: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -278,5 +282,19 @@ def plan_stages(
             progress(f"{where}: compiling {program.name} ...")
             planned.append(plan_program(program, resident))
             progress(f"{where}: {program.name} in {planned[-1].seconds:.1f} s")
-        plans.append(StagePlan(build.name, planned, build, optimizer_floor(state, state_sh)))
+        stage = StagePlan(build.name, planned, build, optimizer_floor(state, state_sh))
+        _plan_phases(stage, where, progress)
+        plans.append(stage)
     return plans
+
+
+def _plan_phases(stage: StagePlan, where: str, progress: Callable[[str], None]) -> None:
+    """When the stage's peak program is fused from phases (RL's experience: sampling, then
+    the reference, reward and critic forwards), each phase compiled alone: a switch that
+    shrinks one phase lowers the program only as far as the other phase allows."""
+    peak = stage.peak_program
+    program = next(p for p in stage.build.program_list if p.name == peak.name)
+    for phase in program.phases:
+        progress(f"{where}: compiling {peak.name}'s {phase.name} phase alone ...")
+        parts = plan_program(phase, {}).parts
+        peak.phases[phase.name] = parts["kv_cache"] + parts["activations"]

@@ -41,6 +41,8 @@ def stage_json(stage: StagePlan, ctx: Context) -> dict:
         # XLA:CPU's own peak, with the float32 weight copies the correction takes out
         "xla_cpu_peak_bytes": stage.xla_cpu_peak,
         "xla_cpu_copies_bytes": {p.name: p.cpu_copies for p in stage.programs},
+        # the peak program's phases compiled alone, each one's temporaries (plan/advice.py)
+        "phase_temporaries_bytes": dict(stage.peak_program.phases),
         "detail": {k: v for k, v in stage.build.detail.items() if v},
         "suggestions": [s.to_dict() for s in suggestions(stage, ctx)],
         "together": combined.to_dict() if combined else None,
