@@ -17,11 +17,14 @@ tokens the trunk computes, and compiled FLOPs.
    the full budget, at every bucket the mix scaled by 1/8 reaches (budgets 64 + 256) trimmed,
    and at every packed layout it reaches packed (untrimmed: packed rows for the trunks,
    response slots for the LM and value heads), then the means over the iterations.
+3. The same means with finer buckets (`ppo.buckets_per_doubling` 1, 2, 4: 2 adds 1.5x
+   between the powers of two) and the number of update programs each compiles.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +48,12 @@ def draw_lengths(budgets: tuple[int, int], scale: float, seed: int = 0) -> np.nd
     return np.clip(x, 1, np.array(budgets))
 
 
-def buckets_of(lengths: np.ndarray, budgets: tuple[int, int]) -> list[tuple[int, int]]:
+def buckets_of(
+    lengths: np.ndarray, budgets: tuple[int, int], per_doubling: int = 1
+) -> list[tuple[int, int]]:
     """Each iteration's (prompt, response) columns under `ppo.trim_update`."""
     longest = lengths.max(axis=1)
-    return [trimmed_lengths((int(p), int(n)), *budgets) for p, n in longest]
+    return [trimmed_lengths((int(p), int(n)), *budgets, per_doubling) for p, n in longest]
 
 
 def first_fit_rows(lengths: list[int], capacity: int) -> int:
@@ -65,22 +70,23 @@ def first_fit_rows(lengths: list[int], capacity: int) -> int:
     return len(fills)
 
 
-def packed_rows(lengths: np.ndarray, capacity: int, seed: int) -> int:
+def packed_rows(lengths: np.ndarray, capacity: int, seed: int, per_doubling: int = 1) -> int:
     """The packed rows per minibatch of one iteration (`lengths` [ROWS, 2]): its rows
-    shuffled into minibatches of MINIBATCH, the most any of them needs, rounded up to a power
-    of two (at most MINIBATCH)."""
+    shuffled into minibatches of MINIBATCH, the most any of them needs, rounded up to its
+    bucket (at most MINIBATCH)."""
     order = np.random.default_rng(seed).permutation(ROWS).reshape(-1, MINIBATCH)
     total = lengths.sum(axis=1)
     need = max(first_fit_rows(list(total[mb]), capacity) for mb in order)
-    return bucket(need, MINIBATCH)
+    return bucket(need, MINIBATCH, per_doubling)
 
 
-def response_slots(lengths: np.ndarray, n: int, seed: int) -> int:
+def response_slots(lengths: np.ndarray, n: int, seed: int, per_doubling: int = 1) -> int:
     """The LM head's response slots per minibatch of one iteration: the most real response
-    tokens any minibatch (the same shuffle as `packed_rows`) holds, rounded up to a power of
-    two (at most MINIBATCH x n)."""
+    tokens any minibatch (the same shuffle as `packed_rows`) holds, rounded up to its bucket
+    (at most MINIBATCH x n)."""
     order = np.random.default_rng(seed).permutation(ROWS).reshape(-1, MINIBATCH)
-    return bucket(max(int(lengths[mb, 1].sum()) for mb in order), MINIBATCH * n)
+    need = max(int(lengths[mb, 1].sum()) for mb in order)
+    return bucket(need, MINIBATCH * n, per_doubling)
 
 
 def _share(real: float, tokens: float) -> str:
@@ -129,6 +135,7 @@ def _experience(p: int, n: int, seed: int = 0) -> Experience:
     )  # fmt: skip
 
 
+@functools.cache  # the tables compile each shape once
 def update_flops(p: int, n: int, packed: tuple[int, int] | None = None) -> float:
     """GFLOP of one compiled PPO update (critic, KL in the reward) on ROWS rows of p + n;
     with `packed` (rows, slots), its trunks on that many packed rows per minibatch and its
@@ -189,10 +196,36 @@ def flops_table(budgets: tuple[int, int] = (64, 256)) -> list[str]:
     return rows
 
 
+def finer_buckets_table(budgets: tuple[int, int] = (64, 256)) -> list[str]:
+    """The same iterations' means with `ppo.buckets_per_doubling` 1, 2 and 4, and how many
+    update programs each compiles over them."""
+    lengths = draw_lengths(budgets, 1 / 8, seed=1)
+    full = update_flops(*budgets)
+    rows = [
+        f"| `ppo.buckets_per_doubling`, budget {budgets[0]} + {budgets[1]} (mix x 1/8) "
+        "| trimmed: programs | trimmed / padded | packed: programs | packed / padded |",
+        "|---|---|---|---|---|",
+    ]
+    for k in (1, 2, 4):
+        trims = collections.Counter(buckets_of(lengths, budgets, k))
+        packs = collections.Counter(
+            (packed_rows(x, sum(budgets), i, k), response_slots(x, budgets[1], i, k))
+            for i, x in enumerate(lengths)
+        )
+        trimmed = sum(update_flops(*s) * c for s, c in trims.items()) / ITERATIONS
+        packed = sum(update_flops(*budgets, packed=s) * c for s, c in packs.items()) / ITERATIONS
+        rows.append(
+            f"| {k} | {len(trims)} | {trimmed / full:.3f} | {len(packs)} | {packed / full:.3f} |"
+        )
+    return rows
+
+
 def main() -> None:
     print("\n".join(token_table()))
     print()
     print("\n".join(flops_table()))
+    print()
+    print("\n".join(finer_buckets_table()))
 
 
 if __name__ == "__main__":

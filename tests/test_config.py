@@ -47,6 +47,8 @@ def test_overrides_are_typed():
         ("seed=4294967296", "config key 'seed' must be in [0, 4294967295], got 4294967296"),
         ("ppo.adaptive_kl=3", "config key 'ppo.adaptive_kl': expected true or false"),
         ("model.family=bert", "'bert' is not one of"),
+        ("ppo.buckets_per_doubling=3", "'ppo.buckets_per_doubling': 3 is not one of [1, 2, 4, 8]"),
+        ("ppo.buckets_per_doubling=true", "True is not one of [1, 2, 4, 8]"),  # True == 1
         ("ppo.minibatch_size=7", "'ppo.minibatch_size': 7 does not divide the 64 responses"),
         ("rm.k=12", "config key 'rm.k' must be in [2, 9], got 12"),
         ("sft.optim.grad_accum=5", "'sft.optim.grad_accum' (5) must be >= 1 and divide"),

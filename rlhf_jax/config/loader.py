@@ -60,7 +60,10 @@ def _coerce(value: Any, tp: Any, key: str, default: Any = None) -> Any:
         )
         raise RlhfJaxError(f"config key '{key}': expected {expected}, got {value!r}")
     if origin is Literal:
-        if value not in typing.get_args(tp):
+        allowed = typing.get_args(tp)
+        # `True == 1`: a bool is only one of the choices when a choice is a bool
+        is_bool = isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)
+        if is_bool or value not in allowed:
             raise RlhfJaxError(
                 f"config key '{key}': {value!r} is not one of {list(typing.get_args(tp))}"
             )

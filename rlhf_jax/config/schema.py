@@ -252,6 +252,11 @@ class PPOConfig:
     # the losses on the padded rows. Same results up to float rounding; one compiled update
     # per packed row count and response-slot count (each a power of two).
     pack_update: bool = False
+    # How finely trim_update's lengths and pack_update's packed rows and response slots are
+    # rounded up: 1 bucket per doubling (powers of two), 2 (also 1.5x: 4, 6, 8, 12, ...), 4
+    # or 8. More buckets compute less padding and compile up to that many times more update
+    # programs (docs/memory.md, "The RL update: trimmed and packed").
+    buckets_per_doubling: Literal[1, 2, 4, 8] = 1
     # The sampler runs the layers as a scan over the stacked weights (and a stacked KV cache)
     # instead of unrolled over per-layer copies of the weights made for every sampling call:
     # a whole copy of the policy's layers less in the experience (docs/memory.md, "Fitting

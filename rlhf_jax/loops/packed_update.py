@@ -37,8 +37,8 @@ def pack_layout(ppo: PPOConfig, mesh, rules) -> PackLayout:
 class PackedUpdate:
     """`update(state, exp, ptx_batch, key)`: the host reads how many packed rows and response
     slots the iteration's micro-batches need (one small device-to-host read: the update's own
-    shuffles and placements, run ahead), rounds each up to a power of two and runs that
-    program.
+    shuffles and placements, run ahead), rounds each up to its bucket (a power of two, or
+    finer with `ppo.buckets_per_doubling`) and runs that program.
 
     jitted_for: `PackLayout -> jitted update` (`loops/build_rl.rl_programs`). trim: the
     `TrimmedUpdate` that cuts the experience first (`ppo.trim_update`), or None. `extra`:
@@ -54,6 +54,7 @@ class PackedUpdate:
         trim: TrimmedUpdate | None = None,
     ):
         self.jitted_for, self.extra, self.trim = jitted_for, extra, trim
+        self.per_doubling = ppo.buckets_per_doubling
         self.largest = pack_layout(ppo, mesh, rules)
         self.jitted: dict[PackLayout, Callable] = {}
         self.programs: dict[tuple[int, int, int, int], CompiledOnce] = {}
@@ -70,13 +71,14 @@ class PackedUpdate:
 
     def layout(self, exp, key) -> PackLayout:
         """The packed layout the update of `exp` under `key` runs with: packed rows and
-        response slots per group, each the need rounded up to a power of two."""
+        response slots per group, each the need rounded up to its bucket."""
         n = exp.response_ids.shape[1]
         needed = self._needed(exp.sequence_mask, key, response_len=n).addressable_data(0)
         rows, tokens = (max(int(x), 1) for x in np.asarray(needed))  # replicated
         per_group = self.largest.rows
+        k = self.per_doubling
         return self.largest._replace(
-            rows=bucket(rows, per_group), tokens=bucket(tokens, per_group * n)
+            rows=bucket(rows, per_group, k), tokens=bucket(tokens, per_group * n, k)
         )
 
     def __call__(self, state, exp, ptx_batch, key):

@@ -180,7 +180,9 @@ def _compile(spec: RLBuildSpec, build: StageBuild, a: Assembly, state_sh, where)
     extra = (frozen,) if "frozen" in update_program.roles else ()
     trim = None
     if ppo.trim_update:  # one program per length bucket (steps/rl_trim.py)
-        trim = TrimmedUpdate(update_program.jitted, runtime.mesh, runtime.rules, extra)
+        trim = TrimmedUpdate(
+            update_program.jitted, runtime.mesh, runtime.rules, extra, ppo.buckets_per_doubling
+        )
     if ppo.pack_update:  # one program per packed shape (steps/rl_pack.py)
         compiled_update = update = PackedUpdate(
             update_program.jitted_for_layout, ppo, runtime.mesh, runtime.rules, extra, trim

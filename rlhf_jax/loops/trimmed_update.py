@@ -17,10 +17,11 @@ from rlhf_jax.steps.rl_trim import real_extent, trim_experience, trimmed_lengths
 class TrimmedUpdate:
     """`update(state, exp, ptx_batch, key)`: the host reads the iteration's real extent (one
     small device-to-host read), cuts the experience to its length bucket on device and runs
-    that bucket's program. `extra`: arguments after the key (a LoRA policy's frozen base)."""
+    that bucket's program. `extra`: arguments after the key (a LoRA policy's frozen base);
+    `per_doubling`: `ppo.buckets_per_doubling`."""
 
-    def __init__(self, jitted: Callable, mesh, rules, extra: tuple = ()):
-        self.jitted, self.extra = jitted, extra
+    def __init__(self, jitted: Callable, mesh, rules, extra: tuple = (), per_doubling: int = 1):
+        self.jitted, self.extra, self.per_doubling = jitted, extra, per_doubling
         self.programs: dict[tuple[int, int], CompiledOnce] = {}
         self._extent = jax.jit(real_extent, out_shardings=replicated(mesh))
         self._trim = jax.jit(
@@ -32,7 +33,8 @@ class TrimmedUpdate:
         extent = self._extent(exp).addressable_data(0)  # replicated: every process reads it
         n = exp.response_ids.shape[1]
         p = exp.sequence_ids.shape[1] - n
-        return trimmed_lengths(tuple(int(v) for v in np.asarray(extent)), p, n)
+        extent = tuple(int(v) for v in np.asarray(extent))
+        return trimmed_lengths(extent, p, n, self.per_doubling)
 
     def cut(self, exp):
         """`exp` cut to its length bucket (on device; `exp` itself when that is all of it)."""

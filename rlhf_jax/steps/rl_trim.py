@@ -37,11 +37,17 @@ __all__ = ["bucket", "real_extent", "trim_experience", "trimmed_lengths"]
 SEQUENCE_FIELDS = ("sequence_ids", "sequence_mask")
 
 
-def bucket(n: int, limit: int) -> int:
-    """`n` rounded up to a power of two, at least 1 and at most `limit`."""
+def bucket(n: int, limit: int, per_doubling: int = 1) -> int:
+    """`n` rounded up to its bucket, at least 1 and at most `limit`. The buckets: the powers
+    of two and, with `per_doubling` = 2, 4 or 8, that many equal steps from each to the next
+    (2: 4, 6, 8, 12, 16, ...), so a bucket wastes less than 1 / (1 + per_doubling) of itself
+    (from the second doubling on) and every bucket of 2^k or more is a multiple of
+    2^k / per_doubling (shapes that tile)."""
     if n >= limit:
         return limit
-    return min(limit, 1 << max(n - 1, 0).bit_length())
+    n = max(n, 1)
+    step = max((1 << (n.bit_length() - 1)) // per_doubling, 1)
+    return min(limit, -(-n // step) * step)
 
 
 def real_extent(exp: Experience) -> jax.Array:
@@ -59,12 +65,14 @@ def real_extent(exp: Experience) -> jax.Array:
     return jnp.stack([p - first_real, used]).astype(jnp.int32)
 
 
-def trimmed_lengths(extent: tuple[int, int], prompt_len: int, response_len: int):
+def trimmed_lengths(
+    extent: tuple[int, int], prompt_len: int, response_len: int, per_doubling: int = 1
+):
     """`(prompt columns, response columns)` the update runs on: the real extent rounded up to
-    its bucket, at least one column of each (the first response token is predicted from the
-    prompt's last column)."""
+    its bucket (`bucket`), at least one column of each (the first response token is
+    predicted from the prompt's last column)."""
     p, n = extent
-    return bucket(max(p, 1), prompt_len), bucket(max(n, 1), response_len)
+    return bucket(p, prompt_len, per_doubling), bucket(n, response_len, per_doubling)
 
 
 def trim_experience(exp: Experience, prompt_cols: int, response_cols: int) -> Experience:

@@ -59,10 +59,11 @@ def test_grpo_from_config_alone_has_no_critic(run_dir, tmp_path):
         assert row["ppo/kl_loss"] >= 0 and "objective/kl" in row
         assert row["rollout/logprob_mismatch_max"] < 1e-5  # the same numerics path
     # the default algorithm, for contrast, keeps a critic and its optimizer state; its update
-    # runs trimmed and packed (the loop's PackedUpdate, policy and critic on packed rows)
+    # runs trimmed and packed (the loop's PackedUpdate, policy and critic on packed rows),
+    # with buckets at 2 per doubling
     ppo_out = tmp_path / "ppo"
     default = [*args[:-5], "ppo.rollout_batch=8", "ppo.minibatch_size=8"]
-    switches = ["ppo.trim_update=true", "ppo.pack_update=true"]
+    switches = ["ppo.trim_update=true", "ppo.pack_update=true", "ppo.buckets_per_doubling=2"]
     assert main([*default, *switches, "--output", str(ppo_out)]) == 0
     names = _saved(ppo_out)
     assert any(n.startswith("critic/params/") for n in names)

@@ -98,7 +98,7 @@ def _check_same(got, want, got_state, want_state, state, algo):
         # a recorded top-k support, read in the response slots (padding's words all zero)
         ({"minibatch_size": 4, "kl_penalty": "loss", "top_k": 5}, False),
         ({"advantage": "grpo", "samples_per_prompt": 2, "rollout_batch": 4,
-          "kl_penalty": "loss", "kl_estimator": "k3",
+          "kl_penalty": "loss", "kl_estimator": "k3", "buckets_per_doubling": 2,
           "policy_optim": OPTIM.__class__(lr=1e-2, grad_accum=2)}, True),
     ],
 )  # fmt: skip
@@ -132,7 +132,8 @@ def test_the_packed_update_equals_the_padded_one(changes, trim):
         packed = make_update_fn(config, critic_cfg, ppo, algo, grad_accum=grad_accum, pack=layout)
         return jit_update(packed, shardings, mesh, DEFAULT_RULES, donate=False)
 
-    cut = TrimmedUpdate(None, mesh, DEFAULT_RULES) if trim else None
+    per_doubling = ppo.buckets_per_doubling
+    cut = TrimmedUpdate(None, mesh, DEFAULT_RULES, per_doubling=per_doubling) if trim else None
     update = PackedUpdate(jitted_for, ppo, mesh, DEFAULT_RULES, trim=cut)
     largest = pack_layout(ppo, mesh, DEFAULT_RULES)
     per_group = ppo.minibatch_size // grad_accum
@@ -144,8 +145,8 @@ def test_the_packed_update_equals_the_padded_one(changes, trim):
         assert layout.rows < largest.rows and layout.tokens < per_group * 8
     got_state, got = update(jax.device_put(state, shardings), exp, None, key)
     assert [k[2:] for k in update.programs] == [layout[1:]] and update.peak_bytes() > 0
-    if trim:
-        assert [k[:2] for k in update.programs] == [(4, 4)]
+    if trim:  # the longest prompt and response, 3 tokens each: a bucket at 2 per doubling
+        assert per_doubling == 2 and [shape[:2] for shape in update.programs] == [(3, 3)]
     _check_same(got, want, got_state, want_state, state, algo)
 
 

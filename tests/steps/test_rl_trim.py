@@ -30,13 +30,20 @@ def _padded_experience(algo, b, p, n, prompt_lens, response_lens, seed=0):
     return experience_from_masks(algo, rng, seq_ids, seq_mask, seq_ids[:, p:], mask)
 
 
-def test_bucket_is_the_next_power_of_two_within_the_limit():
-    for limit in (1, 5, 8, 24):
+@pytest.mark.parametrize("per_doubling", [1, 2, 4, 8])
+def test_bucket_is_the_next_of_its_steps_within_the_limit(per_doubling):
+    """The buckets: each power of two 2^j and the whole numbers among 2^j (1 + i / k) for
+    i < k (1: the powers of two; 2: ..., 4, 6, 8, 12, ...), listed naively."""
+    k = per_doubling
+    steps = sorted(
+        {(2**j * (k + i)) // k for j in range(10) for i in range(k) if 2**j * i % k == 0}
+    )
+    for limit in (1, 5, 8, 24, 100, 256):
         for n in range(0, limit + 3):
-            want = 1
-            while want < n:
-                want *= 2
-            assert bucket(n, limit) == min(want, limit), (n, limit)
+            want = min(v for v in steps if v >= max(n, 1))
+            assert bucket(n, limit, k) == min(want, limit), (n, limit, k)
+    if k == 2:
+        assert [bucket(n, 256, 2) for n in (5, 7, 9, 13, 17, 100)] == [6, 8, 12, 16, 24, 128]
 
 
 @pytest.mark.parametrize("seed", range(6))
