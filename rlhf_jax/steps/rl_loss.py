@@ -81,11 +81,11 @@ def minibatch_loss(
         total = total + scalars["beta"] * kl_loss
         library["ppo/kl_loss"] = kl_loss
     if algo.needs_critic:
-        if values is None and plan is None:
+        if values is None and plan is not None:  # a separate critic on the same plan
+            values = packed_response_values(cfg.critic_cfg, critic_params, plan)
+        elif values is None:
             p = seq_ids.shape[1] - response_ids.shape[1]
             values = response_values(cfg.critic_cfg, critic_params, seq_ids, seq_mask, p)
-        elif values is None:
-            values = packed_response_values(cfg.critic_cfg, critic_params, plan)
         val = algo.value_loss({"values": values}, batch)
         total = total + ppo.vf_coef * val.loss
         sources.append(("the value loss (ppo.value_loss)", val.metrics))

@@ -13,9 +13,10 @@ from rlhf_jax.cli import main
 SCAN = "ppo.decode_layer_scan=true"
 
 
-def _setup() -> list[str]:
+def _setup() -> tuple[list[str], str]:
     import jax
 
+    """The plan's overrides, and the micro-batch switch (2 rows per device)."""
     dp = jax.device_count()  # the suite's workers run JAX on 1, 4 or 8 CPU devices
     # A wide gated MLP: its weights, which the unrolled decode path copies once per call
     # (13 MB a layer), weigh more than the forwards' activations over 2 rows and less than
