@@ -18,6 +18,13 @@ import jax.numpy as jnp
 
 from rlhf_jax.models.attention import KeyMask, blocked_self_attention
 
+# The rotated rows are padded at their end to a multiple of this. jax's cuDNN wrapper (0.10
+# and 0.11) refuses an odd length under differentiation: it applies its "a bias needs an
+# even length" check with the empty placeholder it passes when there is no bias, so a
+# 1,025-token reward-model row failed on an H200 (bench/accelerator.py, row 10). The lengths
+# mask the added slots, so they change nothing but the work (at most ALIGN - 1 tokens).
+ALIGN = 8
+
 
 def _rotate(x_BT_: jax.Array, shift_B: jax.Array) -> jax.Array:
     """Row b of x read from slot (t + shift_b) mod T: each row rolled left by its shift."""
@@ -47,18 +54,24 @@ def rotated_attention(
 ) -> jax.Array:
     """Causal attention with each row's real span [start, start + length) moved to the front
     and masked by lengths; `implementation=None` (XLA) is how the CPU tests check it."""
+    t = q_BTHE.shape[1]
+    pad = ((0, 0), (0, -t % ALIGN), (0, 0), (0, 0))
+
+    def front(x_BT_: jax.Array) -> jax.Array:
+        return jnp.pad(_rotate(x_BT_, start_B), pad)
+
     # A row with no real token keeps length 0 for the keys; cuDNN needs >= 1 query.
     lengths = jnp.maximum(length_B, 1)
     out = jax.nn.dot_product_attention(
-        _rotate(q_BTHE, start_B),
-        _rotate(k_BTKE, start_B),
-        _rotate(v_BTKE, start_B),
+        front(q_BTHE),
+        front(k_BTKE),
+        front(v_BTKE),
         is_causal=True,
         query_seq_lengths=lengths,
         key_value_seq_lengths=lengths,
         implementation=implementation,
     )
-    return _rotate(out, (q_BTHE.shape[1] - start_B) % q_BTHE.shape[1])
+    return _rotate(out[:, :t], (t - start_B) % t)
 
 
 def cudnn_attention(q_BTHE, k_BTKE, v_BTKE, mask: KeyMask) -> jax.Array:

@@ -15,7 +15,7 @@ from tiny import tiny_model
 from rlhf_jax.errors import RlhfJaxError
 from rlhf_jax.models import attention
 from rlhf_jax.models.attention import KeyMask, blocked_self_attention, cached_attention, resolve
-from rlhf_jax.models.attention_cudnn import contiguous_rows, rotated_attention
+from rlhf_jax.models.attention_cudnn import ALIGN, contiguous_rows, rotated_attention
 from rlhf_jax.models.attention_splash import splash_attention
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import forward, forward_cached, init_cache, positions_from_mask
@@ -101,6 +101,27 @@ def test_cudnn_rotation_equals_dense(case):
     check_against_dense(
         jax.jit(lambda q, k, v: rotated_attention(q, k, v, start, length, None)), mask
     )
+
+
+def test_cudnn_rows_reach_cudnn_at_an_aligned_length(monkeypatch):
+    """jax's cuDNN wrapper refuses an odd length under differentiation (an H200 run failed
+    at 1,025 tokens): the rotated rows are padded at their end to a multiple of ALIGN, and
+    the result is still the dense one (T = 13 here; the equality test above)."""
+    seen = []
+    xla = jax.nn.dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.shape[1], k.shape[1], v.shape[1]))
+        return xla(q, k, v, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    mask = cases()["both_ends"]
+    start, length, _ = contiguous_rows(mask.kv_valid_BS)
+    q, k, v, w = qkv(T)
+    out = jax.grad(lambda q: jnp.sum(rotated_attention(q, k, v, start, length, None) * w))(q)
+    assert out.shape == q.shape
+    lengths = [n for shape in seen for n in shape]
+    assert lengths and all(n % 2 == 0 and n % ALIGN == 0 and n >= T for n in lengths), seen
 
 
 def test_a_row_with_a_hole_is_not_one_span():
