@@ -8,20 +8,26 @@ Rows (docs: BENCHMARKS.md, "Accelerator check"):
 2. generation tokens/s against transformers' `generate`, batch 8 and 64;
 3. the SFT step's MFU in bf16 at ~1B against the board's bf16 dense peak;
 4. one PPO and one GRPO iteration at ~0.5B (bench.rl_iteration's own runner);
-5. peak device memory of the SFT step and of the PPO update against XLA's prediction.
+5. peak device memory of the SFT step and of the PPO update against XLA's prediction;
+6-10 (issue 23, `bench/accelerator_long.py`): the attention path the device takes against a
+   float32 dense reference, and its time and temporaries at 1k / 8k / 32k tokens; a decode
+   step's time by filled cache slots; `generate` with the layer scan against the unrolled
+   layers; and `rlhf-jax plan` of the 8B LoRA config at 1k + 1k compiled for the device.
 
 Every section runs in a child process: a crash, an out-of-memory kill or a hang costs only
 its rows (each then says `failed: <reason>`), PyTorch's and JAX's allocators start empty for
 each, and the peak-memory rows read a per-process peak that nothing earlier has raised. Each
-section gets a share of the run's time budget (`Sizes.budget_s`, 450 s at full size); one
+section gets a share of the run's time budget (`Sizes.budget_s`, 760 s at full size); one
 that runs past it is killed and its unfinished rows fail with the reason.
 
-Estimated time on one H100 at --size full (not yet measured; no GPU was available while this
-was written): section "hf" ~150 s (16 s process start and checkpoint build, ~30 s for three
-logits compiles, ~50 s for two `generate` compiles, ~30 s of transformers' `generate` calls);
-"sft" ~60 s (~40 s compile, 5 steps of ~0.2 s); "rl" ~150 s (PPO and GRPO: ~60 s of compile
-each, 5 iterations of ~1 s each). About 6 minutes in all; the budget stops it at 7.5.
---size tiny runs everything at toy shapes on the CPU in well under a minute.
+Estimated time at --size full: section "hf" measured 190 s on one H200 (2026-12-04: logits
+66 + 24 s, `generate` 46 + 45 s, compiles included); "sft" ~60 s (~40 s compile, 5 steps of
+~0.2 s); "rl" ~150 s (PPO and GRPO: ~60 s of compile each, 5 iterations of ~1 s each);
+"attention" ~120 s (two 60 s shares ran out on the H200 while compiling), "decode" ~90 s
+(row 8 alone took 60 s there), "plan" ~150 s (three 8B stages compiled; the SFT step took
+20.5 s). About 13 minutes in all, which is the budget: one device command may run 10
+minutes, so a lease runs a subset (`--sections plan,attention,decode`).
+--size tiny runs everything at toy shapes on the CPU in about a minute and a half.
 """
 
 from __future__ import annotations
@@ -43,12 +49,23 @@ from typing import Any
 from bench.accelerator_common import ROWS, SIZES, Recorder, failed_cells, settings
 from bench.common import REPO, Table
 
-SECTIONS = ("hf", "sft", "rl")
+SECTIONS = ("hf", "sft", "rl", "attention", "decode", "plan")
 # Shares of the time budget, in proportion to the estimates in the module docstring; time a
 # section leaves unused goes to the ones after it.
-SHARES = {"hf": 0.4, "sft": 0.2, "rl": 0.4}
+SHARES = {"hf": 190, "sft": 60, "rl": 150, "attention": 120, "decode": 90, "plan": 150}
 COLUMNS = ("check", "setting", "rlhf_jax", "reference", "ratio", "s")
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "torch", "transformers")
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
+            f"choose from {','.join(SECTIONS)}"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +74,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="folder for accelerator.md/.json")
     p.add_argument("--workdir", type=Path, default=None, help="where checkpoints are written")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run")
+    p.add_argument(
+        "--sections",
+        type=_sections,
+        default=SECTIONS,
+        help=f"comma-separated sections to run, in this order (default: {','.join(SECTIONS)}); "
+        "the others' rows read 'not run'",
+    )
     # A child process runs one section and writes its rows to --result.
     p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -68,7 +92,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def run_section(section: str, size: str, workdir: Path, result: Path) -> None:
     """In the child: measure one section's rows, each guarded by the recorder."""
-    from bench import accelerator_hf, accelerator_train
+    from bench import accelerator_hf, accelerator_long, accelerator_train
     from bench.accelerator_common import device_facts
     from bench.trl_setup import quiet
 
@@ -80,6 +104,9 @@ def run_section(section: str, size: str, workdir: Path, result: Path) -> None:
         "hf": accelerator_hf.run,
         "sft": accelerator_train.run_sft,
         "rl": accelerator_train.run_rl,
+        "attention": accelerator_long.run_attention,
+        "decode": accelerator_long.run_decode,
+        "plan": accelerator_long.run_plan,
     }
     runners[section](SIZES[size], workdir, rec)
 
@@ -151,9 +178,9 @@ def run_all(args) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
     sections: dict[str, dict] = {}
     device: dict[str, str] = {}
     try:
-        for i, name in enumerate(SECTIONS):
+        for i, name in enumerate(args.sections):
             left = budget - (time.perf_counter() - start)
-            share = SHARES[name] / sum(SHARES[s] for s in SECTIONS[i:])
+            share = SHARES[name] / sum(SHARES[s] for s in args.sections[i:])
             got = spawn(name, args, workdir, logs, left * share)
             sections[name] = {"seconds": got["seconds"], "error": got["error"]}
             device = device or got.get("device") or {}
@@ -166,7 +193,8 @@ def run_all(args) -> tuple[dict[str, dict], dict[str, dict], dict[str, str]]:
                 }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)  # GBs of random checkpoints
-    return rows, sections, device
+    skipped = {"rlhf_jax": "not run (--sections)", "reference": "", "ratio": "", "seconds": None}
+    return {r.id: rows.get(r.id, skipped) for r in ROWS}, sections, device
 
 
 def versions() -> dict[str, str]:

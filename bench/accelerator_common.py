@@ -33,6 +33,36 @@ GEN_BATCHES = (8, 64)
 
 
 @dataclasses.dataclass(frozen=True)
+class LongSizes:
+    """Rows 6-10 (bench/accelerator_long.py): attention at real lengths, decode, the plan."""
+
+    tiny: bool
+    heads: int  # attention rows: query heads, kv heads, head dims checked
+    kv_heads: int
+    head_dims: tuple[int, ...]
+    check_batch: int  # row 6: rows x tokens of each padding layout
+    check_len: int  # odd: cuDNN's rows are padded (attention_cudnn.ALIGN)
+    lengths: tuple[int, ...]  # row 7: one row per length (batch 1, the largest head dim)
+    dense_max: int  # the dense path only up to here (its f32 scores are quadratic)
+    dtype: str  # rows 8-9: the `big` shape's trunk in this dtype
+    decode_batch: int
+    slots: int  # row 8: the cache allocation, and the filled counts timed in it
+    filled: tuple[int, ...]
+    scan_layers: int  # row 9: layers of the `big` shape, prompt length, (short, long) N
+    scan_prompt: int
+    scan_new: tuple[int, int]
+
+
+LONG_FULL = LongSizes(
+    False, 32, 8, (64, 128), 4, 1001, (1024, 8192, 32768), 8192, "bfloat16",
+    8, 4096, (64, 1024, 4096), 4, 16, (8, 40),
+)  # fmt: skip
+LONG_TINY = LongSizes(
+    True, 4, 2, (16,), 4, 61, (64, 128, 256), 128, "bfloat16", 2, 512, (64, 300, 512), 2, 8, (2, 6)
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Sizes:
     big: Shape  # rows 1-3 and the SFT memory row
     small: Shape  # row 4 and the PPO memory row
@@ -46,13 +76,28 @@ class Sizes:
     warmup: int  # discarded calls after the first (compiling) one
     repeats: int  # timed calls (median)
     budget_s: float  # the whole run's wall-clock limit, shared out between the sections
+    long: LongSizes
 
 
 SIZES = {
-    "full": Sizes(BIG, SMALL, 4, 256, 64, 128, 16, 512, RLSizes(SMALL, 8, 4, 64, 128), 1, 3, 450.0),
-    "tiny": Sizes(
-        TINY_LLAMA, TINY_LLAMA, 2, 16, 8, 8, 2, 16, RLSizes(TINY_LLAMA, 2, 2, 8, 8), 0, 1, 150.0
+    "full": Sizes(
+        BIG, SMALL, 4, 256, 64, 128, 16, 512, RLSizes(SMALL, 8, 4, 64, 128), 1, 3, 760.0, LONG_FULL
     ),
+    "tiny": Sizes(
+        TINY_LLAMA,
+        TINY_LLAMA,
+        2,
+        16,
+        8,
+        8,
+        2,
+        16,
+        RLSizes(TINY_LLAMA, 2, 2, 8, 8),
+        0,
+        1,
+        210.0,
+        LONG_TINY,
+    ),  # fmt: skip
 }
 
 
@@ -72,6 +117,14 @@ ROWS = (
     Row("grpo_iteration", "rl", "4. GRPO iteration"),
     Row("memory_sft", "sft", "5. peak memory, SFT step"),
     Row("memory_ppo", "rl", "5. peak memory, PPO update"),
+    Row("attention_equal", "attention", "6. attention vs dense fp32 reference"),
+    *(
+        Row(f"attention_{i}", "attention", f"7. attention fwd+bwd, length {i + 1}")
+        for i in range(3)
+    ),
+    Row("decode_filled", "decode", "8. decode step by filled slots"),
+    Row("decode_layer_scan", "decode", "9. generate per step, layer scan"),
+    Row("plan_8b", "plan", "10. plan compiled for this device"),
 )
 
 
@@ -96,6 +149,26 @@ def settings(s: Sizes) -> dict[str, str]:
         out[f"generate_b{b}"] = (
             f"{s.big.name}, bf16, greedy, prompt {s.gen_prompt} + {s.gen_new} new, KV cache"
         )
+    return out | long_settings(s)
+
+
+def long_settings(s: Sizes) -> dict[str, str]:
+    g = s.long
+    heads = f"{g.heads} heads / {g.kv_heads} kv"
+    out = {
+        "attention_equal": f"{g.check_batch} x {g.check_len} tokens, {heads}, head dim "
+        f"{' and '.join(map(str, g.head_dims))}, bf16; left/trailing padding, a hole, packed",
+        "decode_filled": f"{s.big.name} trunk, {g.dtype}, batch {g.decode_batch}, one step "
+        f"in a {g.slots:,}-slot cache; ratio: target <= 1.5x",
+        "decode_layer_scan": f"{g.scan_layers} of {s.big.name}'s layers, {g.dtype}, batch "
+        f"{g.decode_batch}, {g.scan_prompt}-token prompts, N = {g.scan_new[1]} less "
+        f"N = {g.scan_new[0]}",
+        "plan_8b": "quickstart SFT stage (harness check)"
+        if g.tiny
+        else "llama-3.1-8b-lora-1gpu.yaml, 1,024 + 1,024 tokens, 80GB",
+    }
+    for i, t in enumerate(g.lengths):
+        out[f"attention_{i}"] = f"T = {t:,}, batch 1, {heads}, head dim {max(g.head_dims)}, bf16"
     return out
 
 
