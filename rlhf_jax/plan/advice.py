@@ -273,20 +273,43 @@ def _remat(stage: StagePlan, ctx: Context):
 
 
 def _grad_accum(stage: StagePlan, ctx: Context):
+    """More micro-batches per update: the smallest power-of-two factor (up to 8) that makes
+    the stage fit, else the largest the batch allows (for `together`).
+
+    What a micro-batch's rows cost is read off the compiled backward: its temporaries less
+    the gradients (and, from two micro-batches on, their accumulator), which scale with the
+    rows. The shape estimate (residuals + logits) stays a lower bound: at long lengths it
+    misses most of a recomputing backward (a 1B PPO update at 4k + 4k: 67.6 GiB per
+    micro-batch measured, and the old estimate offered grad_accum=4 at 89.7 GiB where planning
+    again gave 77.0, docs/memory.md)."""
     facts = stage.build.facts
     ga, batch = facts["grad_accum"], facts["batch_size"]
-    new = 2 * ga
-    if batch % new or (batch // new) % data_parallel_size(ctx.runtime.mesh, ctx.runtime.rules):
+    dp = data_parallel_size(ctx.runtime.mesh, ctx.runtime.rules)
+    trainers = [p for p in stage.programs if _training(stage, p)]
+    if not trainers:
         return None
-    per_micro = 0.0
+    grads = max(p.parts["params"] for p in trainers)
+    backward = max(_bound(stage, p, ctx)[0] for p in trainers)
+    estimate = 0.0
     for fw in facts["forwards"]:
         rows = _micro_rows(fw, ctx, ga)
-        per_micro += residual_bytes(fw, rows, fw.model.remat)
-        per_micro += logits_bytes(fw, rows)
-    # From one micro-batch to two, a gradient accumulator joins the scan's carry.
-    extra = stage.programs[-1].parts["params"] if ga == 1 else 0
-    note = f"{new} micro-batches of {batch // new} per update (the same update)"
-    return f"{facts['accum_key']}={new}", Effect(backward=per_micro / 2 - extra), note
+        estimate += residual_bytes(fw, rows, fw.model.remat)
+        estimate += logits_bytes(fw, rows)
+    per_micro = max(backward - grads * (1 if ga == 1 else 2), estimate)
+    found = None
+    for factor in (2, 4, 8):
+        new = ga * factor
+        if batch % new or (batch // new) % dp:
+            break
+        # From one micro-batch to several, a gradient accumulator joins the scan's carry.
+        extra = grads if ga == 1 else 0
+        effect = Effect(backward=per_micro * (1 - 1 / factor) - extra)
+        note = f"{new} micro-batches of {batch // new} per update (the same update)"
+        found = (f"{facts['accum_key']}={new}", effect, note)
+        peak = max(new_peak(stage, p, effect, ctx) for p in stage.programs)
+        if peak <= ctx.device_memory:
+            break
+    return found
 
 
 def _fsdp(stage: StagePlan, ctx: Context):
