@@ -67,7 +67,8 @@ def _path_under_test() -> str:
 
 
 def _masks(kind: str, b: int, t: int):
-    """(KeyMask, [B, T] 1 where a query is a real token) of one padding layout."""
+    """(KeyMask, [B, T] 1 where a query is a real token) of one padding layout (any other
+    `kind`: no padding)."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -92,9 +93,9 @@ def _masks(kind: str, b: int, t: int):
     return mask, jnp.asarray(valid)
 
 
-def _fwd_and_grads(kind: str, mask, q_valid):
-    """A jitted (q, k, v, cotangent) -> (out, dq, dk, dv) through `self_attention(kind)`,
-    the cotangent zero at padding queries (whose outputs no path defines alike)."""
+def _fwd_and_grads(kind: str, mask):
+    """A jitted (q, k, v, cotangent) -> (out, dq, dk, dv) through `self_attention(kind)`.
+    Callers zero the cotangent at padding queries, whose outputs no path defines alike."""
     import jax
 
     from rlhf_jax.models.attention import self_attention
@@ -144,11 +145,11 @@ def attention_errors(sizes: Sizes) -> dict[str, Any]:
         v = jax.random.normal(keys[2], (b, t, s.kv_heads, dim), jnp.float32)
         cot = jax.random.normal(keys[3], q.shape, jnp.float32) * q_valid[:, :, None, None]
         with jax.default_matmul_precision("highest"):
-            ref = _fwd_and_grads("dense", mask, q_valid)(q, k, v, cot)
+            ref = _fwd_and_grads("dense", mask)(q, k, v, cot)
         bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
         errs = {}
         for name in dict.fromkeys((path, "dense")):
-            fn = _fwd_and_grads(name, mask, q_valid)
+            fn = _fwd_and_grads(name, mask)
             got = fn(*bf, cot)
             fwd = _rel_err(got[0], ref[0], q_valid)
             grad = max(_rel_err(g, r) for g, r in zip(got[1:], ref[1:], strict=True))
@@ -178,7 +179,7 @@ def attention_speed(sizes: Sizes, t: int) -> dict[str, Any]:
 
     s = sizes.long
     dim = max(s.head_dims)
-    mask, q_valid = _masks("full", 1, t)
+    mask, _ = _masks("full", 1, t)  # no padding
     keys = jax.random.split(jax.random.key(t), 3)
     q = jax.random.normal(keys[0], (1, t, s.heads, dim), jnp.bfloat16)
     k = jax.random.normal(keys[1], (1, t, s.kv_heads, dim), jnp.bfloat16)
@@ -189,7 +190,7 @@ def attention_speed(sizes: Sizes, t: int) -> dict[str, Any]:
     got: dict[str, dict[str, Any]] = {}
     for name in paths:  # one path failing (out of memory, say) leaves the others' cells
         try:
-            compiled = _fwd_and_grads(name, mask, q_valid).lower(q, k, v, cot).compile()
+            compiled = _fwd_and_grads(name, mask).lower(q, k, v, cot).compile()
             ms = _wall_ms(
                 lambda c=compiled: jax.block_until_ready(c(q, k, v, cot)),
                 sizes.warmup,
