@@ -3,7 +3,6 @@ host gather LATE_S seconds after process 0 (as after uneven host work: tokenizin
 writing a file), then both print what they gathered. CONTROL=1 gathers with JAX's own
 `process_allgather` alone, without `rlhf_jax.processes`' arrival barrier."""
 
-import json
 import os
 import time
 
@@ -17,6 +16,7 @@ initialize(DistributedConfig())
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
+from result_line import emit  # noqa: E402
 
 from rlhf_jax import processes  # noqa: E402
 
@@ -27,4 +27,4 @@ if os.environ.get("CONTROL") == "1":
     out = multihost_utils.process_allgather(mine)
 else:
     out = processes.gather(mine, "late arrival")
-print("RESULT " + json.dumps({"gathered": np.asarray(out).tolist()}), flush=True)
+emit({"gathered": np.asarray(out).tolist()})

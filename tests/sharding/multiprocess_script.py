@@ -5,7 +5,6 @@ Each process loads only its rows of a global batch, builds the global array, and
 function over an FSDP-sharded weight; prints one JSON line to compare with NumPy.
 """
 
-import json
 import os
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -22,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from result_line import emit  # noqa: E402
 
 from rlhf_jax.sharding import (  # noqa: E402
     batch_sharding,
@@ -60,4 +60,4 @@ result = {
     "max_error": float(np.max(np.abs(out - np.tanh(x_full @ w_full).sum(1)))),
     "error": error,
 }
-print("RESULT", json.dumps(result), flush=True)
+emit(result)

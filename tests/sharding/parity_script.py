@@ -15,7 +15,6 @@ metrics and some updated weights and Adam moments to OUT.npz as "MESH|KIND|NAME"
 one JSON object of facts about the placement (shardings, bytes per device, errors).
 """
 
-import json
 import os
 import sys
 
@@ -26,6 +25,7 @@ sys.path.insert(0, sys.argv[1])
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
+from result_line import emit  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 from rlhf_jax.config import MeshConfig, OptimConfig, PPOConfig  # noqa: E402
@@ -301,7 +301,7 @@ def main():
             for name, value in values.items():
                 arrays[f"{mode}|{kind}|{name}"] = value
     np.savez(out_path, **arrays)
-    print("RESULT", json.dumps(facts), flush=True)
+    emit(facts)
 
 
 if __name__ == "__main__":

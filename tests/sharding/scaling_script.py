@@ -9,7 +9,6 @@ activation constraints switched off: the control that shows the check sees the g
 constraints remove.
 """
 
-import json
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from rlhf_jax.sharding import jit as sharding_jit  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from eval_programs import eval_programs  # noqa: E402
+from result_line import emit  # noqa: E402
 
 UNCONSTRAINED = sys.argv[3:] == ["unconstrained"]
 if UNCONSTRAINED:  # the jit wrappers look this name up at each call
@@ -129,7 +129,7 @@ def main() -> None:
         hlo = jitted.lower(*args).compile().as_text()
         moved, largest = batch_collectives(hlo, rows, lengths)
         out[name] = {"largest_collective": largest, "batch_collectives": moved}
-    print("RESULT " + json.dumps(out), flush=True)
+    emit(out)
 
 
 if __name__ == "__main__":

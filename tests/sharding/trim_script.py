@@ -6,7 +6,6 @@ and packed (`PackedUpdate`: each device's rows packed among themselves); prints 
 `RESULT {...}` with the trimmed lengths, the packed layout and the largest relative
 differences."""
 
-import json
 import os
 import sys
 
@@ -17,6 +16,7 @@ sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "steps")]
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from result_line import emit  # noqa: E402
 from test_rl import setup  # noqa: E402
 from test_rl_trim import _padded_experience, _sgd_state  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
         "packed_metrics": {k: rel_diff(packed_metrics[k], want[k]) for k in want},
         "packed_params_max_abs": max_abs(packed_state),
     }
-    print("RESULT", json.dumps(result), flush=True)
+    emit(result)
 
 
 if __name__ == "__main__":
