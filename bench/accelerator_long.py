@@ -22,12 +22,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.accelerator_common import GIB, Recorder, Sizes, on_cpu, one_line, size
-from bench.common import REPO
+from bench.common import REPO, time_one
 
 # The CPU plan's corrected peaks of the 8B config at 1k + 1k (docs/memory.md, "Fitting 80 GB",
 # 2026-12-03/04): what row 10 compares the device's own compile against.
@@ -44,14 +43,7 @@ PLAN_TINY = ("--config", "configs/quickstart.yaml", "rm.steps=0", "ppo.iteration
 
 def _wall_ms(fn, warmup: int, repeats: int) -> float:
     """Median wall milliseconds of `fn` (which blocks until the device is done)."""
-    for _ in range(warmup + 1):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return time_one(fn, warmup, repeats).median * 1e3
 
 
 def _temporaries(compiled) -> int:
@@ -250,27 +242,13 @@ def decode_filled(sizes: Sizes) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from rlhf_jax.models import attention
-    from rlhf_jax.models.transformer import forward_cached, init_cache, init_params
+    from bench.attention import decode_steps
+    from rlhf_jax.models.transformer import init_cache, init_params
 
     s = sizes.long
     config = decode_config(sizes)
     params = init_params(config, jax.random.key(0))
-    ids = jnp.zeros((s.decode_batch, 1), jnp.int32)
-    kv_mask = jnp.ones((s.decode_batch, s.slots), jnp.int32)
-    shapes = jax.eval_shape(lambda: init_cache(config, s.decode_batch, s.slots))
-    default = attention.MIN_BUCKET
-    compiled = {}
-    try:
-        for name, min_bucket in (("all", s.slots), ("bucket", default)):
-            attention.MIN_BUCKET = min_bucket  # read while tracing
-            fn = jax.jit(
-                lambda p, c, i: forward_cached(config, p, ids, i[None, None], c, kv_mask, i)[1],
-                donate_argnums=1,
-            )
-            compiled[name] = fn.lower(params, shapes, jnp.int32(0)).compile()
-    finally:
-        attention.MIN_BUCKET = default
+    compiled = decode_steps(config, params, s.decode_batch, s.slots)
     caches = {name: init_cache(config, s.decode_batch, s.slots) for name in compiled}
     ms: dict[str, dict[int, float]] = {name: {} for name in compiled}
     for n in s.filled:

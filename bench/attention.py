@@ -86,6 +86,31 @@ def attention_table(lengths, heads, kv, e, warmup, repeats) -> Table:
     return table
 
 
+def decode_steps(config: ModelConfig, params, batch: int, slots: int) -> dict:
+    """One compiled decode step (T = 1) per side: "all" reads every allocated slot (the code
+    generation ran before buckets: MIN_BUCKET = slots gives one bucket), "bucket" the
+    power-of-two bucket holding the filled slots. Each takes (params, cache, index) and
+    returns the cache, which it donates: fed back, as the decode loop carries it, a step
+    writes its slot in place instead of copying the whole cache."""
+    ids = jnp.zeros((batch, 1), jnp.int32)
+    cache = jax.eval_shape(lambda: init_cache(config, batch, slots))
+    kv_mask = jnp.ones((batch, slots), jnp.int32)
+    default = attention.MIN_BUCKET
+    compiled = {}
+    try:
+        for name, min_bucket in (("all", slots), ("bucket", default)):
+            attention.MIN_BUCKET = min_bucket  # read while the step is traced
+            fn = jax.jit(
+                lambda p, c, i: forward_cached(config, p, ids, i[None, None], c, kv_mask, i)[1],
+                donate_argnums=1,
+            )
+            # The executable itself: calling `fn` later would trace again with MIN_BUCKET.
+            compiled[name] = fn.lower(params, cache, jnp.int32(0)).compile()
+    finally:
+        attention.MIN_BUCKET = default
+    return compiled
+
+
 def decode_table(config: ModelConfig, batch: int, slots: int, filled, warmup, repeats) -> Table:
     params = init_params(config, jax.random.key(0))
     table = Table(
@@ -93,26 +118,7 @@ def decode_table(config: ModelConfig, batch: int, slots: int, filled, warmup, re
         f"{config.n_kv_heads} kv heads, vocab {config.vocab_size}, batch {batch}, float32",
         DECODE_COLUMNS,
     )
-    ids = jnp.zeros((batch, 1), jnp.int32)
-    cache = jax.eval_shape(lambda: init_cache(config, batch, slots))
-    kv_mask = jnp.ones((batch, slots), jnp.int32)
-
-    def step_fn(min_bucket: int):
-        # MIN_BUCKET is read when the step is traced: at `slots` there is one bucket, every
-        # allocated slot (the code generation ran before buckets). The cache is donated and
-        # fed back, as the decode loop carries it: a step writes its slot in place instead of
-        # copying the whole cache.
-        attention.MIN_BUCKET = min_bucket
-        fn = jax.jit(
-            lambda p, c, i: forward_cached(config, p, ids, i[None, None], c, kv_mask, i)[1],
-            donate_argnums=1,
-        )
-        # The executable itself: calling `fn` later would trace again with today's MIN_BUCKET.
-        return fn.lower(params, cache, jnp.int32(0)).compile()
-
-    default = attention.MIN_BUCKET
-    fns = {"all": step_fn(slots), "bucket": step_fn(default)}
-    attention.MIN_BUCKET = default
+    fns = decode_steps(config, params, batch, slots)
     caches = {k: init_cache(config, batch, slots) for k in fns}
 
     def side(name: str, index: jax.Array):

@@ -160,13 +160,17 @@ def _bound(stage: StagePlan, p: ProgramPlan, ctx: Context) -> tuple[float, float
     act = p.parts["activations"]
     if act > 1.05 * stage.floor:
         return act, stage.floor
+    return min(act, p.parts["params"] + _micro_batch_bytes(stage, ctx)), act
+
+
+def _micro_batch_bytes(stage: StagePlan, ctx: Context) -> float:
+    """A micro-batch's residuals and logits, estimated from the model's shape."""
     facts = stage.build.facts
-    est = p.parts["params"]
+    total = 0.0
     for fw in facts["forwards"]:
         rows = _micro_rows(fw, ctx, facts["grad_accum"])
-        est += residual_bytes(fw, rows, fw.model.remat)
-        est += logits_bytes(fw, rows)
-    return min(act, est), act
+        total += residual_bytes(fw, rows, fw.model.remat) + logits_bytes(fw, rows)
+    return total
 
 
 def new_peak(stage: StagePlan, p: ProgramPlan, e: Effect, ctx: Context) -> float:
@@ -290,12 +294,7 @@ def _grad_accum(stage: StagePlan, ctx: Context):
         return None
     grads = max(p.parts["params"] for p in trainers)
     backward = max(_bound(stage, p, ctx)[0] for p in trainers)
-    estimate = 0.0
-    for fw in facts["forwards"]:
-        rows = _micro_rows(fw, ctx, ga)
-        estimate += residual_bytes(fw, rows, fw.model.remat)
-        estimate += logits_bytes(fw, rows)
-    per_micro = max(backward - grads * (1 if ga == 1 else 2), estimate)
+    per_micro = max(backward - grads * (1 if ga == 1 else 2), _micro_batch_bytes(stage, ctx))
     found = None
     for factor in (2, 4, 8):
         new = ga * factor
