@@ -23,10 +23,10 @@ that runs past it is killed and its unfinished rows fail with the reason.
 Estimated time at --size full: section "hf" measured 190 s on one H200 (2026-12-04: logits
 66 + 24 s, `generate` 46 + 45 s, compiles included); "sft" ~60 s (~40 s compile, 5 steps of
 ~0.2 s); "rl" ~150 s (PPO and GRPO: ~60 s of compile each, 5 iterations of ~1 s each);
-"attention" ~120 s (two 60 s shares ran out on the H200 while compiling), "decode" ~90 s
-(row 8 alone took 60 s there), "plan" ~150 s (three 8B stages compiled; the SFT step took
-20.5 s). About 13 minutes in all, which is the budget: one device command may run 10
-minutes, so a lease runs a subset (`--sections plan,attention,decode`).
+"attention" ~120 s (measured 100 s on the H200 in a second run; 60 s had run out in the
+first), "decode" ~90 s (measured 78 s), "plan" ~150 s (three 8B stages compiled: measured
+83 s). About 13 minutes in all, which is the budget: one device command may run 10 minutes,
+so a lease runs a subset (on the H200, attention + plan took 183 s and decode 78 s).
 --size tiny runs everything at toy shapes on the CPU in about a minute and a half.
 """
 
