@@ -263,13 +263,18 @@ def optimizer_floor(state, state_sh) -> int:
 
 
 def plan_stages(
-    cfg: Config, runtime: Runtime, progress: Callable[[str], None] = lambda _: None
+    cfg: Config,
+    runtime: Runtime,
+    progress: Callable[[str], None] = lambda _: None,
+    only: str | None = None,
 ) -> list[StagePlan]:
-    """Every stage of the run, compiled program by program (`progress` hears of each). All
-    stages are built (and their batch sizes checked against the mesh) before any compiles,
-    so a bad setting fails at once."""
+    """Every stage of the run (or the one named `only`), compiled program by program
+    (`progress` hears of each). All stages are built (and their batch sizes checked against
+    the mesh) before any compiles, so a bad setting fails at once."""
     built = []
-    for build_fn in builders(cfg, runtime).values():
+    for name, build_fn in builders(cfg, runtime).items():
+        if only is not None and name != only:
+            continue
         build = build_fn()
         _, state, state_sh = ab.abstract_stage(build, runtime)
         built.append((build, state, state_sh))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rlhf_jax.plan.advice import Context, Suggestion, largest_part, suggestions, together
+from rlhf_jax.plan.check import Check
 from rlhf_jax.plan.planner import PARTS, StagePlan
 
 LABELS = {
@@ -27,7 +28,7 @@ def fmt_bytes(n: float) -> str:
     return f"{sign}{int(n)} B"
 
 
-def stage_json(stage: StagePlan, ctx: Context) -> dict:
+def stage_json(stage: StagePlan, ctx: Context, checks: list[Check] | None = None) -> dict:
     peak, memory = stage.peak, ctx.device_memory
     combined = together(stage, ctx)
     return {
@@ -46,12 +47,20 @@ def stage_json(stage: StagePlan, ctx: Context) -> dict:
         "detail": {k: v for k, v in stage.build.detail.items() if v},
         "suggestions": [s.to_dict() for s in suggestions(stage, ctx)],
         "together": combined.to_dict() if combined else None,
+        # --check: the named switches compiled (null without --check)
+        "checked": None if checks is None else [c.to_dict() for c in checks],
     }
 
 
-def plan_json(stages: list[StagePlan], ctx: Context) -> dict:
-    """`{"stages": {name: {...}}, "device_memory_bytes": int, "fits": bool}`."""
-    out = {s.name: stage_json(s, ctx) for s in stages}
+def plan_json(
+    stages: list[StagePlan], ctx: Context, checks: dict[str, list[Check]] | None = None
+) -> dict:
+    """`{"stages": {name: {...}}, "device_memory_bytes": int, "fits": bool}`; `checks`:
+    `--check`'s compiled switches by stage (None: not asked for)."""
+    out = {
+        s.name: stage_json(s, ctx, None if checks is None else checks.get(s.name, []))
+        for s in stages
+    }
     return {
         "stages": out,
         "device_memory_bytes": ctx.device_memory,
@@ -76,7 +85,7 @@ def _suggestion_line(s: Suggestion, width: int) -> str:
     return f"    {s.switch:<{width}}  {saves:>11} -> {fmt_bytes(s.peak):>10}  {mark}  {s.note}"
 
 
-def stage_block(stage: StagePlan, ctx: Context) -> list[str]:
+def stage_block(stage: StagePlan, ctx: Context, checks: list[Check] | None = None) -> list[str]:
     parts, memory = stage.parts, ctx.device_memory
     lines = [
         f"{stage.name}: {fmt_bytes(stage.peak)} per device at its `{stage.peak_program.name}` "
@@ -109,11 +118,22 @@ def stage_block(stage: StagePlan, ctx: Context) -> list[str]:
                 "  would fit with: " + (", ".join(fitting) if fitting else _together(stage, ctx))
             )
         lines.append(
-            "  switches that lower the peak (estimated; plan again with one to compile it):"
+            "  switches that lower the peak (estimated; --check or a plan with one compiles it):"
         )
         width = max(len(s.switch) for s in found)
         lines += [_suggestion_line(s, width) for s in found]
+    if checks:
+        lines.append("  checked by compiling the stage again with them (--check):")
+        lines += [_check_line(c, ctx.device_memory) for c in checks]
     return lines
+
+
+def _check_line(c: Check, memory: int) -> str:
+    if c.peak is None:
+        return f"    {c.switch}: could not be planned: {c.error}"
+    verdict = "fits" if c.fits else f"DOES NOT FIT ({fmt_bytes(c.peak - memory)} over)"
+    est = fmt_bytes(c.estimated)
+    return f"    {c.switch}: {fmt_bytes(c.peak)} compiled (est. {est}), {verdict}"
 
 
 def _together(stage: StagePlan, ctx: Context) -> str:
@@ -124,12 +144,17 @@ def _together(stage: StagePlan, ctx: Context) -> str:
     return f"no single switch; together: {t.switch} (est. {fmt_bytes(t.peak)}{verdict})"
 
 
-def render_table(stages: list[StagePlan], ctx: Context, header: str) -> str:
+def render_table(
+    stages: list[StagePlan],
+    ctx: Context,
+    header: str,
+    checks: dict[str, list[Check]] | None = None,
+) -> str:
     memory = ctx.device_memory
     name_w = max(len(s.name) for s in stages)
     lines = [header, "", f"{'stage':<{name_w}}  {'peak/device':>11}  verdict"]
     for s in stages:
         lines.append(f"{s.name:<{name_w}}  {fmt_bytes(s.peak):>11}  {_verdict(s.peak, memory)}")
     for s in stages:
-        lines += ["", *stage_block(s, ctx)]
+        lines += ["", *stage_block(s, ctx, (checks or {}).get(s.name))]
     return "\n".join(lines)
